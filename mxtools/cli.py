@@ -1,0 +1,123 @@
+"""The `mxtools` command line: one short function per verb. The only place errors become messages and exit
+codes: 0 success, 1 a verification verdict failed, 2 bad input or environment."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import convert as conv
+from .errors import MxError
+from .layouts import open_checkpoint, writable
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+
+
+def handled(fn):
+    """Turn library errors, Ctrl-C and OS errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MxError as exc:
+            _fail(exc.line())
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was left behind")
+        except OSError as exc:
+            _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    return wrapper
+
+
+def _fail(msg: str):
+    click.echo(f"mxtools: error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
+                file=sys.stderr)
+
+
+@click.group()
+@click.version_option(package_name="mxtools")
+def main():
+    """Convert, quantize and verify Mixtral-8x7B checkpoints (HF, Mistral, GGUF)."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "layout", required=True, type=click.Choice(writable()))
+@click.option("--outtype", default="auto", show_default=True,
+              help="f32|f16|bf16 (all layouts), q8_0 and the GGUF mixes (gguf); auto keeps the source's type")
+@click.option("--shard-size", default="5GB", show_default=True, help="HF shard size")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="replace an existing output")
+@handled
+def convert(src, layout, outtype, shard_size, out, force):
+    """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
+    with open_checkpoint(src) as ckpt:
+        resolved = conv.resolve_outtype(ckpt, outtype)
+        with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
+            conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,
+                                  shard_bytes=_size(shard_size))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@handled
+def inspect(path, as_json):
+    """Layout, config, tensor count, dtypes, sizes, and any problems found."""
+    from .inspect import describe, render
+    report = describe(path)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if report["problems"]:
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layout", default="hf", show_default=True, type=click.Choice(writable()))
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "8x7b"]))
+@click.option("--layers", type=int)
+@click.option("--hidden", type=int, help="model width (dim)")
+@click.option("--intermediate", type=int, help="expert FFN width")
+@click.option("--heads", type=int)
+@click.option("--kv-heads", type=int)
+@click.option("--head-dim", type=int)
+@click.option("--experts", type=int)
+@click.option("--experts-per-tok", type=int)
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["f32", "f16", "bf16"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@handled
+def synth(out, layout, preset, layers, hidden, intermediate, heads, kv_heads, head_dim, experts, experts_per_tok,
+          dtype, seed, force):
+    """Write a random-weight Mixtral with the real Mistral v1 tokenizer, for pipeline tests."""
+    from .synth import synth_checkpoint, synth_spec
+    from .tensors import FLOAT_DTYPES
+    spec = synth_spec(preset, n_layers=layers, dim=hidden, hidden_dim=intermediate, n_heads=heads,
+                      n_kv_heads=kv_heads, head_dim=head_dim or (hidden // heads if hidden and heads else None),
+                      n_experts=experts, n_experts_per_tok=experts_per_tok)
+    ckpt = synth_checkpoint(spec, seed, FLOAT_DTYPES[dtype])
+    with _progress_bar(conv.estimate_bytes(ckpt, dtype), f"synth {layout}") as bar:
+        conv.write_checkpoint(ckpt, layout, out, dtype, (), force, bar.update)
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""convert: any readable layout -> any writable layout, streamed, written atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import MxError
+from .io.atomic import atomic_output, check_output
+from .layouts import REGISTRY, open_checkpoint
+from .tensors import FLOAT_DTYPES, Checkpoint
+
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
+    """'auto' keeps the source's float type (f32 for block-quantized sources, whose values f32 holds exactly)."""
+    if requested != "auto":
+        return requested
+    by_dtype = {v: k for k, v in FLOAT_DTYPES.items()}
+    t = next(iter(ckpt.tensors.values()))
+    main = ckpt.main_dtype()
+    return "f32" if t.stored_as or main not in by_dtype else by_dtype[main]
+
+
+def outtypes(layout: str) -> tuple[str, ...]:
+    return GGUF_OUTTYPES if layout == "gguf" else tuple(FLOAT_DTYPES)
+
+
+def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inputs=(), force=False,
+                     progress=lambda n: None, **options) -> Path:
+    """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete."""
+    lay = REGISTRY[layout]
+    if lay.write is None:
+        raise MxError(f"layout {layout} is read-only")
+    outtype = resolve_outtype(ckpt, outtype)
+    if outtype not in outtypes(layout) and not options.get("policy"):
+        raise MxError(f"--outtype {outtype} is not available for --to {layout} (choose from "
+                      f"{', '.join(outtypes(layout))})")
+    check_output(out, list(inputs), force)
+    with atomic_output(out, lay.output_is_dir) as tmp:
+        lay.write(ckpt, tmp, outtype, progress, **options)
+    return Path(out)
+
+
+def convert(src, layout: str, out, outtype: str = "auto", force: bool = False, progress=lambda n: None,
+            **options) -> Path:
+    with open_checkpoint(src) as ckpt:
+        return write_checkpoint(ckpt, layout, Path(out), outtype, [Path(src)], force, progress, **options)
+
+
+def estimate_bytes(ckpt: Checkpoint, outtype: str) -> int:
+    """Rough output size, for progress bars."""
+    per = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype, 34 / 32)
+    return int(sum(torch.Size(t.shape).numel() for t in ckpt.tensors.values()) * per)

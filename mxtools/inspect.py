@@ -1,0 +1,43 @@
+"""`mxtools inspect`: what a checkpoint is and what is wrong with it, without reading any weights."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .errors import MxError
+from .layouts import detect
+
+
+def describe(path: Path) -> dict:
+    layout = detect(path)
+    ckpt = layout.read(Path(path))
+    try:
+        types = Counter(t.stored_as or str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())
+        params = sum(torch.Size(t.shape).numel() for t in ckpt.tensors.values())
+        return {"path": str(path), "layout": ckpt.layout, "config": ckpt.spec.to_dict(),
+                "tensors": len(ckpt.tensors), "parameters": params, "types": dict(types),
+                "file_bytes": _bytes(Path(path)), "tokenizer": ckpt.tokenizer is not None,
+                "chat_template": bool(ckpt.tokenizer and ckpt.tokenizer.chat_template),
+                "info": {k: v for k, v in ckpt.info.items() if isinstance(v, (int, str, float, bool, type(None)))},
+                "problems": [p.line() if isinstance(p, MxError) else str(p) for p in ckpt.problems()]}
+    finally:
+        ckpt.close()
+
+
+def _bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def render(r: dict) -> str:
+    c = r["config"]
+    lines = [f"{r['path']}: {r['layout']} layout, {r['tensors']} tensors, {r['parameters'] / 1e9:.3f} B params, "
+             f"{r['file_bytes'] / 2**30:.2f} GiB",
+             f"  dim {c['dim']}, layers {c['n_layers']}, heads {c['n_heads']}/{c['n_kv_heads']} x {c['head_dim']}, "
+             f"experts {c['n_experts']} (top-{c['n_experts_per_tok']}) x ffn {c['hidden_dim']}, vocab "
+             f"{c['vocab_size']}, rope_theta {c['rope_theta']:g}",
+             "  types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())),
+             f"  tokenizer: {'yes' if r['tokenizer'] else 'no'}, chat template: {'yes' if r['chat_template'] else 'no'}"]
+    lines += [f"  problem: {p}" for p in r["problems"]] or ["  no problems found"]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""A streaming GGUF v3 writer: plan all metadata and tensor infos, write the header, then the data in order.
+
+Unlike gguf-py's writer it never needs a whole tensor: a merged [E, F, D] expert tensor is written one expert
+slab at a time. Calls out of order are refused (header -> data of tensor 0, 1, ... -> close).
+"""
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ..errors import OutputError
+
+_SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+           GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+           GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+           GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+
+
+def _str(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value(vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        return _str(value)
+    if vtype == GGUFValueType.ARRAY:
+        head = struct.pack("<IQ", int(elem), len(value))
+        if elem in _SCALAR:
+            return head + np.asarray(value, dtype=np.dtype(_SCALAR[elem])).tobytes()
+        return head + b"".join(_value(elem, v) for v in value)
+    return struct.pack(_SCALAR[vtype], value)
+
+
+def tensor_nbytes(np_shape, qtype: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = math.prod(np_shape)
+    if np_shape[-1] % block:
+        raise OutputError(f"row length {np_shape[-1]} is not a multiple of {qtype.name}'s block of {block}")
+    return n // block * size
+
+
+class GGUFStreamWriter:
+    def __init__(self, path: Path, alignment: int = 32):
+        self.path, self.alignment = Path(path), alignment
+        self.kv: list[bytes] = []
+        self.infos: list[tuple[str, tuple, GGMLQuantizationType, int]] = []
+        self.f = None
+        self.current, self.written = 0, 0
+
+    def add(self, key: str, vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> None:
+        if self.f is not None:
+            raise OutputError("metadata added after the header was written", file=self.path)
+        self.kv.append(_str(key) + struct.pack("<I", int(vtype)) + _value(vtype, value, elem))
+
+    def plan(self, name: str, np_shape: tuple, qtype: GGMLQuantizationType) -> None:
+        if self.f is not None:
+            raise OutputError("tensor planned after the header was written", file=self.path, tensor=name)
+        self.infos.append((name, tuple(np_shape), qtype, tensor_nbytes(np_shape, qtype)))
+
+    def _pad(self, n: int) -> int:
+        return -n % self.alignment
+
+    def write_header(self) -> None:
+        head = [b"GGUF", struct.pack("<IQQ", 3, len(self.infos), len(self.kv)), *self.kv]
+        offset = 0
+        for name, shape, qtype, nbytes in self.infos:
+            dims = struct.pack(f"<I{len(shape)}Q", len(shape), *reversed(shape))
+            head.append(_str(name) + dims + struct.pack("<IQ", int(qtype), offset))
+            offset += nbytes + self._pad(nbytes)
+        blob = b"".join(head)
+        self.f = open(self.path, "wb")
+        self.f.write(blob + b"\0" * self._pad(len(blob)))
+
+    def write(self, data) -> int:
+        """Append raw bytes of the current tensor (a whole tensor or one slab of it)."""
+        name, _, _, nbytes = self.infos[self.current]
+        mv = memoryview(data).cast("B")
+        if self.written + mv.nbytes > nbytes:
+            raise OutputError("more data than planned", file=self.path, tensor=name)
+        self.f.write(mv)
+        self.written += mv.nbytes
+        if self.written == nbytes:
+            self.f.write(b"\0" * self._pad(nbytes))
+            self.current, self.written = self.current + 1, 0
+        return mv.nbytes
+
+    def close(self) -> None:
+        if self.current != len(self.infos):
+            raise OutputError(f"only {self.current} of {len(self.infos)} tensors written", file=self.path)
+        self.f.close()

@@ -1,0 +1,27 @@
+"""Overlap reading and converting (worker threads) with writing (the caller), keeping few tensors alive."""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def prefetched(jobs: Iterable[Callable[[], T]], depth: int = 2) -> Iterator[T]:
+    """Run `jobs` in `depth` threads ahead of the consumer, yielding results in order.
+
+    At most `depth` results wait besides the one being consumed, which bounds memory to a few tensors.
+    """
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        try:
+            for job in jobs:
+                pending.append(pool.submit(job))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

@@ -1,0 +1,250 @@
+"""GGUF layout as llama.cpp runs Mixtral (`general.architecture = llama`, merged 3-D expert tensors).
+
+Reads current files and the legacy per-expert ones (Dec 2023 - Apr 2024), in every tensor type gguf-py can
+dequantize; writes F32/F16/BF16 and block quants, one source tensor (one expert slab) at a time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q, GGUFValueType as V
+
+from .. import names
+from ..errors import FormatError, NotMixtralError
+from ..io.files import RawFile
+from ..io.gguf_reader import TensorInfo, read_header
+from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
+from ..io.pipeline import prefetched
+from ..names import NameTable
+from ..spec import ModelSpec
+from ..tensors import Checkpoint, LazyTensor
+from ..tokenizer import Tokenizer
+from ..transforms import hf_to_meta_rope, meta_to_hf_rope
+from . import Layout, register
+from .mistral import rope_heads
+
+# llama.cpp's tensor names for LLM_ARCH_LLAMA with experts (gguf-py constants.py, MODEL_TENSOR_NAMES).
+TABLE = NameTable({
+    "token_embd": "token_embd.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "attn_q": "blk.{i}.attn_q.weight",
+    "attn_k": "blk.{i}.attn_k.weight",
+    "attn_v": "blk.{i}.attn_v.weight",
+    "attn_output": "blk.{i}.attn_output.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "ffn_gate_inp": "blk.{i}.ffn_gate_inp.weight",
+    "ffn_gate": "blk.{i}.ffn_gate_exps.weight",   # [E, F, D], expert outermost
+    "ffn_down": "blk.{i}.ffn_down_exps.weight",   # [E, D, F]
+    "ffn_up": "blk.{i}.ffn_up_exps.weight",       # [E, F, D]
+    "output_norm": "output_norm.weight",
+    "output": "output.weight",
+})
+# Files written by llama.cpp between Dec 2023 and Apr 2024 kept one 2-D tensor per expert.
+LEGACY_TABLE = NameTable({**TABLE.rows, "ffn_gate": "blk.{i}.ffn_gate.{e}.weight",
+                          "ffn_down": "blk.{i}.ffn_down.{e}.weight", "ffn_up": "blk.{i}.ffn_up.{e}.weight"})
+
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+OUTTYPE_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+# ---- reading ----
+
+def is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _f32(x: float) -> float:
+    """GGUF keeps f32: read back the shortest decimal that float32 value stands for (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(x)))
+
+
+def spec_from_metadata(m: dict, source) -> ModelSpec:
+    arch = m.get("general.architecture")
+    if arch != "llama" or not m.get("llama.expert_count"):
+        raise NotMixtralError(f"not a Mixtral GGUF (architecture {arch!r}, "
+                              f"{m.get(f'{arch}.expert_count', 0)} experts)", file=source)
+    a = "llama."
+    try:
+        n_heads = m[a + "attention.head_count"]
+        return ModelSpec(
+            dim=m[a + "embedding_length"], n_layers=m[a + "block_count"], n_heads=n_heads,
+            n_kv_heads=m.get(a + "attention.head_count_kv", n_heads),
+            head_dim=m.get(a + "attention.key_length") or m.get(a + "rope.dimension_count")
+            or m[a + "embedding_length"] // n_heads,
+            hidden_dim=m[a + "feed_forward_length"], n_experts=m[a + "expert_count"],
+            n_experts_per_tok=m[a + "expert_used_count"],
+            vocab_size=m.get(a + "vocab_size") or len(m["tokenizer.ggml.tokens"]),
+            norm_eps=_f32(m.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_f32(m.get(a + "rope.freq_base", 10000.0)),  # llama.cpp's default when the key is absent
+            context_length=m.get(a + "context_length", 32768), name=m.get("general.name") or "mixtral")
+    except KeyError as exc:
+        raise FormatError(f"GGUF metadata is missing {exc.args[0]!r}", file=source) from None
+
+
+def tokenizer_from_metadata(m: dict) -> Tokenizer | None:
+    if "tokenizer.ggml.tokens" not in m:
+        return None
+    return Tokenizer.from_vocab(
+        m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"],
+        chat_template=m.get("tokenizer.chat_template"), bos_id=m.get("tokenizer.ggml.bos_token_id", 1),
+        eos_id=m.get("tokenizer.ggml.eos_token_id", 2), unk_id=m.get("tokenizer.ggml.unknown_token_id", 0),
+        add_bos=m.get("tokenizer.ggml.add_bos_token", True), add_eos=m.get("tokenizer.ggml.add_eos_token", False))
+
+
+def _loader(raw: RawFile, name: str, offset: int, shape: tuple, qtype: Q) -> Callable[[], torch.Tensor]:
+    nbytes = tensor_nbytes(shape, qtype)
+    if qtype in FLOAT_TYPES:
+        return lambda: raw.read_tensor(offset, nbytes, FLOAT_TYPES[qtype], shape, name)
+    row_bytes = tensor_nbytes(shape[-1:], qtype)
+    return lambda: torch.from_numpy(
+        gguf.quants.dequantize(raw.read(offset, nbytes, name).reshape(-1, row_bytes), qtype).reshape(shape))
+
+
+def _lazy(raw: RawFile, t: TensorInfo, canonical: str, spec: ModelSpec, slab: int | None) -> LazyTensor:
+    shape, offset = t.shape, t.offset
+    if slab is not None:
+        shape = shape[1:]
+        offset += slab * tensor_nbytes(shape, t.qtype)
+    lazy = LazyTensor(canonical, shape, FLOAT_TYPES.get(t.qtype, torch.float32),
+                      _loader(raw, t.name, offset, shape, t.qtype), raw.path,
+                      "" if t.qtype in FLOAT_TYPES else t.qtype.name)
+    heads = rope_heads(names.parse(canonical)[0].key, spec)
+    return lazy.map(lambda w: meta_to_hf_rope(w, heads)) if heads else lazy
+
+
+def _canonical_tensors(raw: RawFile, infos: list[TensorInfo], spec: ModelSpec) -> tuple[dict, bool]:
+    legacy = any(".ffn_gate.0." in t.name for t in infos)
+    table = LEGACY_TABLE if legacy else TABLE
+    tensors = {}
+    for t in infos:
+        hit = table.to_canonical(t.name)
+        if hit is None:
+            tensors[t.name] = LazyTensor(t.name, t.shape, torch.float32, None, raw.path)
+        elif hit[1]:
+            for e in range(t.shape[0]):
+                name = hit[0].replace("{e}", str(e))
+                tensors[name] = _lazy(raw, t, name, spec, e)
+        else:
+            tensors[hit[0]] = _lazy(raw, t, hit[0], spec, None)
+    return tensors, legacy
+
+
+def read(path: Path) -> Checkpoint:
+    raw = RawFile(path)
+    try:
+        meta, infos = read_header(raw)
+        spec = spec_from_metadata(meta, path)
+        tensors, legacy = _canonical_tensors(raw, infos, spec)
+    except BaseException:
+        raw.close()
+        raise
+    info = {"file_type": meta.get("general.file_type"), "legacy_experts": legacy}
+    ckpt = Checkpoint(spec, tensors, "gguf", path, tokenizer_from_metadata(meta), info)
+    ckpt.closers.append(raw.close)
+    return ckpt
+
+
+# ---- writing ----
+
+def uniform_policy(qtype: Q) -> Callable:
+    """Every 2-D weight in `qtype`; norms and the router in F32 as llama.cpp requires."""
+    def policy(kind_key: str, layer, np_shape) -> Q:
+        return Q.F32 if len(np_shape) == 1 or kind_key == "ffn_gate_inp" else qtype
+    return policy
+
+
+def metadata(w: GGUFStreamWriter, spec: ModelSpec, tok: Tokenizer, file_type: int, name: str) -> None:
+    a = "llama."
+    rows = [("general.architecture", V.STRING, "llama"), ("general.name", V.STRING, name),
+            (a + "context_length", V.UINT32, spec.context_length), (a + "embedding_length", V.UINT32, spec.dim),
+            (a + "block_count", V.UINT32, spec.n_layers), (a + "feed_forward_length", V.UINT32, spec.hidden_dim),
+            (a + "rope.dimension_count", V.UINT32, spec.head_dim),
+            (a + "attention.head_count", V.UINT32, spec.n_heads),
+            (a + "attention.head_count_kv", V.UINT32, spec.n_kv_heads),
+            (a + "attention.layer_norm_rms_epsilon", V.FLOAT32, spec.norm_eps),
+            (a + "rope.freq_base", V.FLOAT32, spec.rope_theta), (a + "expert_count", V.UINT32, spec.n_experts),
+            (a + "expert_used_count", V.UINT32, spec.n_experts_per_tok),
+            ("general.file_type", V.UINT32, int(file_type)), (a + "vocab_size", V.UINT32, spec.vocab_size)]
+    if spec.head_dim * spec.n_heads != spec.dim:
+        rows += [(a + "attention.key_length", V.UINT32, spec.head_dim),
+                 (a + "attention.value_length", V.UINT32, spec.head_dim)]
+    rows.append(("general.quantization_version", V.UINT32, gguf.GGML_QUANT_VERSION))
+    for key, vtype, value in rows:
+        w.add(key, vtype, value)
+    _tokenizer_metadata(w, tok)
+
+
+def _tokenizer_metadata(w: GGUFStreamWriter, tok: Tokenizer) -> None:
+    tokens, scores, types = tok.vocab()
+    w.add("tokenizer.ggml.model", V.STRING, "llama")
+    w.add("tokenizer.ggml.pre", V.STRING, "default")
+    w.add("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING)
+    w.add("tokenizer.ggml.scores", V.ARRAY, scores, V.FLOAT32)
+    w.add("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32)
+    for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("unknown_token_id", tok.unk_id)):
+        w.add("tokenizer.ggml." + key, V.UINT32, value)
+    w.add("tokenizer.ggml.add_bos_token", V.BOOL, tok.add_bos)
+    w.add("tokenizer.ggml.add_eos_token", V.BOOL, tok.add_eos)
+    if tok.chat_template:
+        w.add("tokenizer.chat_template", V.STRING, tok.chat_template)
+
+
+def plan(ckpt: Checkpoint) -> list[tuple[str, list[LazyTensor], tuple]]:
+    """(gguf name, canonical tensors in write order, numpy shape); experts of a layer merge into one tensor."""
+    out = []
+    for t in ckpt.ordered():
+        gname, slab = TABLE.to_layout(t.name)
+        if slab is None:
+            out.append((gname, [t], tuple(t.shape)))
+        elif slab == 0:
+            out.append((gname, [t], None))
+        else:
+            out[-1][1].append(t)
+    return [(g, ts, shape or (len(ts), *ts[0].shape)) for g, ts, shape in out]
+
+
+def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
+    """A tensor as the bytes GGUF stores for `qtype`."""
+    if qtype in FLOAT_TYPES:
+        return w.to(FLOAT_TYPES[qtype]).contiguous().view(torch.uint8).numpy()
+    from ..quant.ggml_blocks import quantize
+    return quantize(w.to(torch.float32).reshape(-1, w.shape[-1]), qtype, imatrix)
+
+
+def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
+    def run():
+        kind = names.parse(t.name)[0].key
+        heads = rope_heads(kind, spec)
+        w = t.load()
+        return encode(hf_to_meta_rope(w, heads) if heads else w, qtype, (imatrix or {}).get(t.name))
+    return run
+
+
+def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,
+          imatrix: dict | None = None, **_):
+    """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type."""
+    policy = policy or uniform_policy(Q[outtype.upper()])
+    w = GGUFStreamWriter(out)
+    metadata(w, ckpt.spec, ckpt.tokenizer or Tokenizer.default(),
+             OUTTYPE_FILE_TYPE[outtype] if file_type is None else file_type, ckpt.spec.name)
+    jobs = []
+    for gname, tensors, shape in plan(ckpt):
+        kind, layer, _ = names.parse(tensors[0].name)
+        qtype = policy(kind.key, layer, shape)
+        w.plan(gname, shape, qtype)
+        jobs += [_job(t, ckpt.spec, qtype, imatrix) for t in tensors]
+    w.write_header()
+    for data in prefetched(jobs):
+        progress(w.write(data))
+    w.close()
+
+
+register(Layout("gguf", is_gguf, read, write, output_is_dir=False))

@@ -1,0 +1,185 @@
+"""Hugging Face layout: config.json + sharded safetensors (+ index) + SentencePiece tokenizer files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import names
+from ..errors import FormatError, NotMixtralError
+from ..io.safetensors import SafetensorsFile, SafetensorsWriter
+from ..io.pipeline import prefetched
+from ..names import NameTable
+from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
+from ..tensors import FLOAT_DTYPES, Checkpoint
+from ..tokenizer import Tokenizer
+from . import Layout, register
+
+# transformers' MixtralForCausalLM state dict names (FORMATS.md section 1): the canonical naming itself.
+TABLE = NameTable({k.key: k.template for k in names.KINDS})
+TOKENIZER_FILES = ("tokenizer.model", "sentencepiece.bpe.model")  # the second is the PaddleNLP mirror's name
+
+
+def spec_from_config(cfg: dict, source) -> ModelSpec:
+    """config.json in the transformers 4.x spelling (rope_theta) or 5.x (rope_parameters, head_dim null)."""
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "mixtral" and not any("Mixtral" in a for a in archs):
+        raise NotMixtralError(f"not a Mixtral model (model_type {cfg.get('model_type')!r})", file=source)
+    require_moe(cfg.get("num_local_experts"), source)
+    rope = cfg.get("rope_parameters") or {}
+    try:
+        return ModelSpec(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            hidden_dim=cfg["intermediate_size"], n_experts=cfg["num_local_experts"],
+            n_experts_per_tok=cfg["num_experts_per_tok"], vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or DEFAULT_ROPE_THETA,
+            context_length=cfg.get("max_position_embeddings", 32768), name=cfg.get("_name_or_path") or "mixtral")
+    except KeyError as exc:
+        raise FormatError(f"config is missing {exc.args[0]!r}", file=source) from None
+
+
+def config_from_spec(spec: ModelSpec, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": spec.dim, "intermediate_size": spec.hidden_dim, "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+        "num_local_experts": spec.n_experts, "num_experts_per_tok": spec.n_experts_per_tok,
+        "vocab_size": spec.vocab_size, "rms_norm_eps": spec.norm_eps, "rope_theta": spec.rope_theta,
+        "max_position_embeddings": spec.context_length, "sliding_window": None, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "output_router_logits": False, "router_aux_loss_coef": 0.02,
+        "router_jitter_noise": 0.0, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"cannot read JSON: {exc}", file=path) from None
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not files:
+            raise FormatError("index has an empty weight_map", file=index)
+        return [path / f for f in files]
+    return sorted(path.glob("*.safetensors"))
+
+
+def read_tokenizer(path: Path) -> Tokenizer | None:
+    model = next((path / n for n in TOKENIZER_FILES if (path / n).exists()), None)
+    if model is None:
+        return None
+    cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    template = cfg.get("chat_template")
+    if (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    return Tokenizer.from_file(model, chat_template=template, add_bos=cfg.get("add_bos_token", True),
+                               add_eos=cfg.get("add_eos_token", False))
+
+
+def read_tensors(files, table: NameTable, transform=None) -> tuple[dict, list]:
+    """Lazy tensors of every shard mapped to canonical names; unknown keys kept under their own name."""
+    tensors, opened = {}, []
+    for f in files:
+        st = SafetensorsFile(f)
+        opened.append(st)
+        for key in st.keys():
+            hit = table.to_canonical(key)
+            lazy = st.lazy(key, hit[0] if hit else key)
+            tensors[lazy.name] = transform(lazy) if (transform and hit) else lazy
+    return tensors, opened
+
+
+def first_shard_keys(path: Path) -> set[str] | None:
+    """Tensor names of the first shard of an HF-style directory (None when it is not one)."""
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        st = SafetensorsFile(files[0])
+    except FormatError:
+        return set()  # the reader reports the corrupt shard
+    st.close()
+    return set(st.keys())
+
+
+def is_hf(path: Path) -> bool:
+    keys = first_shard_keys(path)
+    return keys is not None and not any(k.startswith("mixtral.") for k in keys)
+
+
+def read(path: Path, table: NameTable = TABLE, transform=None, layout="hf") -> Checkpoint:
+    spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
+    files = shard_files(path)
+    if not files:
+        raise FormatError("no .safetensors files", file=path)
+    tensors, opened = read_tensors(files, table, transform)
+    ckpt = Checkpoint(spec, tensors, layout, path, read_tokenizer(path))
+    ckpt.closers += [f.close for f in opened]
+    return ckpt
+
+
+# ---- writer ----
+
+def plan_shards(items: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
+    shards, size = [[]], 0
+    for item in items:
+        n = torch.Size(item[2]).numel() * item[1].itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
+
+
+def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
+          shard_bytes: int = 5 * 10**9, **_):
+    dtype = FLOAT_DTYPES[outtype]
+    tensors = ckpt.ordered()
+    shards = plan_shards([(t.name, dtype, t.shape) for t in tensors], shard_bytes)
+    jobs = (lambda t=t: t.load().to(dtype).contiguous() for t in tensors)
+    stream, total, weight_map = prefetched(jobs), 0, {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = SafetensorsWriter(out / fname, shard, {"format": "pt"})
+        for name, _, _ in shard:
+            n = w.write(name, next(stream))
+            total += n
+            weight_map[name] = fname
+            progress(n)
+        w.close()
+    if len(shards) > 1:
+        _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _json(out / "config.json", config_from_spec(ckpt.spec, dtype))
+    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    write_tokenizer(ckpt.tokenizer, out)
+
+
+def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
+    tok = tok or Tokenizer.default()
+    (out / "tokenizer.model").write_bytes(tok.sp_model)
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos, "legacy": True,
+           "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656}
+    if tok.chat_template:
+        cfg["chat_template"] = tok.chat_template
+    _json(out / "tokenizer_config.json", cfg)
+    _json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def _json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+register(Layout("hf", is_hf, read, write))

@@ -1,0 +1,185 @@
+"""Mistral release layout: params.json + consolidated.safetensors or consolidated.00.pth (torch pickle).
+
+Also reads (not writes) the concatenated-experts variant converted by transformers' old script: several
+consolidated.0X.pt with `layers.i.block_sparse_moe.w1|w2|w3` of [E*F, D], w2 stored transposed per expert.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from .. import names
+from ..errors import FormatError, UnsafePickleError
+from ..io.files import release_pages
+from ..io.safetensors import SafetensorsWriter
+from ..io.pipeline import prefetched
+from ..names import NameTable
+from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
+from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
+from ..tokenizer import Tokenizer
+from ..transforms import hf_to_meta_rope, meta_to_hf_rope, transpose
+from . import Layout, hf, register
+
+# mistral-inference's names (FORMATS.md section 2).
+TABLE = NameTable({
+    "token_embd": "tok_embeddings.weight",
+    "attn_norm": "layers.{i}.attention_norm.weight",
+    "attn_q": "layers.{i}.attention.wq.weight",
+    "attn_k": "layers.{i}.attention.wk.weight",
+    "attn_v": "layers.{i}.attention.wv.weight",
+    "attn_output": "layers.{i}.attention.wo.weight",
+    "ffn_norm": "layers.{i}.ffn_norm.weight",
+    "ffn_gate_inp": "layers.{i}.feed_forward.gate.weight",
+    "ffn_gate": "layers.{i}.feed_forward.experts.{e}.w1.weight",
+    "ffn_down": "layers.{i}.feed_forward.experts.{e}.w2.weight",
+    "ffn_up": "layers.{i}.feed_forward.experts.{e}.w3.weight",
+    "output_norm": "norm.weight",
+    "output": "output.weight",
+})
+# transformers' convert_mixtral_weights_to_hf.py input: experts concatenated on rows, router under block_sparse_moe.
+CONCAT_TABLE = NameTable({**TABLE.rows,
+                          "ffn_gate_inp": "layers.{i}.block_sparse_moe.gate.weight",
+                          "ffn_gate": "layers.{i}.block_sparse_moe.w1",
+                          "ffn_down": "layers.{i}.block_sparse_moe.w2",
+                          "ffn_up": "layers.{i}.block_sparse_moe.w3"})
+
+
+def rope_heads(kind_key: str, spec: ModelSpec) -> int | None:
+    """How many heads a q/k weight is permuted over between HF and Meta order; None for other tensors."""
+    return {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(kind_key)
+
+
+def spec_from_params(p: dict, source) -> ModelSpec:
+    """params.json: the Mistral spelling, or the HF spelling the concatenated variant uses."""
+    if "hidden_size" in p:
+        return hf.spec_from_config({"model_type": "mixtral", **p}, source)
+    moe = p.get("moe") or {}
+    require_moe(moe.get("num_experts"), source)
+    try:
+        return ModelSpec(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                         n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
+                         head_dim=p.get("head_dim") or p["dim"] // p["n_heads"], hidden_dim=p["hidden_dim"],
+                         n_experts=moe["num_experts"], n_experts_per_tok=moe["num_experts_per_tok"],
+                         vocab_size=p["vocab_size"], norm_eps=p.get("norm_eps", 1e-5),
+                         rope_theta=p.get("rope_theta") or DEFAULT_ROPE_THETA)
+    except KeyError as exc:
+        raise FormatError(f"params.json is missing {exc.args[0]!r}", file=source) from None
+
+
+def params_from_spec(spec: ModelSpec) -> dict:
+    return {"dim": spec.dim, "n_layers": spec.n_layers, "head_dim": spec.head_dim, "hidden_dim": spec.hidden_dim,
+            "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "norm_eps": spec.norm_eps,
+            "vocab_size": spec.vocab_size, "rope_theta": spec.rope_theta,
+            "moe": {"num_experts_per_tok": spec.n_experts_per_tok, "num_experts": spec.n_experts}}
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / "consolidated.safetensors").exists():
+        return [path / "consolidated.safetensors"]
+    return sorted(path.glob("consolidated.*.pth")) + sorted(path.glob("consolidated.*.pt"))
+
+
+def is_mistral(path: Path) -> bool:
+    return path.is_dir() and (path / "params.json").exists() and bool(weight_files(path))
+
+
+def load_pickle(path: Path) -> dict:
+    """A torch pickle, memory-mapped, refusing anything but tensors (no pickled code is ever run)."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickleError(f"refused: the pickle holds more than tensors ({str(exc).splitlines()[-1][:120]})",
+                                file=path) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise FormatError(f"not a readable torch checkpoint ({str(exc).splitlines()[0][:120]})", file=path) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FormatError("torch checkpoint is not a flat dict of tensors", file=path)
+    return sd
+
+
+def _pickle_lazy(path: Path, sd: dict, key: str) -> LazyTensor:
+    def load():
+        t = sd[key]
+        copy = t.clone()
+        release_pages(t)
+        return copy
+    return LazyTensor(key, tuple(sd[key].shape), sd[key].dtype, load, str(path))
+
+
+def _raw_tensors(files: list[Path]) -> tuple[dict, list]:
+    """Every stored tensor under its own name, lazily."""
+    if files[0].suffix == ".safetensors":
+        out, opened = hf.read_tensors(files, NameTable({}))
+        return out, [f.close for f in opened]
+    out = {}
+    for f in files:
+        sd = load_pickle(f)
+        out.update({k: _pickle_lazy(f, sd, k) for k in sd})
+    return out, []
+
+
+def _to_canonical(raw: dict, table: NameTable, spec: ModelSpec) -> dict:
+    """Rename, un-permute q/k and split concatenated experts into canonical lazy tensors."""
+    out = {}
+    for key, lazy in raw.items():
+        hit = table.to_canonical(key)
+        if hit is None:
+            out[key] = lazy
+            continue
+        name, stacked = hit
+        if stacked:
+            out.update(_split_experts(lazy, name, spec))
+            continue
+        heads = rope_heads(names.parse(name)[0].key, spec)
+        out[name] = lazy.map(lambda w, h=heads: meta_to_hf_rope(w, h), name) if heads else lazy.renamed(name)
+    return out
+
+
+def _split_experts(lazy: LazyTensor, template: str, spec: ModelSpec) -> dict:
+    """[E*F, D] rows -> one tensor per expert; w2's blocks are stored transposed ([F, D] -> [D, F])."""
+    f = spec.hidden_dim
+    is_w2 = names.parse(names.fill(template, 0, 0))[0].key == "ffn_down"
+    out = {}
+    for e in range(spec.n_experts):
+        name = template.replace("{e}", str(e))
+        fn = (lambda w, e=e: transpose(w[e * f:(e + 1) * f])) if is_w2 else (lambda w, e=e: w[e * f:(e + 1) * f]
+                                                                              .contiguous())
+        shape = (lazy.shape[1], f) if is_w2 else (f, lazy.shape[1])
+        out[name] = lazy.map(fn, name, shape)
+    return out
+
+
+def read(path: Path) -> Checkpoint:
+    spec = spec_from_params(hf.read_json(path / "params.json"), path / "params.json")
+    raw, closers = _raw_tensors(weight_files(path))
+    concat = any(k.endswith("block_sparse_moe.w1") for k in raw)
+    tensors = _to_canonical(raw, CONCAT_TABLE if concat else TABLE, spec)
+    tok = Tokenizer.from_file(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None
+    ckpt = Checkpoint(spec, tensors, "mistral-concat" if concat else "mistral", path, tok)
+    ckpt.closers += closers
+    return ckpt
+
+
+def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    heads = rope_heads(names.parse(t.name)[0].key, spec)
+    w = t.load()
+    return (hf_to_meta_rope(w, heads) if heads else w).to(dtype).contiguous()
+
+
+def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **_):
+    dtype = FLOAT_DTYPES[outtype]
+    tensors = ckpt.ordered()
+    plan = [(TABLE.to_layout(t.name)[0], dtype, t.shape) for t in tensors]
+    w = SafetensorsWriter(out / "consolidated.safetensors", plan)
+    jobs = (lambda t=t: to_layout(t, ckpt.spec, dtype) for t in tensors)
+    for (name, _, _), data in zip(plan, prefetched(jobs)):
+        progress(w.write(name, data))
+    w.close()
+    (out / "params.json").write_text(json.dumps(params_from_spec(ckpt.spec), indent=2) + "\n")
+    (out / "tokenizer.model").write_bytes((ckpt.tokenizer or Tokenizer.default()).sp_model)
+
+
+register(Layout("mistral", is_mistral, read, write))

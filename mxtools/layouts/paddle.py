@@ -1,0 +1,32 @@
+"""PaddleNLP layout (read only): HF names with the `mixtral.` prefix, Linear weights stored [in, out]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import names
+from ..names import NameTable
+from ..transforms import transpose
+from . import Layout, hf, register
+
+# PaddleNLP's Mixtral names (FORMATS.md section 6): HF's with `mixtral.` for `model.`; lm_head unchanged.
+TABLE = NameTable({k.key: k.template.replace("model.", "mixtral.", 1) for k in names.KINDS})
+
+
+def _to_hf(lazy):
+    """Paddle Linear weights are the transpose of HF's; embeddings and norms are stored as HF does."""
+    kind = names.parse(lazy.name)[0]
+    if not kind.linear:
+        return lazy
+    return lazy.map(transpose, shape=tuple(reversed(lazy.shape)))
+
+
+def is_paddle(path: Path) -> bool:
+    keys = hf.first_shard_keys(path)
+    return bool(keys) and any(k.startswith("mixtral.") for k in keys)
+
+
+def read(path: Path):
+    return hf.read(path, TABLE, _to_hf, layout="paddle")
+
+
+register(Layout("paddle", is_paddle, read))

@@ -1,0 +1,119 @@
+"""Canonical tensor kinds and the name-table machinery every layout uses.
+
+Every checkpoint is handled in one canonical naming, the Hugging Face one (`model.layers.{i}...`), with
+weights in HF orientation ([out, in], q/k rows in rotate_half order). A layout module declares one
+`NameTable`: canonical template -> its own template. Placeholders are `{i}` (layer) and `{e}` (expert);
+a canonical `{e}` missing from the layout side means the layout stacks experts on the outermost axis.
+The reverse direction is derived from the same table.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Kind:
+    key: str          # short name used by quant policies and recipes
+    template: str     # canonical (HF) name template
+    shape: Callable[[ModelSpec], tuple]
+    linear: bool      # a Linear weight [out, in] (quantizable); else embedding or norm
+
+    @property
+    def scope(self) -> str:
+        return "expert" if "{e}" in self.template else "layer" if "{i}" in self.template else "global"
+
+
+_L = "model.layers.{i}."
+_X = _L + "block_sparse_moe.experts.{e}."
+KINDS = [
+    Kind("token_embd", "model.embed_tokens.weight", lambda s: (s.vocab_size, s.dim), False),
+    Kind("attn_norm", _L + "input_layernorm.weight", lambda s: (s.dim,), False),
+    Kind("attn_q", _L + "self_attn.q_proj.weight", lambda s: (s.n_heads * s.head_dim, s.dim), True),
+    Kind("attn_k", _L + "self_attn.k_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), True),
+    Kind("attn_v", _L + "self_attn.v_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), True),
+    Kind("attn_output", _L + "self_attn.o_proj.weight", lambda s: (s.dim, s.n_heads * s.head_dim), True),
+    Kind("ffn_norm", _L + "post_attention_layernorm.weight", lambda s: (s.dim,), False),
+    Kind("ffn_gate_inp", _L + "block_sparse_moe.gate.weight", lambda s: (s.n_experts, s.dim), True),
+    Kind("ffn_gate", _X + "w1.weight", lambda s: (s.hidden_dim, s.dim), True),
+    Kind("ffn_down", _X + "w2.weight", lambda s: (s.dim, s.hidden_dim), True),
+    Kind("ffn_up", _X + "w3.weight", lambda s: (s.hidden_dim, s.dim), True),
+    Kind("output_norm", "model.norm.weight", lambda s: (s.dim,), False),
+    Kind("output", "lm_head.weight", lambda s: (s.vocab_size, s.dim), True),
+]
+KIND_BY_KEY = {k.key: k for k in KINDS}
+
+
+def _regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(pattern + "$")
+
+
+_KIND_RX = [(k, _regex(k.template)) for k in KINDS]
+
+
+def parse(name: str):
+    """Canonical name -> (Kind, layer or None, expert or None); None if it is no Mixtral tensor."""
+    for kind, rx in _KIND_RX:
+        m = rx.match(name)
+        if m:
+            d = m.groupdict()
+            return kind, _int(d.get("i")), _int(d.get("e"))
+    return None
+
+
+def _int(x):
+    return None if x is None else int(x)
+
+
+def fill(template: str, i=None, e=None) -> str:
+    return template.replace("{i}", str(i)).replace("{e}", str(e))
+
+
+def canonical_names(spec: ModelSpec) -> list[str]:
+    """Every tensor a Mixtral of this spec has, in the order HF and GGUF writers emit them."""
+    out = [KIND_BY_KEY["token_embd"].template]
+    for i in range(spec.n_layers):
+        for kind in KINDS:
+            if kind.scope == "layer":
+                out.append(fill(kind.template, i))
+            elif kind.scope == "expert":
+                out.extend(fill(kind.template, i, e) for e in range(spec.n_experts))
+    out += [KIND_BY_KEY["output_norm"].template, KIND_BY_KEY["output"].template]
+    return out
+
+
+def expected_shape(name: str, spec: ModelSpec) -> tuple:
+    kind, _, _ = parse(name)
+    return tuple(kind.shape(spec))
+
+
+class NameTable:
+    """A layout's declarative name table: kind key -> that layout's template (None: not stored)."""
+
+    def __init__(self, rows: dict[str, str | None]):
+        unknown = set(rows) - set(KIND_BY_KEY)
+        if unknown:
+            raise ValueError(f"unknown tensor kinds in name table: {sorted(unknown)}")
+        self.rows = rows
+        self._rx = [(KIND_BY_KEY[k], t, _regex(t)) for k, t in rows.items() if t]
+
+    def to_layout(self, name: str) -> tuple[str, int | None]:
+        """Canonical name -> (layout name, expert slice index or None when the layout keeps experts apart)."""
+        kind, i, e = parse(name)
+        template = self.rows[kind.key]
+        stacked = "{e}" in kind.template and "{e}" not in template
+        return fill(template, i, e), (e if stacked else None)
+
+    def to_canonical(self, layout_name: str) -> tuple[str, bool] | None:
+        """Layout name -> (canonical name or template with {e} left when stacked, stacked?)."""
+        for kind, template, rx in self._rx:
+            m = rx.match(layout_name)
+            if m:
+                d = m.groupdict()
+                stacked = "{e}" in kind.template and "{e}" not in template
+                return fill(kind.template, d.get("i"), "{e}" if stacked else d.get("e")), stacked
+        return None

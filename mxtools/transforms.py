@@ -1,0 +1,23 @@
+"""Weight transforms between layouts, as small functions in inverse pairs (each has a round-trip test)."""
+from __future__ import annotations
+
+import torch
+
+
+def hf_to_meta_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate_half row order -> Meta/Mistral/GGUF interleaved pairs, for q or k (FORMATS.md section 3)."""
+    out, inp = w.shape[0], w.shape[-1]
+    hd = out // n_heads
+    return w.reshape(n_heads, 2, hd // 2, inp).transpose(1, 2).reshape(out, inp).contiguous()
+
+
+def meta_to_hf_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `hf_to_meta_rope`."""
+    out, inp = w.shape[0], w.shape[-1]
+    hd = out // n_heads
+    return w.reshape(n_heads, hd // 2, 2, inp).transpose(1, 2).reshape(out, inp).contiguous()
+
+
+def transpose(w: torch.Tensor) -> torch.Tensor:
+    """[in, out] (Paddle Linear) <-> [out, in]; its own inverse."""
+    return w.t().contiguous()
