@@ -119,5 +119,48 @@ def synth(out, layout, preset, layers, hidden, intermediate, heads, kv_heads, he
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("candidate", type=click.Path(exists=True, path_type=Path))
+@click.option("--reference", type=click.Path(exists=True, path_type=Path), help="the fp16/bf16 reference model")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="evaluation text (default: the bundled held-out text)")
+@click.option("--ctx", default=512, show_default=True)
+@click.option("--chunks", type=int, help="evaluate only the first N chunks")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the full report here")
+@click.option("--outtype", help="which default thresholds apply (default: guessed from the candidate)")
+@click.option("--max-kld", type=float)
+@click.option("--min-same-top", type=float)
+@click.option("--max-ppl-ratio", type=float)
+@click.option("--save-base", type=click.Path(path_type=Path), help="save the reference's log-probs for reuse")
+@click.option("--base", type=click.Path(exists=True, path_type=Path), help="compare with saved log-probs")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--dtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16"]))
+@click.option("--plot", type=click.Path(path_type=Path), help="draw per-layer error and KLD histogram (PNG)")
+@handled
+def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, min_same_top, max_ppl_ratio,
+           save_base, base, device, dtype, plot):
+    """Check CANDIDATE against a reference: perplexity, KL divergence, per-layer parity. Exit 0 pass, 1 fail."""
+    from .verify_cli import run_verify
+    overrides = {k: v for k, v in (("max_kld_mean", max_kld), ("min_same_top_p", min_same_top),
+                                   ("max_ppl_ratio", max_ppl_ratio)) if v is not None}
+    report = run_verify(candidate, reference, text, ctx, chunks, outtype, overrides, save_base, base, device,
+                        dtype, json_out, plot)
+    click.echo(report["_text"])
+    if not report["passed"]:
+        click.echo(f"mxtools: verification failed: {', '.join(report['failures'])}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True)
+@handled
+def example(out, force):
+    """Write the bundled tiny trained Mixtral to OUT/model with OUT/calib.txt and OUT/eval.txt."""
+    from .bundled import write_example
+    write_example(out, force)
+    click.echo(f"wrote {out}/model, {out}/calib.txt, {out}/eval.txt")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,52 @@
+"""The main job on the bundled tiny trained Mixtral: convert it to GGUF f16, GGUF q8_0 and the Mistral layout,
+verify each artifact against the reference, and print one table. Run by `make demo`.
+
+    python examples/demo.py OUT_DIR [--chunks N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mxtools.bundled import EVAL, MODEL, write_example
+from mxtools.convert import convert, write_checkpoint
+from mxtools.synth import synth_checkpoint, synth_spec
+from mxtools.verify_cli import run_verify
+
+ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"), ("mistral", "bf16", "mistral")]
+
+
+def size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--chunks", type=int, default=32, help="512-token chunks of the held-out text to score")
+    args = ap.parse_args(argv)
+    if (MODEL / "model.safetensors").exists():
+        write_example(args.out, force=True)
+    else:  # a checkout without the trained weights: run the same pipeline on a random model
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(synth_checkpoint(synth_spec("tiny")), "hf", args.out / "model", "bf16", force=True)
+        (args.out / "eval.txt").write_text(EVAL.read_text())
+    ref = args.out / "model"
+    rows = []
+    for layout, outtype, name in ARTIFACTS:
+        out = convert(ref, layout, args.out / name, outtype, force=True)
+        r = run_verify(out, ref, args.out / "eval.txt", 512, args.chunks, None, {}, None, None, "auto", "f32")
+        rows.append((name, size(out), r))
+        print(f"verified {name}: {'PASSED' if r['passed'] else 'FAILED ' + ', '.join(r['failures'])}",
+              file=sys.stderr)
+    print(f"\nreference: {ref} ({size(ref) / 2**20:.1f} MiB), held-out text: {args.chunks} chunks of 512 tokens\n")
+    print(f"{'artifact':<18}{'size MiB':>10}{'PPL':>10}{'ratio':>10}{'mean KLD':>12}{'same top':>10}  verdict")
+    for name, nbytes, r in rows:
+        print(f"{name:<18}{nbytes / 2**20:>10.1f}{r['ppl']:>10.2f}{r['ppl_ratio']:>10.5f}{r['kld_mean']:>12.3e}"
+              f"{r['same_top_p']:>10.4f}  {'PASS' if r['passed'] else 'FAIL'}")
+    return 0 if all(r["passed"] for _, _, r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

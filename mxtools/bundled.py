@@ -1,0 +1,27 @@
+"""The bundled tiny trained Mixtral and its calibration / held-out evaluation text."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+
+ASSETS = Path(__file__).parent / "assets"
+MODEL = ASSETS / "tiny-mixtral"
+CALIB = ASSETS / "text" / "calib.txt"
+EVAL = ASSETS / "text" / "eval.txt"
+
+
+def write_example(out: Path, force: bool = False) -> Path:
+    """DIR/model (HF layout), DIR/calib.txt and DIR/eval.txt, ready for the demo pipeline."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputError("output exists and is not empty (use --force)", file=out)
+    if not (MODEL / "model.safetensors").exists():
+        raise OutputError("the bundled model is missing from this installation", file=MODEL)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(MODEL, out / "model")
+    shutil.copy(CALIB, out / "calib.txt")
+    shutil.copy(EVAL, out / "eval.txt")
+    return out

@@ -1,0 +1,167 @@
+"""The verification report: a plain JSON-able dict, its pass/fail thresholds, a text table and a plot.
+
+Default thresholds per outtype. Sources: QUALITY.md's Mixtral-8x7B wikitext-2 PPLs (fp16 4.4091, Q8_0 4.4088,
+Q6_K 4.424, Q5_K_M 4.4396, Q4_K_M 4.5111, Q4_0 4.5087, i.e. ratios 1.000 / 1.003 / 1.007 / 1.023 / 1.023) and
+llama.cpp's LLaMA-3-8B mean KLDs (q8_0 0.0014, q6_K 0.0055, q5_K_M 0.0108); each limit is roughly twice the
+published value so a healthy artifact passes with margin while a broken one (KLD ~1 and up) fails by orders of
+magnitude. The layer limits (`max_layer_error` on the local sublayer error, `max_routing` on the local top-k
+set disagreement, see lockstep.py) sit above the weight rounding error of the type and far below the ~1 of a
+real fault. Float rows assume the reference is the source the candidate was converted from.
+
+| outtype    | max ppl_ratio | max kld_mean | min same_top_p | max_layer_error | max_routing |
+|------------|---------------|--------------|----------------|-----------------|-------------|
+| f32        | 1.0001        | 1e-5         | 0.999          | 1e-3            | 0.001       |
+| f16        | 1.001         | 1e-4         | 0.99           | 0.01            | 0.01        |
+| bf16       | 1.002         | 5e-4         | 0.98           | 0.03            | 0.02        |
+| q8_0       | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
+| q6_k       | 1.01          | 0.011        | 0.95           | 0.12            | 0.05        |
+| q5_k_m     | 1.015         | 0.022        | 0.93           | 0.2             | 0.08        |
+| q4_k_m     | 1.05          | 0.06         | 0.90           | 0.4             | 0.12        |
+| q4_0       | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
+| gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
+Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0.
+"""
+from __future__ import annotations
+
+from ..tensors import Checkpoint
+
+_COLS = ("max_ppl_ratio", "max_kld_mean", "min_same_top_p", "max_layer_error", "max_routing")
+_ROWS = {
+    "f32": (1.0001, 1e-5, 0.999, 1e-3, 0.001),
+    "f16": (1.001, 1e-4, 0.99, 0.01, 0.01),
+    "bf16": (1.002, 5e-4, 0.98, 0.03, 0.02),
+    "q8_0": (1.005, 0.003, 0.97, 0.05, 0.03),
+    "q6_k": (1.01, 0.011, 0.95, 0.12, 0.05),
+    "q5_k_m": (1.015, 0.022, 0.93, 0.2, 0.08),
+    "q4_k_m": (1.05, 0.06, 0.90, 0.4, 0.12),
+    "q4_0": (1.05, 0.07, 0.88, 0.4, 0.12),
+    "gptq-int4": (1.05, 0.07, 0.88, 0.4, 0.12),
+}
+DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
+ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
+           "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
+FALLBACK = "q4_0"
+# general.file_type values (FORMATS.md section 4)
+GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 14: "q4_k_s",
+                   15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+
+
+def normalise_outtype(name: str) -> str:
+    key = str(name).lower().replace("torch.", "")
+    return ALIASES.get(key, key)
+
+
+def guess_outtype(ckpt: Checkpoint) -> str:
+    """The candidate's outtype: ckpt.info["outtype"], a GPTQ marker, GGUF file_type, the experts' stored type,
+    else their dtype."""
+    info = ckpt.info or {}
+    if info.get("outtype"):
+        return normalise_outtype(info["outtype"])
+    gptq = info.get("gptq") if isinstance(info.get("gptq"), dict) else None
+    if info.get("quant_method") == "gptq" or gptq is not None:
+        return f"gptq-int{(gptq or info).get('bits', 4)}"
+    if info.get("file_type") in GGUF_FILE_TYPES:
+        return normalise_outtype(GGUF_FILE_TYPES[info["file_type"]])
+    w1 = ckpt.tensors.get("model.layers.0.block_sparse_moe.experts.0.w1.weight")
+    if w1 is not None and w1.stored_as:
+        return normalise_outtype(w1.stored_as)
+    return normalise_outtype(str(w1.dtype) if w1 is not None else "f32")
+
+
+def thresholds_for(outtype: str, overrides: dict | None = None) -> dict:
+    """The default row for `outtype` (fallback row if unknown) with `overrides` applied."""
+    key = normalise_outtype(outtype)
+    row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[FALLBACK]))
+    unknown = set(overrides or {}) - set(_COLS)
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {sorted(unknown)}; known: {', '.join(_COLS)}")
+    row.update(overrides or {})
+    return row
+
+
+def check(report: dict, thresholds: dict) -> list[str]:
+    """Names of the thresholds the report fails. Metrics absent from the report (no base) are not checked."""
+    fails = []
+    t = thresholds
+    if report.get("ppl_ratio") is not None and report["ppl_ratio"] > t["max_ppl_ratio"]:
+        fails.append("max_ppl_ratio")
+    if report.get("kld_mean") is not None and report["kld_mean"] > t["max_kld_mean"]:
+        fails.append("max_kld_mean")
+    if report.get("same_top_p") is not None and report["same_top_p"] < t["min_same_top_p"]:
+        fails.append("min_same_top_p")
+    if report.get("embed_error") is not None and report["embed_error"] > t["max_layer_error"]:
+        fails.append("embed_error")
+    if report.get("first_divergent_layer") is not None:
+        fails.append("first_divergent_layer")
+    if not (report.get("ppl") or 0) < float("inf"):
+        fails.append("ppl_finite")
+    return fails
+
+
+def build(stats: dict, layers: list[dict], thresholds: dict, outtype: str, first_divergent=(None, None),
+          embed_error=None, meta: dict | None = None) -> dict:
+    """Assemble the report dict from metrics.Accumulator.result(), lockstep layers and the thresholds."""
+    report = {
+        "ppl": stats.get("ppl"), "ppl_base": stats.get("ppl_base"), "ppl_ratio": stats.get("ppl_ratio"),
+        "kld_mean": stats.get("kld_mean"), "same_top_p": stats.get("same_top_p"),
+        "first_divergent_layer": first_divergent[0], "divergent_sublayer": first_divergent[1],
+        "embed_error": embed_error, "outtype": outtype, "stats": stats, "layers": layers,
+        "thresholds": thresholds, **(meta or {}),
+    }
+    report["failures"] = check(report, thresholds)
+    report["passed"] = not report["failures"]
+    return report
+
+
+def _fmt(x, spec=".6g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render_text(report: dict) -> str:
+    """A human-readable summary and per-layer table."""
+    s = report.get("stats", {})
+    verdict = "PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failures"])
+    kp = s.get("kld_percentiles", {})
+    lines = [
+        f"outtype {report.get('outtype')}  tokens scored {s.get('n_tokens')}  {verdict}",
+        f"PPL(Q)    {_fmt(report['ppl'])} +/- {_fmt(s.get('ppl_unc'))}",
+        f"PPL(base) {_fmt(report['ppl_base'])} +/- {_fmt(s.get('ppl_base_unc'))}",
+        (f"PPL ratio {_fmt(report['ppl_ratio'])} +/- {_fmt(s.get('ppl_ratio_unc'))}   "
+         f"ln ratio {_fmt(s.get('ln_ppl_ratio'))} +/- {_fmt(s.get('ln_ppl_ratio_unc'))}"),
+        (f"mean KLD  {_fmt(report['kld_mean'])} +/- {_fmt(s.get('kld_unc'))}   "
+         f"max {_fmt(kp.get('max'))}   99% {_fmt(kp.get('99'))}"),
+        (f"same top  {_fmt(report['same_top_p'])} +/- {_fmt(s.get('same_top_p_unc'))}   "
+         f"RMS dp {_fmt(s.get('dp_rms'))}"),
+        (f"first divergent layer {_fmt(report['first_divergent_layer'], '')} "
+         f"({report.get('divergent_sublayer') or '-'})   embed error {_fmt(report.get('embed_error'), '.3g')}"),
+    ]
+    if report.get("layers"):
+        lines.append(f"{'layer':>5} {'rel_err':>9} {'cosine':>9} {'route%':>7} "
+                     f"{'attn_loc':>9} {'moe_loc':>9} {'lroute%':>7}")
+        for r in report["layers"]:
+            lines.append(f"{r['layer']:>5} {r['rel_error']:>9.3g} {r['cosine']:>9.6f} "
+                         f"{100 * r['routing_disagreement']:>7.2f} {r['attn_error']:>9.3g} {r['moe_error']:>9.3g} "
+                         f"{100 * r['local_routing_disagreement']:>7.2f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path) -> None:
+    """Per-layer errors (log scale) and the per-token KLD histogram, saved to `path` (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = report.get("layers") or []
+    xs = [r["layer"] for r in layers]
+    for key in ("rel_error", "attn_error", "moe_error"):
+        ax1.plot(xs, [max(r[key], 1e-12) for r in layers], marker="o", label=key)
+    ax1.set(yscale="log", xlabel="layer", ylabel="relative error", title="per-layer error")
+    ax1.legend()
+    hist = report.get("stats", {}).get("kld_histogram") or {}
+    if hist.get("counts"):
+        ax2.stairs(hist["counts"], hist["edges"])
+        ax2.set(xscale="log")
+    ax2.set(xlabel="KLD per token", ylabel="tokens", title=f"KLD (zeros: {hist.get('zeros', 0)})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

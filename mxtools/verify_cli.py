@@ -1,0 +1,44 @@
+"""The glue behind `mxtools verify`: open artifacts, tokenize the text, run the harness, write the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .bundled import EVAL
+from .errors import MxError
+from .io.atomic import atomic_output
+from .layouts import open_checkpoint
+from .tensors import FLOAT_DTYPES
+from .verify import render_text, verify
+
+
+def run_verify(candidate, reference, text, ctx, chunks, outtype, overrides, save_base, base, device, dtype,
+               json_out=None, plot=None) -> dict:
+    if reference is None and base is None and save_base is None:
+        raise MxError("give --reference REF or --base FILE to compare against")
+    if reference is not None and base is not None:
+        raise MxError("give either --reference or --base, not both")
+    with open_checkpoint(candidate) as cand:
+        ref = open_checkpoint(reference) if reference is not None else None
+        try:
+            tok = (ref.tokenizer if ref is not None and ref.tokenizer else cand.tokenizer)
+            if tok is None:
+                raise MxError("no tokenizer found in the candidate or the reference", file=candidate)
+            tokens = tok.encode(Path(text or EVAL).read_text(encoding="utf-8"), bos=False)
+            if len(tokens) < ctx:
+                raise MxError(f"text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}", file=text)
+            thresholds = {**overrides} if overrides else None
+            report = verify(cand, ref, tokens, ctx=ctx, chunks=chunks, device=device, dtype=FLOAT_DTYPES[dtype],
+                            base=base, save_base=save_base, thresholds=thresholds, outtype=outtype)
+        finally:
+            if ref is not None:
+                ref.close()
+    report["candidate"] = str(candidate)
+    if json_out:
+        with atomic_output(Path(json_out), directory=False) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+    if plot:
+        from .verify.report import plot as draw
+        draw(report, plot)
+    report["_text"] = render_text(report)
+    return report
