@@ -36,7 +36,7 @@ bench: install
 	$(PY) -m pytest -q -m slow
 	$(PY) bench/run.py
 
-gpu-check: install
+gpu-check:  # uses the machine's CUDA PyTorch, not the CPU venv
 	bash bench/gpu_check.sh
 
 lint: install

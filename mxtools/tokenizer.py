@@ -12,9 +12,14 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def default_model_path() -> Path:
-    """The Mixtral v1 SentencePiece model that the mistral-common package ships (no network needed)."""
-    import mistral_common
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    """The Mixtral v1 SentencePiece model that the mistral-common package ships (no network needed).
+
+    Located without importing the package, so its own dependencies are not needed to read one file."""
+    import importlib.util
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError("the mistral-common package (which ships the Mixtral v1 tokenizer) is missing")
+    return Path(spec.origin).parent / "data" / "tokenizer.model.v1"
 
 
 @dataclass
