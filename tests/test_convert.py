@@ -71,3 +71,32 @@ def test_auto_outtype_keeps_source_dtype(tmp_path, synth_dir):
     out = convert(synth_dir("hf", "bf16"), "mistral", tmp_path / "m")
     with open_checkpoint(out) as ck:
         assert {t.dtype for t in ck.tensors.values()} == {FLOAT_DTYPES["bf16"]}
+
+
+def test_chat_template_and_special_ids_survive(tmp_path, synth_dir):
+    import json
+    import shutil
+    src = tmp_path / "instruct"
+    shutil.copytree(synth_dir("hf", "f32"), src)
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    g = convert(src, "gguf", tmp_path / "i.gguf", "f32")
+    back = convert(g, "hf", tmp_path / "back", "f32")
+    with open_checkpoint(g) as ck:
+        tok = ck.tokenizer
+        assert tok.chat_template == template and (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
+        assert tok.add_bos and not tok.add_eos
+    assert json.loads((back / "tokenizer_config.json").read_text())["chat_template"] == template
+
+
+def test_inspect_reports_layout_and_problems(tmp_path, synth_dir):
+    import json
+    from click.testing import CliRunner
+    from mxtools.cli import main
+    r = CliRunner().invoke(main, ["inspect", str(synth_dir("gguf", "bf16")), "--json"])
+    info = json.loads(r.stdout)
+    assert r.exit_code == 0 and info["layout"] == "gguf" and info["tensors"] == 2 + 1 + 2 * (7 + 3 * 4)
+    # counted per canonical tensor: the merged GGUF expert tensors count once per expert
+    assert info["types"] == {"bfloat16": 2 + 2 * (4 + 3 * 4), "float32": 1 + 2 * 3} and info["problems"] == []
+    assert info["config"]["n_experts"] == 4
