@@ -4,6 +4,7 @@
 Prints one JSON document (also written to $OUT/gpu_check.json when OUT is set)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mxtools import model  # noqa: E402
-from mxtools.bundled import EVAL, MODEL  # noqa: E402
+from mxtools.bundled import CALIB, EVAL, MODEL  # noqa: E402
 from mxtools.convert import write_checkpoint  # noqa: E402
 from mxtools.layouts import open_checkpoint  # noqa: E402
 from mxtools.synth import synth_checkpoint, synth_spec  # noqa: E402
@@ -39,9 +40,17 @@ def step(name):
     return wrap
 
 
+def tiny_model(root: Path) -> Path:
+    """The bundled trained model; a random one of the same shape where the checkout lacks it."""
+    if (MODEL / "model.safetensors").exists():
+        return MODEL
+    return write_checkpoint(synth_checkpoint(synth_spec("tiny", n_layers=4, hidden_dim=256)), "hf",
+                            root / "tiny", "bf16")
+
+
 @step("tiny_cuda_vs_cpu")
-def tiny_cuda_vs_cpu():
-    with open_checkpoint(MODEL) as ck:
+def tiny_cuda_vs_cpu(path: Path):
+    with open_checkpoint(path) as ck:
         tokens = ck.tokenizer.encode(EVAL.read_text(encoding="utf-8"), bos=False)
         fed = metrics.with_bos(metrics.chunk_tokens(tokens, 512, 2))
         cpu = model.logits(ck, fed, "cpu", torch.float32)
@@ -49,7 +58,7 @@ def tiny_cuda_vs_cpu():
         r_cpu = verify(ck, None, tokens, 512, 16, "cpu", torch.float32)
         r_gpu = verify(ck, None, tokens, 512, 16, "cuda", torch.float32)
         r_bf16 = verify(ck, ck, tokens, 512, 16, "cuda", torch.bfloat16, outtype="bf16")
-    return {"logits_rel_error": float((cpu - gpu).norm() / cpu.norm()),
+    return {"model": str(path), "logits_rel_error": float((cpu - gpu).norm() / cpu.norm()),
             "top1_agree": float((cpu.argmax(-1) == gpu.argmax(-1)).float().mean()),
             "ppl_cpu": r_cpu["ppl"], "ppl_cuda": r_gpu["ppl"], "ppl_cuda_bf16": r_bf16["ppl"]}
 
@@ -91,11 +100,47 @@ def gptq_one_expert():
     return out
 
 
+@step("gptq_8x7b_layer_compute")
+def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
+    """GPTQ of every matrix of layer 0 (q, k, v, o, 8 x w1/w3/w2) on CUDA, Hessians from one forward pass."""
+    from mxtools.quant.gptq import Hessian, QuantConfig, gptq_quantize
+    dev = torch.device("cuda")
+    with open_checkpoint(path) as ck:
+        spec = ck.spec
+        tokens = torch.randint(3, spec.vocab_size, (nsamples, seqlen))
+        h = model.embed(ck, model.as_tokens(tokens, spec, dev), dev, torch.float32)
+        w = model.load_layer(ck, 0, dev, torch.float32)
+        hess: dict = {}
+
+        def observe(kind, x, expert):
+            key = (kind, expert)
+            if key not in hess:
+                hess[key] = Hessian(x.shape[-1], device=dev)
+            hess[key].add(x.reshape(-1, x.shape[-1]).float())
+        torch.cuda.synchronize()
+        t0 = time.time()
+        model.layer_forward(h, w, spec, model.rope_tables(spec, seqlen, dev, torch.float32), observe)
+        torch.cuda.synchronize()
+        t1 = time.time()
+        cfg = QuantConfig(bits=4, group_size=128)
+        mats = [(w.q, "attn_q", None), (w.k, "attn_q", None), (w.v, "attn_q", None), (w.o, "attn_output", None)]
+        for e, (w1, w2, w3) in enumerate(w.experts):
+            mats += [(w1, "ffn_gate", e), (w3, "ffn_gate", e), (w2, "ffn_down", e)]
+        tokens_per_expert = {e: hess[("ffn_gate", e)].n_tokens for e in range(spec.n_experts) if ("ffn_gate", e) in hess}
+        for mat, kind, e in mats:
+            gptq_quantize(mat, hess[(kind, e)].matrix(), cfg)
+        torch.cuda.synchronize()
+        t2 = time.time()
+    return {"nsamples": nsamples, "seqlen": seqlen, "forward_hessians_s": round(t1 - t0, 2),
+            "gptq_all_matrices_s": round(t2 - t1, 2), "matrices": len(mats), "tokens_per_expert": tokens_per_expert,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 @step("gptq_8x7b_layer")
 def gptq_layer(path: Path, root: Path):
     from mxtools.quant.gptq_pipeline import run_quantize
     calib = root / "calib.txt"
-    calib.write_text((MODEL.parent.parent / "text" / "calib.txt").read_text(encoding="utf-8"))
+    calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()
     report = run_quantize(path, root / "gptq", calib, bits=4, method="gptq", group_size=128, nsamples=32,
                           seqlen=2048, device="cuda")
@@ -107,12 +152,14 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
     RESULTS["device"] = {"name": torch.cuda.get_device_name(), "torch": torch.__version__}
-    tiny_cuda_vs_cpu()
-    gptq_one_expert()
     with tempfile.TemporaryDirectory(dir=os.environ.get("MXTOOLS_TMP")) as tmp:
+        tiny_cuda_vs_cpu(tiny_model(Path(tmp)))
+        gptq_one_expert()
         path = synth_8x7b(Path(tmp))
         ppl_8x7b(path)
-        gptq_layer(path, Path(tmp))
+        gptq_layer_compute(path)
+        if importlib.util.find_spec("mxtools.quant.gptq_pipeline"):
+            gptq_layer(path, Path(tmp))
     text = json.dumps(RESULTS, indent=2)
     print(text)
     if os.environ.get("OUT"):
