@@ -152,6 +152,37 @@ def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, 
 
 
 @main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--bits", type=click.Choice(["2", "4", "8"]), help="default 4 (or the recipe's)")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]))
+@click.option("--group-size", type=int, help="columns per scale; -1 for one group per row (default 128)")
+@click.option("--sym/--asym", default=None, help="symmetric (default; what vLLM's Marlin kernels need) or not")
+@click.option("--act-order", is_flag=True, default=None, help="process columns by decreasing Hessian diagonal")
+@click.option("--damp", type=float, help="damping, a fraction of the mean Hessian diagonal (default 0.01)")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="calibration text (default: the bundled calibration text)")
+@click.option("--nsamples", type=int, help="calibration sequences (default 128)")
+@click.option("--seqlen", type=int, help="tokens per calibration sequence (default 2048)")
+@click.option("--experts", type=click.Choice(["routed", "all"]),
+              help="each expert's Hessian from its routed tokens (default) or from every token")
+@click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True)
+@handled
+def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen, experts, recipe, device,
+             out, force):
+    """GPTQ (or RTN) int4/int8 of every expert, layer by layer; writes a GPTQ v1 checkpoint (HF layout)."""
+    from .bundled import CALIB
+    from .quant.gptq_pipeline import run_quantize
+    options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
+                                     sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
+                                     experts=experts).items() if v is not None}
+    report = run_quantize(src, out, calib or CALIB, device=device, recipe=recipe, force=force, **options)
+    click.echo(f"wrote {out} ({report.get('summary', '')})".replace(" ()", ""))
+
+
+@main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 @handled

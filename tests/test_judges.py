@@ -54,14 +54,19 @@ def test_llama_cpp_tokenizer_matches_mistral_common(synth_dir):
 
 
 def test_llama_cpp_instruct_format_matches_mistral_common(synth_dir):
+    """The [INST] format: each turn tokenized as its own SentencePiece segment, BOS first, EOS after answers."""
     from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    chat = ChatCompletionRequest(messages=[UserMessage(content="Hi there"), AssistantMessage(content="Hello!"),
-                                           UserMessage(content="Translate 'chat' to French.")])
-    ref = MistralTokenizer.v1().encode_chat_completion(chat)
+    turns = ["Hi there", "Hello! How can I help?", "Translate 'chat' to French, in 3 words."]
+    chat = ChatCompletionRequest(messages=[UserMessage(content=turns[0]), AssistantMessage(content=turns[1]),
+                                           UserMessage(content=turns[2])])
+    ref = MistralTokenizer.v1().encode_chat_completion(chat).tokens
     llm = llama_cpp_model(synth_dir("gguf", "bf16"))
-    text = ref.text.replace("▁", " ")
-    ours = llm.tokenize(text.encode(), add_bos=False, special=True)
+    seg = lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)  # noqa: E731
+    ours = [1] + seg(f"[INST] {turns[0]} [/INST]") + seg(turns[1]) + [2] + seg(f"[INST] {turns[2]} [/INST]")
+    single = llm.tokenize(f"[INST] {turns[2]} [/INST]".encode(), add_bos=True, special=False)
     llm.close()
-    assert ours == ref.tokens
+    assert ours == ref
+    assert single == MistralTokenizer.v1().encode_chat_completion(
+        ChatCompletionRequest(messages=[UserMessage(content=turns[2])])).tokens
