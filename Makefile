@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	  llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS)
 	$(PY) -m pip install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install -q -e '.[test]'
+	# GPTQModel, the independent reader of our GPTQ checkpoints; --no-deps keeps torch 2.13.0 (it pins numpy)
+	$(PY) -m pip install -q --no-deps gptqmodel==7.6.0 accelerate==1.15.0 torchao==0.18.0 defuser==0.0.28 \
+	  device-smi==0.5.7 logbar==0.4.15 pypcre==0.6.4 tokenicer==0.0.14 dill==0.4.1 psutil==7.2.2 threadpoolctl==3.8.0
+	PYTHON=$(PY) bash tools/llama_cpp_tools.sh  # llama-quantize and llama-imatrix, the judges of mixes/imatrix
 	touch $(STAMP)
 
 demo: install

@@ -61,18 +61,21 @@ def main():
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "layout", required=True, type=click.Choice(writable()))
 @click.option("--outtype", default="auto", show_default=True,
-              help="f32|f16|bf16 (all layouts), q8_0 and the GGUF mixes (gguf); auto keeps the source's type")
+              help="f32|f16|bf16 (all layouts); for gguf also the llama.cpp mixes in recipes/gguf "
+                   "(q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_0, q5_1, q4_0, q4_1); auto keeps the source's type")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="importance matrix (ours or llama.cpp's, GGUF or legacy .dat) for block-quantized outtypes")
 @click.option("--shard-size", default="5GB", show_default=True, help="HF shard size")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="replace an existing output")
 @handled
-def convert(src, layout, outtype, shard_size, out, force):
+def convert(src, layout, outtype, imatrix, shard_size, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
     with open_checkpoint(src) as ckpt:
         resolved = conv.resolve_outtype(ckpt, outtype)
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
             conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,
-                                  shard_bytes=_size(shard_size))
+                                  shard_bytes=_size(shard_size), imatrix_path=imatrix)
     click.echo(f"wrote {out}")
 
 
@@ -152,6 +155,25 @@ def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, 
 
 
 @main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="calibration text (default: the bundled calibration text)")
+@click.option("--ctx", default=512, show_default=True)
+@click.option("--chunks", type=int, help="use only the first N chunks")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True)
+@handled
+def imatrix(model_path, text, ctx, chunks, device, out, force):
+    """Importance matrix (mean squared input activation per column, per expert over its routed tokens), in the
+    GGUF imatrix format current llama.cpp reads."""
+    from .bundled import CALIB
+    from .quant.imatrix import imatrix_from_text
+    imatrix_from_text(model_path, text or CALIB, out, ctx=ctx, chunks=chunks, device=device, force=force)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), help="default 4 (or the recipe's)")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]))
@@ -165,21 +187,24 @@ def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, 
 @click.option("--seqlen", type=int, help="tokens per calibration sequence (default 2048)")
 @click.option("--experts", type=click.Choice(["routed", "all"]),
               help="each expert's Hessian from its routed tokens (default) or from every token")
+@click.option("--min-tokens", type=int, help="an expert matrix with fewer calibration tokens falls back to RTN "
+              "(default: 10% of its input width)")
 @click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 @handled
-def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen, experts, recipe, device,
-             out, force):
+def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen, experts, min_tokens, recipe,
+             device, out, force):
     """GPTQ (or RTN) int4/int8 of every expert, layer by layer; writes a GPTQ v1 checkpoint (HF layout)."""
     from .bundled import CALIB
-    from .quant.gptq_pipeline import run_quantize
+    from .quant.gptq_pipeline import run_quantize, summary
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
-                                     experts=experts).items() if v is not None}
+                                     experts=experts, min_tokens=min_tokens).items() if v is not None}
     report = run_quantize(src, out, calib or CALIB, device=device, recipe=recipe, force=force, **options)
-    click.echo(f"wrote {out} ({report.get('summary', '')})".replace(" ()", ""))
+    click.echo(summary(report))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

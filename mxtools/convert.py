@@ -10,7 +10,7 @@ from .io.atomic import atomic_output, check_output
 from .layouts import REGISTRY, open_checkpoint
 from .tensors import FLOAT_DTYPES, Checkpoint
 
-GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
 
 def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
@@ -24,7 +24,21 @@ def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
 
 
 def outtypes(layout: str) -> tuple[str, ...]:
-    return GGUF_OUTTYPES if layout == "gguf" else tuple(FLOAT_DTYPES)
+    """Float types everywhere; in GGUF also every llama.cpp mix in recipes/gguf (q8_0, q4_k_m, ...)."""
+    from .quant.mixes import MIXES
+    return GGUF_FLOAT_OUTTYPES + tuple(MIXES) if layout == "gguf" else tuple(FLOAT_DTYPES)
+
+
+def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None) -> dict:
+    """Writer options (per-tensor type policy, file type, importance matrix) for a GGUF mix; {} for floats."""
+    from .quant.mixes import MIXES, gguf_options
+    if outtype not in MIXES:
+        if imatrix:
+            raise MxError(f"--imatrix applies to block-quantized outtypes, not {outtype}")
+        return {}
+    from .quant.imatrix import imatrix_for_writer, read_imatrix
+    data = imatrix_for_writer(read_imatrix(imatrix), ckpt.spec) if imatrix else None
+    return gguf_options(outtype, ckpt.spec, data)
 
 
 def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inputs=(), force=False,
@@ -34,9 +48,12 @@ def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inp
     if lay.write is None:
         raise MxError(f"layout {layout} is read-only")
     outtype = resolve_outtype(ckpt, outtype)
-    if outtype not in outtypes(layout) and not options.get("policy"):
+    if outtype not in outtypes(layout):
         raise MxError(f"--outtype {outtype} is not available for --to {layout} (choose from "
                       f"{', '.join(outtypes(layout))})")
+    imatrix_path = options.pop("imatrix_path", None)
+    if layout == "gguf" and "policy" not in options:  # callers may pass their own policy (overrides)
+        options.update(gguf_mix_options(ckpt, outtype, imatrix_path))
     check_output(out, list(inputs), force)
     with atomic_output(out, lay.output_is_dir) as tmp:
         lay.write(ckpt, tmp, outtype, progress, **options)
@@ -51,5 +68,5 @@ def convert(src, layout: str, out, outtype: str = "auto", force: bool = False, p
 
 def estimate_bytes(ckpt: Checkpoint, outtype: str) -> int:
     """Rough output size, for progress bars."""
-    per = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype, 34 / 32)
+    per = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype, 0.7)
     return int(sum(torch.Size(t.shape).numel() for t in ckpt.tensors.values()) * per)

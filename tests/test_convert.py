@@ -57,7 +57,7 @@ def test_source_values_survive(tmp_path, synth_dir):
 
 
 def test_writable_layouts_are_registered():
-    assert set(writable()) == set(LAYOUTS)
+    assert set(writable()) == set(LAYOUTS) | {"gptq"}
 
 
 def test_hf_sharding_and_index(tmp_path, synth_dir):

@@ -49,7 +49,7 @@ LEGACY_TABLE = NameTable({**TABLE.rows, "ffn_gate": "blk.{i}.ffn_gate.{e}.weight
 
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 OUTTYPE_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16}  # block-quant mixes bring their own (recipes/gguf)
 
 
 # ---- reading ----

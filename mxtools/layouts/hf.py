@@ -115,7 +115,7 @@ def first_shard_keys(path: Path) -> set[str] | None:
 
 def is_hf(path: Path) -> bool:
     keys = first_shard_keys(path)
-    return keys is not None and not any(k.startswith("mixtral.") for k in keys)
+    return keys is not None and not any(k.startswith("mixtral.") for k in keys) and not gptq.is_gptq(path)
 
 
 def read(path: Path, table: NameTable = TABLE, transform=None, layout="hf") -> Checkpoint:
@@ -183,3 +183,5 @@ def _json(path: Path, obj) -> None:
 
 
 register(Layout("hf", is_hf, read, write))
+
+from . import gptq  # noqa: E402  (registers the GPTQ variant of this layout, which builds on this module)

@@ -1,0 +1,15 @@
+"""`make bench`: every benchmark in turn; figures go to bench/out/*.json and are copied into docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+for name in sys.argv[1:] or ["convert", "perplexity", "quantize", "gptq_expert"]:
+    script = HERE / f"{name}.py"
+    if script.exists():
+        print(f"== {name}", flush=True)
+        runpy.run_path(str(script), run_name="__main__")

@@ -1,0 +1,203 @@
+"""GPTQ v1 layout: an HF directory whose Linears are stored as qweight/qzeros/scales/g_idx (GPTQ.md).
+
+What vLLM, exllama, transformers (through gptqmodel) and GPTQModel load: config.json with a
+`quantization_config` (quant_method "gptq", checkpoint_format "gptq"), the same in quantize_config.json, sharded
+safetensors + index, the tokenizer files. The router, norms, embeddings and lm_head stay float `.weight`s.
+
+Reader: every quantized Linear appears under its canonical `.weight` name as a LazyTensor whose load() returns
+the dequantized float32 weight (exactly what a v1 loader computes), so the forward pass, `verify` and `convert`
+work on GPTQ directories unchanged. Writer: streams one layer at a time out of a QuantStream (quant/gptq_pipeline),
+never holding more than that layer's results; `quantize_report.json` records how every Linear was quantized.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import names
+from ..errors import FormatError, MxError
+from ..io.safetensors import SafetensorsFile, SafetensorsWriter
+from ..quant.gptq import QuantConfig
+from ..quant.gptq_pack import SUFFIXES, dequantize, pack
+from ..quant.gptq_pipeline import is_quantized, quantize_checkpoint
+from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
+from . import Layout, hf, register
+
+QUANT_CONFIG_FILE = "quantize_config.json"
+REPORT_FILE = "quantize_report.json"
+V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero - 1 (v1); missing means v1
+TOOL = "mxtools"
+
+
+# ---------------------------------------------------------------- detection and config
+
+def quant_config(path: Path) -> dict | None:
+    """The GPTQ quantization config of an HF-style directory, or None when it is not a GPTQ checkpoint."""
+    cfg_file = path / "config.json"
+    if not (path.is_dir() and cfg_file.exists()):
+        return None
+    try:
+        qc = hf.read_json(cfg_file).get("quantization_config")
+        if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq":
+            return qc
+        if (path / QUANT_CONFIG_FILE).exists():
+            return hf.read_json(path / QUANT_CONFIG_FILE)
+    except (MxError, AttributeError):
+        return None  # a corrupt config: the plain HF reader reports it
+    return None
+
+
+def is_gptq(path: Path) -> bool:
+    return quant_config(Path(path)) is not None
+
+
+def gptq_config(cfg: QuantConfig, model_name: str) -> dict:
+    """quantize_config.json (also config.json["quantization_config"]) in the AutoGPTQ/GPTQModel spelling."""
+    return {
+        "bits": cfg.bits, "group_size": cfg.group_size, "damp_percent": cfg.damp, "desc_act": cfg.act_order,
+        "static_groups": cfg.static_groups, "sym": cfg.sym, "true_sequential": True, "lm_head": False,
+        "quant_method": "gptq", "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
+        "model_name_or_path": model_name, "model_file_base_name": "model",
+        "meta": {"quantizer": [TOOL], "mse": cfg.mse},
+    }
+
+
+def _settings(qc: dict, source) -> dict:
+    """bits, group_size, ... of a GPTQ config; refuses the formats whose packing differs from v1."""
+    fmt = qc.get("checkpoint_format") or qc.get("format")
+    if fmt not in V1_FORMATS:
+        raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not supported (only v1 \"gptq\")", file=source)
+    try:
+        bits, group = int(qc["bits"]), int(qc.get("group_size", -1))
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("GPTQ config lacks a valid 'bits'", file=source) from None
+    if bits not in (2, 4, 8):
+        raise FormatError(f"GPTQ bits={bits} is not supported (2, 4 or 8)", file=source)
+    return {"bits": bits, "group_size": group, "sym": bool(qc.get("sym", True)),
+            "desc_act": bool(qc.get("desc_act", False)), "checkpoint_format": fmt or "gptq"}
+
+
+# ---------------------------------------------------------------- reader
+
+def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
+    """The canonical `<base>.weight` whose load() dequantizes the four v1 tensors of `base`."""
+    scales, g_idx = parts["scales"], parts["g_idx"]
+    shape = (scales.shape[1], g_idx.shape[0])
+    name = base + ".weight"
+
+    def load() -> torch.Tensor:
+        try:
+            return dequantize({s: parts[s].load() for s in SUFFIXES}, bits)
+        except (MxError, IndexError, RuntimeError) as exc:
+            raise FormatError(f"cannot dequantize: {exc}", file=scales.source, tensor=name) from None
+    return LazyTensor(name, shape, torch.float32, load, scales.source, f"gptq-int{bits}")
+
+
+def read(path: Path) -> Checkpoint:
+    qc = quant_config(path)
+    settings = _settings(qc, path / "config.json")
+    spec = hf.spec_from_config(hf.read_json(path / "config.json"), path / "config.json")
+    files = hf.shard_files(path)
+    if not files:
+        raise FormatError("no .safetensors files", file=path)
+    opened = [SafetensorsFile(f) for f in files]
+    tensors, groups = {}, {}
+    for st in opened:
+        for key in st.keys():
+            base, _, suffix = key.rpartition(".")
+            if suffix in SUFFIXES:
+                groups.setdefault(base, {})[suffix] = st.lazy(key)
+            else:
+                tensors[key] = st.lazy(key)  # HF naming is the canonical one; unknown keys fail validation
+    for base, parts in groups.items():
+        missing = [s for s in SUFFIXES if s not in parts]
+        if missing:
+            raise FormatError(f"quantized tensor lacks {', '.join(missing)}", file=path, tensor=base)
+        tensors[base + ".weight"] = _dequantized(base, parts, settings["bits"])
+    ckpt = Checkpoint(spec, tensors, "gptq", path, hf.read_tokenizer(path),
+                      info={"quant_method": "gptq", "gptq": settings})
+    ckpt.closers += [f.close for f in opened]
+    return ckpt
+
+
+# ---------------------------------------------------------------- writer
+
+def plan(spec, cfg: QuantConfig, float_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    """(name, dtype, shape) of every tensor, in canonical order, each quantized Linear as its four v1 tensors."""
+    per = 32 // cfg.bits
+    items = []
+    for name in names.canonical_names(spec):
+        shape = names.expected_shape(name, spec)
+        if not is_quantized(name):
+            items.append((name, float_dtype, shape))
+            continue
+        out_f, in_f = shape
+        groups = in_f // cfg.group_len(in_f)
+        base = name.removesuffix(".weight")
+        items += [(f"{base}.qweight", torch.int32, (in_f // per, out_f)),
+                  (f"{base}.qzeros", torch.int32, (groups, out_f // per)),
+                  (f"{base}.scales", torch.float16, (groups, out_f)),
+                  (f"{base}.g_idx", torch.int32, (in_f,))]
+    return items
+
+
+def _tensors(ckpt: Checkpoint, stream, float_dtype):
+    """Every planned tensor in order: float ones loaded from ckpt, quantized ones packed from the stream's layers."""
+    layers, current = iter(stream), None
+    for name in names.canonical_names(ckpt.spec):
+        if not is_quantized(name):
+            yield ckpt.tensors[name].load().to(float_dtype).contiguous()
+            continue
+        layer = names.parse(name)[1]
+        while current is None or current.index != layer:
+            current = next(layers)
+        yield from pack(current.results.pop(name)).values()  # pop: each layer's results freed as written
+    if next(layers, None) is not None:  # running the stream to its end also fills its report totals
+        raise MxError("the quantization stream yielded more layers than the model has")
+
+
+def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outtype: str = "f16",
+                    progress=lambda n: None, shard_bytes: int = 5 * 10**9, source_name: str | None = None) -> None:
+    """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`."""
+    dtype = FLOAT_DTYPES[outtype]
+    items = plan(ckpt.spec, cfg, dtype)
+    shards = hf.plan_shards(items, shard_bytes)
+    data, weight_map, total = _tensors(ckpt, stream, dtype), {}, 0
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = SafetensorsWriter(out / fname, shard, {"format": "pt", "quantizer": TOOL})
+        for name, _, _ in shard:
+            n = w.write(name, next(data))
+            total += n
+            weight_map[name] = fname
+            progress(n)
+        w.close()
+    next(data, None)  # let the generator finish the stream (its totals) after the last tensor
+    if len(shards) > 1:
+        _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    qc = gptq_config(cfg, source_name or ckpt.spec.name)
+    _json(out / "config.json", {**hf.config_from_spec(ckpt.spec, dtype), "quantization_config": qc})
+    _json(out / QUANT_CONFIG_FILE, qc)
+    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    hf.write_tokenizer(ckpt.tokenizer, out)
+    _json(out / REPORT_FILE, getattr(stream, "report", {}))
+
+
+def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9,
+          cfg: QuantConfig | None = None, tokens=None, method: str | None = None, experts: str = "routed",
+          device="auto", **_) -> None:
+    """Layout writer (`convert --to gptq`): round-to-nearest int4 g128 unless `cfg`/`tokens`/`method` say
+    otherwise; calibrated GPTQ is `mxtools quantize` (gptq_pipeline.run_quantize)."""
+    cfg = cfg or QuantConfig()
+    method = method or ("gptq" if tokens is not None else "rtn")
+    stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, device=device)
+    write_quantized(ckpt, out, stream, cfg, outtype, progress, shard_bytes, str(ckpt.path))
+
+
+def _json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+register(Layout("gptq", is_gptq, read, write))

@@ -1,0 +1,466 @@
+"""GPTQ (or round-to-nearest) for a whole Mixtral, one decoder layer at a time, through the real router.
+
+The calibration samples run through the reference forward pass (mxtools.model) layer by layer. Inside a layer the
+Linears are quantized in GPTQ's sequential order, each group's Hessian built from inputs that already went through
+the quantized earlier groups (GPTQ.md, "Sequential order"):
+  [q, k, v]   from the normed attention input
+  [o]         from the attention output before o_proj, computed with the quantized q/k/v
+  [w1, w3]    of expert e, from the tokens the (unquantized) router sends to e; experts="all": from every token
+  [w2]        of expert e, from its intermediate activations computed with its quantized w1/w3
+The layer output always uses the normal routing and the quantized weights, so layer i+1 is calibrated on what the
+quantized layer i really produces. Only one layer's weights are loaded at a time; the calibration hidden states
+of all samples stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU).
+
+Starved experts: a Linear whose Hessian saw fewer than `min_tokens` tokens falls back to round-to-nearest (its
+experts are never zeroed). The default threshold is MIN_TOKEN_FRACTION (10%) of the model's hidden size (410
+tokens for 8x7B, 0.16% of 128 x 2048 calibration tokens, in the spirit of GPTQModel's 0.5% rule): below that the
+Hessian has a rank far under its width and GPTQ fits noise. A Cholesky that fails raises the damping (gptq.py);
+one that fails at every damping also falls back to round-to-nearest. Everything is reported per Linear.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import model, names
+from ..errors import MxError
+from ..tensors import Checkpoint
+from .gptq import GPTQError, Hessian, QuantConfig, QuantResult, gptq_quantize, rtn_quantize
+
+# The Linears GPTQ quantizes; the router (ffn_gate_inp), norms, embeddings and lm_head stay in float.
+QUANTIZED_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up")
+MIN_TOKEN_FRACTION = 0.1  # default min_tokens = this x hidden size (see the module docstring)
+METHODS = ("gptq", "rtn")
+EXPERT_MODES = ("routed", "all")
+HIDDEN_ON_DEVICE_FRACTION = 0.25  # keep calibration activations on an accelerator when they fit in this share
+
+Progress = Callable[[int, int, str], None]  # (layer, n_layers, stage)
+
+
+def weight_name(key: str, i: int, e: int | None = None) -> str:
+    """Canonical weight name of kind `key` in layer i (expert e)."""
+    return names.fill(names.KIND_BY_KEY[key].template, i, e)
+
+
+def is_quantized(name: str) -> bool:
+    """Whether the canonical weight `name` is one GPTQ quantizes."""
+    parsed = names.parse(name)
+    return parsed is not None and parsed[0].key in QUANTIZED_KINDS
+
+
+# ---------------------------------------------------------------- calibration samples
+
+def make_samples(tokens_or_chunks, nsamples: int = 128, seqlen: int = 2048, bos_id: int = 1):
+    """Calibration samples [n, seqlen] (int64) and a report dict.
+
+    A flat token list (the tokenized text, without BOS) is cut into non-overlapping windows of seqlen - 1
+    tokens, each prefixed with BOS; `nsamples` windows spread evenly over the text (fewer when the text is
+    short, reported as "short"). A 2-D input is taken as ready-made samples (the first `nsamples` rows).
+    """
+    t = torch.as_tensor(tokens_or_chunks, dtype=torch.long)
+    if t.dim() == 2:
+        t = t[:nsamples]
+        return t, {"samples": t.shape[0], "requested": nsamples, "seqlen": t.shape[1],
+                   "calib_tokens": t.numel(), "short": t.shape[0] < nsamples}
+    if t.dim() != 1 or seqlen < 2 or nsamples < 1:
+        raise MxError(f"calibration needs a flat token list, nsamples >= 1 and seqlen >= 2 "
+                      f"(got shape {list(t.shape)}, nsamples {nsamples}, seqlen {seqlen})")
+    body = seqlen - 1
+    available = t.numel() // body
+    if available == 0:
+        raise MxError(f"calibration text has {t.numel()} tokens, fewer than one sample of --seqlen {seqlen}")
+    n = min(nsamples, available)
+    starts = torch.linspace(0, available - 1, n).round().long() * body
+    rows = torch.stack([t[s:s + body] for s in starts.tolist()])
+    samples = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
+    return samples, {"samples": n, "requested": nsamples, "seqlen": seqlen, "calib_tokens": t.numel(),
+                     "short": n < nsamples}
+
+
+# ---------------------------------------------------------------- one Linear
+
+def quantize_weight(w: torch.Tensor, hess: Hessian | None, cfg: QuantConfig, method: str,
+                    min_tokens: int) -> tuple[QuantResult, dict]:
+    """Quantize one weight; GPTQ when asked and its Hessian saw >= min_tokens tokens, else RTN. (result, entry)."""
+    n = hess.n_tokens if hess is not None else 0
+    res, reason, h = None, None, None
+    if method == "gptq" and n < max(min_tokens, 1):
+        reason = f"{n} calibration tokens < min_tokens {min_tokens}"
+        h = hess.matrix() if n else None  # still gives the RTN result a comparable loss
+    elif method == "gptq":
+        try:
+            res = gptq_quantize(w, hess.matrix(), cfg)
+        except GPTQError as exc:  # Cholesky failed at every damping: keep the weight, round it
+            reason = f"gptq failed: {exc}"
+    res = res or rtn_quantize(w, cfg, h)
+    entry = {"method": res.method, "tokens": n, "loss": res.loss, "damp": res.damp}
+    if reason:
+        entry["fallback"] = reason
+    if res.damp is not None and res.damp > cfg.damp:
+        entry["damp_raised"] = True
+    return _to_cpu(res), entry
+
+
+def _to_cpu(res: QuantResult) -> QuantResult:
+    res.q, res.scales, res.zeros, res.g_idx = (t.cpu() for t in (res.q, res.scales, res.zeros, res.g_idx))
+    return res
+
+
+# ---------------------------------------------------------------- one layer
+
+@dataclass
+class LayerQuant:
+    """One finished layer: quantized results by canonical weight name, and its report entry."""
+
+    index: int
+    results: dict
+    report: dict
+
+
+@dataclass
+class _Run:
+    """Settings shared by every layer of one quantization run."""
+
+    ckpt: Checkpoint
+    cfg: QuantConfig
+    method: str
+    experts: str
+    dev: torch.device
+    store: torch.device  # where the hidden states of all samples live between stages
+    dtype: torch.dtype
+    min_tokens: int
+    rope: tuple | None = None
+    results: dict = field(default_factory=dict)
+
+    def quantize(self, key, i, e, w, hess) -> tuple[torch.Tensor, dict]:
+        """Quantize one Linear, keep its result, return (dequantized weight on the device, report entry)."""
+        res, entry = quantize_weight(w, hess, self.cfg, self.method, self.min_tokens)
+        self.results[weight_name(key, i, e)] = res
+        return res.dequantize().to(self.dev, self.dtype), entry
+
+
+def _batches(h: torch.Tensor, dev) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first sample, samples on the device) in groups of model.SEQS_PER_ATTENTION sequences."""
+    for s in range(0, h.shape[0], model.SEQS_PER_ATTENTION):
+        yield s, h[s:s + model.SEQS_PER_ATTENTION].to(dev)
+
+
+def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
+    """Quantize [q, k, v] then [o]; return the hidden state after the attention residual and the report."""
+    spec, report = run.ckpt.spec, {}
+    hess = Hessian(spec.dim, run.dev)
+    for _, hb in _batches(h, run.dev):
+        hess.add(model.rms_norm(hb, w.attn_norm, spec.norm_eps))
+    for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
+        new, report[attr] = run.quantize(key, i, None, getattr(w, attr), hess)
+        setattr(w, attr, new)
+    del hess
+    att = torch.empty(h.shape[:2] + (spec.n_heads * spec.head_dim,), dtype=h.dtype, device=run.store)
+    hess_o = Hessian(att.shape[-1], run.dev)
+    for s, hb in _batches(h, run.dev):
+        out = model._attend(model.rms_norm(hb, w.attn_norm, spec.norm_eps), w, spec, run.rope)
+        hess_o.add(out)
+        att[s:s + out.shape[0]] = out.to(run.store)
+    w.o, report["o"] = run.quantize("attn_output", i, None, w.o, hess_o)
+    del hess_o
+    mid = torch.empty_like(h)
+    for s, hb in _batches(h, run.dev):
+        mid[s:s + hb.shape[0]] = (hb + F.linear(att[s:s + hb.shape[0]].to(run.dev), w.o)).to(run.store)
+    return mid, report
+
+
+def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, x[rows] on the device) in pieces of model.TOKENS_PER_STEP rows."""
+    for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
+        r = rows[s:s + model.TOKENS_PER_STEP]
+        yield r, x[r.to(x.device)].to(dev)
+
+
+def _expert(run: _Run, w, e: int, i: int, xn, top_w, top_i, out) -> dict:
+    """Quantize expert e's [w1, w3] then [w2], and add its routed output (quantized weights) to `out`."""
+    rows, slot = model.routed_tokens(top_i, e)
+    calib = torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else rows
+    w1, w2, w3 = w.experts[e]
+    report = {"expert": e, "tokens": int(rows.numel()), "hessian_tokens": int(calib.numel())}
+    h13 = Hessian(xn.shape[1], run.dev)
+    for _, x in _pieces(xn, calib, run.dev):
+        h13.add(x)
+    w1, report["w1"] = run.quantize("ffn_gate", i, e, w1, h13)
+    w3, report["w3"] = run.quantize("ffn_up", i, e, w3, h13)
+    del h13
+    h2 = Hessian(w1.shape[0], run.dev)
+    for _, x in _pieces(xn, calib, run.dev):
+        h2.add(F.silu(F.linear(x, w1)) * F.linear(x, w3))
+    w2, report["w2"] = run.quantize("ffn_down", i, e, w2, h2)
+    del h2
+    # The layer output, exactly as model.moe computes it (same pieces, fp32 routing weight product).
+    for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
+        r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
+        y = model.expert_forward(xn[r.to(xn.device)].to(run.dev), w1, w2, w3) * top_w[r, sl, None]
+        out.index_add_(0, r.to(out.device), y.to(out.dtype).to(out.device))
+    report["method"] = _summary_method(report)
+    w.experts[e] = None  # free the float weights of this expert
+    return report
+
+
+def _summary_method(report: dict) -> str:
+    used = {report[m]["method"] for m in ("w1", "w2", "w3")}
+    return used.pop() if len(used) == 1 else "mixed"
+
+
+def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int) -> tuple[torch.Tensor, list]:
+    """Quantize every expert of the layer; return the layer output hidden state and the experts' reports."""
+    spec = run.ckpt.spec
+    xn = torch.cat([model.rms_norm(hb, w.ffn_norm, spec.norm_eps).reshape(-1, spec.dim).to(run.store)
+                    for _, hb in _batches(mid, run.dev)])
+    routing = [model.route(xn[s:s + model.TOKENS_PER_STEP].to(run.dev), w.router, spec.n_experts_per_tok)
+               for s in range(0, xn.shape[0], model.TOKENS_PER_STEP)]
+    top_w, top_i = torch.cat([r[0] for r in routing]), torch.cat([r[1] for r in routing])
+    out = torch.zeros_like(xn)
+    reports = [_expert(run, w, e, i, xn, top_w, top_i, out) for e in range(spec.n_experts)]
+    return mid + out.view_as(mid), reports
+
+
+def _rtn_layer(run: _Run, i: int) -> dict:
+    """Round-to-nearest for every quantized Linear of layer i, loading one weight at a time (no forward pass)."""
+    spec, report = run.ckpt.spec, {"attention": {}, "experts": []}
+    for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o")):
+        w = model.load_weight(run.ckpt, weight_name(key, i), run.dev, run.dtype)
+        report["attention"][attr] = run.quantize(key, i, None, w, None)[1]
+    for e in range(spec.n_experts):
+        entry = {"expert": e, "tokens": None, "hessian_tokens": 0}
+        for key, short in (("ffn_gate", "w1"), ("ffn_up", "w3"), ("ffn_down", "w2")):
+            w = model.load_weight(run.ckpt, weight_name(key, i, e), run.dev, run.dtype)
+            entry[short] = run.quantize(key, i, e, w, None)[1]
+        entry["method"] = "rtn"
+        report["experts"].append(entry)
+    return report
+
+
+def _gptq_layer(run: _Run, i: int, h: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Quantize layer i on the calibration hidden states h; return its report and the next layer's input."""
+    w = model.load_layer(run.ckpt, i, run.dev, run.dtype)
+    mid, attn_report = _attention_stage(run, w, h, i)
+    del h
+    nxt, experts = _moe_stage(run, w, mid, i)
+    return {"attention": attn_report, "experts": experts}, nxt
+
+
+# ---------------------------------------------------------------- the whole model
+
+class QuantStream:
+    """Iterate to quantize the model layer by layer: yields one LayerQuant per layer, in order.
+
+    `report` (JSON-able) is filled as layers finish; its "totals" and "time_s" are set after the last layer.
+    """
+
+    def __init__(self, ckpt: Checkpoint, samples: torch.Tensor | None, sample_info: dict, run: _Run,
+                 progress: Progress | None):
+        self.ckpt, self.samples, self.run, self.progress = ckpt, samples, run, progress or (lambda *a: None)
+        self.hidden = None
+        cfg = run.cfg
+        self.report = {
+            "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
+            "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
+            "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
+        }
+
+    def __iter__(self) -> Iterator[LayerQuant]:
+        t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
+        h = self._embed() if self.run.method == "gptq" else None
+        for i in range(n_layers):
+            t = time.perf_counter()
+            self.run.results = {}
+            if h is None:
+                layer = _rtn_layer(self.run, i)
+            else:
+                layer, h = _gptq_layer(self.run, i, h)
+            self.hidden = h  # the next layer's calibration input (None for RTN); tests and debugging read it
+            layer = {"layer": i, **layer, "time_s": round(time.perf_counter() - t, 3)}
+            self.report["layers"].append(layer)
+            self.progress(i + 1, n_layers, "layer done")
+            yield LayerQuant(i, self.run.results, layer)
+        self.report["totals"] = totals(self.report["layers"])
+        self.report["time_s"] = round(time.perf_counter() - t0, 3)
+
+    def _embed(self) -> torch.Tensor:
+        run, spec = self.run, self.ckpt.spec
+        toks = model.as_tokens(self.samples, spec, "cpu")
+        run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
+        table = model.load_weight(self.ckpt, weight_name("token_embd", None), run.store, run.dtype)
+        return F.embedding(toks.to(run.store), table)
+
+
+def totals(layers: list[dict]) -> dict:
+    """Counts over all layers: Linears per method, fallbacks and raised dampings, tokens per expert."""
+    entries = [(f"layer {lay['layer']} {k}", v) for lay in layers for k, v in lay["attention"].items()]
+    entries += [(f"layer {lay['layer']} expert {x['expert']} {m}", x[m]) for lay in layers
+                for x in lay["experts"] for m in ("w1", "w2", "w3")]
+    tokens = [x["tokens"] for lay in layers for x in lay["experts"] if x["tokens"] is not None]
+    return {
+        "linears": len(entries),
+        "gptq": sum(e["method"] == "gptq" for _, e in entries),
+        "rtn": sum(e["method"] == "rtn" for _, e in entries),
+        "fallbacks": [f"{where}: {e['fallback']}" for where, e in entries if "fallback" in e],
+        "damp_raised": [f"{where}: damp {e['damp']:g}" for where, e in entries if e.get("damp_raised")],
+        "experts_rtn": [f"layer {lay['layer']} expert {x['expert']} ({x['hessian_tokens']} tokens)"
+                        for lay in layers for x in lay["experts"]
+                        if x["method"] != "gptq" and any("fallback" in x[m] for m in ("w1", "w2", "w3"))],
+        "expert_tokens_min": min(tokens) if tokens else None,
+        "expert_tokens_max": max(tokens) if tokens else None,
+        "time_per_layer_s": round(sum(lay["time_s"] for lay in layers) / max(len(layers), 1), 3),
+    }
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal: settings, calibration, methods used, fallbacks, time."""
+    t, cal = report.get("totals", {}), report.get("calibration", {})
+    lines = [f"{report['method']} int{report['bits']} g{report['group_size']} "
+             f"{'sym' if report['sym'] else 'asym'}{' act-order' if report['act_order'] else ''}, "
+             f"experts {report['experts']}, device {report['device']}",
+             f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens"
+             + (f" (fewer than the {cal['requested']} asked: the text is short)" if cal.get("short") else ""),
+             f"linears: {t.get('linears')} ({t.get('gptq')} gptq, {t.get('rtn')} rtn); tokens per expert "
+             f"{t.get('expert_tokens_min')}..{t.get('expert_tokens_max')}; {report.get('time_s')} s "
+             f"({t.get('time_per_layer_s')} s per layer)"]
+    if t.get("experts_rtn"):
+        lines.append(f"  experts rounded to nearest (too few tokens or GPTQ failed): {', '.join(t['experts_rtn'])}")
+    lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", []) if " expert " not in f]
+    lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
+    return "\n".join(lines)
+
+
+def _store_device(dev: torch.device, nbytes: int) -> torch.device:
+    """Keep the calibration activations (several copies of nbytes) on the accelerator only when they fit."""
+    if dev.type != "cuda":
+        return dev
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if 4 * nbytes < HIDDEN_ON_DEVICE_FRACTION * free else torch.device("cpu")
+
+
+def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, method: str = "gptq",
+                        experts: str = "routed", nsamples: int = 128, seqlen: int = 2048, device="auto",
+                        min_tokens: int | None = None, progress: Progress | None = None,
+                        dtype: torch.dtype = torch.float32) -> QuantStream:
+    """A QuantStream that quantizes `ckpt` layer by layer (see the module docstring).
+
+    tokens_or_chunks: the tokenized calibration text (flat, no BOS) or ready samples [n, T]; unused for "rtn".
+    min_tokens: Hessian tokens below which a Linear falls back to RTN (default MIN_TOKEN_FRACTION x hidden size).
+    """
+    if method not in METHODS:
+        raise MxError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if experts not in EXPERT_MODES:
+        raise MxError(f"unknown experts mode {experts!r}; choose from {', '.join(EXPERT_MODES)}")
+    _check_dims(ckpt, cfg)
+    samples, info = (make_samples(tokens_or_chunks, nsamples, seqlen, _bos(ckpt)) if method == "gptq"
+                     else (None, {"samples": 0}))
+    dev = model.resolve_device(device)
+    spec = ckpt.spec
+    nbytes = samples.numel() * spec.dim * dtype.itemsize if samples is not None else 0
+    min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
+    run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes), dtype, min_tokens)
+    return QuantStream(ckpt, samples, info, run, progress)
+
+
+def _bos(ckpt: Checkpoint) -> int:
+    return getattr(ckpt.tokenizer, "bos_id", 1) if ckpt.tokenizer is not None else 1
+
+
+def _check_dims(ckpt: Checkpoint, cfg: QuantConfig) -> None:
+    """Refuse up front a group size or width that the packing cannot hold (not after hours of work)."""
+    spec, per_word = ckpt.spec, 32 // cfg.bits
+    for key in QUANTIZED_KINDS:
+        out_f, in_f = names.KIND_BY_KEY[key].shape(spec)
+        try:
+            cfg.group_len(in_f)
+        except ValueError as exc:
+            raise MxError(f"{exc} (tensor kind {key})") from None
+        if in_f % per_word or out_f % per_word:
+            raise MxError(f"{key} is [{out_f}, {in_f}]: both sides must be multiples of {per_word} "
+                          f"to pack {cfg.bits}-bit codes")
+
+
+# ---------------------------------------------------------------- recipes and the CLI entry point
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
+               "static_groups", "mse", "min_tokens")
+
+
+def load_recipe(name_or_path) -> dict:
+    """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128")."""
+    import yaml
+    path = Path(name_or_path)
+    if not path.exists():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise MxError(f"no recipe {name_or_path!r} (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MxError(f"cannot parse recipe: {exc}", file=path) from None
+    unknown = set(data) - set(RECIPE_KEYS) - {"name", "description"}
+    if not isinstance(data, dict) or unknown:
+        raise MxError(f"recipe has unknown keys {sorted(unknown)}; known: {', '.join(RECIPE_KEYS)}", file=path)
+    return data
+
+
+DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.01, nsamples=128,
+                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None)
+
+
+def resolve_settings(recipe=None, **given) -> dict:
+    """DEFAULTS, then the recipe, then every option the caller gave (not None) on top."""
+    settings = dict(DEFAULTS)
+    if recipe:
+        settings.update({k: v for k, v in load_recipe(recipe).items() if k in RECIPE_KEYS})
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def run_quantize(src, out, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
+                 act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
+                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None) -> dict:
+    """`mxtools quantize`: open src, calibrate on the text file, write a GPTQ v1 directory at out atomically.
+
+    Options left None come from the recipe (if any), else DEFAULTS. Returns the report (also written to
+    out/quantize_report.json). The calibration text defaults to the bundled one.
+    """
+    from ..bundled import CALIB
+    from ..io.atomic import atomic_output, check_output
+    from ..layouts import open_checkpoint
+    from ..layouts.gptq import write_quantized
+    s = resolve_settings(recipe, bits=bits, method=method, group_size=group_size, sym=sym, act_order=act_order,
+                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens)
+    try:
+        cfg = QuantConfig(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], act_order=s["act_order"],
+                          damp=s["damp"], static_groups=s["static_groups"], mse=s["mse"])
+    except ValueError as exc:
+        raise MxError(str(exc)) from None
+    check_output(Path(out), [Path(src)], force)
+    with open_checkpoint(src) as ckpt:
+        tokens = _calibration_tokens(ckpt, calib_text_path or CALIB) if s["method"] == "gptq" else None
+        stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
+                                     device, s["min_tokens"], progress)
+        stream.report["source"] = str(src)
+        stream.report["recipe"] = str(recipe) if recipe else None
+        with atomic_output(Path(out), directory=True) as tmp:
+            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src))
+    return stream.report
+
+
+def _calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
+    from ..tokenizer import Tokenizer
+    tok = ckpt.tokenizer or Tokenizer.default()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MxError(f"cannot read the calibration text: {exc}", file=path) from None
+    return tok.encode(text, bos=False)

@@ -1,0 +1,347 @@
+"""Importance matrices: per input column, the mean squared activation a Linear sees, as llama.cpp's imatrix.
+
+`compute_imatrix` runs the reference forward pass (mxtools.model) over llama-imatrix's chunks (text split
+into pieces of `ctx` tokens, the first of each replaced by BOS) and sums x^2 per input column for every
+matrix llama-imatrix collects: attention q/k/v/o, the router, and each expert's w1/w3/w2 over only the tokens
+routed to it (a token routed to two experts counts once for each).
+
+File format: the GGUF imatrix current llama.cpp writes and prefers (tools/imatrix/imatrix.cpp,
+common/imatrix-loader.cpp): KV general.type "imatrix", imatrix.datasets (string array), imatrix.chunk_count
+and imatrix.chunk_size (u32); per matrix, in name order, F32 tensors `<gguf name>.in_sum2` [n_mat, n_cols]
+(sums of squares) and `<gguf name>.counts` [n_mat, 1] (tokens seen), n_mat = experts for the merged
+`blk.i.ffn_*_exps.weight`, else 1. The legacy .dat file (int32 entry count; per entry name, ncall, nval,
+float values = mean * ncall; then chunk count and dataset name) is read too, never written.
+
+Normalisation is llama-quantize's, in float32: sums / count, and 1.0 for an expert that saw no token
+(legacy files: values / ncall).
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
+
+from .. import names
+from ..errors import FormatError, ShapeError
+from ..io.atomic import atomic_output, check_output
+from ..io.files import RawFile
+from ..io.gguf_reader import read_header
+from ..io.gguf_writer import GGUFStreamWriter
+from ..model import iter_layers, resolve_device
+from ..spec import ModelSpec
+from ..tensors import Checkpoint
+
+CHUNKS_PER_PASS = 32  # chunks run through a layer together: each layer is read once per pass
+
+# observer kind -> the Linear kinds whose input it is (q, k, v share one input; so do w1 and w3)
+OBSERVED = {"attn_q": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+            "ffn_gate_inp": ("ffn_gate_inp",), "ffn_gate": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+
+
+class ImatrixStat(NamedTuple):
+    """Sum over tokens of x^2 per input column (float32 [n]) and the number of tokens summed."""
+    sum_sq: torch.Tensor
+    count: int
+
+
+class Imatrix(dict):
+    """canonical HF tensor name -> ImatrixStat, with the file's metadata as attributes."""
+
+    def __init__(self, stats=(), chunk_size: int = 0, chunk_count: int = 0, datasets=(), legacy: bool = False):
+        super().__init__(stats)
+        self.chunk_size, self.chunk_count = chunk_size, chunk_count
+        self.datasets, self.legacy = list(datasets), legacy
+
+
+def _name(key: str, i: int, e=None) -> str:
+    return names.fill(names.KIND_BY_KEY[key].template, i, e)
+
+
+def chunk_tokens(tokens, ctx: int, chunks: int | None = None, bos_id: int | None = 1) -> torch.Tensor:
+    """llama-imatrix's chunks [n, ctx]: consecutive pieces of `tokens`, the first of each set to BOS."""
+    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    n = t.numel() // ctx if chunks is None else min(chunks, t.numel() // ctx)
+    if n < 1:
+        raise ShapeError(f"{t.numel()} tokens do not fill one chunk of {ctx}; give more text or a smaller ctx")
+    out = t[: n * ctx].reshape(n, ctx).clone()
+    if bos_id is not None:
+        out[:, 0] = bos_id
+    return out
+
+
+class _Collector:
+    """The forward-pass observer: accumulates float64 sums of squares on the activations' device."""
+
+    def __init__(self, spec: ModelSpec):
+        self.layer, self.sums, self.counts = 0, {}, {}
+        for i in range(spec.n_layers):
+            for key in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp"):
+                self.counts[_name(key, i)] = 0
+            for e in range(spec.n_experts):
+                for key in ("ffn_gate", "ffn_up", "ffn_down"):
+                    self.counts[_name(key, i, e)] = 0
+
+    def __call__(self, kind: str, x: torch.Tensor, expert) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        sq = torch.sum(flat.float().square(), 0, dtype=torch.float64)  # squares in f32, as llama.cpp
+        for key in OBSERVED[kind]:
+            name = _name(key, self.layer, expert)
+            self.sums[name] = self.sums[name] + sq if name in self.sums else sq
+            self.counts[name] += flat.shape[0]
+
+    def result(self, spec: ModelSpec) -> dict:
+        stats = {}
+        for name, count in self.counts.items():
+            n = names.expected_shape(name, spec)[1]
+            s = self.sums.get(name)
+            stats[name] = ImatrixStat(torch.zeros(n) if s is None else s.float().cpu(), count)
+        return stats
+
+
+def compute_imatrix(ckpt: Checkpoint, tokens, ctx: int = 512, chunks: int | None = None, device="auto",
+                    dtype: torch.dtype = torch.float32, bos_id: int | None = None, datasets=(),
+                    progress=lambda n: None) -> Imatrix:
+    """The importance matrix of `ckpt` over `tokens` (the whole tokenized text, as llama-imatrix tokenizes it).
+
+    Chunks as llama-imatrix: len(tokens) // ctx pieces (at most `chunks`), BOS first. Every matrix gets an
+    entry, an expert that saw no token one with count 0. `progress(k)` is called after each chunk pass.
+    """
+    if bos_id is None:
+        bos_id = ckpt.tokenizer.bos_id if ckpt.tokenizer and ckpt.tokenizer.add_bos else None
+    batch = chunk_tokens(tokens, ctx, chunks, bos_id)
+    dev = resolve_device(device)
+    collect = _Collector(ckpt.spec)
+    with torch.no_grad():
+        for start in range(0, batch.shape[0], CHUNKS_PER_PASS):
+            piece = batch[start:start + CHUNKS_PER_PASS]
+            collect.layer = 0
+            for i, _, _ in iter_layers(ckpt, piece, dev, dtype, observer=collect):
+                collect.layer = i + 1  # the observer runs inside the next layer
+            progress(piece.shape[0])
+    return Imatrix(collect.result(ckpt.spec), ctx, batch.shape[0], datasets)
+
+
+def read_text(path) -> str:
+    """A calibration text as llama-imatrix reads `-f FILE`: the whole file less one trailing newline."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text.removesuffix("\n")
+
+
+def imatrix_from_text(model, text_file, out, ctx: int = 512, chunks: int | None = None, device="auto",
+                      force: bool = False, progress=lambda n: None) -> Path:
+    """`mxtools imatrix MODEL --text FILE -o OUT`: tokenize FILE with the model's tokenizer (BOS first, as
+    llama-imatrix), compute the importance matrix and write it as a GGUF imatrix file.
+    `progress(k)` gets the number of chunks done by each pass."""
+    from ..layouts import open_checkpoint
+    from ..tokenizer import Tokenizer
+    check_output(Path(out), [Path(model), Path(text_file)], force)
+    with open_checkpoint(model) as ckpt:
+        tokens = (ckpt.tokenizer or Tokenizer.default()).encode(read_text(text_file))
+        data = compute_imatrix(ckpt, tokens, ctx, chunks, device, datasets=[str(text_file)], progress=progress)
+    return save_imatrix(out, data)
+
+
+# ---- GGUF names ----
+
+def _to_gguf(stats: dict) -> dict[str, list]:
+    """canonical stats -> GGUF name -> per-matrix list of stats (experts in order, None where missing; every
+    merged tensor padded to the largest expert count, since llama-quantize wants experts * columns values)."""
+    from ..layouts.gguf import TABLE
+    out: dict[str, list] = {}
+    merged = set()
+    for name, stat in stats.items():
+        if names.parse(name) is None:
+            raise ShapeError(f"not a Mixtral tensor name: {name}")
+        gname, expert = TABLE.to_layout(name)
+        slots = out.setdefault(gname, [])
+        k = 0 if expert is None else expert
+        slots.extend([None] * (k + 1 - len(slots)))
+        slots[k] = stat
+        if expert is not None:
+            merged.add(gname)
+    n_experts = max((len(out[g]) for g in merged), default=1)
+    for g in merged:
+        out[g].extend([None] * (n_experts - len(out[g])))
+    return out
+
+
+def _to_canonical(gname: str) -> tuple[str, bool] | None:
+    from ..layouts.gguf import LEGACY_TABLE, TABLE
+    return TABLE.to_canonical(gname) or LEGACY_TABLE.to_canonical(gname)
+
+
+# ---- writing ----
+
+def save_imatrix(path, data: Imatrix | dict, chunk_size: int | None = None, chunk_count: int | None = None,
+                 datasets=None) -> Path:
+    """Write `data` (canonical name -> ImatrixStat) as the GGUF imatrix file llama.cpp reads, atomically."""
+    chunk_size = getattr(data, "chunk_size", 0) if chunk_size is None else chunk_size
+    chunk_count = getattr(data, "chunk_count", 0) if chunk_count is None else chunk_count
+    datasets = list(getattr(data, "datasets", []) if datasets is None else datasets)
+    entries = _to_gguf(data)
+    with atomic_output(Path(path), False) as tmp:
+        w = GGUFStreamWriter(tmp)
+        w.add("general.type", V.STRING, "imatrix")
+        w.add("imatrix.datasets", V.ARRAY, datasets, V.STRING)
+        w.add("imatrix.chunk_count", V.UINT32, int(chunk_count))
+        w.add("imatrix.chunk_size", V.UINT32, int(chunk_size))
+        blobs = []
+        for gname in sorted(entries):  # llama.cpp writes in name order
+            sums, counts = _stack(entries[gname], gname)
+            w.plan(gname + ".in_sum2", _ggml_dims(sums.shape), Q.F32)
+            w.plan(gname + ".counts", _ggml_dims(counts.shape), Q.F32)
+            blobs += [sums, counts]
+        w.write_header()
+        for b in blobs:
+            w.write(b)
+        w.close()
+    return Path(path)
+
+
+def _ggml_dims(shape: tuple) -> tuple:
+    """The shape GGUF records for a 2-D ggml tensor: ggml_n_dims drops outer dimensions of size 1."""
+    return shape[1:] if shape[0] == 1 else shape
+
+
+def _stack(slots: list, gname: str) -> tuple[np.ndarray, np.ndarray]:
+    n = next(s.sum_sq.numel() for s in slots if s is not None)
+    sums = np.zeros((len(slots), n), dtype=np.float32)
+    counts = np.zeros((len(slots), 1), dtype=np.float32)
+    for k, s in enumerate(slots):
+        if s is None:
+            continue
+        if s.sum_sq.numel() != n:
+            raise ShapeError(f"imatrix rows of {gname} differ in length ({s.sum_sq.numel()} vs {n})")
+        sums[k] = s.sum_sq.detach().cpu().float().numpy()
+        counts[k] = s.count
+    return sums, counts
+
+
+# ---- reading ----
+
+def read_imatrix(path) -> Imatrix:
+    """An imatrix file (GGUF or legacy .dat) as canonical name -> ImatrixStat, per expert for merged tensors.
+
+    Legacy files hold mean * ncall per column and one ncall per matrix: they come back as (values, ncall),
+    with `.legacy` set, so that normalize() divides as llama-quantize does.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    raw = RawFile(path)
+    try:
+        meta, infos = read_header(raw)
+        tensors = {t.name: t for t in infos}
+        out = Imatrix(chunk_size=int(meta.get("imatrix.chunk_size", 0)),
+                      chunk_count=int(meta.get("imatrix.chunk_count", 0)),
+                      datasets=meta.get("imatrix.datasets", []))
+        for tname, t in tensors.items():
+            if tname.endswith(".in_sum2"):
+                out.update(_gguf_entry(raw, tname[: -len(".in_sum2")], t, tensors))
+    finally:
+        raw.close()
+    return out
+
+
+def _gguf_entry(raw: RawFile, gname: str, sums_info, tensors: dict) -> dict:
+    counts_info = tensors.get(gname + ".counts")
+    if counts_info is None or sums_info.qtype != Q.F32 or counts_info.qtype != Q.F32:
+        raise FormatError("imatrix entry needs F32 .in_sum2 and .counts tensors", file=raw.path, tensor=gname)
+    sums = raw.read_tensor(sums_info.offset, sums_info.nbytes, torch.float32, sums_info.shape, gname)
+    counts = raw.read_tensor(counts_info.offset, counts_info.nbytes, torch.float32, counts_info.shape, gname)
+    n_mat = counts.numel()
+    sums = sums.reshape(n_mat, -1)
+    return _entries(gname, [ImatrixStat(sums[k].clone(), round(float(counts.reshape(-1)[k])))
+                            for k in range(n_mat)])
+
+
+def _entries(gname: str, stats: list[ImatrixStat]) -> dict:
+    """GGUF-named per-matrix stats -> canonical names; names of other architectures are skipped."""
+    hit = _to_canonical(gname)
+    if hit is None:
+        return {}
+    canonical, stacked = hit
+    if not stacked:
+        return {canonical: stats[0]}
+    return {canonical.replace("{e}", str(e)): s for e, s in enumerate(stats)}
+
+
+def _read_legacy(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    raw, pos = {}, 4
+    try:
+        (n,) = struct.unpack_from("<i", data, 0)
+        if n < 1:
+            raise ValueError("no entries")
+        for _ in range(n):
+            (ln,) = struct.unpack_from("<i", data, pos)
+            gname = data[pos + 4: pos + 4 + ln].decode()
+            ncall, nval = struct.unpack_from("<ii", data, pos + 4 + ln)
+            pos += 12 + ln
+            raw[gname] = (torch.from_numpy(np.frombuffer(data, "<f4", nval, pos).copy()), ncall)
+            pos += 4 * nval
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"neither a GGUF nor a legacy imatrix file ({exc})", file=path) from None
+    out = Imatrix(legacy=True)
+    if pos + 4 <= len(data):
+        out.chunk_count = struct.unpack_from("<i", data, pos)[0]
+    n_experts = _legacy_expert_count(raw)
+    for gname, (vals, ncall) in raw.items():
+        n_mat = n_experts if (_to_canonical(gname) or ("", False))[1] else 1
+        out.update(_entries(gname, [ImatrixStat(v.clone(), ncall) for v in vals.reshape(n_mat, -1)]))
+    return out
+
+
+def _legacy_expert_count(raw: dict) -> int:
+    """A legacy file keeps a merged expert tensor as one flat vector: the expert count is the length of an
+    ffn_gate_exps entry over the model width (the router's or attn_q's input length)."""
+    width = next((len(v) for g, (v, _) in raw.items() if g.endswith(("ffn_gate_inp.weight", "attn_q.weight"))),
+                 None)
+    gates = [len(v) for g, (v, _) in raw.items() if g.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight"))]
+    if not gates:
+        return 1
+    if width is None or gates[0] % width:
+        raise FormatError("legacy imatrix: cannot tell how many experts its merged tensors hold")
+    return gates[0] // width
+
+
+# ---- normalisation ----
+
+def normalize(stat: ImatrixStat, legacy: bool = False) -> torch.Tensor:
+    """llama-quantize's vector for one matrix: float32 sum / count; 1.0 everywhere if count is 0
+    (legacy: values / ncall, values as they are if ncall is 0)."""
+    if stat.count > 0:
+        return stat.sum_sq.float() / np.float32(stat.count)
+    return stat.sum_sq.float().clone() if legacy else torch.ones_like(stat.sum_sq, dtype=torch.float32)
+
+
+def load_imatrix(path) -> dict[str, torch.Tensor]:
+    """canonical name -> float32 vector, as llama-quantize derives it from the file (GGUF or legacy)."""
+    data = read_imatrix(path)
+    return {name: normalize(s, data.legacy) for name, s in data.items()}
+
+
+def imatrix_for_writer(data, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The GGUF writer's `imatrix` argument from an Imatrix (or from load_imatrix's vectors): canonical name
+    -> vector, checked against `spec` (a length that does not fit is an error, as in llama-quantize)."""
+    legacy = getattr(data, "legacy", False)
+    out = {}
+    for name, v in data.items():
+        parsed = names.parse(name)
+        if parsed is None or (parsed[1] or 0) >= spec.n_layers or (parsed[2] or 0) >= spec.n_experts:
+            continue  # llama-quantize ignores entries no tensor asks for
+        vec = normalize(v, legacy) if isinstance(v, ImatrixStat) else torch.as_tensor(v, dtype=torch.float32)
+        cols = names.expected_shape(name, spec)[-1]
+        if vec.numel() != cols:
+            raise ShapeError(f"imatrix has {vec.numel()} values for {name}, whose rows have {cols}")
+        out[name] = vec
+    return out

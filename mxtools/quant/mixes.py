@@ -1,0 +1,212 @@
+"""llama.cpp's quantization mixes (q4_k_m, q5_k_s, ...) as data: recipes/gguf/<mix>.yaml, interpreted here.
+
+A mix file names its `file_type` (general.file_type), a `default` GGML type, and per tensor kind (the kind
+keys of mxtools.names) an ordered list of rules `{when: {condition: value, ...}, type: T}`; the first rule
+whose conditions all hold gives the type. Condition words (each mirrors a test in llama.cpp's
+src/llama-quant.cpp, `llama_tensor_get_type_impl`):
+  n_experts: N        the model has N experts ("hparams.n_expert == 8")
+  model_type: 70B     llama.cpp classes the model LLM_TYPE_70B (80 layers, GQA, not 8 experts)
+  more_bits: true     use_more_bits(layer, n_layers): i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2
+  first_eighth: true  layer < n_layers / 8 (integer division)
+  layer_below: N      layer < N
+  imatrix: true       an importance matrix is given (llama.cpp's qs.has_imatrix)
+Layer conditions are false for global tensors. For merged-expert tensors llama.cpp parses the layer from the
+tensor name, and its attn_v counter equals the layer because it visits tensors sorted by layer, so both are
+the `layer` argument here.
+
+What is the same for every mix lives in this module as tables: tensors llama.cpp never quantizes (norms,
+router), and the fallback it applies when a row length is no multiple of the chosen type's block.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from ..errors import MxError
+from ..names import KIND_BY_KEY
+from ..spec import ModelSpec
+
+# Never quantized by llama.cpp (tensor_allows_quantization): 1-D norms ("_norm.weight") and the router
+# ("ffn_gate_inp.weight"); every GGUF llama.cpp reads stores them F32.
+KEEP_F32 = frozenset({"attn_norm", "ffn_norm", "output_norm", "ffn_gate_inp"})
+
+# tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
+# 32-block types stay; if the row is still no multiple of the new block, F16.
+FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+Policy = Callable[[str, "int | None", tuple], Q]
+
+
+def recipes_dir() -> Path:
+    """$MXTOOLS_RECIPES/gguf if set, else the repository's recipes/gguf."""
+    root = os.environ.get("MXTOOLS_RECIPES")
+    return Path(root) / "gguf" if root else Path(__file__).resolve().parents[2] / "recipes" / "gguf"
+
+
+def available_mixes() -> tuple[str, ...]:
+    """The mix names, one per recipes/gguf/<name>.yaml file present."""
+    d = recipes_dir()
+    return tuple(sorted(p.stem for p in d.glob("*.yaml"))) if d.is_dir() else ()
+
+
+MIXES = available_mixes()
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer choice for the extra-bits tensors of the _M mixes."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def model_type(spec: ModelSpec) -> str:
+    """llama.cpp's LLM_TYPE for the llama architecture, as far as quantization cares (src/models/llama.cpp)."""
+    if spec.n_experts == 8:
+        return {32: "8x7B", 56: "8x22B"}.get(spec.n_layers, "unknown")
+    if spec.n_layers == 80 and spec.n_heads != spec.n_kv_heads:
+        return "70B"
+    return "other"
+
+
+# condition word -> test(value, spec, layer, has_imatrix)
+CONDITIONS = {
+    "n_experts": lambda v, s, i, im: s.n_experts == v,
+    "model_type": lambda v, s, i, im: model_type(s) == str(v),
+    "more_bits": lambda v, s, i, im: i is not None and use_more_bits(i, s.n_layers) == v,
+    "first_eighth": lambda v, s, i, im: i is not None and (i < s.n_layers // 8) == v,
+    "layer_below": lambda v, s, i, im: i is not None and i < v,
+    "imatrix": lambda v, s, i, im: im == v,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    when: dict
+    qtype: Q
+
+    def holds(self, spec: ModelSpec, layer, has_imatrix: bool) -> bool:
+        return all(CONDITIONS[k](v, spec, layer, has_imatrix) for k, v in self.when.items())
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's manual choices: --tensor-type REGEX=TYPE (searched in the GGUF name, first match wins,
+    row fallback still applies), --output-tensor-type / --token-embedding-type (taken as given), --pure."""
+    tensor_types: tuple[tuple[str, Q], ...] = ()
+    output_type: Q | None = None
+    token_embd_type: Q | None = None
+    pure: bool = False
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str
+    file_type: int
+    default: Q
+    rules: dict = field(default_factory=dict)   # kind key -> tuple[Rule, ...]
+
+    def base_type(self, kind: str, spec: ModelSpec, layer, has_imatrix: bool) -> Q:
+        """The mix's type before the row-length fallback."""
+        for rule in self.rules.get(kind, ()):
+            if rule.holds(spec, layer, has_imatrix):
+                return rule.qtype
+        return self.default
+
+    def policy(self, spec: ModelSpec, imatrix: bool = False, overrides: Overrides | None = None) -> Policy:
+        """`policy(kind_key, layer, np_shape) -> GGML type` exactly as llama-quantize picks it for this mix."""
+        ov = overrides or Overrides()
+        patterns = [(re.compile(p), t) for p, t in ov.tensor_types]
+
+        def pick(kind: str, layer, np_shape) -> Q:
+            if kind in KEEP_F32 or len(np_shape) < 2:
+                return Q.F32
+            if kind == "token_embd" and ov.token_embd_type is not None:
+                return ov.token_embd_type
+            if kind == "output" and ov.output_type is not None:
+                return ov.output_type
+            manual = _manual(patterns, kind, layer)
+            qtype = manual or (self.default if ov.pure else self.base_type(kind, spec, layer, imatrix))
+            return row_fallback(qtype, np_shape[-1])
+        return pick
+
+
+def parse_tensor_type(arg: str) -> tuple[str, Q]:
+    """`PATTERN=TYPE` as llama-quantize's --tensor-type reads it (split at the first '=', pattern lowercased,
+    type name case-insensitive)."""
+    pattern, sep, name = arg.partition("=")
+    if not sep or not pattern or not name:
+        raise MxError(f"--tensor-type wants PATTERN=TYPE, got {arg!r}")
+    return pattern.lower(), _qtype(name, "--tensor-type")
+
+
+def _manual(patterns, kind: str, layer) -> Q | None:
+    if not patterns:
+        return None
+    # imported late: the layouts package imports the quantizers
+    from ..layouts.gguf import TABLE
+    name = TABLE.rows[kind].replace("{i}", str(layer))
+    return next((t for rx, t in patterns if rx.search(name)), None)
+
+
+def row_fallback(qtype: Q, ncols: int) -> Q:
+    """llama.cpp's tensor_type_fallback for rows of `ncols` values."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    if ncols % block == 0:
+        return qtype
+    if block > 32 and qtype not in FALLBACK:
+        raise MxError(f"no row-length fallback is defined for {qtype.name} (rows of {ncols})")
+    new = FALLBACK.get(qtype, qtype)
+    return new if ncols % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
+
+
+def _rule(raw: dict, where: str) -> Rule:
+    when = dict(raw.get("when") or {})
+    unknown = set(when) - set(CONDITIONS)
+    if unknown:
+        raise MxError(f"unknown condition(s) {sorted(unknown)}; known: {sorted(CONDITIONS)}", file=where)
+    return Rule(when, _qtype(raw.get("type"), where))
+
+
+def _qtype(name, where: str) -> Q:
+    try:
+        return Q[str(name).upper()]
+    except KeyError:
+        raise MxError(f"unknown GGML type {name!r}", file=where) from None
+
+
+def parse_mix(data: dict, where: str = "<mix>") -> Mix:
+    """A Mix from the mapping a recipe file holds; unknown kinds, types and conditions are errors."""
+    rules = data.get("rules") or {}
+    unknown = set(rules) - set(KIND_BY_KEY)
+    if unknown:
+        raise MxError(f"unknown tensor kind(s) {sorted(unknown)}", file=where)
+    try:
+        return Mix(str(data["name"]), int(data["file_type"]), _qtype(data["default"], where),
+                   {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})
+    except KeyError as exc:
+        raise MxError(f"mix recipe lacks {exc.args[0]!r}", file=where) from None
+
+
+def load_mix(name: str) -> Mix:
+    """The mix `name` (e.g. "q4_k_m") from recipes/gguf/<name>.yaml."""
+    path = recipes_dir() / f"{name.lower()}.yaml"
+    if not path.is_file():
+        raise MxError(f"unknown quantization mix {name!r}; available: {', '.join(available_mixes()) or 'none'}")
+    return parse_mix(yaml.safe_load(path.read_text()), str(path))
+
+
+def gguf_options(name: str, spec: ModelSpec, imatrix: dict | None = None,
+                 overrides: Overrides | None = None) -> dict:
+    """Keyword arguments for the GGUF writer (`policy`, `file_type`, `imatrix`) that quantize to mix `name`.
+
+    `imatrix`: canonical name -> vector (load_imatrix / imatrix_for_writer); its presence alone changes some
+    mixes' choices, as in llama.cpp (an empty one counts as none, as llama-quantize passes none).
+    """
+    mix = load_mix(name)
+    return {"policy": mix.policy(spec, bool(imatrix), overrides), "file_type": mix.file_type,
+            "imatrix": imatrix}
