@@ -211,12 +211,19 @@ def plan(ckpt: Checkpoint) -> list[tuple[str, list[LazyTensor], tuple]]:
     return [(g, ts, shape or (len(ts), *ts[0].shape)) for g, ts, shape in out]
 
 
+ROWS_PER_PIECE = 2048  # block-quantize a matrix in row pieces: no full-size f32 copy of a bf16 embedding
+
+
 def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
     """A tensor as the bytes GGUF stores for `qtype`."""
     if qtype in FLOAT_TYPES:
         return w.to(FLOAT_TYPES[qtype]).contiguous().view(torch.uint8).numpy()
     from ..quant.ggml_blocks import quantize
-    return quantize(w.to(torch.float32).reshape(-1, w.shape[-1]), qtype, imatrix)
+    w = w.reshape(-1, w.shape[-1])
+    out = np.empty((w.shape[0], tensor_nbytes(w.shape[-1:], qtype)), dtype=np.uint8)
+    for r in range(0, w.shape[0], ROWS_PER_PIECE):
+        out[r:r + ROWS_PER_PIECE] = quantize(w[r:r + ROWS_PER_PIECE].to(torch.float32), qtype, imatrix)
+    return out
 
 
 def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
