@@ -4,7 +4,6 @@
 Prints one JSON document (also written to $OUT/gpu_check.json when OUT is set)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -144,21 +143,29 @@ def gptq_layer(path: Path, root: Path):
     t = time.time()
     report = run_quantize(path, root / "gptq", calib, bits=4, method="gptq", group_size=128, nsamples=32,
                           seqlen=2048, device="cuda")
+    layers = report.get("layers", [])
     return {"wall_s": round(time.time() - t, 2), "layers": 2, "nsamples": 32, "seqlen": 2048,
-            "per_layer_s": report.get("layer_seconds") or report.get("time")}
+            "time_s": report.get("time_s"), "per_layer_s": [lay.get("time_s") for lay in layers],
+            "totals": report.get("totals"), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 def main():
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
     RESULTS["device"] = {"name": torch.cuda.get_device_name(), "torch": torch.__version__}
+    only = set(sys.argv[1:])  # optional: names of the steps to run (default all)
+    want = lambda name: not only or name in only  # noqa: E731
     with tempfile.TemporaryDirectory(dir=os.environ.get("MXTOOLS_TMP")) as tmp:
-        tiny_cuda_vs_cpu(tiny_model(Path(tmp)))
-        gptq_one_expert()
+        if want("tiny_cuda_vs_cpu"):
+            tiny_cuda_vs_cpu(tiny_model(Path(tmp)))
+        if want("gptq_one_expert"):
+            gptq_one_expert()
         path = synth_8x7b(Path(tmp))
-        ppl_8x7b(path)
-        gptq_layer_compute(path)
-        if importlib.util.find_spec("mxtools.quant.gptq_pipeline"):
+        if want("ppl_8x7b_2layers"):
+            ppl_8x7b(path)
+        if want("gptq_8x7b_layer_compute"):
+            gptq_layer_compute(path)
+        if want("gptq_8x7b_layer"):
             gptq_layer(path, Path(tmp))
     text = json.dumps(RESULTS, indent=2)
     print(text)
