@@ -1,5 +1,6 @@
-"""The main job on the bundled tiny trained Mixtral: convert it to GGUF f16, GGUF q8_0 and the Mistral layout,
-verify each artifact against the reference, and print one table. Run by `make demo`.
+"""The main job on the bundled tiny trained Mixtral: convert it to GGUF f16, GGUF q8_0, GGUF q4_k_m and the Mistral
+layout, quantize it with GPTQ int4 g128, verify each artifact against the reference, and print one table.
+Run by `make demo`.
 
     python examples/demo.py OUT_DIR [--chunks N]
 """
@@ -9,12 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from mxtools.bundled import EVAL, MODEL, write_example
+from mxtools.bundled import CALIB, EVAL, MODEL, write_example
+from mxtools.quant.gptq_pipeline import run_quantize
 from mxtools.convert import convert, write_checkpoint
 from mxtools.synth import synth_checkpoint, synth_spec
 from mxtools.verify_cli import run_verify
 
-ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"), ("mistral", "bf16", "mistral")]
+ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"),
+             ("gguf", "q4_k_m", "model-q4_k_m.gguf"), ("mistral", "bf16", "mistral"), ("gptq", "int4", "gptq-int4-g128")]
+
+
+def make(ref: Path, layout: str, outtype: str, out: Path) -> Path:
+    if layout == "gptq":  # calibrated on the held-out text's sibling, the bundled calibration text
+        run_quantize(ref, out, CALIB, bits=4, group_size=128, nsamples=32, seqlen=2048, force=True)
+        return out
+    return convert(ref, layout, out, outtype, force=True)
 
 
 def size(path: Path) -> int:
@@ -35,7 +45,7 @@ def main(argv=None) -> int:
     ref = args.out / "model"
     rows = []
     for layout, outtype, name in ARTIFACTS:
-        out = convert(ref, layout, args.out / name, outtype, force=True)
+        out = make(ref, layout, outtype, args.out / name)
         r = run_verify(out, ref, args.out / "eval.txt", 512, args.chunks, None, {}, None, None, "auto", "f32")
         rows.append((name, size(out), r))
         print(f"verified {name}: {'PASSED' if r['passed'] else 'FAILED ' + ', '.join(r['failures'])}",
