@@ -18,7 +18,7 @@ import torch
 
 from .. import names
 from ..errors import FormatError, MxError
-from ..io.safetensors import SafetensorsFile, SafetensorsWriter
+from ..io.safetensors import SafetensorsFile
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pack import SUFFIXES, dequantize, pack
 from ..quant.gptq_pipeline import is_quantized, quantize_checkpoint
@@ -163,20 +163,9 @@ def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outty
     """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`."""
     dtype = FLOAT_DTYPES[outtype]
     items = plan(ckpt.spec, cfg, dtype)
-    shards = hf.plan_shards(items, shard_bytes)
-    data, weight_map, total = _tensors(ckpt, stream, dtype), {}, 0
-    for k, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        w = SafetensorsWriter(out / fname, shard, {"format": "pt", "quantizer": TOOL})
-        for name, _, _ in shard:
-            n = w.write(name, next(data))
-            total += n
-            weight_map[name] = fname
-            progress(n)
-        w.close()
+    data = _tensors(ckpt, stream, dtype)
+    hf.write_shards(out, items, data, shard_bytes, {"format": "pt", "quantizer": TOOL}, progress)
     next(data, None)  # let the generator finish the stream (its totals) after the last tensor
-    if len(shards) > 1:
-        _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     qc = gptq_config(cfg, source_name or ckpt.spec.name)
     _json(out / "config.json", {**hf.config_from_spec(ckpt.spec, dtype), "quantization_config": qc})
     _json(out / QUANT_CONFIG_FILE, qc)

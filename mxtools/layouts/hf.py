@@ -143,24 +143,30 @@ def plan_shards(items: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -
     return shards
 
 
-def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
-          shard_bytes: int = 5 * 10**9, **_):
-    dtype = FLOAT_DTYPES[outtype]
-    tensors = ckpt.ordered()
-    shards = plan_shards([(t.name, dtype, t.shape) for t in tensors], shard_bytes)
-    jobs = (lambda t=t: t.load().to(dtype).contiguous() for t in tensors)
-    stream, total, weight_map = prefetched(jobs), 0, {}
+def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, shard_bytes: int,
+                 metadata: dict, progress=lambda n: None) -> None:
+    """Write `items` (name, dtype, shape), whose tensors `data` yields in order, as HF shards (+ index)."""
+    shards, total, weight_map = plan_shards(items, shard_bytes), 0, {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        w = SafetensorsWriter(out / fname, shard, {"format": "pt"})
+        w = SafetensorsWriter(out / fname, shard, metadata)
         for name, _, _ in shard:
-            n = w.write(name, next(stream))
+            n = w.write(name, next(data))
             total += n
             weight_map[name] = fname
             progress(n)
         w.close()
     if len(shards) > 1:
         _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
+          shard_bytes: int = 5 * 10**9, **_):
+    dtype = FLOAT_DTYPES[outtype]
+    tensors = ckpt.ordered()
+    jobs = (lambda t=t: t.load().to(dtype).contiguous() for t in tensors)
+    write_shards(out, [(t.name, dtype, t.shape) for t in tensors], prefetched(jobs), shard_bytes, {"format": "pt"},
+                 progress)
     _json(out / "config.json", config_from_spec(ckpt.spec, dtype))
     _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     write_tokenizer(ckpt.tokenizer, out)
