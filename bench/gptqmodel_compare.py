@@ -6,11 +6,12 @@ desc_act False, on CPU, in a child process: importing it patches transformers' M
 very token ids our pipeline calibrates on (mxtools.quant.gptq_pipeline.make_samples: 128 windows of 2047 tokens,
 each after BOS, spread evenly over the tokenized calib.txt), as input_ids + all-ones attention_mask, batch 1.
 Its other settings are its own defaults, recorded in the JSON (damp 0.05 with auto-increment, act_group_aware,
-RTN fallback for a module that got < 0.5% of the calibration tokens). Its output is renamed to our tensor names
-(bytes untouched) and all three are checked by `mxtools verify --reference` on eval.txt (every 512-token chunk).
-Writes bench/out/gptqmodel_compare.json and prints a markdown table.
+RTN fallback for a module that got < 0.5% of the calibration tokens); a second GPTQModel run uses our damping
+(0.01) with its group-aware reordering (GAR) off, the like-for-like row. Its outputs are renamed to our tensor
+names (bytes untouched) and every output is checked by `mxtools verify --reference` on eval.txt (every 512-token
+chunk). Writes bench/out/gptqmodel_compare.json and prints a markdown table. About 25 minutes on 2 CPU cores.
 
-    python bench/gptqmodel_compare.py [--nsamples N --seqlen L]   # smaller values: a quick smoke run
+    python bench/gptqmodel_compare.py [--nsamples N --seqlen L] [--no-matched]   # small N, L: a smoke run
 """
 from __future__ import annotations
 
@@ -25,13 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import OUT, PY, ROOT, timed
 
 sys.path.insert(0, str(ROOT))
-from mxtools.bundled import CALIB, EVAL, MODEL  # noqa: E402
-from mxtools.layouts import open_checkpoint  # noqa: E402
-from mxtools.quant.gptq_pipeline import make_samples  # noqa: E402
+from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.layouts import open_checkpoint
+from mxtools.quant.gptq_pipeline import make_samples
 
 WORK = OUT / "gptqmodel_compare"
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -42,16 +42,17 @@ import json, sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
 import gptqmodel
 torch.set_num_threads(2)
-src, samples, out, info = sys.argv[1:5]
+src, samples, out, info, extra = sys.argv[1:6]
 ids = torch.load(samples)
 calib = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
-qc = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False)
+qc = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, **json.loads(extra))
 model = GPTQModel.load(src, qc, device="cpu", dtype=torch.bfloat16)
 t = time.perf_counter()
 model.quantize(calib, batch_size=1)
 secs = time.perf_counter() - t
 model.save(out)
-json.dump({"quantize_call_s": round(secs, 2), "version": gptqmodel.__version__}, open(info, "w"))
+json.dump({"quantize_call_s": round(secs, 2), "version": gptqmodel.__version__, "settings": json.loads(extra)},
+          open(info, "w"))
 """
 
 # GPTQModel (transformers 5 module names) -> ours; the router and each expert's three projections.
@@ -82,11 +83,12 @@ def mxtools_quantize(out: Path, *args: str) -> dict:
                  {**THREADS, "PYTHONPATH": str(ROOT)})
 
 
-def gptqmodel_quantize(samples: Path, raw: Path) -> dict:
-    """Run GPTQModel in a child process; wall time and peak RSS of the whole child, plus its quantize() call."""
+def gptqmodel_quantize(samples: Path, raw: Path, **settings) -> dict:
+    """Run GPTQModel in a child process (QuantizeConfig overrides in `settings`); wall time and peak RSS of the
+    whole child, plus the seconds of its quantize() call alone."""
     shutil.rmtree(raw, ignore_errors=True)
-    info = WORK / "gptqmodel_run.json"
-    t = timed([PY, "-c", GPTQMODEL_SCRIPT, MODEL, samples, raw, info],
+    info = WORK / f"{raw.name}-run.json"
+    t = timed([PY, "-c", GPTQMODEL_SCRIPT, MODEL, samples, raw, info, json.dumps(settings)],
               {**THREADS, "GPTQMODEL_CPU_WORKERS": "2"})
     return {**t, **json.loads(info.read_text())}
 
@@ -124,8 +126,9 @@ def our_log(out: Path) -> dict:
 
 def verify(cand: Path, json_path: Path) -> dict:
     """`mxtools verify CAND --reference MODEL` on eval.txt (ctx 512, all chunks); the report, pass or fail."""
+    json_path.unlink(missing_ok=True)
     p = subprocess.run([PY, "-m", "mxtools.cli", "verify", cand, "--reference", MODEL, "--text", EVAL,
-                        "--device", "cpu", "--json", json_path], capture_output=True, text=True,
+                        "--device", "cpu", "--json", json_path], check=False, capture_output=True, text=True,
                        env={**os.environ, **THREADS, "PYTHONPATH": str(ROOT)})
     if not json_path.exists():  # exit 1 with a report is a failed threshold, still a measurement
         raise RuntimeError(f"verify {cand} failed:\n{p.stderr[-3000:]}")
@@ -133,7 +136,8 @@ def verify(cand: Path, json_path: Path) -> dict:
 
 
 def row(method: str, report: dict, timing: dict) -> dict:
-    return {"method": method, "kld_mean": report.get("kld_mean"), "ppl": report.get("ppl"),
+    return {"method": method, "kld_mean": report.get("kld_mean"), "kld_unc": report["stats"].get("kld_unc"),
+            "ppl": report.get("ppl"),
             "ppl_ref": report.get("ppl_base"), "ppl_ratio": report.get("ppl_ratio"),
             "same_top_p": report.get("same_top_p"), "passed": report.get("passed"), **timing}
 
@@ -141,37 +145,52 @@ def row(method: str, report: dict, timing: dict) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| method | mean KLD | PPL | PPL ratio | same-top-p | quantization wall s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['kld_mean']:.5f} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} | "
+        lines.append(f"| {r['method']} | {r['kld_mean']:.5f} ± {r['kld_unc']:.5f} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} | "
                      f"{r['same_top_p']:.4f} | {r['wall_s']} |")
     return "\n".join(lines)
+
+
+# GPTQModel's defaults, then the same with our damping (0.01) and no group-aware reordering: the like-for-like row.
+GPTQMODEL_RUNS = {"GPTQModel GPTQ (its defaults)": ("gptqmodel", {}),
+                  "GPTQModel GPTQ (damp 0.01, GAR off)": ("gptqmodel-matched",
+                                                          {"damp_percent": 0.01, "act_group_aware": False})}
+
+
+def quantize_all(args) -> tuple[dict, dict]:
+    """Every quantization, timed: {method: (our-layout directory, timing)} and what GPTQModel logged."""
+    calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    runs = {"ours GPTQ": (WORK / "ours-gptq", mxtools_quantize(WORK / "ours-gptq", *calib)),
+            "ours RTN": (WORK / "ours-rtn", mxtools_quantize(WORK / "ours-rtn", "--method", "rtn"))}
+    logs = {"ours GPTQ": our_log(WORK / "ours-gptq")}
+    for method, (name, settings) in list(GPTQMODEL_RUNS.items())[:1 if args.no_matched else None]:
+        raw = WORK / f"{name}-raw"
+        timing = gptqmodel_quantize(WORK / "calib_samples.pt", raw, **settings)
+        timing["tensors"] = to_our_layout(raw, WORK / name)
+        runs[method] = (WORK / name, timing)
+        logs[method] = {**gptqmodel_log(raw), "config": json.loads((raw / "quantize_config.json").read_text())}
+        print(method, timing, flush=True)
+    return runs, logs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--no-matched", action="store_true", help="skip the GPTQModel run with our damping, no GAR")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    samples = WORK / "calib_samples.pt"
-    result = {"calibration": calibration_samples(args.nsamples, args.seqlen, samples), "model": str(MODEL)}
-    ours, rtn = WORK / "ours-gptq", WORK / "ours-rtn"
-    raw, theirs = WORK / "gptqmodel-raw", WORK / "gptqmodel"
-    timings = {"ours GPTQ": mxtools_quantize(ours, *calib), "ours RTN": mxtools_quantize(rtn, "--method", "rtn")}
-    print("ours done", timings, flush=True)
-    timings["GPTQModel GPTQ"] = gptqmodel_quantize(samples, raw)
-    print("GPTQModel done", timings["GPTQModel GPTQ"], flush=True)
-    result["gptqmodel_tensors"] = to_our_layout(raw, theirs)
-    result["gptqmodel_log"], result["ours_log"] = gptqmodel_log(raw), our_log(ours)
-    result["gptqmodel_config"] = json.loads((raw / "quantize_config.json").read_text())
+    result = {"model": str(MODEL), "eval": str(EVAL),
+              "calibration": calibration_samples(args.nsamples, args.seqlen, WORK / "calib_samples.pt")}
+    runs, result["quantize_logs"] = quantize_all(args)
     rows = []
-    for (method, t), path in zip(timings.items(), (ours, rtn, theirs)):
-        rows.append(row(method, verify(path, WORK / f"verify-{path.name}.json"), t))
+    for method, (path, timing) in runs.items():
+        rows.append(row(method, verify(path, WORK / f"verify-{path.name}.json"), timing))
         print(rows[-1], flush=True)
     result["rows"] = rows
     (OUT / "gptqmodel_compare.json").write_text(json.dumps(result, indent=2, default=str))
     print(table(rows))
-    print("GPTQModel:", json.dumps(result["gptqmodel_log"]))
+    for method, log in result["quantize_logs"].items():
+        print(method, json.dumps({k: v for k, v in log.items() if k != "config"}, default=str))
 
 
 if __name__ == "__main__":
