@@ -137,8 +137,7 @@ def verify(cand: Path, json_path: Path) -> dict:
 
 def row(method: str, report: dict, timing: dict) -> dict:
     return {"method": method, "kld_mean": report.get("kld_mean"), "kld_unc": report["stats"].get("kld_unc"),
-            "ppl": report.get("ppl"),
-            "ppl_ref": report.get("ppl_base"), "ppl_ratio": report.get("ppl_ratio"),
+            "ppl": report.get("ppl"), "ppl_ref": report.get("ppl_base"), "ppl_ratio": report.get("ppl_ratio"),
             "same_top_p": report.get("same_top_p"), "passed": report.get("passed"), **timing}
 
 
