@@ -19,6 +19,7 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | q4_k_m     | 1.05          | 0.06         | 0.90           | 0.4             | 0.12        |
 | q4_0       | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
+| gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
 Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ _ROWS = {
     "q4_k_m": (1.05, 0.06, 0.90, 0.4, 0.12),
     "q4_0": (1.05, 0.07, 0.88, 0.4, 0.12),
     "gptq-int4": (1.05, 0.07, 0.88, 0.4, 0.12),
+    "gptq-int8": (1.005, 0.003, 0.97, 0.05, 0.03),  # as q8_0: 8-bit codes, per-group scales
 }
 DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
