@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from mxtools import names
@@ -84,3 +85,13 @@ def modified(ckpt: Checkpoint, changes: dict[str, torch.Tensor]) -> Checkpoint:
 def expert_name(i, e, w="w1"):
     key = {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}[w]
     return names.fill(names.KIND_BY_KEY[key].template, i, e)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: on a shared machine extra threads only spin (measured 0.07 s vs 13 s for one verify).
+    Modules that import this fixture run on one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,19 +1,13 @@
 """The layer-streamed reference forward pass against transformers' MixtralForCausalLM."""
 import pytest
 import torch
+from hf_tiny import one_thread  # noqa: F401  (autouse fixture)
 from hf_tiny import checkpoint_from_hf, tiny_hf_model
 
 from mxtools import model
 from mxtools.errors import MissingTensorError, ShapeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: on a shared machine extra threads only spin (measured 0.07 s vs 13 s for one verify)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tokens(vocab=300, seed=1):

@@ -43,9 +43,13 @@ DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
            "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
 FALLBACK = "q4_0"
-# general.file_type values (FORMATS.md section 4)
-GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 14: "q4_k_s",
-                   15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+
+
+def gguf_file_types() -> dict[int, str]:
+    """general.file_type -> outtype name, derived from the GGUF writer's float table and the mix recipes."""
+    from ..layouts.gguf import OUTTYPE_FILE_TYPE
+    from ..quant.mixes import MIXES, load_mix
+    return {**{int(v): k for k, v in OUTTYPE_FILE_TYPE.items()}, **{load_mix(m).file_type: m for m in MIXES}}
 
 
 def normalise_outtype(name: str) -> str:
@@ -62,8 +66,9 @@ def guess_outtype(ckpt: Checkpoint) -> str:
     gptq = info.get("gptq") if isinstance(info.get("gptq"), dict) else None
     if info.get("quant_method") == "gptq" or gptq is not None:
         return f"gptq-int{(gptq or info).get('bits', 4)}"
-    if info.get("file_type") in GGUF_FILE_TYPES:
-        return normalise_outtype(GGUF_FILE_TYPES[info["file_type"]])
+    file_types = gguf_file_types()
+    if info.get("file_type") in file_types:
+        return normalise_outtype(file_types[info["file_type"]])
     w1 = ckpt.tensors.get("model.layers.0.block_sparse_moe.experts.0.w1.weight")
     if w1 is not None and w1.stored_as:
         return normalise_outtype(w1.stored_as)
