@@ -1,24 +1,25 @@
 """GGUF block quantization that writes exactly the bytes llama.cpp's quantizer writes.
 
-`quantize(x, qtype, imatrix)` splits the matrix into row chunks small enough to stay in cache and
-quantizes them on `torch.get_num_threads()` threads (numpy releases the GIL inside its loops). The
-per-type arithmetic lives in ggml_legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), kquants (Q4_K, Q5_K, Q6_K)
-and kquants_low (Q2_K, Q3_K), which register into SUPPORTED (ggml_registry) when imported. Numpy rather than torch because exactness needs C's left-to-right float
-sums, which `np.add.reduce(axis=0)` gives and torch's reductions do not promise.
+The arithmetic is C (mxtools/native/quants.c: every type of SUPPORTED, with and without an importance
+matrix, in ggml's float evaluation order). This module validates the input, splits the matrix into row chunks
+and runs them on `torch.get_num_threads()` threads (the C calls release the GIL).
 """
 
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mxtools.quant import ggml_legacy, kquants, kquants_low  # noqa: F401  (importing registers the types)
-from mxtools.quant.ggml_registry import SUPPORTED, BlockType
+from mxtools import native
 
 __all__ = ["SUPPORTED", "quantize"]
 
-CHUNK_VALUES = 1 << 16  # values per work item: ~10 float32 work buffers of this size stay in L2
+# The GGML types the native quantizer writes -> (values per block, bytes per block), from gguf-py's table.
+SUPPORTED: dict[T, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
+    T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
+
+CHUNK_VALUES = 1 << 18  # values per work item (1 MiB of float32): small enough to balance two threads
 
 
 def _as_matrix(x) -> np.ndarray:
@@ -32,18 +33,18 @@ def _as_matrix(x) -> np.ndarray:
     return x
 
 
-def _check(x: np.ndarray, qtype, imatrix) -> tuple[BlockType, np.ndarray | None]:
-    """Validate the type, row length and imatrix once, before any work."""
-    spec = SUPPORTED.get(qtype)
-    if spec is None:
+def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
+    """Validate the type, row length and imatrix once, before any work; returns (block, bytes, imatrix)."""
+    if qtype not in SUPPORTED:
         names = ", ".join(t.name for t in SUPPORTED)
         raise ValueError(f"GGML type {getattr(qtype, 'name', qtype)} cannot be quantized here; supported: {names}")
+    block, size = SUPPORTED[qtype]
     n = x.shape[1]
-    if n == 0 or n % spec.block_size:
-        raise ValueError(f"{spec.qtype.name} needs rows whose length is a multiple of {spec.block_size}, "
+    if n == 0 or n % block:
+        raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {block}, "
                          f"got {n}; keep such tensors in F16/F32")
     if imatrix is None:
-        return spec, None
+        return block, size, None
     if isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().to("cpu", torch.float32).numpy()
     qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
@@ -51,10 +52,10 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[BlockType, np.ndarray | None]
         raise ValueError(f"imatrix has {qw.size} values, the rows have {n}; pass one value per input column")
     if not np.isfinite(qw).all():
         raise ValueError("imatrix holds NaN or infinite values")
-    return spec, qw
+    return block, size, qw
 
 
-def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor | None = None) -> np.ndarray:
+def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None) -> np.ndarray:
     """Quantize a float32 [rows, n] matrix to GGML blocks, byte for byte as llama.cpp does.
 
     imatrix (float32 [n], mean squared activation per input column) selects llama.cpp's importance
@@ -63,9 +64,9 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
     x = _as_matrix(x)
-    spec, qw = _check(x, qtype, imatrix)
+    block, size, qw = _check(x, qtype, imatrix)
     rows, n = x.shape
-    out = np.empty((rows, n // spec.block_size * spec.type_size), dtype=np.uint8)
+    out = np.empty((rows, n // block * size), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // n)
 
     def work(r0: int) -> None:
@@ -73,8 +74,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor
         if not np.isfinite(chunk).all():  # checked per chunk: no full-size mask for a 14336 x 4096 matrix
             raise ValueError(f"rows {r0}..{r0 + len(chunk) - 1} hold NaN or infinite values; "
                              "llama.cpp would write meaningless blocks")
-        with np.errstate(all="ignore"):  # inf/NaN intermediates of degenerate blocks mirror the C's
-            out[r0:r0 + step] = spec.fn(chunk, qw).reshape(len(chunk), -1)
+        native.quantize_rows(int(qtype), chunk, out[r0:r0 + step], qw)
 
     starts = range(0, rows, step)
     threads = max(1, min(torch.get_num_threads(), len(starts)))

@@ -1,0 +1,12 @@
+"""Builds mxtools' native kernels (project metadata lives in pyproject.toml)."""
+from setuptools import Extension, setup
+
+# -ffp-contract=off: no fused multiply-add, so float results match llama.cpp's baseline-x86 build bit for bit.
+FLAGS = ["-O3", "-Wall", "-Wno-psabi", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden"]
+
+setup(ext_modules=[Extension(
+    "mxtools.native._lib",
+    sources=["mxtools/native/module.c", "mxtools/native/quants.c", "mxtools/native/cast.c"],
+    depends=["mxtools/native/common.h", "mxtools/native/search.h", "mxtools/native/scalar.h"],
+    extra_compile_args=FLAGS,
+)])
