@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
+from .buffers import POOL
 
 
 class RawFile:
@@ -21,11 +22,11 @@ class RawFile:
         self.size = os.fstat(self.fd).st_size
 
     def read(self, offset: int, nbytes: int, tensor=None) -> np.ndarray:
-        """Exactly `nbytes` from `offset` as a new uint8 array; a short read is a truncated file."""
+        """Exactly `nbytes` from `offset` as a uint8 array (from POOL); a short read is a truncated file."""
         if offset + nbytes > self.size:
             raise FormatError(f"file is truncated: needs {offset + nbytes} bytes, has {self.size}",
                               file=self.path, tensor=tensor)
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = POOL.take(nbytes)
         view, done = memoryview(buf), 0
         while done < nbytes:
             n = os.preadv(self.fd, [view[done:]], offset + done)

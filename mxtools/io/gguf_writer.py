@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import OutputError
+from .direct import DirectFile
 
 _SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
@@ -73,7 +74,7 @@ class GGUFStreamWriter:
             head.append(_str(name) + dims + struct.pack("<IQ", int(qtype), offset))
             offset += nbytes + self._pad(nbytes)
         blob = b"".join(head)
-        self.f = open(self.path, "wb")
+        self.f = DirectFile(self.path)
         self.f.write(blob + b"\0" * self._pad(len(blob)))
 
     def write(self, data) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import FormatError, OutputError
 from ..tensors import LazyTensor
+from .direct import DirectFile
 from .files import RawFile
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,7 +63,7 @@ class SafetensorsFile:
 
     def lazy(self, key: str, name: str | None = None) -> LazyTensor:
         dtype, shape, offset, nbytes = self.entries[key]
-        load = lambda: self.raw.read_tensor(offset, nbytes, dtype, shape, key)  # noqa: E731
+        load = lambda: self.raw.read_tensor(offset, nbytes, dtype, shape, key)
         return LazyTensor(name or key, shape, dtype, load, self.path)
 
     def close(self):
@@ -83,7 +84,7 @@ class SafetensorsWriter:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-        self.f = open(self.path, "wb")
+        self.f = DirectFile(self.path)
         self.f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, t: torch.Tensor) -> int:

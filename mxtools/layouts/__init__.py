@@ -2,9 +2,10 @@
 key patterns and shapes found inside a path, never folder names."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import LayoutError
 from ..tensors import Checkpoint
@@ -15,7 +16,7 @@ class Layout:
     name: str
     detect: Callable[[Path], bool]
     read: Callable[[Path], Checkpoint]
-    write: Optional[Callable] = None   # write(ckpt, out_path, outtype, progress, **options)
+    write: Callable | None = None   # write(ckpt, out_path, outtype, progress, **options)
     output_is_dir: bool = True
 
 
@@ -54,4 +55,4 @@ def open_checkpoint(path, validate: bool = True) -> Checkpoint:
         raise
 
 
-from . import hf, mistral, gguf, paddle  # noqa: E402,F401  (registration)
+from . import gguf, hf, mistral, paddle  # noqa: F401  (registration)

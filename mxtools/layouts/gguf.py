@@ -5,21 +5,24 @@ dequantize; writes F32/F16/BF16 and block quants, one source tensor (one expert 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q, GGUFValueType as V
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
 
 from .. import names
 from ..errors import FormatError, NotMixtralError
+from ..io.buffers import POOL, give_source, pooled_tensor
 from ..io.files import RawFile
 from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
 from ..io.pipeline import prefetched
 from ..names import NameTable
+from ..native import cast_tensor
 from ..spec import ModelSpec
 from ..tensors import Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
@@ -215,14 +218,21 @@ ROWS_PER_PIECE = 2048  # block-quantize a matrix in row pieces: no full-size f32
 
 
 def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
-    """A tensor as the bytes GGUF stores for `qtype`."""
+    """A tensor as the bytes GGUF stores for `qtype`, in a buffer from POOL (w itself for a same-type write)."""
     if qtype in FLOAT_TYPES:
-        return w.to(FLOAT_TYPES[qtype]).contiguous().view(torch.uint8).numpy()
+        dtype = FLOAT_TYPES[qtype]
+        out = w.contiguous() if w.dtype == dtype else cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
+        return out.view(torch.uint8).numpy()
     from ..quant.ggml_blocks import quantize
     w = w.reshape(-1, w.shape[-1])
-    out = np.empty((w.shape[0], tensor_nbytes(w.shape[-1:], qtype)), dtype=np.uint8)
-    for r in range(0, w.shape[0], ROWS_PER_PIECE):
-        out[r:r + ROWS_PER_PIECE] = quantize(w[r:r + ROWS_PER_PIECE].to(torch.float32), qtype, imatrix)
+    rows, n = w.shape
+    row_bytes = tensor_nbytes((n,), qtype)
+    out = POOL.take(rows * row_bytes).reshape(rows, row_bytes)
+    piece = pooled_tensor((min(rows, ROWS_PER_PIECE), n), torch.float32)
+    for r in range(0, rows, ROWS_PER_PIECE):
+        src = w[r:r + ROWS_PER_PIECE]
+        quantize(cast_tensor(src, torch.float32, piece[:len(src)]), qtype, imatrix, out=out[r:r + ROWS_PER_PIECE])
+    POOL.give(piece)
     return out
 
 
@@ -231,7 +241,9 @@ def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
         kind = names.parse(t.name)[0].key
         heads = rope_heads(kind, spec)
         w = t.load()
-        return encode(hf_to_meta_rope(w, heads) if heads else w, qtype, (imatrix or {}).get(t.name))
+        data = encode(hf_to_meta_rope(w, heads) if heads else w, qtype, (imatrix or {}).get(t.name))
+        give_source(w, data)
+        return data
     return run
 
 
@@ -251,6 +263,7 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, po
     w.write_header()
     for data in prefetched(jobs):
         progress(w.write(data))
+        POOL.give(data)
     w.close()
 
 

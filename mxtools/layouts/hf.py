@@ -8,9 +8,11 @@ import torch
 
 from .. import names
 from ..errors import FormatError, NotMixtralError
-from ..io.safetensors import SafetensorsFile, SafetensorsWriter
+from ..io.buffers import POOL, give_source, pooled_tensor
 from ..io.pipeline import prefetched
+from ..io.safetensors import SafetensorsFile, SafetensorsWriter
 from ..names import NameTable
+from ..native import cast_tensor
 from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint
 from ..tokenizer import Tokenizer
@@ -151,7 +153,9 @@ def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, s
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         w = SafetensorsWriter(out / fname, shard, metadata)
         for name, _, _ in shard:
-            n = w.write(name, next(data))
+            t = next(data)
+            n = w.write(name, t)
+            POOL.give(t)
             total += n
             weight_map[name] = fname
             progress(n)
@@ -160,11 +164,20 @@ def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, s
         _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+def to_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded tensor cast for writing, in a pooled buffer; the source's buffer goes back to the pool."""
+    if w.dtype == dtype:
+        return w.contiguous()
+    out = cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
+    give_source(w, out)
+    return out
+
+
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
           shard_bytes: int = 5 * 10**9, **_):
     dtype = FLOAT_DTYPES[outtype]
     tensors = ckpt.ordered()
-    jobs = (lambda t=t: t.load().to(dtype).contiguous() for t in tensors)
+    jobs = (lambda t=t: to_dtype(t.load(), dtype) for t in tensors)
     write_shards(out, [(t.name, dtype, t.shape) for t in tensors], prefetched(jobs), shard_bytes, {"format": "pt"},
                  progress)
     _json(out / "config.json", config_from_spec(ckpt.spec, dtype))
@@ -190,4 +203,4 @@ def _json(path: Path, obj) -> None:
 
 register(Layout("hf", is_hf, read, write))
 
-from . import gptq  # noqa: E402  (registers the GPTQ variant of this layout, which builds on this module)
+from . import gptq

@@ -13,9 +13,10 @@ import torch
 
 from .. import names
 from ..errors import FormatError, UnsafePickleError
+from ..io.buffers import POOL
 from ..io.files import release_pages
-from ..io.safetensors import SafetensorsWriter
 from ..io.pipeline import prefetched
+from ..io.safetensors import SafetensorsWriter
 from ..names import NameTable
 from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
@@ -166,7 +167,7 @@ def read(path: Path) -> Checkpoint:
 def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     heads = rope_heads(names.parse(t.name)[0].key, spec)
     w = t.load()
-    return (hf_to_meta_rope(w, heads) if heads else w).to(dtype).contiguous()
+    return hf.to_dtype(hf_to_meta_rope(w, heads) if heads else w, dtype)
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **_):
@@ -177,6 +178,7 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **
     jobs = (lambda t=t: to_layout(t, ckpt.spec, dtype) for t in tensors)
     for (name, _, _), data in zip(plan, prefetched(jobs)):
         progress(w.write(name, data))
+        POOL.give(data)
     w.close()
     (out / "params.json").write_text(json.dumps(params_from_spec(ckpt.spec), indent=2) + "\n")
     (out / "tokenizer.model").write_bytes((ckpt.tokenizer or Tokenizer.default()).sp_model)

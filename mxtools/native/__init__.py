@@ -9,6 +9,7 @@ import ctypes
 import importlib.util
 
 import numpy as np
+import torch
 
 from ..errors import MxError
 
@@ -42,19 +43,21 @@ def quantize_rows(type_id: int, x: np.ndarray, out: np.ndarray, imatrix: np.ndar
 
 
 _CASTS = {("bf16", "f16"): "mx_bf16_to_f16", ("f32", "f16"): "mx_f32_to_f16", ("bf16", "f32"): "mx_bf16_to_f32"}
-_NP = {"f16": np.uint16, "bf16": np.uint16, "f32": np.float32}
 
 
-def cast(src: np.ndarray, src_type: str, dst_type: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Convert a contiguous array of `src_type` values ('bf16', 'f32') to `dst_type` ('f16', 'f32').
-
-    Half and bfloat16 arrays are passed as their uint16 bits. Returns `out` (allocated when None).
-    """
-    fn = getattr(LIB, _CASTS[src_type, dst_type])
-    src = np.ascontiguousarray(src)
+def cast_tensor(t: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`t.to(dtype).contiguous()`; for a CPU tensor, bf16 -> f16, f32 -> f16 and bf16 -> f32 run in C (F16C
+    when the CPU has it: several GB/s on one thread, where torch's bf16 -> f16 makes about 1 GB/s on two).
+    Same values as torch's cast: round to nearest even, subnormals kept. `out` (contiguous, t's shape and
+    `dtype`) receives the result when given; a same-dtype cast returns t itself (made contiguous)."""
+    names = {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}
+    fn = _CASTS.get((names.get(t.dtype), names.get(dtype)))
+    if t.dtype == dtype:
+        return t.contiguous()
     if out is None:
-        out = np.empty(src.shape, dtype=_NP[dst_type])
-    if out.size != src.size or not out.flags.c_contiguous:
-        raise ValueError("cast needs a contiguous output of the same size")
-    fn(src.ctypes.data, out.ctypes.data, src.size)
+        out = torch.empty(t.shape, dtype=dtype)
+    if fn is None or t.device.type != "cpu":
+        return out.copy_(t)
+    src = t.contiguous()
+    getattr(LIB, fn)(src.data_ptr(), out.data_ptr(), src.numel())
     return out

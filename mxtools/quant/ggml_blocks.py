@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from mxtools import native
 
@@ -55,18 +56,23 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
     return block, size, qw
 
 
-def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None) -> np.ndarray:
+def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
     """Quantize a float32 [rows, n] matrix to GGML blocks, byte for byte as llama.cpp does.
 
     imatrix (float32 [n], mean squared activation per input column) selects llama.cpp's importance
     weighted path (`quantize_*` with quant_weights); None selects `quantize_row_*_ref`. Q8_0 ignores it.
-    Returns uint8 [rows, n // block_size * type_size]. Raises ValueError for an unsupported type, a row
+    Returns uint8 [rows, n // block_size * type_size] (`out` when given). Raises ValueError for an unsupported type, a row
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
     x = _as_matrix(x)
     block, size, qw = _check(x, qtype, imatrix)
     rows, n = x.shape
-    out = np.empty((rows, n // block * size), dtype=np.uint8)
+    shape = (rows, n // block * size)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {shape}")
     step = max(1, CHUNK_VALUES // n)
 
     def work(r0: int) -> None:
