@@ -17,6 +17,7 @@ PY = sys.executable
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` under /usr/bin/time -v; return wall seconds and peak RSS in MB (raise on failure)."""
+    os.sync()  # the previous job's dirty pages are not this one's to write back
     full = ["/usr/bin/time", "-v", *map(str, cmd)]
     p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode:

@@ -19,6 +19,16 @@ def llama_quantize() -> Path:
     return Path(out.stdout.strip()) / "llama-quantize"
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Every tensor of a and b has the same name, type, shape and bytes (metadata may differ)."""
+    import numpy as np
+    from gguf import GGUFReader
+    ta, tb = GGUFReader(a).tensors, GGUFReader(b).tensors
+    if [(t.name, t.tensor_type, list(t.shape)) for t in ta] != [(t.name, t.tensor_type, list(t.shape)) for t in tb]:
+        return False
+    return all(np.array_equal(x.data.view(np.uint8), y.data.view(np.uint8)) for x, y in zip(ta, tb))
+
+
 def main():
     src = synth_8x7b_2layers()
     llama, quantize = llama_cpp_source(), llama_quantize()
@@ -33,19 +43,21 @@ def main():
                   {"OMP_NUM_THREADS": "2"})
         rows.append({"mix": mix, "ours_one_pass": o, "llama_convert_f16": conv, "llama_quantize": q,
                      "ratio_vs_quantize_alone": round(o["wall_s"] / q["wall_s"], 3),
-                     "ratio_vs_two_steps": round(o["wall_s"] / (q["wall_s"] + conv["wall_s"]), 3)})
+                     "ratio_vs_two_steps": round(o["wall_s"] / (q["wall_s"] + conv["wall_s"]), 3),
+                     "byte_identical_tensors": same_tensors(ours, theirs)})
         print(rows[-1], flush=True)
         theirs.unlink()
         ours.unlink()
     f16.unlink()
     (OUT / "quantize.json").write_text(json.dumps(rows, indent=2))
     print("| mix | mxtools one pass s (RSS MB) | llama.cpp convert f16 s (RSS MB) | llama-quantize s (RSS MB) | "
-          "ratio vs quantize alone | ratio vs both steps |")
-    print("|---|---|---|---|---|---|")
+          "ratio vs quantize alone | ratio vs both steps | tensors byte-identical |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         o, c, q = r["ours_one_pass"], r["llama_convert_f16"], r["llama_quantize"]
         print(f"| {r['mix']} | {o['wall_s']} ({o['peak_rss_mb']}) | {c['wall_s']} ({c['peak_rss_mb']}) | "
-              f"{q['wall_s']} ({q['peak_rss_mb']}) | {r['ratio_vs_quantize_alone']} | {r['ratio_vs_two_steps']} |")
+              f"{q['wall_s']} ({q['peak_rss_mb']}) | {r['ratio_vs_quantize_alone']} | {r['ratio_vs_two_steps']} | "
+              f"{r['byte_identical_tensors']} |")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None) -> dict:
             raise MxError(f"--imatrix applies to block-quantized outtypes, not {outtype}")
         return {}
     from .quant.imatrix import imatrix_for_writer, read_imatrix
-    data = imatrix_for_writer(read_imatrix(imatrix), ckpt.spec) if imatrix else None
-    return gguf_options(outtype, ckpt.spec, data)
+    if not imatrix:
+        return gguf_options(outtype, ckpt.spec, None)
+    raw = read_imatrix(imatrix)
+    options = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec))
+    return {**options, "extra_metadata": raw.quantize_metadata(imatrix)}
 
 
 def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inputs=(), force=False,

@@ -191,8 +191,17 @@ def test_rejects_bad_input():
         quantize(bad, T.Q4_0)
 
 
-def test_accepts_bf16_and_returns_row_bytes():
-    x = torch.randn(3, 256, dtype=torch.bfloat16)
-    out = quantize(x, T.Q6_K)
-    assert out.dtype == np.uint8 and out.shape == (3, 210)
-    np.testing.assert_array_equal(out, quantize(x.float(), T.Q6_K))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reads_16_bit_rows_directly(dtype):
+    """bf16/f16 rows are widened in C one row at a time: same bytes as quantizing the float32 matrix."""
+    x = torch.randn(37, 512, dtype=dtype)
+    qw = torch.rand(512)
+    for qtype in (T.Q6_K, T.Q4_K, T.Q8_0):
+        block, size = SUPPORTED[qtype]
+        out = quantize(x, qtype, qw)
+        assert out.dtype == np.uint8 and out.shape == (37, 512 // block * size)
+        np.testing.assert_array_equal(out, quantize(x.float(), qtype, qw))
+    bad = x.clone()
+    bad[21, 5] = float("inf")
+    with pytest.raises(ValueError, match="row 21 holds NaN"):
+        quantize(bad, T.Q4_K)

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from mxtools.io import direct
 from mxtools.io.buffers import MIN_POOLED, BufferPool
@@ -63,3 +64,17 @@ def test_pool_reuses_given_buffers_and_forgets_lost_ones():
     c = pool.take(MIN_POOLED * 4)
     pool.give(np.empty(MIN_POOLED, dtype=np.uint8))  # not from the pool: ignored
     assert c.size == MIN_POOLED * 4 and len(pool._free) == 0
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float32])
+def test_cast_for_write_narrows_pooled_buffers_in_place(src):
+    from mxtools.io.buffers import POOL, cast_for_write, pooled_tensor
+    x = torch.randn(300, 4099).to(src)  # 4099: an odd row length exercises the scalar tail
+    w = pooled_tensor(x.shape, src).copy_(x)
+    out = cast_for_write(w, torch.float16)
+    assert out.data_ptr() == w.data_ptr() and out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out.view(torch.int16), x.to(torch.float16).view(torch.int16))
+    POOL.give(out)
+    plain = x.clone()  # not from the pool: cast into a new buffer, the input untouched
+    out = cast_for_write(plain, torch.float16)
+    assert out.data_ptr() != plain.data_ptr() and torch.equal(plain, x)

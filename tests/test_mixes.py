@@ -298,7 +298,9 @@ def test_mix_is_byte_identical_to_llama_cpp(model, tmp_path, mix):
 def test_mix_with_imatrix_is_byte_identical_to_llama_quantize(model, tmp_path, mix):
     theirs = llama_quantize_bin(model["gguf"], tmp_path / "llama.gguf", mix, "--imatrix", str(model["imatrix"]))
     ours = our_convert(model["gguf"], tmp_path / "ours.gguf", mix, model["imatrix"])
-    assert_same_tensors(ours, theirs)
+    meta = assert_same_tensors(ours, theirs)
+    keys = [k for k in gguf_tensors(theirs)[0] if k.startswith("quantize.imatrix.")]
+    assert len(keys) >= 3 and {k: meta.get(k) for k in keys} == {k: gguf_tensors(theirs)[0][k] for k in keys}
     if mix != "q8_0":  # the imatrix must have changed something (Q8_0 ignores it)
         plain = our_convert(model["gguf"], tmp_path / "plain.gguf", mix)
         assert gguf_tensors(plain)[1] != gguf_tensors(ours)[1]

@@ -49,6 +49,12 @@ class BufferPool:
             if buf is not None:
                 self._free.append(buf)
 
+    def owns(self, obj) -> bool:
+        """Whether `obj` starts at a buffer handed out by this pool and not given back."""
+        addr = obj.data_ptr() if hasattr(obj, "data_ptr") else obj.ctypes.data
+        with self._lock:
+            return addr in self._out
+
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
@@ -72,3 +78,20 @@ def give_source(src: torch.Tensor, result) -> None:
     addr = result.data_ptr() if hasattr(result, "data_ptr") else result.ctypes.data
     if src.data_ptr() != addr:
         POOL.give(src)
+
+
+def cast_for_write(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded tensor as `dtype`, for a writer that gives the result back to POOL once written.
+
+    Narrowing casts (bf16 or f32 -> f16) of a pooled buffer run in place, so a cast never needs a second copy
+    of the tensor; other casts write into a pooled buffer and give the source's back. The caller must hold the
+    only reference to `w` (a writer job's freshly loaded tensor)."""
+    from ..native import IN_PLACE_CASTS, cast_tensor
+    if w.dtype == dtype:
+        return w.contiguous()
+    if (w.dtype, dtype) in IN_PLACE_CASTS and w.is_contiguous() and POOL.owns(w):
+        head = w.reshape(-1).view(torch.uint8)[: w.numel() * dtype.itemsize]  # the buffer's first bytes
+        return cast_tensor(w, dtype, head.view(dtype).view(w.shape))
+    out = cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
+    give_source(w, out)
+    return out

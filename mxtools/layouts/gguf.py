@@ -16,13 +16,12 @@ from gguf import GGUFValueType as V
 
 from .. import names
 from ..errors import FormatError, NotMixtralError
-from ..io.buffers import POOL, give_source, pooled_tensor
+from ..io.buffers import POOL, cast_for_write, give_source
 from ..io.files import RawFile
 from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
 from ..io.pipeline import prefetched
 from ..names import NameTable
-from ..native import cast_tensor
 from ..spec import ModelSpec
 from ..tensors import Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
@@ -214,26 +213,16 @@ def plan(ckpt: Checkpoint) -> list[tuple[str, list[LazyTensor], tuple]]:
     return [(g, ts, shape or (len(ts), *ts[0].shape)) for g, ts, shape in out]
 
 
-ROWS_PER_PIECE = 2048  # block-quantize a matrix in row pieces: no full-size f32 copy of a bf16 embedding
-
-
 def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
-    """A tensor as the bytes GGUF stores for `qtype`, in a buffer from POOL (w itself for a same-type write)."""
+    """A tensor as the bytes GGUF stores for `qtype`, in a buffer from POOL (w's own for a float type).
+    Block quantizers read bf16/f16 rows directly: no float32 copy of the matrix is made."""
     if qtype in FLOAT_TYPES:
-        dtype = FLOAT_TYPES[qtype]
-        out = w.contiguous() if w.dtype == dtype else cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
-        return out.view(torch.uint8).numpy()
+        return cast_for_write(w, FLOAT_TYPES[qtype]).view(torch.uint8).numpy()
     from ..quant.ggml_blocks import quantize
     w = w.reshape(-1, w.shape[-1])
     rows, n = w.shape
     row_bytes = tensor_nbytes((n,), qtype)
-    out = POOL.take(rows * row_bytes).reshape(rows, row_bytes)
-    piece = pooled_tensor((min(rows, ROWS_PER_PIECE), n), torch.float32)
-    for r in range(0, rows, ROWS_PER_PIECE):
-        src = w[r:r + ROWS_PER_PIECE]
-        quantize(cast_tensor(src, torch.float32, piece[:len(src)]), qtype, imatrix, out=out[r:r + ROWS_PER_PIECE])
-    POOL.give(piece)
-    return out
+    return quantize(w, qtype, imatrix, out=POOL.take(rows * row_bytes).reshape(rows, row_bytes))
 
 
 def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
@@ -248,12 +237,15 @@ def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,
-          imatrix: dict | None = None, **_):
-    """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type."""
+          imatrix: dict | None = None, extra_metadata=(), **_):
+    """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type;
+    `extra_metadata`: more (key, GGUFValueType, value) rows, e.g. the quantize.imatrix.* keys."""
     policy = policy or uniform_policy(Q[outtype.upper()])
     w = GGUFStreamWriter(out)
     metadata(w, ckpt.spec, ckpt.tokenizer or Tokenizer.default(),
              OUTTYPE_FILE_TYPE[outtype] if file_type is None else file_type, ckpt.spec.name)
+    for key, vtype, value in extra_metadata:
+        w.add(key, vtype, value)
     jobs = []
     for gname, tensors, shape in plan(ckpt):
         kind, layer, _ = names.parse(tensors[0].name)

@@ -8,11 +8,10 @@ import torch
 
 from .. import names
 from ..errors import FormatError, NotMixtralError
-from ..io.buffers import POOL, give_source, pooled_tensor
+from ..io.buffers import POOL, cast_for_write
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter
 from ..names import NameTable
-from ..native import cast_tensor
 from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint
 from ..tokenizer import Tokenizer
@@ -164,20 +163,11 @@ def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, s
         _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def to_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A loaded tensor cast for writing, in a pooled buffer; the source's buffer goes back to the pool."""
-    if w.dtype == dtype:
-        return w.contiguous()
-    out = cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
-    give_source(w, out)
-    return out
-
-
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
           shard_bytes: int = 5 * 10**9, **_):
     dtype = FLOAT_DTYPES[outtype]
     tensors = ckpt.ordered()
-    jobs = (lambda t=t: to_dtype(t.load(), dtype) for t in tensors)
+    jobs = (lambda t=t: cast_for_write(t.load(), dtype) for t in tensors)
     write_shards(out, [(t.name, dtype, t.shape) for t in tensors], prefetched(jobs), shard_bytes, {"format": "pt"},
                  progress)
     _json(out / "config.json", config_from_spec(ckpt.spec, dtype))

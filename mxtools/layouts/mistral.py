@@ -13,7 +13,7 @@ import torch
 
 from .. import names
 from ..errors import FormatError, UnsafePickleError
-from ..io.buffers import POOL
+from ..io.buffers import POOL, cast_for_write
 from ..io.files import release_pages
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsWriter
@@ -167,7 +167,7 @@ def read(path: Path) -> Checkpoint:
 def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     heads = rope_heads(names.parse(t.name)[0].key, spec)
     w = t.load()
-    return hf.to_dtype(hf_to_meta_rope(w, heads) if heads else w, dtype)
+    return cast_for_write(hf_to_meta_rope(w, heads) if heads else w, dtype)
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **_):

@@ -4,6 +4,8 @@
  * follows quantize_row_<type>_ref, with one quantize_row_<type>_impl (ggml/src/ggml-quants.c). Row functions
  * keep ggml's arithmetic order; the expensive scale searches run eight sub-blocks at a time (search.h).
  */
+#include <stdlib.h>
+
 #include "common.h"
 #include "scalar.h"
 #include "search.h"
@@ -476,14 +478,54 @@ static row_fn row_function(int type, int64_t *block, int64_t *bytes) {
     }
 }
 
-/* Quantize nrows rows of n_per_row floats into y; returns the bytes written, or -1 for an unknown type or a
- * row length that is not a multiple of the block size. Thread-safe; callers split rows across threads. */
-MX_EXPORT int64_t mx_quantize_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n_per_row,
-                                   const float *imatrix) {
+/* Row input formats: float32, bfloat16 or float16 (converted one row at a time into a small buffer, so a bf16
+ * matrix is never materialized in float32). */
+enum { SRC_F32 = 0, SRC_BF16 = 1, SRC_F16 = 2 };
+
+MX_CLONES static int row_to_f32(int src_type, const void *src, int64_t n, float *dst) {
+    uint32_t bad = 0;  /* any exponent field all ones: inf or NaN */
+    if (src_type == SRC_BF16) {
+        const uint16_t *h = src;
+        for (int64_t i = 0; i < n; ++i) {
+            dst[i] = f32_from_bits((uint32_t)h[i] << 16);
+            bad |= (h[i] & 0x7f80u) == 0x7f80u;
+        }
+    } else if (src_type == SRC_F16) {
+        const uint16_t *h = src;
+        for (int64_t i = 0; i < n; ++i) {
+            dst[i] = f16_to_f32(h[i]);
+            bad |= (h[i] & 0x7c00u) == 0x7c00u;
+        }
+    } else {
+        const float *f = src;
+        for (int64_t i = 0; i < n; ++i) bad |= (f32_bits(f[i]) & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad == 0;
+}
+
+/* Quantize nrows rows of n_per_row values (src_type: SRC_F32, SRC_BF16, SRC_F16) into y; returns the bytes
+ * written, -1 for an unknown type or a row length that is not a multiple of the block size, -2 for a row holding
+ * inf or NaN (its index in *bad_row; nothing after it is written), -3 when out of memory. Thread-safe; callers
+ * split rows across threads. */
+MX_EXPORT int64_t mx_quantize_rows(int type, int src_type, const void *x, uint8_t *y, int64_t nrows, int64_t n_per_row,
+                                   const float *imatrix, int64_t *bad_row) {
     int64_t block = 0, bytes = 0;
     row_fn fn = row_function(type, &block, &bytes);
-    if (!fn || n_per_row <= 0 || n_per_row % block) return -1;
+    if (!fn || n_per_row <= 0 || n_per_row % block || src_type < 0 || src_type > 2) return -1;
     const int64_t row_bytes = n_per_row / block * bytes;
-    for (int64_t r = 0; r < nrows; ++r) fn(x + r * n_per_row, y + r * row_bytes, n_per_row, imatrix);
+    const size_t elem = src_type == SRC_F32 ? 4 : 2;
+    float *tmp = src_type == SRC_F32 ? 0 : malloc((size_t)n_per_row * sizeof(float));
+    if (src_type != SRC_F32 && !tmp) return -3;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const void *row = (const uint8_t *)x + (size_t)r * n_per_row * elem;
+        const float *f = src_type == SRC_F32 ? row : tmp;
+        if (!row_to_f32(src_type, row, n_per_row, tmp ? tmp : (float *)row)) {
+            *bad_row = r;
+            free(tmp);
+            return -2;
+        }
+        fn(f, y + r * row_bytes, n_per_row, imatrix);
+    }
+    free(tmp);
     return nrows * row_bytes;
 }

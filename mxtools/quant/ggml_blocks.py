@@ -23,15 +23,25 @@ SUPPORTED: dict[T, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
 CHUNK_VALUES = 1 << 18  # values per work item (1 MiB of float32): small enough to balance two threads
 
 
-def _as_matrix(x) -> np.ndarray:
-    """A 2-D float32 C-contiguous numpy view (or copy) of a torch tensor or numpy array."""
+_SIXTEEN_BIT = {torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _as_matrix(x) -> tuple[np.ndarray, str]:
+    """A 2-D C-contiguous numpy view (or copy) of a torch tensor or numpy array and its row format: bf16 and f16
+    tensors stay 16-bit (uint16 bits; the C widens one row at a time), anything else becomes float32."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).contiguous().numpy()
-    x = np.ascontiguousarray(x, dtype=np.float32)
+        x = x.detach().cpu()
+        if x.dtype in _SIXTEEN_BIT:
+            src = _SIXTEEN_BIT[x.dtype]
+            x = x.contiguous().view(torch.uint16).numpy()
+        else:
+            src, x = "f32", x.to(torch.float32).contiguous().numpy()
+    else:
+        src, x = "f32", np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"quantize expects a 2-D [rows, n] matrix, got shape {tuple(x.shape)}; "
                          "quantize 3-D expert tensors one expert slice at a time")
-    return x
+    return x, src
 
 
 def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
@@ -58,14 +68,14 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
 
 def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
              ) -> np.ndarray:
-    """Quantize a float32 [rows, n] matrix to GGML blocks, byte for byte as llama.cpp does.
+    """Quantize a [rows, n] matrix (float32, or bf16/f16 read as such) to GGML blocks, byte for byte as llama.cpp.
 
     imatrix (float32 [n], mean squared activation per input column) selects llama.cpp's importance
     weighted path (`quantize_*` with quant_weights); None selects `quantize_row_*_ref`. Q8_0 ignores it.
     Returns uint8 [rows, n // block_size * type_size] (`out` when given). Raises ValueError for an unsupported type, a row
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
-    x = _as_matrix(x)
+    x, src = _as_matrix(x)
     block, size, qw = _check(x, qtype, imatrix)
     rows, n = x.shape
     shape = (rows, n // block * size)
@@ -76,11 +86,10 @@ def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out
     step = max(1, CHUNK_VALUES // n)
 
     def work(r0: int) -> None:
-        chunk = x[r0:r0 + step]
-        if not np.isfinite(chunk).all():  # checked per chunk: no full-size mask for a 14336 x 4096 matrix
-            raise ValueError(f"rows {r0}..{r0 + len(chunk) - 1} hold NaN or infinite values; "
-                             "llama.cpp would write meaningless blocks")
-        native.quantize_rows(int(qtype), chunk, out[r0:r0 + step], qw)
+        try:
+            native.quantize_rows(int(qtype), x[r0:r0 + step], src, out[r0:r0 + step], qw)
+        except native.NonFiniteRow as exc:  # name the row in the whole matrix
+            raise native.NonFiniteRow(exc.row + r0) from None
 
     starts = range(0, rows, step)
     threads = max(1, min(torch.get_num_threads(), len(starts)))

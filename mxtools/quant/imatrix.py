@@ -52,10 +52,22 @@ class ImatrixStat(NamedTuple):
 class Imatrix(dict):
     """canonical HF tensor name -> ImatrixStat, with the file's metadata as attributes."""
 
-    def __init__(self, stats=(), chunk_size: int = 0, chunk_count: int = 0, datasets=(), legacy: bool = False):
+    def __init__(self, stats=(), chunk_size: int = 0, chunk_count: int = 0, datasets=(), legacy: bool = False,
+                 entries: int = 0):
         super().__init__(stats)
         self.chunk_size, self.chunk_count = chunk_size, chunk_count
         self.datasets, self.legacy = list(datasets), legacy
+        self.entries = entries  # entries in the file (a merged expert tensor is one), as llama-quantize counts
+
+    def quantize_metadata(self, path) -> list[tuple[str, V, object]]:
+        """The quantize.imatrix.* keys llama-quantize records in a GGUF quantized with this file (key, type, value)."""
+        rows = [("quantize.imatrix.file", V.STRING, str(path)[:127])]
+        if self.datasets:
+            rows.append(("quantize.imatrix.dataset", V.STRING, str(self.datasets[0])[:127]))
+        rows.append(("quantize.imatrix.entries_count", V.UINT32, self.entries))
+        if self.chunk_count > 0:
+            rows.append(("quantize.imatrix.chunks_count", V.UINT32, self.chunk_count))
+        return rows
 
 
 def _name(key: str, i: int, e=None) -> str:
@@ -247,6 +259,7 @@ def _read_gguf(path: Path) -> Imatrix:
         for tname, t in tensors.items():
             if tname.endswith(".in_sum2"):
                 out.update(_gguf_entry(raw, tname[: -len(".in_sum2")], t, tensors))
+                out.entries += 1
     finally:
         raw.close()
     return out
@@ -291,7 +304,7 @@ def _read_legacy(path: Path) -> Imatrix:
             pos += 4 * nval
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"neither a GGUF nor a legacy imatrix file ({exc})", file=path) from None
-    out = Imatrix(legacy=True)
+    out = Imatrix(legacy=True, entries=len(raw))
     if pos + 4 <= len(data):
         out.chunk_count = struct.unpack_from("<i", data, pos)[0]
     n_experts = _legacy_expert_count(raw)
