@@ -56,6 +56,42 @@ class Tokenizer:
         scores = [sp.get_score(i) for i in range(sp.vocab_size())]
         return pieces, scores, [_piece_type(sp, i) for i in range(sp.vocab_size())]
 
+    def hf_json(self) -> dict:
+        """The Hugging Face `tokenizer.json` of this SentencePiece BPE model (the fast tokenizer transformers and
+        vLLM load): byte-fallback BPE whose merges come from the vocabulary, ranked by the merged piece's score
+        as transformers' SentencePiece converter ranks them; "▁" prefix and space replacement as normalizer."""
+        pieces, scores, types = self.vocab()
+        vocab = {p: i for i, p in enumerate(pieces)}
+        merges = []
+        for piece, score in sorted(zip(pieces, scores), key=lambda ps: -ps[1]):  # stable: ties keep id order
+            local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            merges += sorted(local, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        special = [i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL)]
+        bos, eos = pieces[self.bos_id], pieces[self.eos_id]
+        seq = lambda name: {"Sequence": {"id": name, "type_id": 0}}  # noqa: E731
+        tok = lambda t: {"SpecialToken": {"id": t, "type_id": 0}}  # noqa: E731
+        single = ([tok(bos)] if self.add_bos else []) + [seq("A")] + ([tok(eos)] if self.add_eos else [])
+        pair = single + ([tok(bos)] if self.add_bos else []) + [seq("B")] + ([tok(eos)] if self.add_eos else [])
+        used = [t for t, on in ((bos, self.add_bos), (eos, self.add_eos)) if on]
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i in special],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+            "pre_tokenizer": None,
+            "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": {
+                t: {"id": t, "ids": [vocab[t]], "tokens": [t]} for t in used}},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": pieces[self.unk_id],
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                      "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                      "merges": [f"{a} {b}" for a, b in merges]},
+        }
+
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         ids = self.processor().encode(text)
         return ([self.bos_id] if (self.add_bos if bos is None else bos) else []) + ids

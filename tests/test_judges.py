@@ -70,3 +70,18 @@ def test_llama_cpp_instruct_format_matches_mistral_common(synth_dir):
     assert ours == ref
     assert single == MistralTokenizer.v1().encode_chat_completion(
         ChatCompletionRequest(messages=[UserMessage(content=turns[2])])).tokens
+
+
+def test_hf_tokenizer_json_matches_mistral_common(tmp_path, synth_dir):
+    """The tokenizer.json of an HF output, loaded by the `tokenizers` library (what transformers and vLLM use),
+    gives mistral-common's ids and decodes back to the text."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from tokenizers import Tokenizer as FastTokenizer
+    out = tmp_path / "hf"
+    convert(synth_dir("gguf", "bf16"), "hf", out)
+    fast = FastTokenizer.from_file(str(out / "tokenizer.json"))
+    ref = MistralTokenizer.v1().instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        ids = fast.encode(text).ids
+        assert ids == ref.encode(text, bos=True, eos=False), text
+        assert fast.decode(ids, skip_special_tokens=True) == text, text

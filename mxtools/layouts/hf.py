@@ -178,6 +178,7 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
 def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
     tok = tok or Tokenizer.default()
     (out / "tokenizer.model").write_bytes(tok.sp_model)
+    (out / "tokenizer.json").write_text(json.dumps(tok.hf_json(), ensure_ascii=False), encoding="utf-8")
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos, "legacy": True,
            "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656}
