@@ -1,0 +1,60 @@
+"""Block-encoder throughput: mxtools' C encoders against llama.cpp's own (ggml_quantize_chunk from the
+libggml-base that llama-cpp-python ships), one thread each, same 512 x 4096 float32 matrix, same process.
+Checks the bytes are identical while at it. Writes bench/out/encoders.json. Run by `make bench`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would count as CPU time
+
+import numpy as np
+from common import OUT, ROOT
+from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(ROOT / "tests"))
+from ggml_clib import GGML, find_library
+
+from mxtools.native import quantize_rows
+
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def cpu_seconds(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
+def main():
+    ggml = GGML(find_library())
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, 4096)) * 0.02).astype(np.float32)
+    imatrix = rng.exponential(1.0, 4096).astype(np.float32)
+    mb = x.nbytes / 1e6
+    rows = []
+    for qtype in TYPES:
+        for label, qw in (("no", None), ("yes", imatrix)):
+            ref = ggml.quantize(x, int(qtype), qw)
+            ours = np.empty_like(ref)
+            quantize_rows(int(qtype), x, "f32", ours, qw)
+            theirs_s = cpu_seconds(lambda t=int(qtype), qw=qw: ggml.quantize(x, t, qw))
+            ours_s = cpu_seconds(lambda t=int(qtype), qw=qw, out=ours: quantize_rows(t, x, "f32", out, qw))
+            rows.append({"type": qtype.name, "imatrix": label, "identical": bool((ours == ref).all()),
+                         "mxtools_MB_per_cpu_s": round(mb / ours_s), "llama_cpp_MB_per_cpu_s": round(mb / theirs_s),
+                         "speedup": round(theirs_s / ours_s, 2)})
+    (OUT / "encoders.json").write_text(json.dumps(rows, indent=2))
+    print("| type | imatrix | mxtools MB/CPU-s | llama.cpp MB/CPU-s | speedup | bytes identical |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['type']} | {r['imatrix']} | {r['mxtools_MB_per_cpu_s']} | {r['llama_cpp_MB_per_cpu_s']} | "
+              f"{r['speedup']} | {r['identical']} |")
+
+
+if __name__ == "__main__":
+    main()
