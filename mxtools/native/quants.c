@@ -370,9 +370,16 @@ MX_CLONES static void q3_k_row(const float *x, uint8_t *y, int64_t n, const floa
             for (int j = 0; j < 16; ++j) ls[j] = (uint8_t)l1[j][0];
             d = d1[0];
         } else {
+            for (int g = 0; g < 2; ++g) {
+                vf sv;
+                to_lanes(16, 8, x + 128 * g, xs[g]);
+                q3_lanes(16, 4, xs[g], L[g], &sv);
+                memcpy(scales + 8 * g, &sv, sizeof sv);
+            }
+            for (int j = 0; j < 16; ++j)
+                for (int ii = 0; ii < 16; ++ii) Lq[16 * j + ii] = (int8_t)L[j / 8][ii][j % 8];
             float max_scale = 0, amax = 0;
             for (int j = 0; j < 16; ++j) {
-                scales[j] = make_q3_quants(16, 4, x + 16 * j, Lq + 16 * j);
                 const float a = fabsf(scales[j]);
                 if (a > amax) { amax = a; max_scale = scales[j]; }
             }

@@ -1,5 +1,5 @@
-/* The per-super-block helpers of ggml-quants.c that work on a handful of values (sub-block scales and the
- * Q3_K coordinate descent): plain scalar C in ggml's order. */
+/* make_qp_quants of ggml-quants.c, which works on a handful of values (the sub-block scales of one super-block):
+ * plain scalar C in ggml's order. */
 #ifndef MX_SCALAR_H
 #define MX_SCALAR_H
 
@@ -67,55 +67,6 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
         }
         if (!changed) break;
     }
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-/* make_q3_quants with do_rmse: signed levels refined one at a time, weights x^2; L gets l + nmax. */
-static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, n);
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    for (int itry = 0; itry < 5; ++itry) {
-        int changed = 0;
-        for (int i = 0; i < n; ++i) {
-            float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = clampi(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++changed;
-                    }
-                }
-            }
-        }
-        if (!changed) break;
-    }
-    for (int i = 0; i < n; ++i) L[i] += nmax;
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 

@@ -116,6 +116,49 @@ MX_INLINE void qx_lanes(int n, int nmax, const vf *x, const vf *w_or_null, vi *L
     *scale_out = pick(live, scale, splat(0));
 }
 
+/* make_q3_quants with do_rmse: signed levels in [-nmax, nmax) refined one value at a time (weights x^2, up to five
+ * sweeps; a lane whose sweep changes nothing stops, as ggml's per-block loop breaks). L gets l + nmax. */
+MX_INLINE void q3_lanes(int n, int nmax, const vf *x, vi *L, vf *scale_out) {
+    vf amax = splat(0), mx = splat(0), lv[32];
+    for (int i = 0; i < n; ++i) {
+        const vi bigger = vabs(x[i]) > amax;
+        amax = pick(bigger, vabs(x[i]), amax);
+        mx = pick(bigger, x[i], mx);
+    }
+    const vf iscale = splat((float)-nmax) / mx;
+    vf sumlx = splat(0), suml2 = splat(0);
+    for (int i = 0; i < n; ++i) {
+        const vf w = x[i] * x[i];
+        lv[i] = tof(vnearest(iscale * x[i], -nmax, nmax - 1));
+        sumlx += w * x[i] * lv[i];
+        suml2 += w * lv[i] * lv[i];
+    }
+    vi active = splati(-1);
+    for (int itry = 0; itry < 5; ++itry) {
+        vi changed = splati(0);
+        for (int i = 0; i < n; ++i) {
+            const vf w = x[i] * x[i];
+            const vf slx = sumlx - w * x[i] * lv[i];
+            const vf sl2 = suml2 - w * lv[i] * lv[i];
+            const vf new_l = tof(vnearest(x[i] * sl2 / slx, -nmax, nmax - 1));
+            const vf slx2 = slx + w * x[i] * new_l, sl22 = sl2 + w * new_l * new_l;
+            const vi take = active & (slx > 0) & (new_l != lv[i]) & (sl22 > 0) &
+                            (slx2 * slx2 * suml2 > sumlx * sumlx * sl22);
+            lv[i] = pick(take, new_l, lv[i]);
+            sumlx = pick(take, slx2, sumlx);
+            suml2 = pick(take, sl22, suml2);
+            changed |= take;
+        }
+        active &= changed;
+        int any = 0;
+        for (int k = 0; k < NL; ++k) any |= active[k];
+        if (!any) break;
+    }
+    const vi live = amax >= GROUP_MAX_EPS;
+    for (int i = 0; i < n; ++i) L[i] = live & (__builtin_convertvector(lv[i], vi) + splati(nmax));
+    *scale_out = pick(live & (suml2 > 0), sumlx / suml2, splat(0));
+}
+
 /* Gather m <= NL consecutive sub-blocks of n values into lane layout (unused lanes are zero). */
 MX_INLINE void to_lanes(int n, int m, const float *src, vf *dst) {
     for (int i = 0; i < n; ++i) dst[i] = splat(0);
