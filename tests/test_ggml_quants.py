@@ -49,6 +49,11 @@ def _edge_rows() -> np.ndarray:
     rows = [np.zeros(N), one, -np.abs(rng.standard_normal(N)) - 0.1, rng.standard_normal(N) * 1e-6,
             rng.standard_normal(N) * 1e-30, np.full(N, 0.7), rng.integers(-8, 8, N) * 1.0,
             rng.integers(-3, 4, N) * 0.5, rng.standard_normal(N) * 60000.0]
+    # signed zeros where the block's min (or max) is zero: which zero comes first decides the stored sign
+    signed = np.where(rng.random(N) < 0.5, -0.0, 0.0)
+    some = rng.random(N) < 0.5
+    rows += [np.where(some, np.abs(rng.standard_normal(N)), signed), np.where(some, -np.abs(rng.standard_normal(N)), signed),
+             signed]
     return np.array(rows, dtype=np.float32)
 
 

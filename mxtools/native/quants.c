@@ -76,17 +76,35 @@ static void symmetric_ref(const float *x, int nmax, float *d_out, int32_t *q) {
 }
 
 /* quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / nmax, q = (x - min)/d + 0.5 truncated. */
-static void affine_ref(const float *x, int nmax, float *d_out, float *m_out, int32_t *q) {
-    float min = x[0], max = x[0];
-    for (int j = 1; j < QK; ++j) {
-        min = x[j] < min ? x[j] : min;
-        max = x[j] > max ? x[j] : max;
+/* The first element equal to v (for a zero v: the first zero, whichever its sign), as ggml's min/max loops keep
+ * the first of equal values. */
+static float first_equal(const float *x, int n, float v) {
+    for (int j = 0; j < n; ++j)
+        if (x[j] == v) return x[j];
+    return v;
+}
+
+MX_INLINE void affine_ref(const float *x, int nmax, float *d_out, float *m_out, int32_t *q) {
+    vf lo, hi, v;
+    memcpy(&lo, x, sizeof lo);
+    hi = lo;
+    for (int j = 8; j < QK; j += 8) {
+        memcpy(&v, x + j, sizeof v);
+        lo = pick(v < lo, v, lo);
+        hi = pick(v > hi, v, hi);
     }
+    float min = lo[0], max = hi[0];
+    for (int k = 1; k < NL; ++k) {
+        min = lo[k] < min ? lo[k] : min;
+        max = hi[k] > max ? hi[k] : max;
+    }
+    if (min == 0) min = first_equal(x, QK, min);  /* only a zero's sign depends on which equal value came first */
+    if (max == 0) max = first_equal(x, QK, max);
     const float d = (max - min) / nmax;
     const float id = d ? 1.0f / d : 0.0f;
     for (int j = 0; j < QK; ++j) {
-        const float v = (x[j] - min) * id + 0.5f;
-        q[j] = nmax == 15 ? ((int8_t)v < 15 ? (int8_t)v : 15) : (uint8_t)v;  /* Q5_1 casts to uint8, no MIN */
+        const int l = (int)((x[j] - min) * id + 0.5f);  /* 0 .. nmax + 1: int8/uint8 casts keep it */
+        q[j] = nmax == 15 && l > 15 ? 15 : l;           /* Q4_1 clamps to 15; Q5_1 does not clamp */
     }
     *d_out = d;
     *m_out = min;
