@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mxtools import model  # noqa: E402
-from mxtools.bundled import CALIB, EVAL, MODEL  # noqa: E402
-from mxtools.convert import write_checkpoint  # noqa: E402
-from mxtools.layouts import open_checkpoint  # noqa: E402
-from mxtools.synth import synth_checkpoint, synth_spec  # noqa: E402
-from mxtools.verify import metrics, verify  # noqa: E402
+from mxtools import model
+from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.convert import write_checkpoint
+from mxtools.layouts import open_checkpoint
+from mxtools.synth import synth_checkpoint, synth_spec
+from mxtools.verify import metrics, verify
 
 RESULTS: dict = {}
 
@@ -154,7 +154,7 @@ def main():
         sys.exit("gpu-check needs a CUDA device")
     RESULTS["device"] = {"name": torch.cuda.get_device_name(), "torch": torch.__version__}
     only = set(sys.argv[1:])  # optional: names of the steps to run (default all)
-    want = lambda name: not only or name in only  # noqa: E731
+    want = lambda name: not only or name in only
     with tempfile.TemporaryDirectory(dir=os.environ.get("MXTOOLS_TMP")) as tmp:
         if want("tiny_cuda_vs_cpu"):
             tiny_cuda_vs_cpu(tiny_model(Path(tmp)))

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import torch
-
 from common import OUT, PY, synth_8x7b_2layers, timed
+
 from mxtools.bundled import EVAL, MODEL
 from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint

@@ -64,7 +64,7 @@ def iter_pages(xml_bytes: bytes):
 
 def _remove_nested(text: str, pattern: str) -> str:
     """Remove innermost-first until nothing matches (templates and tables nest)."""
-    rx = re.compile(pattern, re.S)
+    rx = re.compile(pattern, re.DOTALL)
     while True:
         text, n = rx.subn("", text)
         if not n:
@@ -73,16 +73,16 @@ def _remove_nested(text: str, pattern: str) -> str:
 
 def _link(m: re.Match) -> str:
     target, _, label = m.group(1).partition("|")
-    if re.match(r"\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?):", target, re.I):
+    if re.match(r"\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?):", target, re.IGNORECASE):
         return ""  # images, categories and interlanguage links carry no running text
     return (label.rsplit("|", 1)[-1] if label else target).strip()
 
 
 def _strip_markup(text: str) -> str:
     text = html.unescape(text)
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
-    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
-    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>", "", text, flags=re.S | re.I)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL | re.IGNORECASE)
+    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>", "", text, flags=re.DOTALL | re.IGNORECASE)
     text = _remove_nested(text, r"\{\{[^{}]*\}\}")
     text = _remove_nested(text, r"\{\|(?:(?!\{\|).)*?\|\}")
     text = _remove_nested_links(text)
@@ -531,7 +531,7 @@ def train(out: Path, minutes: float, seed: int, text_dir: Path, device: str = "c
     import torch
     import transformers
     torch.set_num_threads(threads)  # the machine is shared
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, flush=True)
     calib_path, eval_path = text_dir / "calib.txt", text_dir / "eval.txt"
     calib_tokens, eval_tokens = tokenize_file(calib_path), tokenize_file(eval_path)
     log(f"calib tokens {len(calib_tokens)}, eval tokens {len(eval_tokens)}")
@@ -563,7 +563,7 @@ def train(out: Path, minutes: float, seed: int, text_dir: Path, device: str = "c
 
 def training_record(seed, run, n_params, result, calib_tokens, eval_tokens, calib_path, eval_path, out) -> dict:
     root = Path(__file__).resolve().parents[1]
-    rel = lambda p: str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p)  # noqa: E731
+    rel = lambda p: str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p)
     return {
         "seed": seed, "steps": run["steps"], "max_steps": run["max_steps"], "epochs": run["epochs"],
         "tokens_seen": run["steps"] * BATCH * SEQ_LEN, "sequence_length": SEQ_LEN, "batch_size": BATCH,

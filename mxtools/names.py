@@ -9,8 +9,8 @@ The reverse direction is derived from the same table.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .spec import ModelSpec
 

@@ -41,7 +41,7 @@ class ModelSpec:
         if self.head_dim % 2:
             raise ShapeError(f"head_dim {self.head_dim} must be even for rotary embeddings")
 
-    def replace(self, **changes) -> "ModelSpec":
+    def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -24,10 +24,10 @@ class LazyTensor:
     source: str = ""
     stored_as: str = ""  # the type on disk when it differs from `dtype` (e.g. a GGUF block quant "Q4_K")
 
-    def renamed(self, name: str) -> "LazyTensor":
+    def renamed(self, name: str) -> LazyTensor:
         return dataclasses.replace(self, name=name)
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], name=None, shape=None) -> "LazyTensor":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], name=None, shape=None) -> LazyTensor:
         """A lazy tensor that applies `fn` to this one when loaded."""
         load = self.load
         return LazyTensor(name or self.name, tuple(shape or self.shape), self.dtype, lambda: fn(load()),
@@ -49,7 +49,7 @@ class Checkpoint:
     tensors: dict[str, LazyTensor]
     layout: str
     path: Path
-    tokenizer: Optional["object"] = None  # mxtools.tokenizer.Tokenizer
+    tokenizer: object | None = None  # mxtools.tokenizer.Tokenizer
     info: dict = field(default_factory=dict)  # layout-specific extras (e.g. GGUF file type, GPTQ config)
     closers: list = field(default_factory=list)
 
@@ -81,7 +81,7 @@ class Checkpoint:
                                       t.source, n))
         return out
 
-    def validate(self) -> "Checkpoint":
+    def validate(self) -> Checkpoint:
         """Raise the first problem found (each names the file and tensor)."""
         problems = self.problems()
         if problems:

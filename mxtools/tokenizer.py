@@ -33,15 +33,15 @@ class Tokenizer:
     add_eos: bool = False
 
     @classmethod
-    def from_file(cls, path, **kw) -> "Tokenizer":
+    def from_file(cls, path, **kw) -> Tokenizer:
         return cls(Path(path).read_bytes(), **kw)
 
     @classmethod
-    def default(cls) -> "Tokenizer":
+    def default(cls) -> Tokenizer:
         return cls.from_file(default_model_path())
 
     @classmethod
-    def from_vocab(cls, tokens, scores, types, **kw) -> "Tokenizer":
+    def from_vocab(cls, tokens, scores, types, **kw) -> Tokenizer:
         """Rebuild a .model from a GGUF vocabulary, keeping the v1 model's normalizer and trainer settings."""
         template = default_model_path().read_bytes()
         return cls(replace_pieces(template, tokens, scores, types), **kw)
@@ -68,8 +68,8 @@ class Tokenizer:
             merges += sorted(local, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
         special = [i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL)]
         bos, eos = pieces[self.bos_id], pieces[self.eos_id]
-        seq = lambda name: {"Sequence": {"id": name, "type_id": 0}}  # noqa: E731
-        tok = lambda t: {"SpecialToken": {"id": t, "type_id": 0}}  # noqa: E731
+        seq = lambda name: {"Sequence": {"id": name, "type_id": 0}}
+        tok = lambda t: {"SpecialToken": {"id": t, "type_id": 0}}
         single = ([tok(bos)] if self.add_bos else []) + [seq("A")] + ([tok(eos)] if self.add_eos else [])
         pair = single + ([tok(bos)] if self.add_bos else []) + [seq("B")] + ([tok(eos)] if self.add_eos else [])
         used = [t for t, on in ((bos, self.add_bos), (eos, self.add_eos)) if on]

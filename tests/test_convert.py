@@ -5,14 +5,13 @@ import itertools
 
 import pytest
 import torch
+from conftest import small_spec
 
 from mxtools import names
 from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint, writable
 from mxtools.synth import synth_checkpoint
 from mxtools.tensors import FLOAT_DTYPES
-
-from conftest import small_spec
 
 LAYOUTS = ["hf", "mistral", "gguf"]
 WEIGHT_FILE = {"hf": "model.safetensors", "mistral": "consolidated.safetensors", "gguf": None}
@@ -92,7 +91,9 @@ def test_chat_template_and_special_ids_survive(tmp_path, synth_dir):
 
 def test_inspect_reports_layout_and_problems(tmp_path, synth_dir):
     import json
+
     from click.testing import CliRunner
+
     from mxtools.cli import main
     r = CliRunner().invoke(main, ["inspect", str(synth_dir("gguf", "bf16")), "--json"])
     info = json.loads(r.stdout)

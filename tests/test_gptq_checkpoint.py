@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import small_spec, write_synth
 from safetensors import safe_open
 
 from mxtools import model, names
@@ -24,8 +25,6 @@ from mxtools.layouts.gptq import write_quantized
 from mxtools.quant.gptq import QuantConfig
 from mxtools.quant.gptq_pipeline import is_quantized, quantize_checkpoint, run_quantize
 from mxtools.verify_cli import run_verify
-
-from conftest import small_spec, write_synth
 
 # dims that are multiples of 128, so the real group size 128 is used (o_proj and w1/w3 have one group, w2 two)
 SPEC = small_spec(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32)

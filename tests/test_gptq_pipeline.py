@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_spec
 
 from mxtools import model, names
 from mxtools.bundled import CALIB
 from mxtools.errors import MxError
 from mxtools.quant.gptq import QuantConfig
-from mxtools.quant.gptq_pipeline import (QUANTIZED_KINDS, load_recipe, make_samples, quantize_checkpoint,
-                                         quantize_weight, resolve_settings, weight_name)
+from mxtools.quant.gptq_pipeline import (
+    QUANTIZED_KINDS,
+    load_recipe,
+    make_samples,
+    quantize_checkpoint,
+    quantize_weight,
+    resolve_settings,
+    weight_name,
+)
 from mxtools.synth import synth_checkpoint
 from mxtools.tensors import Checkpoint, LazyTensor
 from mxtools.tokenizer import Tokenizer
-
-from conftest import small_spec
 
 CFG = QuantConfig(bits=4, group_size=32)  # small_spec: dim 64, hidden 128
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from judges import hf_logits, kld, llama_cpp_logits, llama_cpp_model
 
 from mxtools.convert import convert
 from mxtools.tokenizer import Tokenizer
-
-from judges import hf_logits, kld, llama_cpp_logits, llama_cpp_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1923, the river froze\tand\nthe town moved east."
 TEXTS = ["Hello world", "  leading spaces and  double  spaces", "tabs\tand\nnewlines\n\n", "digits 1234567890 3.14",
@@ -63,7 +62,7 @@ def test_llama_cpp_instruct_format_matches_mistral_common(synth_dir):
                                            UserMessage(content=turns[2])])
     ref = MistralTokenizer.v1().encode_chat_completion(chat).tokens
     llm = llama_cpp_model(synth_dir("gguf", "bf16"))
-    seg = lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)  # noqa: E731
+    seg = lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
     ours = [1] + seg(f"[INST] {turns[0]} [/INST]") + seg(turns[1]) + [2] + seg(f"[INST] {turns[2]} [/INST]")
     single = llm.tokenize(f"[INST] {turns[2]} [/INST]".encode(), add_bos=True, special=False)
     llm.close()

@@ -10,16 +10,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import small_spec
 from safetensors.torch import save_file
 
 from mxtools import names
-from mxtools.layouts import detect, open_checkpoint
-from mxtools.layouts import gguf as gguf_layout, hf, mistral, paddle
+from mxtools.layouts import detect, hf, mistral, open_checkpoint, paddle
+from mxtools.layouts import gguf as gguf_layout
 from mxtools.synth import synth_checkpoint
 from mxtools.tokenizer import Tokenizer
 from mxtools.transforms import hf_to_meta_rope, meta_to_hf_rope
-
-from conftest import small_spec
 
 SPEC = small_spec()
 

@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from hf_tiny import one_thread  # noqa: F401  (autouse fixture)
 from hf_tiny import (
     checkpoint_from_hf,
     checkpoint_from_state,
     expert_name,
     modified,
+    one_thread,  # noqa: F401  (autouse fixture)
     tiny_hf_model,
 )
 
@@ -24,8 +24,6 @@ from mxtools.verify import (
     report,
     verify,
 )
-
-
 
 
 def _logp(rows):

@@ -1,13 +1,14 @@
 """The layer-streamed reference forward pass against transformers' MixtralForCausalLM."""
 import pytest
 import torch
-from hf_tiny import one_thread  # noqa: F401  (autouse fixture)
-from hf_tiny import checkpoint_from_hf, tiny_hf_model
+from hf_tiny import (
+    checkpoint_from_hf,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_hf_model,
+)
 
 from mxtools import model
 from mxtools.errors import MissingTensorError, ShapeError
-
-
 
 
 def _tokens(vocab=300, seed=1):

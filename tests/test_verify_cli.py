@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from judges import llama_cpp_model
 from safetensors.torch import load_file, save_file
 
 from mxtools.cli import main
@@ -16,8 +17,6 @@ from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint
 from mxtools.transforms import hf_to_meta_rope
 from mxtools.verify import metrics
-
-from judges import llama_cpp_model
 
 CTX = 128
 

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from .. import model, names
 from ..errors import MxError
 from ..tensors import Checkpoint
-from .gptq import GPTQError, Hessian, QuantConfig, QuantResult, gptq_quantize, rtn_quantize
+from .gptq import (
+    GPTQError,
+    Hessian,
+    QuantConfig,
+    QuantResult,
+    gptq_quantize,
+    rtn_quantize,
+)
 
 # The Linears GPTQ quantizes; the router (ffn_gate_inp), norms, embeddings and lm_head stay in float.
 QUANTIZED_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up")
