@@ -27,6 +27,13 @@ def write_synth(out: Path, layout: str, dtype: str = "f32", spec=None, seed: int
     return write_checkpoint(ckpt, layout, out, dtype)
 
 
+def text_head(tmp_path_factory, source: Path, chars: int) -> Path:
+    """The first `chars` characters of a bundled text, as a file (for tests that need less of it)."""
+    path = tmp_path_factory.mktemp("text") / source.name
+    path.write_text(source.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """Write a synth model once per session per (layout, dtype) and hand out its path."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import text_head
 
 from mxtools.bundled import CALIB, EVAL, MODEL
 from mxtools.convert import convert
@@ -16,9 +17,7 @@ CHUNKS = 8
 
 @pytest.fixture(scope="module")
 def calib_part(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(CALIB.read_text(encoding="utf-8")[:60000], encoding="utf-8")
-    return path
+    return text_head(tmp_path_factory, CALIB, 60000)
 
 
 def kld(candidate):

@@ -78,3 +78,28 @@ def test_cast_for_write_narrows_pooled_buffers_in_place(src):
     plain = x.clone()  # not from the pool: cast into a new buffer, the input untouched
     out = cast_for_write(plain, torch.float16)
     assert out.data_ptr() != plain.data_ptr() and torch.equal(plain, x)
+
+
+def _tree_bytes(path):
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout,outtype", [("gguf", "f16"), ("gguf", "f32"), ("gguf", "q8_0"), ("gguf", "q4_k_m"),
+                                            ("mistral", "f16"), ("hf", "f32"), ("hf", "bf16")])
+def test_pooled_buffers_do_not_change_outputs(tmp_path, synth_dir, monkeypatch, layout, outtype):
+    """With every read pooled (the small synth tensors are below the pool's size floor otherwise), buffers are
+    reused, cast in place and given back across tensors: the output must equal the unpooled one byte for byte."""
+    from mxtools.convert import convert
+    from mxtools.io import buffers
+    src = synth_dir("hf", "bf16")
+    suffix = ".gguf" if layout == "gguf" else ""
+    convert(src, layout, tmp_path / f"plain{suffix}", outtype)
+    monkeypatch.setattr(buffers, "MIN_POOLED", 1)
+    monkeypatch.setattr(buffers, "POOL", buffers.BufferPool())
+    for mod in ("mxtools.io.files", "mxtools.layouts.gguf", "mxtools.layouts.hf", "mxtools.layouts.mistral"):
+        monkeypatch.setattr(f"{mod}.POOL", buffers.POOL)
+    convert(src, layout, tmp_path / f"pooled{suffix}", outtype)
+    assert buffers.POOL._free, "the conversion should have given buffers back to the pool"
+    assert _tree_bytes(tmp_path / f"pooled{suffix}") == _tree_bytes(tmp_path / f"plain{suffix}")

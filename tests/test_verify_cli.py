@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import text_head
 from judges import llama_cpp_model
 from safetensors.torch import load_file, save_file
 
@@ -24,9 +25,7 @@ CTX = 128
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     from mxtools.bundled import EVAL
-    path = tmp_path_factory.mktemp("text") / "eval.txt"
-    path.write_text(EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    return path
+    return text_head(tmp_path_factory, EVAL, 20000)
 
 
 def verify(*args):

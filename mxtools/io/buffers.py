@@ -55,11 +55,6 @@ class BufferPool:
         with self._lock:
             return addr in self._out
 
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._out.clear()
-
 
 POOL = BufferPool()
 
@@ -83,9 +78,9 @@ def give_source(src: torch.Tensor, result) -> None:
 def cast_for_write(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A loaded tensor as `dtype`, for a writer that gives the result back to POOL once written.
 
-    Narrowing casts (bf16 or f32 -> f16) of a pooled buffer run in place, so a cast never needs a second copy
-    of the tensor; other casts write into a pooled buffer and give the source's back. The caller must hold the
-    only reference to `w` (a writer job's freshly loaded tensor)."""
+    Consumes w: narrowing casts (bf16 or f32 -> f16) of a pooled buffer run in place, so a cast never needs a
+    second copy of the tensor; other casts write into a pooled buffer and give w's back. The caller must hold the
+    only reference to `w` (a writer job's freshly loaded tensor) and not give it back itself."""
     from ..native import IN_PLACE_CASTS, cast_tensor
     if w.dtype == dtype:
         return w.contiguous()

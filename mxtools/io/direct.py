@@ -1,4 +1,4 @@
-"""An output file written with O_DIRECT from a background thread, through two aligned staging buffers.
+"""An output file written with O_DIRECT by background threads, through a few aligned staging buffers.
 
 Buffered writes of a multi-GB output cost as much CPU as the conversion itself (the kernel copies every byte into
 freshly allocated page-cache pages: a third of all CPU time of a bf16 -> f16 conversion) and get throttled once

@@ -1,4 +1,4 @@
-"""Positional reads into fresh buffers, so reading a tensor never maps (and keeps resident) a whole shard."""
+"""Positional reads into pooled buffers, so reading a tensor never maps (and keeps resident) a whole shard."""
 from __future__ import annotations
 
 import os

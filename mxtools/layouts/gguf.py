@@ -16,7 +16,7 @@ from gguf import GGUFValueType as V
 
 from .. import names
 from ..errors import FormatError, NotMixtralError
-from ..io.buffers import POOL, cast_for_write, give_source
+from ..io.buffers import POOL, cast_for_write
 from ..io.files import RawFile
 from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
@@ -25,9 +25,9 @@ from ..names import NameTable
 from ..spec import ModelSpec
 from ..tensors import Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
-from ..transforms import hf_to_meta_rope, meta_to_hf_rope
+from ..transforms import meta_to_hf_rope
 from . import Layout, register
-from .mistral import rope_heads
+from .mistral import load_meta_order, rope_heads
 
 # llama.cpp's tensor names for LLM_ARCH_LLAMA with experts (gguf-py constants.py, MODEL_TENSOR_NAMES).
 TABLE = NameTable({
@@ -215,25 +215,21 @@ def plan(ckpt: Checkpoint) -> list[tuple[str, list[LazyTensor], tuple]]:
 
 def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
     """A tensor as the bytes GGUF stores for `qtype`, in a buffer from POOL (w's own for a float type).
+
+    Consumes w: its buffer is reused or given back to POOL, so the caller must hold the only reference.
     Block quantizers read bf16/f16 rows directly: no float32 copy of the matrix is made."""
     if qtype in FLOAT_TYPES:
         return cast_for_write(w, FLOAT_TYPES[qtype]).view(torch.uint8).numpy()
     from ..quant.ggml_blocks import quantize
-    w = w.reshape(-1, w.shape[-1])
-    rows, n = w.shape
+    rows, n = w.reshape(-1, w.shape[-1]).shape
     row_bytes = tensor_nbytes((n,), qtype)
-    return quantize(w, qtype, imatrix, out=POOL.take(rows * row_bytes).reshape(rows, row_bytes))
+    out = quantize(w.reshape(rows, n), qtype, imatrix, out=POOL.take(rows * row_bytes).reshape(rows, row_bytes))
+    POOL.give(w)
+    return out
 
 
 def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
-    def run():
-        kind = names.parse(t.name)[0].key
-        heads = rope_heads(kind, spec)
-        w = t.load()
-        data = encode(hf_to_meta_rope(w, heads) if heads else w, qtype, (imatrix or {}).get(t.name))
-        give_source(w, data)
-        return data
-    return run
+    return lambda: encode(load_meta_order(t, spec), qtype, (imatrix or {}).get(t.name))
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,

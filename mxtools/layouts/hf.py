@@ -194,4 +194,6 @@ def _json(path: Path, obj) -> None:
 
 register(Layout("hf", is_hf, read, write))
 
-from . import gptq
+from . import (
+    gptq,  # registers the GPTQ variant of this layout, which builds on this module
+)

@@ -13,7 +13,7 @@ import torch
 
 from .. import names
 from ..errors import FormatError, UnsafePickleError
-from ..io.buffers import POOL, cast_for_write
+from ..io.buffers import POOL, cast_for_write, give_source
 from ..io.files import release_pages
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsWriter
@@ -164,10 +164,20 @@ def read(path: Path) -> Checkpoint:
     return ckpt
 
 
-def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+def load_meta_order(t: LazyTensor, spec: ModelSpec) -> torch.Tensor:
+    """Load a canonical tensor for a Meta-order layout (Mistral, GGUF): q/k get the rotary permutation, and then
+    the buffer they were loaded into goes back to the pool."""
     heads = rope_heads(names.parse(t.name)[0].key, spec)
     w = t.load()
-    return cast_for_write(hf_to_meta_rope(w, heads) if heads else w, dtype)
+    if not heads:
+        return w
+    out = hf_to_meta_rope(w, heads)
+    give_source(w, out)
+    return out
+
+
+def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    return cast_for_write(load_meta_order(t, spec), dtype)
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **_):

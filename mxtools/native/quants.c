@@ -110,13 +110,15 @@ MX_INLINE void affine_ref(const float *x, int nmax, float *d_out, float *m_out, 
     *m_out = min;
 }
 
-/* The importance weights of the legacy types: qw * sqrt(sigma2 + x^2), sigma2 the mean square of the row. */
-static float row_sigma2(const float *x, int64_t n) {
+/* A plain left-to-right sum of squares (the mean square of a row or super-block is this over its length). */
+static float sum_squares(const float *x, int64_t n) {
     float s = 0;
     for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
-    return s / n;
+    return s;
 }
 
+/* Importance weights in lanes: qw * sqrt(sigma2 + x^2), sigma2 a mean square (of the row for the legacy types, of
+ * the super-block for the K-quants). */
 static void weights_lanes(int n, int m, const vf *xs, const float *qw, float sigma2, vf *w) {
     for (int k = 0; k < NL; ++k)
         for (int i = 0; i < n; ++i) w[i][k] = k < m ? qw[k * n + i] * sqrtf(sigma2 + xs[i][k] * xs[i][k]) : 0.f;
@@ -126,7 +128,7 @@ static void weights_lanes(int n, int m, const vf *xs, const float *qw, float sig
 MX_INLINE void legacy_row(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax, int affine, int five) {
     const int bytes = 2 + (affine ? 2 : 0) + (five ? 4 : 0) + 16;
     const int64_t nb = n / QK;
-    const float sigma2 = qw ? row_sigma2(x, n) : 0.f;
+    const float sigma2 = qw ? sum_squares(x, n) / n : 0.f;
     vf xs[QK], w[QK];
     vi L[QK];
     vf d = splat(0), mins = splat(0);
@@ -170,11 +172,6 @@ MX_CLONES static void q5_1_row(const float *x, uint8_t *y, int64_t n, const floa
 
 /* ---- K-quants (256-value super-blocks) ------------------------------------------------------------------ */
 
-static float sum_squares(const float *x, int n) {
-    float s = 0;
-    for (int j = 0; j < n; ++j) s += x[j] * x[j];
-    return s;
-}
 
 /* Search weights of sub-blocks in lanes: with an imatrix qw * sqrt(sigma2 + x^2) (and their sums sw);
  * without, av_x + |x| (Q4_K/Q5_K: av_x the RMS of the sub-block) or |x| (Q2_K: av_x = 0 is not used). */
