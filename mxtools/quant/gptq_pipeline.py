@@ -395,7 +395,6 @@ def _check_dims(ckpt: Checkpoint, cfg: QuantConfig) -> None:
 
 # ---------------------------------------------------------------- recipes and the CLI entry point
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
                "static_groups", "mse", "min_tokens")
 
@@ -403,12 +402,11 @@ RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsam
 def load_recipe(name_or_path) -> dict:
     """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128")."""
     import yaml
-    path = Path(name_or_path)
-    if not path.exists():
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise MxError(f"no recipe {name_or_path!r} (known: {known})")
+
+    from .. import recipes
+    path = recipes.find(name_or_path)
+    if path is None:
+        raise MxError(f"no recipe {name_or_path!r} (known: {', '.join(recipes.names())})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

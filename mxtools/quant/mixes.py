@@ -19,16 +19,15 @@ router), and the fallback it applies when a row length is no multiple of the cho
 """
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from .. import recipes
 from ..errors import MxError
 from ..names import KIND_BY_KEY
 from ..spec import ModelSpec
@@ -44,16 +43,9 @@ FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6
 Policy = Callable[[str, "int | None", tuple], Q]
 
 
-def recipes_dir() -> Path:
-    """$MXTOOLS_RECIPES/gguf if set, else the repository's recipes/gguf."""
-    root = os.environ.get("MXTOOLS_RECIPES")
-    return Path(root) / "gguf" if root else Path(__file__).resolve().parents[2] / "recipes" / "gguf"
-
-
 def available_mixes() -> tuple[str, ...]:
-    """The mix names, one per recipes/gguf/<name>.yaml file present."""
-    d = recipes_dir()
-    return tuple(sorted(p.stem for p in d.glob("*.yaml"))) if d.is_dir() else ()
+    """The mix names, one per recipes/gguf/<name>.yaml file shipped."""
+    return recipes.names("gguf")
 
 
 MIXES = available_mixes()
@@ -194,8 +186,8 @@ def parse_mix(data: dict, where: str = "<mix>") -> Mix:
 
 def load_mix(name: str) -> Mix:
     """The mix `name` (e.g. "q4_k_m") from recipes/gguf/<name>.yaml."""
-    path = recipes_dir() / f"{name.lower()}.yaml"
-    if not path.is_file():
+    path = recipes.find(name.lower(), "gguf")
+    if path is None:
         raise MxError(f"unknown quantization mix {name!r}; available: {', '.join(available_mixes()) or 'none'}")
     return parse_mix(yaml.safe_load(path.read_text()), str(path))
 
