@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from .errors import OutputError
+from .layouts.hf import read_tokenizer, write_tokenizer_json
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL = ASSETS / "tiny-mixtral"
@@ -22,6 +23,8 @@ def write_example(out: Path, force: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "model", ignore_errors=True)
     shutil.copytree(MODEL, out / "model")
+    # the fast tokenizer, as every HF directory mxtools writes has it (transformers 5 without protobuf needs it)
+    write_tokenizer_json(read_tokenizer(out / "model"), out / "model")
     shutil.copy(CALIB, out / "calib.txt")
     shutil.copy(EVAL, out / "eval.txt")
     return out

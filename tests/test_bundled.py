@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import text_head
 
-from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.bundled import CALIB, EVAL, MODEL, write_example
 from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint
 from mxtools.quant.imatrix import imatrix_from_text
@@ -29,6 +29,18 @@ def test_bundled_model_is_trained():
     with open_checkpoint(MODEL) as ck:
         assert ck.spec.dim % 256 == 0 and ck.spec.n_experts == 8 and ck.spec.vocab_size == 32000
     assert info["heldout_ppl"] < info["unigram_ppl"] / 3
+
+
+def test_example_writes_a_complete_hf_directory(tmp_path):
+    """`mxtools example` adds the tokenizer.json mxtools' HF writer writes (transformers 5 without protobuf
+    needs it), and that fast tokenizer gives the model's own token ids."""
+    from tokenizers import Tokenizer as FastTokenizer
+    ex = write_example(tmp_path / "ex") / "model"
+    hf = convert(MODEL, "hf", tmp_path / "hf", "bf16")
+    assert (ex / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    text = EVAL.read_text(encoding="utf-8")[:3000]
+    with open_checkpoint(ex) as ck:
+        assert FastTokenizer.from_file(str(ex / "tokenizer.json")).encode(text).ids == ck.tokenizer.encode(text)
 
 
 def test_imatrix_q4_k_m_beats_plain_q4_k_m(tmp_path, calib_part):

@@ -178,7 +178,7 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
 def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
     tok = tok or Tokenizer.default()
     (out / "tokenizer.model").write_bytes(tok.sp_model)
-    (out / "tokenizer.json").write_text(json.dumps(tok.hf_json(), ensure_ascii=False), encoding="utf-8")
+    write_tokenizer_json(tok, out)
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos, "legacy": True,
            "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656}
@@ -186,6 +186,11 @@ def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
         cfg["chat_template"] = tok.chat_template
     _json(out / "tokenizer_config.json", cfg)
     _json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def write_tokenizer_json(tok: Tokenizer, out: Path) -> None:
+    """out/tokenizer.json: the fast tokenizer transformers and vLLM load, built from the SentencePiece model."""
+    (out / "tokenizer.json").write_text(json.dumps(tok.hf_json(), ensure_ascii=False), encoding="utf-8")
 
 
 def _json(path: Path, obj) -> None:
