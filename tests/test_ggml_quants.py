@@ -7,6 +7,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
+from judges import require
 
 from mxtools.quant import ggml_blocks
 from mxtools.quant.ggml_blocks import SUPPORTED, quantize
@@ -62,7 +63,7 @@ def clib():
     from ggml_clib import GGML, find_library
 
     if not os.environ.get("MXTOOLS_GGML_LIB"):
-        pytest.importorskip("llama_cpp")
+        require("llama_cpp")
 
     path = find_library()
     assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"

@@ -3,7 +3,6 @@ dtypes and shapes, is claimed by the "gptq" layout only, loads in an independent
 the same logits, and passes `mxtools verify` against its source."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import small_spec, write_synth
+from judges import require_installed
 from safetensors import safe_open
 
 from mxtools import model, names
@@ -230,8 +230,7 @@ with torch.no_grad():
 
 
 def test_gptqmodel_loads_it_with_the_same_logits(int4, src, tmp_path):
-    if importlib.util.find_spec("gptqmodel") is None:
-        pytest.skip("gptqmodel is not installed")
+    require_installed("gptqmodel")
     out = int4[0]
     with open_checkpoint(out) as ckpt:
         tokens = torch.tensor([ckpt.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])

@@ -23,12 +23,9 @@ def _f32_edges() -> torch.Tensor:
     return torch.from_numpy(x[~np.isnan(x)])
 
 
-@pytest.mark.parametrize("src", ["bf16", "f32"])
-@pytest.mark.parametrize("dst", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("src", "dst"), [("bf16", torch.float16), ("bf16", torch.float32), ("f32", torch.float16)])
 def test_cast_matches_torch(src, dst):
     x = _all_bf16() if src == "bf16" else _f32_edges()
-    if x.dtype == dst:
-        return
     got, want = cast_tensor(x, dst), x.to(dst)
     assert got.dtype == dst and got.shape == x.shape
     assert torch.equal(got.view(torch.int16 if dst == torch.float16 else torch.int32),
