@@ -58,7 +58,7 @@ def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inp
     if layout == "gguf" and "policy" not in options:  # callers may pass their own policy (overrides)
         options.update(gguf_mix_options(ckpt, outtype, imatrix_path))
     check_output(out, list(inputs), force)
-    with atomic_output(out, lay.output_is_dir) as tmp:
+    with atomic_output(out, lay.output_is_dir, force=force) as tmp:
         lay.write(ckpt, tmp, outtype, progress, **options)
     return Path(out)
 

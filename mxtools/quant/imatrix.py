@@ -153,9 +153,10 @@ def imatrix_from_text(model, text_file, out, ctx: int = 512, chunks: int | None 
     from ..tokenizer import Tokenizer
     check_output(Path(out), [Path(model), Path(text_file)], force)
     with open_checkpoint(model) as ckpt:
-        tokens = (ckpt.tokenizer or Tokenizer.default()).encode(read_text(text_file))
-        data = compute_imatrix(ckpt, tokens, ctx, chunks, device, datasets=[str(text_file)], progress=progress)
-    return save_imatrix(out, data)
+        tokens = tokenize_file(ckpt.tokenizer or Tokenizer.default(), text_file)
+        data = compute_imatrix(ckpt, tokens, ctx=ctx, chunks=chunks, device=device, datasets=[str(text_file)],
+                               progress=progress)
+    return save_imatrix(out, data, force=force)
 
 
 # ---- GGUF names ----
@@ -190,13 +191,14 @@ def _to_canonical(gname: str) -> tuple[str, bool] | None:
 # ---- writing ----
 
 def save_imatrix(path, data: Imatrix | dict, chunk_size: int | None = None, chunk_count: int | None = None,
-                 datasets=None) -> Path:
-    """Write `data` (canonical name -> ImatrixStat) as the GGUF imatrix file llama.cpp reads, atomically."""
+                 datasets=None, force: bool = True) -> Path:
+    """Write `data` (canonical name -> ImatrixStat) as the GGUF imatrix file llama.cpp reads, atomically
+    (force=False: refuse an existing file)."""
     chunk_size = getattr(data, "chunk_size", 0) if chunk_size is None else chunk_size
     chunk_count = getattr(data, "chunk_count", 0) if chunk_count is None else chunk_count
     datasets = list(getattr(data, "datasets", []) if datasets is None else datasets)
     entries = _to_gguf(data)
-    with atomic_output(Path(path), False) as tmp:
+    with atomic_output(Path(path), False, force=force) as tmp:
         w = GGUFStreamWriter(tmp)
         w.add("general.type", V.STRING, "imatrix")
         w.add("imatrix.datasets", V.ARRAY, datasets, V.STRING)
