@@ -41,7 +41,8 @@ def handled(fn):
 
 
 def _fail(msg: str):
-    click.echo(f"mxtools: error: {msg}", err=True)
+    one_line = " ".join(line.strip() for line in msg.splitlines())  # a parser's message may span lines
+    click.echo(f"mxtools: error: {one_line}", err=True)
     sys.exit(2)
 
 

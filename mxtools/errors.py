@@ -1,4 +1,7 @@
 """Exception types raised by the library. Only the CLI turns them into messages and exit codes."""
+from __future__ import annotations
+
+import contextlib
 
 
 class MxError(Exception):
@@ -35,9 +38,27 @@ class ShapeError(MxError):
     """A tensor has a shape or dtype that does not fit the model's config."""
 
 
+class NonFiniteError(MxError):
+    """A weight holds NaN or infinite values where the output cannot represent them (block quants, GPTQ)."""
+
+
 class UnsafePickleError(MxError):
     """A torch pickle carries code or objects beyond plain tensors."""
 
 
 class OutputError(MxError):
     """An output cannot be written (exists, would overwrite an input, disk full)."""
+
+
+@contextlib.contextmanager
+def reading(path, tensor=None):
+    """The second line of defence around a reader: an unexpected exception raised while reading `path` becomes
+    a FormatError naming it (readers check what they read first; this catches only what they missed).
+    OSError, MemoryError and Ctrl-C pass through unchanged."""
+    try:
+        yield
+    except (MxError, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure while parsing means the file is corrupt
+        raise FormatError(f"corrupt or unreadable file ({type(exc).__name__}: {exc})", file=path,
+                          tensor=tensor) from exc

@@ -1,14 +1,17 @@
 """The SentencePiece tokenizer as every layout stores it: a .model file (HF, Mistral) or a GGUF vocabulary."""
 from __future__ import annotations
 
-import struct
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import FormatError, reading
+
 # SentencePiece piece types share their numbering with GGUF's tokenizer.ggml.token_type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+MAX_MODEL_BYTES = 64 << 20  # a SentencePiece model is well under 1 MB for Mixtral's 32000 pieces
 
 
 def default_model_path() -> Path:
@@ -34,20 +37,40 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path, **kw) -> Tokenizer:
-        return cls(Path(path).read_bytes(), **kw)
+        """A tokenizer.model file, checked to load in SentencePiece (FormatError naming the file if not)."""
+        path = Path(path)
+        if path.stat().st_size > MAX_MODEL_BYTES:
+            raise FormatError(f"{path.stat().st_size} bytes is too large for a SentencePiece model", file=path)
+        return cls(path.read_bytes(), **kw).checked(path)
 
     @classmethod
     def default(cls) -> Tokenizer:
         return cls.from_file(default_model_path())
 
     @classmethod
-    def from_vocab(cls, tokens, scores, types, **kw) -> Tokenizer:
-        """Rebuild a .model from a GGUF vocabulary, keeping the v1 model's normalizer and trainer settings."""
-        template = default_model_path().read_bytes()
-        return cls(replace_pieces(template, tokens, scores, types), **kw)
+    def from_vocab(cls, tokens, scores, types, source=None, **kw) -> Tokenizer:
+        """Rebuild a .model from a GGUF vocabulary, keeping the v1 model's normalizer and trainer settings;
+        a vocabulary SentencePiece cannot load is a FormatError naming `source`."""
+        _check_vocab(tokens, scores, types, source)
+        proto = _model_proto().FromString(default_model_path().read_bytes())
+        del proto.pieces[:]
+        for token, score, kind in zip(tokens, scores, types):
+            piece = proto.pieces.add(piece=token, score=score)
+            if kind != NORMAL:  # the default, left unset as SentencePiece writes it
+                piece.type = kind
+        return cls(proto.SerializeToString(), **kw).checked(source)
+
+    def checked(self, source) -> Tokenizer:
+        """This tokenizer if SentencePiece loads it and its special ids are in the vocabulary."""
+        with reading(source):
+            n = self.processor().vocab_size()
+        for what, i in (("bos", self.bos_id), ("eos", self.eos_id), ("unk", self.unk_id)):
+            if not 0 <= i < n:
+                raise FormatError(f"tokenizer {what} id {i} is outside its vocabulary of {n}", file=source)
+        return self
 
     def processor(self) -> spm.SentencePieceProcessor:
-        return spm.SentencePieceProcessor(model_proto=self.sp_model)
+        return _processor(self.sp_model)
 
     def vocab(self) -> tuple[list[str], list[float], list[int]]:
         """(pieces, scores, types) in id order, as GGUF stores them."""
@@ -109,51 +132,25 @@ def _piece_type(sp, i) -> int:
     return NORMAL
 
 
-# --- minimal protobuf wire handling: a ModelProto is field 1 (pieces) plus other fields kept verbatim ---
-
-def _varint(b: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = b[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
+def _model_proto():
+    """SentencePiece's own ModelProto message class (needs the protobuf package)."""
+    from sentencepiece import sentencepiece_model_pb2
+    return sentencepiece_model_pb2.ModelProto
 
 
-def _enc_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
-        v >>= 7
-        if not v:
-            return bytes(out)
+@functools.lru_cache(maxsize=4)
+def _processor(sp_model: bytes) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_proto=sp_model)
 
 
-def _fields(b: bytes):
-    """Yield (field number, raw bytes of the whole field) for a message of length-delimited fields."""
-    pos = 0
-    while pos < len(b):
-        start = pos
-        tag, pos = _varint(b, pos)
-        if tag & 7 != 2:
-            raise ValueError("unexpected wire type in SentencePiece model")
-        n, pos = _varint(b, pos)
-        pos += n
-        yield tag >> 3, b[start:pos]
-
-
-def _enc_piece(piece: str, score: float, kind: int) -> bytes:
-    raw = piece.encode()
-    body = b"\x0a" + _enc_varint(len(raw)) + raw + b"\x15" + struct.pack("<f", score)
-    if kind != NORMAL:
-        body += b"\x18" + _enc_varint(kind)
-    return b"\x0a" + _enc_varint(len(body)) + body
-
-
-def replace_pieces(model: bytes, tokens, scores, types) -> bytes:
-    """A copy of `model` whose vocabulary is (tokens, scores, types); other settings unchanged."""
-    rest = [raw for num, raw in _fields(model) if num != 1]
-    pieces = b"".join(_enc_piece(t, float(s), int(k)) for t, s, k in zip(tokens, scores, types))
-    return pieces + b"".join(rest)
+def _check_vocab(tokens, scores, types, source) -> None:
+    """A GGUF vocabulary: three arrays of one length, of strings, numbers and SentencePiece piece types."""
+    if not len(tokens) == len(scores) == len(types):
+        raise FormatError(f"tokenizer arrays differ in length (tokens {len(tokens)}, scores {len(scores)}, "
+                          f"types {len(types)})", file=source)
+    if not set(map(type, tokens)) <= {str}:
+        raise FormatError("tokenizer.ggml.tokens holds values that are not strings", file=source)
+    if not set(map(type, scores)) <= {int, float}:
+        raise FormatError("tokenizer.ggml.scores holds values that are not numbers", file=source)
+    if not set(map(type, types)) <= {int} or not set(types) <= set(range(NORMAL, BYTE + 1)):
+        raise FormatError(f"tokenizer.ggml.token_type holds values outside {NORMAL}..{BYTE}", file=source)

@@ -80,6 +80,73 @@ def set_field(data: bytes, offset: int, fmt: str, value) -> bytes:
     return data[:offset] + struct.pack(fmt, value) + data[offset + struct.calcsize(fmt):]
 
 
+# GGUF value type id -> struct format of a scalar (8 = string, 9 = array)
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q",
+                12: "<d"}
+
+
+def gguf_fields(data: bytes, strings_per_array: int = 3) -> list[tuple[str, int, str]]:
+    """The header fields of a well-formed GGUF as (label, byte offset, struct format): the counts, every key's
+    length, value type and scalar value, each array's element type and length (and its first string lengths or
+    first value), and each tensor's name length, n_dims, dimensions, type id and data offset."""
+    out, pos = [("version", 4, "<I"), ("n_tensors", 8, "<Q"), ("n_kv", 16, "<Q")], 24
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+
+    def skip_string(label: str | None) -> str:
+        nonlocal pos
+        n = struct.unpack_from("<Q", data, pos)[0]
+        if label:
+            out.append((label + ".len", pos, "<Q"))
+        text, pos = data[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
+        return text
+
+    for _ in range(n_kv):
+        key = skip_string("key")
+        out[-1] = (f"{key}.key_len", out[-1][1], "<Q")
+        vtype = struct.unpack_from("<I", data, pos)[0]
+        out.append((f"{key}.type", pos, "<I"))
+        pos += 4
+        if vtype == 8:
+            skip_string(key)
+        elif vtype == 9:
+            elem, count = struct.unpack_from("<IQ", data, pos)
+            out += [(f"{key}.elem_type", pos, "<I"), (f"{key}.count", pos + 4, "<Q")]
+            pos += 12
+            if elem == 8:
+                for j in range(count):
+                    skip_string(f"{key}[{j}]" if j < strings_per_array else None)
+            else:
+                out.append((f"{key}[0]", pos, _GGUF_SCALAR[elem]))
+                pos += count * struct.calcsize(_GGUF_SCALAR[elem])
+        else:
+            out.append((key, pos, _GGUF_SCALAR[vtype]))
+            pos += struct.calcsize(_GGUF_SCALAR[vtype])
+    for _ in range(n_tensors):
+        name = skip_string("tensor")
+        out[-1] = (f"{name}.name_len", out[-1][1], "<Q")
+        n_dims = struct.unpack_from("<I", data, pos)[0]
+        out.append((f"{name}.n_dims", pos, "<I"))
+        out += [(f"{name}.dim{d}", pos + 4 + 8 * d, "<Q") for d in range(n_dims)]
+        pos += 4 + 8 * n_dims
+        out += [(f"{name}.type", pos, "<I"), (f"{name}.offset", pos + 4, "<Q")]
+        pos += 12
+    return out
+
+
+def mutate_field(data: bytes, field: tuple[str, int, str], rng: random.Random) -> tuple[str, bytes]:
+    """One structured mutation of a header field: an extreme, a neighbour of its value, or (for a float) a
+    non-finite or absurd number."""
+    label, offset, fmt = field
+    if fmt in ("<f", "<d"):
+        value = rng.choice([float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 1e30, -1e-30])
+        return f"{label}={value}", set_field(data, offset, fmt, value)
+    width = struct.calcsize(fmt)
+    old = int.from_bytes(data[offset:offset + width], "little")
+    value = rng.choice(_EXTREMES + [old + 1, old - 1, old * 2, old // 2, old + 2**32, rng.randrange(64)])
+    value &= (1 << (8 * width)) - 1
+    return f"{label}={value}", data[:offset] + value.to_bytes(width, "little") + data[offset + width:]
+
+
 def run_isolated(argv: list, timeout: float = TIMEOUT_S, mem_limit: int = MEM_LIMIT_BYTES) -> Outcome:
     """Run `mxtools *argv` through the CLI's error boundary in a forked child of this (warm) process."""
     argv = [str(a) for a in argv]

@@ -1,20 +1,26 @@
-"""A GGUF header parser: metadata and tensor infos, with bounds checks; tensor data is read later by offset."""
+"""A GGUF header parser: metadata and tensor infos. Every count, length, dimension, type id and offset read
+from the file is checked against the file's size and the format's limits (llama.cpp's gguf.cpp) before
+anything is allocated or read; tensor data is read later by offset."""
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import FormatError
 from .files import RawFile
-from .gguf_writer import tensor_nbytes
 
 _NP = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
        GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-       GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+       GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1", GGUFValueType.UINT64: "<u8",
        GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
+MAX_DIMS = 4                 # GGML_MAX_DIMS
+INT64_MAX = 2**63 - 1        # ggml counts elements and bytes in int64
+_MIN_KV = 8 + 4 + 1          # key length, value type, the smallest value
+_MIN_INFO = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dimension, type, offset
 
 
 @dataclass
@@ -27,15 +33,29 @@ class TensorInfo:
 
 
 class _Cursor:
+    """Reads the header front to back; never reads, nor allocates for, more than the file still holds."""
+
     def __init__(self, raw: RawFile):
         self.raw, self.pos = raw, 0
         self.buf = bytes(raw.read(0, min(raw.size, 1 << 20)))
 
+    def fail(self, message: str, tensor=None):
+        raise FormatError(message, file=self.raw.path, tensor=tensor)
+
+    def left(self) -> int:
+        return self.raw.size - self.pos
+
+    def need(self, count: int, each: int, what: str) -> int:
+        """`count` items of at least `each` bytes must fit in the rest of the file."""
+        if count * each > self.left():
+            self.fail(f"truncated or corrupt GGUF header: {what} {count} does not fit in the file "
+                      f"({self.left()} bytes left at byte {self.pos})")
+        return count
+
     def take(self, n: int) -> bytes:
-        while self.pos + n > len(self.buf):
-            if len(self.buf) >= self.raw.size:
-                raise FormatError("truncated GGUF header", file=self.raw.path)
-            self.buf = bytes(self.raw.read(0, min(self.raw.size, 2 * len(self.buf) + n)))
+        self.need(n, 1, "a length of")
+        if self.pos + n > len(self.buf):
+            self.buf = bytes(self.raw.read(0, min(self.raw.size, max(2 * len(self.buf), self.pos + n))))
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
@@ -46,52 +66,106 @@ class _Cursor:
     def string(self) -> str:
         return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
-        vtype = GGUFValueType(vtype)
+    def strings(self, count: int) -> list[str]:
+        """`count` strings (the same checks as string(), in one loop: a vocabulary holds 32000 of them)."""
+        out, unpack = [], struct.unpack_from
+        for _ in range(count):
+            buf, pos = self.buf, self.pos
+            n = unpack("<Q", buf, pos)[0] if pos + 8 <= len(buf) else len(buf)
+            if pos + 8 + n > len(buf):
+                out.append(self.string())  # the slow path reads more of the file, or fails
+                continue
+            out.append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+            self.pos = pos + 8 + n
+        return out
+
+    def vtype(self) -> GGUFValueType:
+        code = self.unpack("<I")
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            self.fail(f"corrupt GGUF header: unknown value type {code} at byte {self.pos - 4}")
+
+    def value(self, vtype: GGUFValueType):
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
-            elem, count = GGUFValueType(self.unpack("<I")), self.unpack("<Q")
-            if elem in _NP:
-                dt = np.dtype(_NP[elem])
-                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
-            return [self.value(elem) for _ in range(count)]
+            elem, count = self.vtype(), self.unpack("<Q")
+            if elem == GGUFValueType.ARRAY:
+                self.fail("corrupt GGUF header: nested arrays are not supported")
+            if elem == GGUFValueType.STRING:
+                return self.strings(self.need(count, 8, "array length"))
+            dt = np.dtype(_NP[elem])
+            values = np.frombuffer(self.take(self.need(count, dt.itemsize, "array length") * dt.itemsize), dt)
+            return (values != 0).tolist() if elem == GGUFValueType.BOOL else values.tolist()
         dt = np.dtype(_NP[vtype])
-        return np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
+        value = np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
+        return bool(value) if vtype == GGUFValueType.BOOL else value
 
 
 def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
     """(metadata, tensor infos) of a GGUF file; raises FormatError naming the file (and tensor) when broken."""
     c = _Cursor(raw)
-    try:
-        if c.take(4) != b"GGUF":
-            raise FormatError("not a GGUF file (bad magic)", file=raw.path)
-        version, n_tensors, n_kv = c.unpack("<I"), c.unpack("<Q"), c.unpack("<Q")
-        if version not in (2, 3):
-            raise FormatError(f"unsupported GGUF version {version}", file=raw.path)
-        meta = {}
-        for _ in range(n_kv):
-            key = c.string()
-            meta[key] = c.value(c.unpack("<I"))
-        infos = [_info(c) for _ in range(n_tensors)]
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise FormatError(f"corrupt GGUF header ({exc})", file=raw.path) from None
-    align = int(meta.get("general.alignment", 32))
-    start = c.pos + (-c.pos % align)
-    return meta, [_place(raw, t, start) for t in infos]
+    if c.take(4) != b"GGUF":
+        c.fail("not a GGUF file (bad magic)")
+    version = c.unpack("<I")
+    if version not in (2, 3):
+        c.fail(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
+    c.need(n_tensors, _MIN_INFO, "tensor count")
+    c.need(n_kv, _MIN_KV, "metadata key count")
+    meta = {}
+    for _ in range(n_kv):
+        key = c.string()
+        if key in meta:
+            c.fail(f"corrupt GGUF header: duplicate metadata key {key!r}")
+        meta[key] = c.value(c.vtype())
+    infos = {}
+    for _ in range(n_tensors):
+        t = _info(c)
+        if t.name in infos:
+            c.fail("corrupt GGUF header: duplicate tensor name", tensor=t.name)
+        infos[t.name] = t
+    align = _alignment(c, meta)
+    return meta, _place(c, list(infos.values()), c.pos + (-c.pos % align), align)
+
+
+def _alignment(c: _Cursor, meta: dict) -> int:
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1):
+        c.fail(f"general.alignment must be a power of two, not {align!r}")
+    return align
 
 
 def _info(c: _Cursor) -> TensorInfo:
     name = c.string()
-    dims = [c.unpack("<Q") for _ in range(c.unpack("<I"))]
-    qtype, offset = GGMLQuantizationType(c.unpack("<I")), c.unpack("<Q")
-    shape = tuple(reversed(dims))
-    return TensorInfo(name, shape, qtype, offset, tensor_nbytes(shape, qtype))
+    n_dims = c.unpack("<I")
+    if not 1 <= n_dims <= MAX_DIMS:
+        c.fail(f"tensor has {n_dims} dimensions (1 to {MAX_DIMS} allowed)", tensor=name)
+    dims = [c.unpack("<Q") for _ in range(n_dims)]
+    if any(d < 1 or d > INT64_MAX for d in dims) or math.prod(dims) > INT64_MAX:
+        c.fail(f"tensor dimensions {dims} are out of range", tensor=name)
+    code, offset = c.unpack("<I"), c.unpack("<Q")
+    try:
+        qtype = GGMLQuantizationType(code)
+        block, size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        c.fail(f"unknown tensor type id {code}", tensor=name)
+    if dims[0] % block:
+        c.fail(f"row length {dims[0]} is not a multiple of {qtype.name}'s block of {block}", tensor=name)
+    return TensorInfo(name, tuple(reversed(dims)), qtype, offset, math.prod(dims) // block * size)
 
 
-def _place(raw: RawFile, t: TensorInfo, start: int) -> TensorInfo:
-    t.offset += start
-    if t.offset + t.nbytes > raw.size:
-        raise FormatError(f"file is truncated: tensor ends at byte {t.offset + t.nbytes} of {raw.size}",
-                          file=raw.path, tensor=t.name)
-    return t
+def _place(c: _Cursor, infos: list[TensorInfo], start: int, align: int) -> list[TensorInfo]:
+    """Make offsets absolute; each must be aligned, inside the file and clear of every other tensor."""
+    end = start
+    for t in sorted(infos, key=lambda t: t.offset):
+        if t.offset % align:
+            c.fail(f"data offset {t.offset} is not a multiple of the alignment {align}", tensor=t.name)
+        t.offset += start
+        if t.offset < end:
+            c.fail(f"data at byte {t.offset} overlaps the previous tensor (ends at byte {end})", tensor=t.name)
+        end = t.offset + t.nbytes
+        if end > c.raw.size:
+            c.fail(f"file is truncated: tensor ends at byte {end} of {c.raw.size}", tensor=t.name)
+    return infos

@@ -5,6 +5,7 @@ dequantize; writes F32/F16/BF16 and block quants, one source tensor (one expert 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from .. import names
-from ..errors import FormatError, NotMixtralError
+from ..errors import FormatError, NotMixtralError, ShapeError, reading
 from ..io.buffers import POOL, cast_for_write
 from ..io.files import RawFile
 from ..io.gguf_reader import TensorInfo, read_header
@@ -68,37 +69,81 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+_REQUIRED = object()
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def meta_value(m: dict, key: str, kind: type, source, default=_REQUIRED):
+    """Metadata value `key` checked to be of `kind` (int, float, str, bool or list); FormatError if it is
+    missing (and no default is given) or of another type (a bool is no number here, an int is a float)."""
+    if key not in m:
+        if default is _REQUIRED:
+            raise FormatError(f"GGUF metadata is missing {key!r}", file=source)
+        return default
+    v = m[key]
+    numeric = kind in (int, float) and isinstance(v, bool)
+    if numeric or not isinstance(v, (int, float) if kind is float else kind):
+        raise FormatError(f"GGUF metadata {key} is {_short(v)}, not {_KIND_WORDS[kind]}", file=source)
+    return v
+
+
 def spec_from_metadata(m: dict, source) -> ModelSpec:
     arch = m.get("general.architecture")
     if arch != "llama" or not m.get("llama.expert_count"):
-        raise NotMixtralError(f"not a Mixtral GGUF (architecture {arch!r}, "
-                              f"{m.get(f'{arch}.expert_count', 0)} experts)", file=source)
-    a = "llama."
+        experts = m.get("llama.expert_count", 0) if arch == "llama" else 0
+        raise NotMixtralError(f"not a Mixtral GGUF (architecture {_short(arch)}, {_short(experts)} experts)",
+                              file=source)
+
+    def get(key, kind=int, default=_REQUIRED):
+        return meta_value(m, "llama." + key, kind, source, default)
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
     try:
-        n_heads = m[a + "attention.head_count"]
         return ModelSpec(
-            dim=m[a + "embedding_length"], n_layers=m[a + "block_count"], n_heads=n_heads,
-            n_kv_heads=m.get(a + "attention.head_count_kv", n_heads),
-            head_dim=m.get(a + "attention.key_length") or m.get(a + "rope.dimension_count")
-            or m[a + "embedding_length"] // n_heads,
-            hidden_dim=m[a + "feed_forward_length"], n_experts=m[a + "expert_count"],
-            n_experts_per_tok=m[a + "expert_used_count"],
-            vocab_size=m.get(a + "vocab_size") or len(m["tokenizer.ggml.tokens"]),
-            norm_eps=_f32(m.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_f32(m.get(a + "rope.freq_base", 10000.0)),  # llama.cpp's default when the key is absent
-            context_length=m.get(a + "context_length", 32768), name=m.get("general.name") or "mixtral")
-    except KeyError as exc:
-        raise FormatError(f"GGUF metadata is missing {exc.args[0]!r}", file=source) from None
+            dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+            n_kv_heads=get("attention.head_count_kv", int, n_heads),
+            head_dim=get("attention.key_length", int, None) or get("rope.dimension_count", int, None)
+            or (dim // n_heads if n_heads > 0 else 0),
+            hidden_dim=get("feed_forward_length"), n_experts=get("expert_count"),
+            n_experts_per_tok=get("expert_used_count"),
+            vocab_size=get("vocab_size", int, None) or len(meta_value(m, "tokenizer.ggml.tokens", list, source)),
+            norm_eps=_f32(get("attention.layer_norm_rms_epsilon", float, 1e-5)),
+            rope_theta=_f32(get("rope.freq_base", float, 10000.0)),  # llama.cpp's default when the key is absent
+            context_length=get("context_length", int, 32768),
+            name=meta_value(m, "general.name", str, source, "") or "mixtral")
+    except ShapeError as exc:
+        raise ShapeError(exc.message, file=source) from None
 
 
-def tokenizer_from_metadata(m: dict) -> Tokenizer | None:
+# the fewest bits any GGML type spends on one weight (IQ1_S: 1.5625)
+_MIN_BITS = min(8 * size / block for block, size in gguf.GGML_QUANT_SIZES.values())
+
+
+def check_fits(spec: ModelSpec, raw: RawFile) -> None:
+    """Refuse a spec whose weights could not fit in the file even at the smallest GGML type, before anything
+    (the list of tensor names, per-expert handles) is sized from it."""
+    n = sum(math.prod(k.shape(spec)) * (spec.n_layers if k.scope != "global" else 1)
+            * (spec.n_experts if k.scope == "expert" else 1) for k in names.KINDS)
+    if n * _MIN_BITS / 8 > raw.size:
+        raise FormatError(f"metadata describes a model of {n} weights, more than the file's {raw.size} bytes "
+                          "can hold", file=raw.path)
+
+
+def tokenizer_from_metadata(m: dict, source) -> Tokenizer | None:
     if "tokenizer.ggml.tokens" not in m:
         return None
+
+    def get(key, kind, default=_REQUIRED):
+        return meta_value(m, "tokenizer." + key, kind, source, default)
     return Tokenizer.from_vocab(
-        m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"],
-        chat_template=m.get("tokenizer.chat_template"), bos_id=m.get("tokenizer.ggml.bos_token_id", 1),
-        eos_id=m.get("tokenizer.ggml.eos_token_id", 2), unk_id=m.get("tokenizer.ggml.unknown_token_id", 0),
-        add_bos=m.get("tokenizer.ggml.add_bos_token", True), add_eos=m.get("tokenizer.ggml.add_eos_token", False))
+        get("ggml.tokens", list), get("ggml.scores", list), get("ggml.token_type", list), source=source,
+        chat_template=get("chat_template", str, None), bos_id=get("ggml.bos_token_id", int, 1),
+        eos_id=get("ggml.eos_token_id", int, 2), unk_id=get("ggml.unknown_token_id", int, 0),
+        add_bos=get("ggml.add_bos_token", bool, True), add_eos=get("ggml.add_eos_token", bool, False))
 
 
 def _loader(raw: RawFile, name: str, offset: int, shape: tuple, qtype: Q) -> Callable[[], torch.Tensor]:
@@ -106,8 +151,12 @@ def _loader(raw: RawFile, name: str, offset: int, shape: tuple, qtype: Q) -> Cal
     if qtype in FLOAT_TYPES:
         return lambda: raw.read_tensor(offset, nbytes, FLOAT_TYPES[qtype], shape, name)
     row_bytes = tensor_nbytes(shape[-1:], qtype)
-    return lambda: torch.from_numpy(
-        gguf.quants.dequantize(raw.read(offset, nbytes, name).reshape(-1, row_bytes), qtype).reshape(shape))
+
+    def load() -> torch.Tensor:
+        data = raw.read(offset, nbytes, name).reshape(-1, row_bytes)
+        with reading(raw.path, name):  # gguf-py cannot dequantize every type id the format defines
+            return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(shape))
+    return load
 
 
 def _lazy(raw: RawFile, t: TensorInfo, canonical: str, spec: ModelSpec, slab: int | None) -> LazyTensor:
@@ -131,6 +180,9 @@ def _canonical_tensors(raw: RawFile, infos: list[TensorInfo], spec: ModelSpec) -
         if hit is None:
             tensors[t.name] = LazyTensor(t.name, t.shape, torch.float32, None, raw.path)
         elif hit[1]:
+            if len(t.shape) != 3 or t.shape[0] != spec.n_experts:
+                raise ShapeError(f"merged expert tensor has shape {list(t.shape)}, expected "
+                                 f"[{spec.n_experts}, rows, columns]", file=raw.path, tensor=t.name)
             for e in range(t.shape[0]):
                 name = hit[0].replace("{e}", str(e))
                 tensors[name] = _lazy(raw, t, name, spec, e)
@@ -142,14 +194,18 @@ def _canonical_tensors(raw: RawFile, infos: list[TensorInfo], spec: ModelSpec) -
 def read(path: Path) -> Checkpoint:
     raw = RawFile(path)
     try:
-        meta, infos = read_header(raw)
-        spec = spec_from_metadata(meta, path)
-        tensors, legacy = _canonical_tensors(raw, infos, spec)
+        with reading(path):
+            meta, infos = read_header(raw)
+            spec = spec_from_metadata(meta, path)
+            check_fits(spec, raw)
+            tensors, legacy = _canonical_tensors(raw, infos, spec)
+            tokenizer = tokenizer_from_metadata(meta, path)
+            file_type = meta_value(meta, "general.file_type", int, path, None)
     except BaseException:
         raw.close()
         raise
-    info = {"file_type": meta.get("general.file_type"), "legacy_experts": legacy}
-    ckpt = Checkpoint(spec, tensors, "gguf", path, tokenizer_from_metadata(meta), info)
+    info = {"file_type": file_type, "legacy_experts": legacy}
+    ckpt = Checkpoint(spec, tensors, "gguf", path, tokenizer, info)
     ckpt.closers.append(raw.close)
     return ckpt
 
@@ -233,9 +289,11 @@ def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,
-          imatrix: dict | None = None, extra_metadata=(), **_):
+          imatrix: dict | None = None, extra_metadata=(), encoded=None, **_):
     """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type;
-    `extra_metadata`: more (key, GGUFValueType, value) rows, e.g. the quantize.imatrix.* keys."""
+    `extra_metadata`: more (key, GGUFValueType, value) rows, e.g. the quantize.imatrix.* keys;
+    `encoded(tensor, type)`: the bytes of a canonical tensor (one expert slab) already in `type` and GGUF row
+    order, or None to encode it here (quantize --to gguf hands over its GPTQ results this way)."""
     policy = policy or uniform_policy(Q[outtype.upper()])
     w = GGUFStreamWriter(out)
     metadata(w, ckpt.spec, ckpt.tokenizer or Tokenizer.default(),
@@ -247,7 +305,8 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, po
         kind, layer, _ = names.parse(tensors[0].name)
         qtype = policy(kind.key, layer, shape)
         w.plan(gname, shape, qtype)
-        jobs += [_job(t, ckpt.spec, qtype, imatrix) for t in tensors]
+        jobs += [_given(encoded, t, qtype, _job(t, ckpt.spec, qtype, imatrix, outtype not in OUTTYPE_FILE_TYPE))
+                 for t in tensors]
     w.write_header()
     for data in prefetched(jobs):
         progress(w.write(data))
