@@ -67,16 +67,22 @@ def main():
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="importance matrix (ours or llama.cpp's, GGUF or legacy .dat) for block-quantized outtypes")
 @click.option("--shard-size", default="5GB", show_default=True, help="HF shard size")
+@click.option("--chat-template", default="auto", show_default=True, metavar="auto|keep|mistral-common|FILE",
+              help="auto: mistral-common's template where the source's is known to give other token ids")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="replace an existing output")
 @handled
-def convert(src, layout, outtype, imatrix, shard_size, out, force):
+def convert(src, layout, outtype, imatrix, shard_size, chat_template, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
+    from .chat import set_chat_template
     with open_checkpoint(src) as ckpt:
+        note = set_chat_template(ckpt, chat_template)
         resolved = conv.resolve_outtype(ckpt, outtype)
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
             conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,
                                   shard_bytes=_size(shard_size), imatrix_path=imatrix)
+    if note:
+        click.echo(note, err=True)
     click.echo(f"wrote {out}")
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .chat import describe_difference
+from .chat import report as chat_report
 from .errors import MxError
 from .layouts import detect
 
@@ -20,6 +22,7 @@ def describe(path: Path) -> dict:
                 "tensors": len(ckpt.tensors), "parameters": params, "types": dict(types),
                 "file_bytes": _bytes(Path(path)), "tokenizer": ckpt.tokenizer is not None,
                 "chat_template": bool(ckpt.tokenizer and ckpt.tokenizer.chat_template),
+                "chat_template_check": chat_report(ckpt.tokenizer),
                 "info": {k: v for k, v in ckpt.info.items() if isinstance(v, (int, str, float, bool, type(None)))},
                 "problems": [p.line() if isinstance(p, MxError) else str(p) for p in ckpt.problems()]}
     finally:
@@ -39,5 +42,14 @@ def render(r: dict) -> str:
              f"{c['vocab_size']}, rope_theta {c['rope_theta']:g}",
              "  types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())),
              f"  tokenizer: {'yes' if r['tokenizer'] else 'no'}, chat template: {'yes' if r['chat_template'] else 'no'}"]
+    lines += _chat_line(r["chat_template_check"])
     lines += [f"  problem: {p}" for p in r["problems"]] or ["  no problems found"]
     return "\n".join(lines)
+
+
+def _chat_line(check: dict | None) -> list[str]:
+    if check is None:
+        return []
+    if check["reproduces_mistral_common"]:
+        return [f"  chat template: reproduces mistral-common's token ids on all {check['conversations']} conversations"]
+    return ["  chat template: differs from mistral-common at " + describe_difference(check["first_difference"])]
