@@ -76,7 +76,7 @@ def convert(src, layout, outtype, imatrix, shard_size, chat_template, out, force
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
     from .chat import set_chat_template
     with open_checkpoint(src) as ckpt:
-        note = set_chat_template(ckpt, chat_template)
+        note = set_chat_template(ckpt, chat_template) if layout != "mistral" else None  # params.json has none
         resolved = conv.resolve_outtype(ckpt, outtype)
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
             conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,

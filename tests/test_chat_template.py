@@ -162,6 +162,11 @@ def test_chat_template_from_a_file(instruct_src, tmp_path):
     assert written_template(tmp_path / "f") == jinja.read_text()
 
 
+def test_the_mistral_layout_stores_no_template_so_nothing_is_said(instruct_src, tmp_path):
+    code, _, err = run("convert", instruct_src, "--to", "mistral", "-o", tmp_path / "m")
+    assert (code, err) == (0, "")
+
+
 def test_synth_without_template_stays_without_one(synth_dir, tmp_path):
     code, _, err = run("convert", synth_dir("hf", "f32"), "--to", "gguf", "-o", tmp_path / "o.gguf")
     assert (code, err, written_template(tmp_path / "o.gguf")) == (0, "", None)
