@@ -20,6 +20,7 @@ one that fails at every damping also falls back to round-to-nearest. Everything 
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -399,22 +400,40 @@ RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsam
                "static_groups", "mse", "min_tokens")
 
 
-def load_recipe(name_or_path) -> dict:
-    """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128")."""
-    import yaml
+RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
 
+
+def load_recipe(name_or_path) -> dict:
+    """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128").
+    Each value must have its default's type (a null only where the default is one); anything else is an
+    MxError naming the file."""
     from .. import recipes
+    from .mixes import read_yaml
     path = recipes.find(name_or_path)
     if path is None:
         raise MxError(f"no recipe {name_or_path!r} (known: {', '.join(recipes.names())})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MxError(f"cannot parse recipe: {exc}", file=path) from None
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise MxError(f"a recipe is a mapping of settings, not {type(data).__name__}", file=path)
     unknown = set(data) - set(RECIPE_KEYS) - {"name", "description"}
-    if not isinstance(data, dict) or unknown:
-        raise MxError(f"recipe has unknown keys {sorted(unknown)}; known: {', '.join(RECIPE_KEYS)}", file=path)
+    if unknown:
+        raise MxError(f"recipe has unknown keys {sorted(map(reprlib.repr, unknown))}; known: {', '.join(RECIPE_KEYS)}",
+                      file=path)
+    for key, value in data.items():
+        _check_setting(key, value, path)
     return data
+
+
+def _check_setting(key: str, value, path) -> None:
+    default = DEFAULTS.get(key, "")  # name, description: text
+    kind = float if isinstance(default, float) else int if default is None else type(default)
+    fits = (value is None and default is None) or (
+        isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool)))
+    if not fits:
+        raise MxError(f"recipe value {key}: {reprlib.repr(value)} is not {kind.__name__}"
+                      f"{' or null' if default is None else ''}", file=path)
+    if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
+        raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
 
 
 DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.01, nsamples=128,

@@ -17,6 +17,7 @@ Normalisation is llama-quantize's, in float32: sums / count, and 1.0 for an expe
 """
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -27,10 +28,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from .. import names
-from ..errors import FormatError, ShapeError
+from ..errors import FormatError, ShapeError, reading
 from ..io.atomic import atomic_output, check_output
 from ..io.files import RawFile
-from ..io.gguf_reader import read_header
+from ..io.gguf_reader import meta_value, read_header
 from ..io.gguf_writer import GGUFStreamWriter
 from ..model import iter_layers, resolve_device
 from ..spec import ModelSpec
@@ -58,6 +59,7 @@ class Imatrix(dict):
         self.chunk_size, self.chunk_count = chunk_size, chunk_count
         self.datasets, self.legacy = list(datasets), legacy
         self.entries = entries  # entries in the file (a merged expert tensor is one), as llama-quantize counts
+        self.path = None  # the file it was read from, if any
 
     def quantize_metadata(self, path) -> list[tuple[str, V, object]]:
         """The quantize.imatrix.* keys llama-quantize records in a GGUF quantized with this file (key, type, value)."""
@@ -242,22 +244,28 @@ def read_imatrix(path) -> Imatrix:
     """An imatrix file (GGUF or legacy .dat) as canonical name -> ImatrixStat, per expert for merged tensors.
 
     Legacy files hold mean * ncall per column and one ncall per matrix: they come back as (values, ncall),
-    with `.legacy` set, so that normalize() divides as llama-quantize does.
+    with `.legacy` set, so that normalize() divides as llama-quantize does. Sums must be finite and >= 0,
+    counts whole numbers >= 0; anything else is a FormatError naming the file (and entry).
     """
     path = Path(path)
     with open(path, "rb") as f:
         magic = f.read(4)
-    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    with reading(path):
+        out = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    out.path = path
+    return out
 
 
 def _read_gguf(path: Path) -> Imatrix:
     raw = RawFile(path)
     try:
         meta, infos = read_header(raw)
+        datasets = meta_value(meta, "imatrix.datasets", list, path, [])
+        if not set(map(type, datasets)) <= {str}:
+            raise FormatError("imatrix.datasets holds values that are not strings", file=path)
+        out = Imatrix(chunk_size=meta_value(meta, "imatrix.chunk_size", int, path, 0),
+                      chunk_count=meta_value(meta, "imatrix.chunk_count", int, path, 0), datasets=datasets)
         tensors = {t.name: t for t in infos}
-        out = Imatrix(chunk_size=int(meta.get("imatrix.chunk_size", 0)),
-                      chunk_count=int(meta.get("imatrix.chunk_count", 0)),
-                      datasets=meta.get("imatrix.datasets", []))
         for tname, t in tensors.items():
             if tname.endswith(".in_sum2"):
                 out.update(_gguf_entry(raw, tname[: -len(".in_sum2")], t, tensors))
@@ -271,12 +279,23 @@ def _gguf_entry(raw: RawFile, gname: str, sums_info, tensors: dict) -> dict:
     counts_info = tensors.get(gname + ".counts")
     if counts_info is None or sums_info.qtype != Q.F32 or counts_info.qtype != Q.F32:
         raise FormatError("imatrix entry needs F32 .in_sum2 and .counts tensors", file=raw.path, tensor=gname)
+    n_mat, n_sums = math.prod(counts_info.shape), math.prod(sums_info.shape)
+    if n_sums % n_mat:
+        raise FormatError(f"{n_sums} sums do not split into {n_mat} matrices", file=raw.path, tensor=gname)
     sums = raw.read_tensor(sums_info.offset, sums_info.nbytes, torch.float32, sums_info.shape, gname)
     counts = raw.read_tensor(counts_info.offset, counts_info.nbytes, torch.float32, counts_info.shape, gname)
-    n_mat = counts.numel()
+    counts = _checked(sums, counts.reshape(-1), raw.path, gname)
     sums = sums.reshape(n_mat, -1)
-    return _entries(gname, [ImatrixStat(sums[k].clone(), round(float(counts.reshape(-1)[k])))
-                            for k in range(n_mat)])
+    return _entries(gname, [ImatrixStat(sums[k].clone(), int(counts[k])) for k in range(n_mat)])
+
+
+def _checked(sums: torch.Tensor, counts: torch.Tensor, path, gname: str) -> torch.Tensor:
+    """`counts` if they are whole numbers >= 0 and the sums of squares finite and >= 0; else a FormatError."""
+    if not bool(torch.all(torch.isfinite(sums) & (sums >= 0))):
+        raise FormatError("sums of squares must be finite and >= 0", file=path, tensor=gname)
+    if not bool(torch.all(torch.isfinite(counts) & (counts >= 0) & (counts < 2**53))):
+        raise FormatError("token counts must be finite and >= 0", file=path, tensor=gname)
+    return counts.double().round()
 
 
 def _entries(gname: str, stats: list[ImatrixStat]) -> dict:
@@ -291,32 +310,47 @@ def _entries(gname: str, stats: list[ImatrixStat]) -> dict:
 
 
 def _read_legacy(path: Path) -> Imatrix:
+    """llama.cpp's legacy .dat: i32 entry count; per entry i32 name length, name, i32 ncall, i32 nval, nval
+    f32; then optionally i32 chunk count. Every length is checked against the bytes left before it is used."""
     data = path.read_bytes()
-    raw, pos = {}, 4
-    try:
-        (n,) = struct.unpack_from("<i", data, 0)
-        if n < 1:
-            raise ValueError("no entries")
-        for _ in range(n):
-            (ln,) = struct.unpack_from("<i", data, pos)
-            gname = data[pos + 4: pos + 4 + ln].decode()
-            ncall, nval = struct.unpack_from("<ii", data, pos + 4 + ln)
-            pos += 12 + ln
-            raw[gname] = (torch.from_numpy(np.frombuffer(data, "<f4", nval, pos).copy()), ncall)
-            pos += 4 * nval
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"neither a GGUF nor a legacy imatrix file ({exc})", file=path) from None
+
+    def fail(message: str, entry=None):
+        raise FormatError(f"neither a GGUF nor a legacy imatrix file ({message})", file=path, tensor=entry)
+
+    def ints(pos: int, k: int) -> tuple:
+        if pos + 4 * k > len(data):
+            fail(f"truncated at byte {pos}")
+        return struct.unpack_from(f"<{k}i", data, pos)
+
+    (n,), pos, raw = ints(0, 1), 4, {}
+    if not 1 <= n <= len(data) // 12:
+        fail(f"entry count {n}")
+    for _ in range(n):
+        (ln,) = ints(pos, 1)
+        if not 1 <= ln <= len(data) - pos - 4:
+            fail(f"name length {ln} at byte {pos}")
+        gname = data[pos + 4: pos + 4 + ln].decode("utf-8", errors="replace")
+        ncall, nval = ints(pos + 4 + ln, 2)
+        pos += 12 + ln
+        if ncall < 0 or not 1 <= nval <= (len(data) - pos) // 4 or gname in raw:
+            fail(f"ncall {ncall}, nval {nval}" if gname not in raw else "stored twice", gname)
+        vals = torch.from_numpy(np.frombuffer(data, "<f4", nval, pos).copy())
+        _checked(vals, torch.tensor([float(ncall)]), path, gname)
+        raw[gname] = (vals, ncall)
+        pos += 4 * nval
     out = Imatrix(legacy=True, entries=len(raw))
     if pos + 4 <= len(data):
-        out.chunk_count = struct.unpack_from("<i", data, pos)[0]
-    n_experts = _legacy_expert_count(raw)
+        out.chunk_count = max(0, ints(pos, 1)[0])
+    n_experts = _legacy_expert_count(raw, path)
     for gname, (vals, ncall) in raw.items():
         n_mat = n_experts if (_to_canonical(gname) or ("", False))[1] else 1
+        if len(vals) % n_mat:
+            fail(f"{len(vals)} values do not split into {n_mat} experts", gname)
         out.update(_entries(gname, [ImatrixStat(v.clone(), ncall) for v in vals.reshape(n_mat, -1)]))
     return out
 
 
-def _legacy_expert_count(raw: dict) -> int:
+def _legacy_expert_count(raw: dict, path) -> int:
     """A legacy file keeps a merged expert tensor as one flat vector: the expert count is the length of an
     ffn_gate_exps entry over the model width (the router's or attn_q's input length)."""
     width = next((len(v) for g, (v, _) in raw.items() if g.endswith(("ffn_gate_inp.weight", "attn_q.weight"))),
@@ -325,7 +359,7 @@ def _legacy_expert_count(raw: dict) -> int:
     if not gates:
         return 1
     if width is None or gates[0] % width:
-        raise FormatError("legacy imatrix: cannot tell how many experts its merged tensors hold")
+        raise FormatError("legacy imatrix: cannot tell how many experts its merged tensors hold", file=path)
     return gates[0] // width
 
 
@@ -357,6 +391,7 @@ def imatrix_for_writer(data, spec: ModelSpec) -> dict[str, torch.Tensor]:
         vec = normalize(v, legacy) if isinstance(v, ImatrixStat) else torch.as_tensor(v, dtype=torch.float32)
         cols = names.expected_shape(name, spec)[-1]
         if vec.numel() != cols:
-            raise ShapeError(f"imatrix has {vec.numel()} values for {name}, whose rows have {cols}")
+            raise ShapeError(f"imatrix has {vec.numel()} values for {name}, whose rows have {cols}",
+                             file=getattr(data, "path", None))
         out[name] = vec
     return out

@@ -20,6 +20,7 @@ router), and the fallback it applies when a row length is no multiple of the cho
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from gguf import GGMLQuantizationType as Q
 from .. import recipes
 from ..errors import MxError
 from ..names import KIND_BY_KEY
-from ..spec import ModelSpec
+from ..spec import PRESETS, ModelSpec
 
 # Never quantized by llama.cpp (tensor_allows_quantization): 1-D norms ("_norm.weight") and the router
 # ("ffn_gate_inp.weight"); every GGUF llama.cpp reads stores them F32.
@@ -64,6 +65,8 @@ def model_type(spec: ModelSpec) -> str:
         return "70B"
     return "other"
 
+
+_PROBE = ModelSpec(**PRESETS["tiny"])  # a model to try condition values on
 
 # condition word -> test(value, spec, layer, has_imatrix)
 CONDITIONS = {
@@ -156,32 +159,67 @@ def row_fallback(qtype: Q, ncols: int) -> Q:
     return new if ncols % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
 
 
-def _rule(raw: dict, where: str) -> Rule:
+def _rule(raw, where: str) -> Rule:
+    if not isinstance(raw, dict) or not isinstance(raw.get("when") or {}, dict):
+        raise MxError(f"a mix rule is a mapping {{when: {{...}}, type: T}}, not {reprlib.repr(raw)}", file=where)
     when = dict(raw.get("when") or {})
-    unknown = set(when) - set(CONDITIONS)
+    unknown = set(map(str, when)) - set(CONDITIONS)
     if unknown:
         raise MxError(f"unknown condition(s) {sorted(unknown)}; known: {sorted(CONDITIONS)}", file=where)
+    for word, value in when.items():
+        _check_condition(word, value, where)
     return Rule(when, _qtype(raw.get("type"), where))
 
 
-def _qtype(name, where: str) -> Q:
+def _check_condition(word: str, value, where: str) -> None:
+    """A condition's value is a scalar its test can compare (tried on a probe model, layer 0)."""
     try:
-        return Q[str(name).upper()]
-    except KeyError:
-        raise MxError(f"unknown GGML type {name!r}", file=where) from None
+        if not isinstance(value, (bool, int, str)):
+            raise TypeError
+        CONDITIONS[word](value, _PROBE, 0, False)
+    except TypeError:
+        raise MxError(f"condition {word}: {reprlib.repr(value)} is not a value it can test", file=where) from None
+
+
+def _qtype(name, where: str) -> Q:
+    if not isinstance(name, str) or name.upper() not in Q.__members__:
+        raise MxError(f"unknown GGML type {reprlib.repr(name)}", file=where)
+    return Q[name.upper()]
 
 
 def parse_mix(data: dict, where: str = "<mix>") -> Mix:
-    """A Mix from the mapping a recipe file holds; unknown kinds, types and conditions are errors."""
+    """A Mix from the mapping a recipe file holds; unknown kinds, types and conditions, and values of the wrong
+    type, are errors naming `where`."""
+    if not isinstance(data, dict) or not isinstance(data.get("rules") or {}, dict):
+        raise MxError("a mix is a mapping with name, file_type, default and rules (a mapping)", file=where)
     rules = data.get("rules") or {}
-    unknown = set(rules) - set(KIND_BY_KEY)
+    unknown = set(map(str, rules)) - set(KIND_BY_KEY)
     if unknown:
         raise MxError(f"unknown tensor kind(s) {sorted(unknown)}", file=where)
+    missing = [k for k in ("name", "file_type", "default") if k not in data]
+    if missing:
+        raise MxError(f"mix recipe lacks {missing[0]!r}", file=where)
+    if type(data["file_type"]) is not int or not 0 <= data["file_type"] < 2**31:
+        raise MxError(f"mix file_type {reprlib.repr(data['file_type'])} is not a llama_ftype number", file=where)
+    if not all(isinstance(rs, list) for rs in rules.values()) or not isinstance(data["name"], str):
+        raise MxError("a mix's name is a string and each kind's rules are a list", file=where)
+    return Mix(data["name"], data["file_type"], _qtype(data["default"], where),
+               {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})
+
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes of YAML
+
+
+def read_yaml(path):
+    """A recipe or mix file parsed with yaml.safe_load; one too large or that does not parse is an MxError
+    naming it."""
+    text = path.read_bytes()
+    if len(text) > MAX_RECIPE_BYTES:
+        raise MxError(f"{len(text)} bytes is too large for a recipe", file=path)
     try:
-        return Mix(str(data["name"]), int(data["file_type"]), _qtype(data["default"], where),
-                   {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})
-    except KeyError as exc:
-        raise MxError(f"mix recipe lacks {exc.args[0]!r}", file=where) from None
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: a malformed number or date
+        raise MxError(f"cannot parse recipe: {exc}", file=path) from None
 
 
 def load_mix(name: str) -> Mix:
@@ -189,7 +227,7 @@ def load_mix(name: str) -> Mix:
     path = recipes.find(name.lower(), "gguf")
     if path is None:
         raise MxError(f"unknown quantization mix {name!r}; available: {', '.join(available_mixes()) or 'none'}")
-    return parse_mix(yaml.safe_load(path.read_text()), str(path))
+    return parse_mix(read_yaml(path), str(path))
 
 
 def gguf_options(name: str, spec: ModelSpec, imatrix: dict | None = None,

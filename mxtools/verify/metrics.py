@@ -340,7 +340,10 @@ class SavedBase:
         return self.header["n_ctx"]
 
     def chunk(self, i: int) -> torch.Tensor:
-        return _decode(self.data[i], self.header["encoding"])
+        lp = _decode(self.data[i], self.header["encoding"])
+        if torch.isnan(lp).any() or not torch.isfinite(lp.amax(-1)).all():
+            raise FormatError(f"chunk {i} holds log-probs that are no finite distribution", file=self.path)
+        return lp
 
     def check(self, chunks: torch.Tensor, n_vocab: int | None = None) -> None:
         """Refuse a base computed over other tokens, another context size or another vocabulary."""
@@ -358,19 +361,47 @@ class SavedBase:
                                     "(other text or tokenizer?)", file=self.path)
 
 
+MAX_HEADER_BYTES = 1 << 16  # a header is ~200 bytes of JSON
+
+
 def load_base(path) -> SavedBase:
-    """Open a base file written by `save_base` (memory mapped)."""
+    """Open a base file written by `save_base` (memory mapped). The header must be what BaseWriter writes and
+    describe exactly the file's bytes; anything else is a FormatError naming the file."""
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(len(MAGIC)) != MAGIC:
             raise FormatError("not an mxtools base log-prob file", file=path)
-        header = json.loads(fh.read(int.from_bytes(fh.read(4), "little")))
+        length = int.from_bytes(fh.read(4), "little")
+        if length > min(MAX_HEADER_BYTES, size - fh.tell()):
+            raise FormatError(f"corrupt base header (length {length})", file=path)
+        header = _base_header(fh.read(length), path)
         start = fh.tell()
     n, ctx, ns, nv = header["n_chunks"], header["n_ctx"], header["n_scored"], header["n_vocab"]
     dt = ENCODINGS[header["encoding"]]
     tok_bytes = n * ctx * 4
-    if path.stat().st_size != start + tok_bytes + n * ns * nv * dt.itemsize:
+    if size != start + tok_bytes + n * ns * nv * dt.itemsize:
         raise FormatError("base file is truncated or has extra bytes", file=path)
     tokens = np.fromfile(path, dtype="<i4", count=n * ctx, offset=start).reshape(n, ctx)
     data = np.memmap(path, dtype=dt, mode="r", offset=start + tok_bytes, shape=(n, ns, nv))
     return SavedBase(path, header, tokens, data)
+
+
+def _base_header(body: bytes, path: Path) -> dict:
+    """The JSON header of a base file, checked field by field."""
+    try:
+        header = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"corrupt base header ({exc})", file=path) from None
+    if not isinstance(header, dict):
+        raise FormatError("corrupt base header (not a JSON object)", file=path)
+    for key in ("n_ctx", "n_chunks", "n_vocab", "n_scored"):
+        if type(header.get(key)) is not int or header[key] < 1:
+            raise FormatError(f"base header {key} is {str(header.get(key))[:40]}, not a count", file=path)
+    if header["n_scored"] != n_scored(header["n_ctx"]):
+        raise FormatError(f"base header n_scored {header['n_scored']} does not fit n_ctx {header['n_ctx']}",
+                          file=path)
+    if not isinstance(header.get("encoding"), str) or header["encoding"] not in ENCODINGS:
+        raise FormatError(f"base header encoding {str(header.get('encoding'))[:40]} is not one of "
+                          f"{sorted(ENCODINGS)}", file=path)
+    return header
