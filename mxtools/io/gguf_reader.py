@@ -169,3 +169,28 @@ def _place(c: _Cursor, infos: list[TensorInfo], start: int, align: int) -> list[
         if end > c.raw.size:
             c.fail(f"file is truncated: tensor ends at byte {end} of {c.raw.size}", tensor=t.name)
     return infos
+
+
+# ---- typed metadata access ----
+
+REQUIRED = object()
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"}
+
+
+def short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def meta_value(m: dict, key: str, kind: type, source, default=REQUIRED):
+    """Metadata value `key` checked to be of `kind` (int, float, str, bool or list); FormatError if it is
+    missing (and no default is given) or of another type (a bool is no number here, an int is a float)."""
+    if key not in m:
+        if default is REQUIRED:
+            raise FormatError(f"GGUF metadata is missing {key!r}", file=source)
+        return default
+    v = m[key]
+    numeric = kind in (int, float) and isinstance(v, bool)
+    if numeric or not isinstance(v, (int, float) if kind is float else kind):
+        raise FormatError(f"GGUF metadata {key} is {short(v)}, not {_KIND_WORDS[kind]}", file=source)
+    return v

@@ -19,7 +19,7 @@ from .. import names
 from ..errors import FormatError, NotMixtralError, ShapeError, reading
 from ..io.buffers import POOL, cast_for_write
 from ..io.files import RawFile
-from ..io.gguf_reader import TensorInfo, read_header
+from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
 from ..io.pipeline import prefetched
 from ..names import NameTable
@@ -69,37 +69,14 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-_REQUIRED = object()
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"}
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def meta_value(m: dict, key: str, kind: type, source, default=_REQUIRED):
-    """Metadata value `key` checked to be of `kind` (int, float, str, bool or list); FormatError if it is
-    missing (and no default is given) or of another type (a bool is no number here, an int is a float)."""
-    if key not in m:
-        if default is _REQUIRED:
-            raise FormatError(f"GGUF metadata is missing {key!r}", file=source)
-        return default
-    v = m[key]
-    numeric = kind in (int, float) and isinstance(v, bool)
-    if numeric or not isinstance(v, (int, float) if kind is float else kind):
-        raise FormatError(f"GGUF metadata {key} is {_short(v)}, not {_KIND_WORDS[kind]}", file=source)
-    return v
-
-
 def spec_from_metadata(m: dict, source) -> ModelSpec:
     arch = m.get("general.architecture")
     if arch != "llama" or not m.get("llama.expert_count"):
         experts = m.get("llama.expert_count", 0) if arch == "llama" else 0
-        raise NotMixtralError(f"not a Mixtral GGUF (architecture {_short(arch)}, {_short(experts)} experts)",
+        raise NotMixtralError(f"not a Mixtral GGUF (architecture {short(arch)}, {short(experts)} experts)",
                               file=source)
 
-    def get(key, kind=int, default=_REQUIRED):
+    def get(key, kind=int, default=REQUIRED):
         return meta_value(m, "llama." + key, kind, source, default)
     dim, n_heads = get("embedding_length"), get("attention.head_count")
     try:
@@ -137,7 +114,7 @@ def tokenizer_from_metadata(m: dict, source) -> Tokenizer | None:
     if "tokenizer.ggml.tokens" not in m:
         return None
 
-    def get(key, kind, default=_REQUIRED):
+    def get(key, kind, default=REQUIRED):
         return meta_value(m, "tokenizer." + key, kind, source, default)
     return Tokenizer.from_vocab(
         get("ggml.tokens", list), get("ggml.scores", list), get("ggml.token_type", list), source=source,
