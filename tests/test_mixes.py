@@ -211,8 +211,10 @@ def llama_types(spec, file_type: int) -> dict[str, Q]:
 # ---- the mixes as data ----
 
 def test_mixes_come_from_the_recipe_files():
-    assert set(MIXES) >= {"q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
-    assert {m: load_mix(m).file_type for m in ("q4_k_m", "q8_0", "q4_0")} == {"q4_k_m": 15, "q8_0": 7, "q4_0": 2}
+    assert set(MIXES) >= {"q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                          "q2_k", "q3_k_s", "q3_k_m", "q3_k_l"}
+    assert {m: load_mix(m).file_type for m in ("q4_k_m", "q8_0", "q4_0", "q2_k", "q3_k_l")} == \
+        {"q4_k_m": 15, "q8_0": 7, "q4_0": 2, "q2_k": 10, "q3_k_l": 13}
     with pytest.raises(MxError, match="unknown quantization mix 'q9_x'.*q4_k_m"):
         load_mix("q9_x")
     with pytest.raises(MxError, match="unknown condition"):
@@ -235,6 +237,7 @@ TYPE_SPECS = {  # real shapes, a non-8-expert llama, rows that need fallbacks, a
     "4-experts": synth_spec("tiny", n_layers=16, n_experts=4),
     "odd-rows": synth_spec("tiny", n_layers=10, dim=96, hidden_dim=200, n_heads=3, n_kv_heads=1, head_dim=32),
     "70b-class": synth_spec("tiny", n_layers=80, n_experts=4),
+    "gqa-4": synth_spec("tiny", n_layers=20, n_experts=4, n_heads=8, head_dim=32),  # Q2_K's n_gqa() >= 4 rule
 }
 
 

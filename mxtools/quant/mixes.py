@@ -8,6 +8,8 @@ src/llama-quant.cpp, `llama_tensor_get_type_impl`):
   model_type: 70B     llama.cpp classes the model LLM_TYPE_70B (80 layers, GQA, not 8 experts)
   more_bits: true     use_more_bits(layer, n_layers): i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2
   first_eighth: true  layer < n_layers / 8 (integer division)
+  first_sixteenth: true  layer < n_layers / 16 (integer division)
+  gqa_at_least: N     n_heads / n_kv_heads >= N (integer division, llama.cpp's n_gqa())
   layer_below: N      layer < N
   imatrix: true       an importance matrix is given (llama.cpp's qs.has_imatrix)
 Layer conditions are false for global tensors. For merged-expert tensors llama.cpp parses the layer from the
@@ -74,6 +76,8 @@ CONDITIONS = {
     "model_type": lambda v, s, i, im: model_type(s) == str(v),
     "more_bits": lambda v, s, i, im: i is not None and use_more_bits(i, s.n_layers) == v,
     "first_eighth": lambda v, s, i, im: i is not None and (i < s.n_layers // 8) == v,
+    "first_sixteenth": lambda v, s, i, im: i is not None and (i < s.n_layers // 16) == v,
+    "gqa_at_least": lambda v, s, i, im: s.n_kv_heads > 0 and s.n_heads // s.n_kv_heads >= v,
     "layer_below": lambda v, s, i, im: i is not None and i < v,
     "imatrix": lambda v, s, i, im: im == v,
 }
