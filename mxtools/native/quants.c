@@ -64,10 +64,11 @@ static void pack_high_bits(const int32_t *q, uint8_t *qh) {
 }
 
 /* quantize_row_q4_0_ref / q5_0_ref: d = max / -nmax, q = MIN(2 nmax - 1, (int8_t)(x/d + nmax + 0.5)). */
-static void symmetric_ref(const float *x, int nmax, float *d_out, int32_t *q) {
+static void symmetric_ref(const float *x, int nmax, float *d_out, int32_t *q, float *par) {
     const float max = first_absmax(x, QK);
     const float d = max / -nmax;
     const float id = d ? 1.0f / d : 0.0f;
+    if (par) { par[0] = id; par[1] = 0; par[2] = 1; }
     for (int j = 0; j < QK; ++j) {
         const int v = (int8_t)(x[j] * id + (nmax + 0.5f));
         q[j] = v < 2 * nmax - 1 ? v : 2 * nmax - 1;
@@ -84,7 +85,7 @@ static float first_equal(const float *x, int n, float v) {
     return v;
 }
 
-MX_INLINE void affine_ref(const float *x, int nmax, float *d_out, float *m_out, int32_t *q) {
+MX_INLINE void affine_ref(const float *x, int nmax, float *d_out, float *m_out, int32_t *q, float *par) {
     vf lo, hi, v;
     memcpy(&lo, x, sizeof lo);
     hi = lo;
@@ -102,6 +103,7 @@ MX_INLINE void affine_ref(const float *x, int nmax, float *d_out, float *m_out, 
     if (max == 0) max = first_equal(x, QK, max);
     const float d = (max - min) / nmax;
     const float id = d ? 1.0f / d : 0.0f;
+    if (par) { par[0] = id; par[1] = min; par[2] = 1; }
     for (int j = 0; j < QK; ++j) {
         const int l = (int)((x[j] - min) * id + 0.5f);  /* 0 .. nmax + 1: int8/uint8 casts keep it */
         q[j] = nmax == 15 && l > 15 ? 15 : l;           /* Q4_1 clamps to 15; Q5_1 does not clamp */
@@ -124,23 +126,29 @@ static void weights_lanes(int n, int m, const vf *xs, const float *qw, float sig
         for (int i = 0; i < n; ++i) w[i][k] = k < m ? qw[k * n + i] * sqrtf(sigma2 + xs[i][k] * xs[i][k]) : 0.f;
 }
 
-/* Legacy 32-value types: `nmax`, whether affine (Q4_1/Q5_1), whether 5-bit, and the bytes of one block. */
-MX_INLINE void legacy_row(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax, int affine, int five) {
+/* Legacy 32-value types: `nmax`, whether affine (Q4_1/Q5_1), whether 5-bit, and the bytes of one block.
+ * sigma2 < 0: the importance weights use the mean square of this row (as ggml); else this value. par (NULL or
+ * 3 floats per block) receives the parameters of the final rounding (see mx_quantize_grid). */
+MX_INLINE void legacy_row_ex(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax, int affine, int five,
+                             float sigma2, float *par) {
     const int bytes = 2 + (affine ? 2 : 0) + (five ? 4 : 0) + 16;
     const int64_t nb = n / QK;
-    const float sigma2 = qw ? sum_squares(x, n) / n : 0.f;
+    if (sigma2 < 0) sigma2 = qw ? sum_squares(x, n) / n : 0.f;
     vf xs[QK], w[QK];
     vi L[QK];
-    vf d = splat(0), mins = splat(0);
+    vf d = splat(0), mins = splat(0), rnd[3];
     for (int64_t b0 = 0; b0 < nb; b0 += NL) {
         const int m = nb - b0 < NL ? (int)(nb - b0) : NL;
         if (qw) {
             to_lanes(QK, m, x + b0 * QK, xs);
             weights_lanes(QK, m, xs, qw + b0 * QK, sigma2, w);
             if (affine)
-                qkx_lanes(QK, nmax, xs, w, L, &d, &mins, -0.9f, 0.05f, 36, 0);
-            else
-                qx_lanes(QK, nmax / 2, xs, w, L, &d);  /* symmetric: levels -nmax/2 .. nmax/2 - 1 */
+                qkx_lanes_ex(QK, nmax, xs, w, L, &d, &mins, -0.9f, 0.05f, 36, 0, par ? rnd : 0);
+            else  /* symmetric: levels -nmax/2 .. nmax/2 - 1 */
+                qx_lanes_ex(QK, nmax / 2, xs, w, L, &d, par ? rnd : 0);
+            if (par)
+                for (int k = 0; k < m; ++k)
+                    for (int c = 0; c < 3; ++c) par[3 * (b0 + k) + c] = rnd[c][k];
         }
         for (int k = 0; k < m; ++k) {
             const float *xb = x + (b0 + k) * QK;
@@ -152,9 +160,9 @@ MX_INLINE void legacy_row(const float *x, uint8_t *y, int64_t n, const float *qw
                 dk = d[k];
                 mk = -mins[k];
             } else if (affine) {
-                affine_ref(xb, nmax, &dk, &mk, q);
+                affine_ref(xb, nmax, &dk, &mk, q, par ? par + 3 * (b0 + k) : 0);
             } else {
-                symmetric_ref(xb, nmax / 2, &dk, q);
+                symmetric_ref(xb, nmax / 2, &dk, q, par ? par + 3 * (b0 + k) : 0);
             }
             put_f16(yb, dk);
             uint8_t *p = yb + 2;
@@ -163,6 +171,10 @@ MX_INLINE void legacy_row(const float *x, uint8_t *y, int64_t n, const float *qw
             pack_nibbles(q, p);
         }
     }
+}
+
+MX_INLINE void legacy_row(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax, int affine, int five) {
+    legacy_row_ex(x, y, n, qw, nmax, affine, five, -1.f, 0);
 }
 
 MX_CLONES static void q4_0_row(const float *x, uint8_t *y, int64_t n, const float *qw) { legacy_row(x, y, n, qw, 16, 0, 0); }
@@ -549,5 +561,53 @@ MX_EXPORT int64_t mx_quantize_rows(int type, int src_type, const void *x, uint8_
         fn(f, y + r * row_bytes, n_per_row, imatrix);
     }
     free(tmp);
+    return nrows * row_bytes;
+}
+
+/* ---- GPTQ onto ggml's grids (mxtools/quant/gguf_gptq.py) ------------------------------------------------ */
+
+/* The mean square of each row (sum of squares left to right, over n): the sigma2 of the legacy types' weights. */
+MX_EXPORT void mx_mean_squares(const float *x, int64_t nrows, int64_t n, float *out) {
+    for (int64_t r = 0; r < nrows; ++r) out[r] = sum_squares(x + r * n, n) / n;
+}
+
+/* Quantize float32 rows exactly as mx_quantize_rows, and for the 32-value types also write the parameters of
+ * ggml's final rounding step, 3 floats (a, b, live) per block, to par:
+ *   Q8_0:                q = roundf(x * a)
+ *   Q4_0/Q5_0, no qw:    q = MIN(2 nmax - 1, (int)(x * a + nmax + 0.5))
+ *   Q4_1/Q5_1, no qw:    q = (int)((x - b) * a + 0.5), at most nmax
+ *   Q4_0/Q5_0, with qw:  q = live ? clamp(nearest_int(a * x), -nmax, nmax - 1) + nmax : 0
+ *   Q4_1/Q5_1, with qw:  q = live ? clamp(nearest_int(a * (x - b)), 0, nmax) : 0
+ * sigma2 (NULL, or one per row) replaces the row's own mean square in the legacy types' importance weights, so a
+ * slice of a row quantizes as it would inside the whole row. The K-quants re-derive every level from the stored
+ * scales (par is not written for them). Returns the bytes written or -1 for a bad type or row length. */
+MX_EXPORT int64_t mx_quantize_grid(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n,
+                                   const float *qw, const float *sigma2, float *par) {
+    int64_t block = 0, bytes = 0;
+    row_fn fn = row_function(type, &block, &bytes);
+    if (!fn || n <= 0 || n % block) return -1;
+    const int64_t row_bytes = n / block * bytes, nb = n / block;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *xr = x + r * n;
+        uint8_t *yr = y + r * row_bytes;
+        float *pr = par ? par + 3 * r * nb : 0;
+        const float s2 = sigma2 ? sigma2[r] : -1.f;
+        switch (type) {
+        case T_Q4_0: legacy_row_ex(xr, yr, n, qw, 16, 0, 0, s2, pr); break;
+        case T_Q5_0: legacy_row_ex(xr, yr, n, qw, 32, 0, 1, s2, pr); break;
+        case T_Q4_1: legacy_row_ex(xr, yr, n, qw, 15, 1, 0, s2, pr); break;
+        case T_Q5_1: legacy_row_ex(xr, yr, n, qw, 31, 1, 1, s2, pr); break;
+        case T_Q8_0:
+            fn(xr, yr, n, qw);
+            for (int64_t b = 0; pr && b < nb; ++b) {
+                const float d = absmax(xr + b * QK, QK) / ((1 << 7) - 1);
+                pr[3 * b] = d ? 1.0f / d : 0.0f;
+                pr[3 * b + 1] = 0;
+                pr[3 * b + 2] = 1;
+            }
+            break;
+        default: fn(xr, yr, n, qw);
+        }
+    }
     return nrows * row_bytes;
 }

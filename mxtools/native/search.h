@@ -33,8 +33,8 @@ MX_INLINE vf tof(vi v) { return __builtin_convertvector(v, vf); }
 /* make_qkx2_quants / make_qkx3_quants (identical once weights are given): asymmetric levels 0..nmax, a scale
  * and a min found by a grid search over iscale with a weighted least-squares refit. Writes L (levels), scale
  * and the_min (= -min, as ggml returns it). */
-MX_INLINE void qkx_lanes(int n, int nmax, const vf *x, const vf *w, vi *L, vf *scale_out, vf *the_min,
-                         float rmin, float rdelta, int nstep, int use_mad) {
+MX_INLINE void qkx_lanes_ex(int n, int nmax, const vf *x, const vf *w, vi *L, vf *scale_out, vf *the_min,
+                            float rmin, float rdelta, int nstep, int use_mad, vf *round_out) {
     vf mn = x[0], mx = x[0], sum_w = w[0], sum_x = w[0] * x[0];
     for (int i = 1; i < n; ++i) {
         mn = pick(x[i] < mn, x[i], mn);
@@ -82,11 +82,21 @@ MX_INLINE void qkx_lanes(int n, int nmax, const vf *x, const vf *w, vi *L, vf *s
     for (int i = 0; i < n; ++i) L[i] = live & vnearest(keep_iscale * (x[i] - keep_min), 0, nmax);
     *scale_out = pick(live, scale, splat(0));
     *the_min = -pick(live, mn, first_min);
+    if (round_out) {  /* the final rounding: L = live ? nearest(iscale * (x - min)) : 0 */
+        round_out[0] = keep_iscale;
+        round_out[1] = keep_min;
+        round_out[2] = pick(live, splat(1), splat(0));
+    }
+}
+
+MX_INLINE void qkx_lanes(int n, int nmax, const vf *x, const vf *w, vi *L, vf *scale_out, vf *the_min,
+                         float rmin, float rdelta, int nstep, int use_mad) {
+    qkx_lanes_ex(n, nmax, x, w, L, scale_out, the_min, rmin, rdelta, nstep, use_mad, 0);
 }
 
 /* make_qx_quants with rmse_type 1: symmetric levels stored as l + nmax in [0, 2 nmax), weights w (x^2 when w
  * is NULL). Writes the fitted scale per lane. */
-MX_INLINE void qx_lanes(int n, int nmax, const vf *x, const vf *w_or_null, vi *L, vf *scale_out) {
+MX_INLINE void qx_lanes_ex(int n, int nmax, const vf *x, const vf *w_or_null, vi *L, vf *scale_out, vf *round_out) {
     vf amax = splat(0), mx = splat(0);
     for (int i = 0; i < n; ++i) {
         const vi bigger = vabs(x[i]) > amax;
@@ -114,6 +124,15 @@ MX_INLINE void qx_lanes(int n, int nmax, const vf *x, const vf *w_or_null, vi *L
     const vi live = amax >= GROUP_MAX_EPS;  /* an all-(near-)zero sub-block gets levels 0, scale 0 */
     for (int i = 0; i < n; ++i) L[i] = live & (vnearest(best_iscale * x[i], -nmax, nmax - 1) + splati(nmax));
     *scale_out = pick(live, scale, splat(0));
+    if (round_out) {  /* the final rounding: L = live ? nearest(iscale * x) + nmax : 0 */
+        round_out[0] = best_iscale;
+        round_out[1] = splat(0);
+        round_out[2] = pick(live, splat(1), splat(0));
+    }
+}
+
+MX_INLINE void qx_lanes(int n, int nmax, const vf *x, const vf *w_or_null, vi *L, vf *scale_out) {
+    qx_lanes_ex(n, nmax, x, w_or_null, L, scale_out, 0);
 }
 
 /* make_q3_quants with do_rmse: signed levels in [-nmax, nmax) refined one value at a time (weights x^2, up to five
