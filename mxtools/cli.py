@@ -89,14 +89,17 @@ def convert(src, layout, outtype, imatrix, shard_size, chat_template, out, force
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--weights/--no-weights", "scan", default=True, show_default=True,
+              help="read every weight once, one tensor at a time, for NaN/inf values and unreadable data")
 @handled
-def inspect(path, as_json):
-    """Layout, config, tensor count, dtypes, sizes, and any problems found."""
+def inspect(path, as_json, scan):
+    """Layout, config, tensor count, dtypes, sizes, and any problems found (exit 2 when there are any)."""
     from .inspect import describe, render
-    report = describe(path)
+    report = describe(path, scan)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
-    if report["problems"]:
-        sys.exit(2)
+    problems = report["problems"]
+    if problems:
+        _fail(problems[0] + (f" (and {len(problems) - 1} more problems listed above)" if len(problems) > 1 else ""))
 
 
 @main.command()

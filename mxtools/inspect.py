@@ -1,4 +1,5 @@
-"""`mxtools inspect`: what a checkpoint is and what is wrong with it, without reading any weights."""
+"""`mxtools inspect`: what a checkpoint is and what is wrong with it: headers and config first, then (unless
+--no-weights) one bounded-memory pass over the weights for NaN/inf values and unreadable data."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,11 +9,14 @@ import torch
 
 from .chat import describe_difference
 from .chat import report as chat_report
-from .errors import MxError
+from .errors import MxError, NonFiniteError
+from .io.buffers import POOL
 from .layouts import detect
+from .tensors import first_non_finite
 
 
-def describe(path: Path) -> dict:
+def describe(path: Path, scan: bool = True) -> dict:
+    """The report; `scan` also reads every weight (see scan_weights), which costs one read of the checkpoint."""
     layout = detect(path)
     ckpt = layout.read(Path(path))
     try:
@@ -24,9 +28,27 @@ def describe(path: Path) -> dict:
                 "chat_template": bool(ckpt.tokenizer and ckpt.tokenizer.chat_template),
                 "chat_template_check": chat_report(ckpt.tokenizer),
                 "info": {k: v for k, v in ckpt.info.items() if isinstance(v, (int, str, float, bool, type(None)))},
-                "problems": [p.line() if isinstance(p, MxError) else str(p) for p in ckpt.problems()]}
+                "problems": [p.line() if isinstance(p, MxError) else str(p)
+                             for p in ckpt.problems() + (scan_weights(ckpt) if scan else [])]}
     finally:
         ckpt.close()
+
+
+def scan_weights(ckpt) -> list[MxError]:
+    """Read every tensor once, one at a time, each buffer given back before the next read (memory: one tensor):
+    NaN or infinite values, and data that cannot be read (truncated, corrupt blocks), are problems."""
+    out = []
+    for t in ckpt.tensors.values():
+        try:
+            w = t.load()
+        except MxError as exc:
+            out.append(exc)
+            continue
+        i = first_non_finite(w)
+        POOL.give(w)
+        if i is not None:
+            out.append(NonFiniteError(f"holds NaN or infinite values (first at flat index {i})", t.source, t.name))
+    return out
 
 
 def _bytes(path: Path) -> int:

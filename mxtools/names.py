@@ -9,7 +9,7 @@ The reverse direction is derived from the same table.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .spec import ModelSpec
@@ -73,17 +73,36 @@ def fill(template: str, i=None, e=None) -> str:
     return template.replace("{i}", str(i)).replace("{e}", str(e))
 
 
-def canonical_names(spec: ModelSpec) -> list[str]:
+def iter_canonical_names(spec: ModelSpec) -> Iterator[str]:
     """Every tensor a Mixtral of this spec has, in the order HF and GGUF writers emit them."""
-    out = [KIND_BY_KEY["token_embd"].template]
+    yield KIND_BY_KEY["token_embd"].template
     for i in range(spec.n_layers):
         for kind in KINDS:
             if kind.scope == "layer":
-                out.append(fill(kind.template, i))
+                yield fill(kind.template, i)
             elif kind.scope == "expert":
-                out.extend(fill(kind.template, i, e) for e in range(spec.n_experts))
-    out += [KIND_BY_KEY["output_norm"].template, KIND_BY_KEY["output"].template]
-    return out
+                yield from (fill(kind.template, i, e) for e in range(spec.n_experts))
+    yield from (KIND_BY_KEY["output_norm"].template, KIND_BY_KEY["output"].template)
+
+
+def canonical_names(spec: ModelSpec) -> list[str]:
+    return list(iter_canonical_names(spec))
+
+
+def tensor_count(spec: ModelSpec) -> int:
+    """len(canonical_names(spec)), without listing them (a config may claim absurd counts)."""
+    per = {scope: sum(k.scope == scope for k in KINDS) for scope in ("global", "layer", "expert")}
+    return per["global"] + spec.n_layers * (per["layer"] + per["expert"] * spec.n_experts)
+
+
+def in_spec(name: str, spec: ModelSpec) -> bool:
+    """Whether `name` is one of canonical_names(spec)."""
+    hit = parse(name)
+    if hit is None:
+        return False
+    kind, i, e = hit
+    in_range = (i is None or i < spec.n_layers) and (e is None or e < spec.n_experts)
+    return in_range and fill(kind.template, i, e) == name  # "layers.01" is not "layers.1"
 
 
 def expected_shape(name: str, spec: ModelSpec) -> tuple:

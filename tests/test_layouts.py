@@ -32,7 +32,7 @@ def ref():
 def assert_matches(path, ref, layout=None, tol=0.0):
     with open_checkpoint(path) as ck:
         assert layout is None or ck.layout == layout
-        assert ck.spec.replace(name="", context_length=0) == SPEC.replace(name="", context_length=0)
+        assert ck.spec.replace(name="x", context_length=1) == SPEC.replace(name="x", context_length=1)
         for n, want in ref.items():
             got = ck.tensors[n].load().float()
             assert torch.allclose(got, want, atol=tol, rtol=0) if tol else torch.equal(got, want), n

@@ -36,20 +36,29 @@ class SafetensorsFile:
             raise FormatError("not a safetensors file or truncated (bad header length)", file=self.path)
         try:
             header = json.loads(bytes(self.raw.read(8, n)))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad UTF-8, bad JSON, nesting or integers beyond the parser
             raise FormatError("corrupt safetensors header", file=self.path) from None
+        if not isinstance(header, dict):
+            raise FormatError("corrupt safetensors header (not a JSON object)", file=self.path)
         start = 8 + n
-        meta = header.pop("__metadata__", {}) or {}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise FormatError("corrupt safetensors header (__metadata__ is not an object)", file=self.path)
         entries = {name: self._entry(name, e, start) for name, e in header.items()}
+        _check_disjoint(entries, self.path)
         return meta, entries
 
     def _entry(self, name, e, start):
         try:
             dtype = DTYPES[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError("corrupt header entry", file=self.path, tensor=name) from None
+            shape, offsets = tuple(e["shape"]), tuple(e["data_offsets"])
+        except (KeyError, TypeError):
+            raise FormatError("corrupt header entry (dtype, shape, data_offsets)", file=self.path,
+                              tensor=name) from None
+        if not all(_is_count(x) for x in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise FormatError(f"corrupt header entry: shape {str(list(shape))[:80]}, data_offsets "
+                              f"{str(list(offsets))[:80]}", file=self.path, tensor=name)
+        begin, end = offsets
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes:
             raise FormatError(f"size {end - begin} does not match shape {list(shape)}", file=self.path, tensor=name)
@@ -68,6 +77,18 @@ class SafetensorsFile:
 
     def close(self):
         self.raw.close()
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_disjoint(entries: dict, path) -> None:
+    """No two tensors' data may overlap (each byte of the data section belongs to at most one tensor)."""
+    spans = sorted((off, off + nbytes, name) for name, (_, _, off, nbytes) in entries.items() if nbytes)
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise FormatError(f"data overlaps tensor {a}'s", file=path, tensor=b)
 
 
 class SafetensorsWriter:

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from .. import names
-from ..errors import FormatError, NotMixtralError, ShapeError, reading
+from ..errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
 from ..io.buffers import POOL, cast_for_write
 from ..io.files import RawFile
 from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
@@ -24,7 +24,8 @@ from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
 from ..io.pipeline import prefetched
 from ..names import NameTable
 from ..spec import ModelSpec
-from ..tensors import Checkpoint, LazyTensor
+from ..native import NonFiniteRow
+from ..tensors import Checkpoint, LazyTensor, require_finite
 from ..tokenizer import Tokenizer
 from ..transforms import meta_to_hf_rope
 from . import Layout, register
@@ -261,8 +262,19 @@ def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
     return out
 
 
-def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None):
-    return lambda: encode(load_meta_order(t, spec), qtype, (imatrix or {}).get(t.name))
+def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None, finite: bool):
+    """Load, reorder and encode one tensor; `finite`: refuse NaN and inf (a block-quantized output), which the C
+    encoders detect in the block-quantized tensors and this checks in the float ones (norms, router)."""
+    def job():
+        w = load_meta_order(t, spec)
+        if finite and qtype in FLOAT_TYPES:
+            require_finite(w, t, "a block-quantized GGUF")
+        try:
+            return encode(w, qtype, (imatrix or {}).get(t.name))
+        except NonFiniteRow as exc:
+            raise NonFiniteError(f"row {exc.row} holds NaN or infinite values; {qtype.name} cannot represent them",
+                                 t.source, t.name) from None
+    return job
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,

@@ -18,10 +18,11 @@ import torch
 
 from .. import names
 from ..errors import FormatError, MxError
-from ..io.safetensors import SafetensorsFile
+from ..names import NameTable
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pack import SUFFIXES, dequantize, pack
 from ..quant.gptq_pipeline import is_quantized, quantize_checkpoint
+from ..spec import MAX_DIM
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from . import Layout, hf, register
 
@@ -43,7 +44,8 @@ def quant_config(path: Path) -> dict | None:
         if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq":
             return qc
         if (path / QUANT_CONFIG_FILE).exists():
-            return hf.read_json(path / QUANT_CONFIG_FILE)
+            qc = hf.read_json(path / QUANT_CONFIG_FILE)
+            return qc if isinstance(qc, dict) else None
     except (MxError, AttributeError):
         return None  # a corrupt config: the plain HF reader reports it
     return None
@@ -68,18 +70,39 @@ def _settings(qc: dict, source) -> dict:
     """bits, group_size, ... of a GPTQ config; refuses the formats whose packing differs from v1."""
     fmt = qc.get("checkpoint_format") or qc.get("format")
     if fmt not in V1_FORMATS:
-        raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not supported (only v1 \"gptq\")", file=source)
-    try:
-        bits, group = int(qc["bits"]), int(qc.get("group_size", -1))
-    except (KeyError, TypeError, ValueError):
-        raise FormatError("GPTQ config lacks a valid 'bits'", file=source) from None
-    if bits not in (2, 4, 8):
-        raise FormatError(f"GPTQ bits={bits} is not supported (2, 4 or 8)", file=source)
-    return {"bits": bits, "group_size": group, "sym": bool(qc.get("sym", True)),
-            "desc_act": bool(qc.get("desc_act", False)), "checkpoint_format": fmt or "gptq"}
+        raise FormatError(f"GPTQ checkpoint_format {fmt!r:.40} is not supported (only v1 \"gptq\")", file=source)
+    bits, group = qc.get("bits"), qc.get("group_size", -1)
+    sym, desc_act = qc.get("sym", True), qc.get("desc_act", False)
+    if type(bits) is not int or bits not in (2, 4, 8):
+        raise FormatError(f"GPTQ bits={str(bits)[:40]} is not supported (2, 4 or 8)", file=source)
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 0 < group <= MAX_DIM):
+        raise FormatError(f"GPTQ group_size={str(group)[:40]} is not -1 or a positive integer", file=source)
+    if not isinstance(sym, bool) or not isinstance(desc_act, bool):
+        raise FormatError("GPTQ sym and desc_act must be true or false", file=source)
+    return {"bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act, "checkpoint_format": fmt or "gptq"}
 
 
 # ---------------------------------------------------------------- reader
+
+def _check_parts(base: str, parts: dict, bits: int, source) -> None:
+    """The four v1 tensors agree with each other (GPTQ.md): qweight int32 [in/per, out], qzeros int32
+    [groups, out/per], scales float [groups, out], g_idx int32 [in]; checked before any data is read."""
+    missing = [s for s in SUFFIXES if s not in parts]
+    if missing:
+        raise FormatError(f"quantized tensor lacks {', '.join(missing)}", file=source, tensor=base)
+    per = 32 // bits
+    qweight, qzeros, scales, g_idx = (parts[s] for s in ("qweight", "qzeros", "scales", "g_idx"))
+    ok = len(scales.shape) == 2 and len(g_idx.shape) == 1 and scales.dtype.is_floating_point
+    if ok:
+        (groups, out_f), (in_f,) = scales.shape, g_idx.shape
+        ok = (groups > 0 and qweight.shape == (in_f // per, out_f) and in_f % per == 0 and out_f % per == 0
+              and qzeros.shape == (groups, out_f // per)
+              and all(parts[s].dtype == torch.int32 for s in ("qweight", "qzeros", "g_idx")))
+    if not ok:
+        raise FormatError(f"inconsistent GPTQ tensors at {bits} bits: " + ", ".join(
+            f"{s} {str(parts[s].dtype).removeprefix('torch.')} {list(parts[s].shape)}" for s in SUFFIXES),
+            file=scales.source, tensor=base)
+
 
 def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
     """The canonical `<base>.weight` whose load() dequantizes the four v1 tensors of `base`."""
@@ -88,8 +111,13 @@ def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
     name = base + ".weight"
 
     def load() -> torch.Tensor:
+        loaded = {s: parts[s].load() for s in SUFFIXES}
+        gi = loaded["g_idx"]
+        if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= scales.shape[0]):
+            raise FormatError(f"g_idx holds group {int(gi.min()) if int(gi.min()) < 0 else int(gi.max())} "
+                              f"outside 0..{scales.shape[0] - 1}", file=g_idx.source, tensor=base + ".g_idx")
         try:
-            return dequantize({s: parts[s].load() for s in SUFFIXES}, bits)
+            return dequantize(loaded, bits)
         except (MxError, IndexError, RuntimeError) as exc:
             raise FormatError(f"cannot dequantize: {exc}", file=scales.source, tensor=name) from None
     return LazyTensor(name, shape, torch.float32, load, scales.source, f"gptq-int{bits}")
@@ -102,20 +130,22 @@ def read(path: Path) -> Checkpoint:
     files = hf.shard_files(path)
     if not files:
         raise FormatError("no .safetensors files", file=path)
-    opened = [SafetensorsFile(f) for f in files]
-    tensors, groups = {}, {}
-    for st in opened:
-        for key in st.keys():
+    raw, opened = hf.read_tensors(files, NameTable({}))
+    try:
+        tensors, groups = {}, {}
+        for key, lazy in raw.items():
             base, _, suffix = key.rpartition(".")
             if suffix in SUFFIXES:
-                groups.setdefault(base, {})[suffix] = st.lazy(key)
+                groups.setdefault(base, {})[suffix] = lazy
             else:
-                tensors[key] = st.lazy(key)  # HF naming is the canonical one; unknown keys fail validation
-    for base, parts in groups.items():
-        missing = [s for s in SUFFIXES if s not in parts]
-        if missing:
-            raise FormatError(f"quantized tensor lacks {', '.join(missing)}", file=path, tensor=base)
-        tensors[base + ".weight"] = _dequantized(base, parts, settings["bits"])
+                tensors[key] = lazy  # HF naming is the canonical one; unknown keys fail validation
+        for base, parts in groups.items():
+            _check_parts(base, parts, settings["bits"], path)
+            tensors[base + ".weight"] = _dequantized(base, parts, settings["bits"])
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
     ckpt = Checkpoint(spec, tensors, "gptq", path, hf.read_tokenizer(path),
                       info={"quant_method": "gptq", "gptq": settings})
     ckpt.closers += [f.close for f in opened]

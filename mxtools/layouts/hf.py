@@ -12,7 +12,7 @@ from ..io.buffers import POOL, cast_for_write
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter
 from ..names import NameTable
-from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
+from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint
 from ..tokenizer import Tokenizer
 from . import Layout, register
@@ -24,23 +24,22 @@ TOKENIZER_FILES = ("tokenizer.model", "sentencepiece.bpe.model")  # the second i
 
 def spec_from_config(cfg: dict, source) -> ModelSpec:
     """config.json in the transformers 4.x spelling (rope_theta) or 5.x (rope_parameters, head_dim null)."""
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "mixtral" and not any("Mixtral" in a for a in archs):
-        raise NotMixtralError(f"not a Mixtral model (model_type {cfg.get('model_type')!r})", file=source)
+    c = ConfigValues(cfg, source)
+    archs = cfg.get("architectures")
+    archs = archs if isinstance(archs, list) else []
+    if cfg.get("model_type") != "mixtral" and not any(isinstance(a, str) and "Mixtral" in a for a in archs):
+        raise NotMixtralError(f"not a Mixtral model (model_type {cfg.get('model_type')!r:.40})", file=source)
     require_moe(cfg.get("num_local_experts"), source)
-    rope = cfg.get("rope_parameters") or {}
-    try:
-        return ModelSpec(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            hidden_dim=cfg["intermediate_size"], n_experts=cfg["num_local_experts"],
-            n_experts_per_tok=cfg["num_experts_per_tok"], vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or DEFAULT_ROPE_THETA,
-            context_length=cfg.get("max_position_embeddings", 32768), name=cfg.get("_name_or_path") or "mixtral")
-    except KeyError as exc:
-        raise FormatError(f"config is missing {exc.args[0]!r}", file=source) from None
+    dim, n_heads = c.count("hidden_size"), c.count("num_attention_heads")
+    rope = c.section("rope_parameters")
+    theta = c.real("rope_theta") if c.has("rope_theta") else rope.real("rope_theta", DEFAULT_ROPE_THETA)
+    return c.spec(
+        dim=dim, n_layers=c.count("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=c.count("num_key_value_heads", n_heads), head_dim=c.count("head_dim", dim // n_heads),
+        hidden_dim=c.count("intermediate_size"), n_experts=c.count("num_local_experts"),
+        n_experts_per_tok=c.count("num_experts_per_tok"), vocab_size=c.count("vocab_size"),
+        norm_eps=c.real("rms_norm_eps", 1e-5), rope_theta=theta,
+        context_length=c.count("max_position_embeddings", 32768), name=c.text("_name_or_path", "") or "mixtral")
 
 
 def config_from_spec(spec: ModelSpec, dtype: torch.dtype) -> dict:
@@ -57,20 +56,36 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype) -> dict:
     }
 
 
-def read_json(path) -> dict:
+def read_json(path) -> dict | list | str | int | float | bool | None:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"cannot read JSON: {exc}", file=path) from None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"cannot read JSON: {str(exc)[:200]}", file=path) from None
+
+
+def read_json_object(path, what: str = "file") -> dict:
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} is not a JSON object (got {type(obj).__name__})", file=path)
+    return obj
+
+
+def _shard_name(name, index: Path) -> str:
+    """A weight_map entry must name a file beside the index (no directories, no way out of the checkpoint)."""
+    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise FormatError(f"index weight_map names {str(name)[:80]!r}, not a .safetensors file beside it",
+                          file=index)
+    return name
 
 
 def shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not files:
-            raise FormatError("index has an empty weight_map", file=index)
-        return [path / f for f in files]
+        weight_map = read_json_object(index, "index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError("index has no weight_map object, or an empty one", file=index)
+        return [path / f for f in sorted({_shard_name(v, index) for v in weight_map.values()})]
     return sorted(path.glob("*.safetensors"))
 
 
@@ -78,24 +93,43 @@ def read_tokenizer(path: Path) -> Tokenizer | None:
     model = next((path / n for n in TOKENIZER_FILES if (path / n).exists()), None)
     if model is None:
         return None
-    cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    cfg_file = path / "tokenizer_config.json"
+    cfg = read_json_object(cfg_file, "tokenizer config") if cfg_file.exists() else {}
     template = cfg.get("chat_template")
     if (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text()
-    return Tokenizer.from_file(model, chat_template=template, add_bos=cfg.get("add_bos_token", True),
-                               add_eos=cfg.get("add_eos_token", False))
+        template = _read_text(path / "chat_template.jinja")
+    add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
+    if not isinstance(template, (str, type(None))) or not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
+        raise FormatError("chat_template must be a string and add_bos_token/add_eos_token booleans", file=cfg_file)
+    return Tokenizer.from_file(model, chat_template=template, add_bos=add_bos, add_eos=add_eos)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read text: {str(exc)[:200]}", file=path) from None
 
 
 def read_tensors(files, table: NameTable, transform=None) -> tuple[dict, list]:
-    """Lazy tensors of every shard mapped to canonical names; unknown keys kept under their own name."""
+    """Lazy tensors of every shard mapped to canonical names; unknown keys kept under their own name.
+    A tensor stored twice (in two shards) is an error; on any error every shard opened so far is closed."""
     tensors, opened = {}, []
-    for f in files:
-        st = SafetensorsFile(f)
-        opened.append(st)
-        for key in st.keys():
-            hit = table.to_canonical(key)
-            lazy = st.lazy(key, hit[0] if hit else key)
-            tensors[lazy.name] = transform(lazy) if (transform and hit) else lazy
+    try:
+        for f in files:
+            st = SafetensorsFile(f)
+            opened.append(st)
+            for key in st.keys():
+                hit = table.to_canonical(key)
+                lazy = st.lazy(key, hit[0] if hit else key)
+                if lazy.name in tensors:
+                    raise FormatError(f"stored twice (also in {Path(tensors[lazy.name].source).name})",
+                                      file=f, tensor=key)
+                tensors[lazy.name] = transform(lazy) if (transform and hit) else lazy
+    except BaseException:
+        for st in opened:
+            st.close()
+        raise
     return tensors, opened
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from .. import names
-from ..errors import FormatError, UnsafePickleError
+from ..errors import FormatError, ShapeError, UnsafePickleError
 from ..io.buffers import POOL, cast_for_write, give_source
 from ..io.files import release_pages
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsWriter
 from ..names import NameTable
-from ..spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe
+from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
 from ..transforms import hf_to_meta_rope, meta_to_hf_rope, transpose
@@ -55,19 +55,17 @@ def rope_heads(kind_key: str, spec: ModelSpec) -> int | None:
 
 def spec_from_params(p: dict, source) -> ModelSpec:
     """params.json: the Mistral spelling, or the HF spelling the concatenated variant uses."""
+    c = ConfigValues(p, source)
     if "hidden_size" in p:
         return hf.spec_from_config({"model_type": "mixtral", **p}, source)
-    moe = p.get("moe") or {}
-    require_moe(moe.get("num_experts"), source)
-    try:
-        return ModelSpec(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                         n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
-                         head_dim=p.get("head_dim") or p["dim"] // p["n_heads"], hidden_dim=p["hidden_dim"],
-                         n_experts=moe["num_experts"], n_experts_per_tok=moe["num_experts_per_tok"],
-                         vocab_size=p["vocab_size"], norm_eps=p.get("norm_eps", 1e-5),
-                         rope_theta=p.get("rope_theta") or DEFAULT_ROPE_THETA)
-    except KeyError as exc:
-        raise FormatError(f"params.json is missing {exc.args[0]!r}", file=source) from None
+    moe = c.section("moe")
+    require_moe(moe.obj.get("num_experts"), source)
+    dim, n_heads = c.count("dim"), c.count("n_heads")
+    return c.spec(dim=dim, n_layers=c.count("n_layers"), n_heads=n_heads, n_kv_heads=c.count("n_kv_heads", n_heads),
+                  head_dim=c.count("head_dim", dim // n_heads), hidden_dim=c.count("hidden_dim"),
+                  n_experts=moe.count("num_experts"), n_experts_per_tok=moe.count("num_experts_per_tok"),
+                  vocab_size=c.count("vocab_size"), norm_eps=c.real("norm_eps", 1e-5),
+                  rope_theta=c.real("rope_theta", DEFAULT_ROPE_THETA))
 
 
 def params_from_spec(spec: ModelSpec) -> dict:
@@ -88,17 +86,30 @@ def is_mistral(path: Path) -> bool:
 
 
 def load_pickle(path: Path) -> dict:
-    """A torch pickle, memory-mapped, refusing anything but tensors (no pickled code is ever run)."""
+    """A torch pickle, memory-mapped, refusing anything but tensors (no pickled code is ever run). A damaged file
+    can fail inside torch in many ways (zip, pickle, storage records); each is this file's format error. Every
+    tensor must lie inside its own storage record, so no later read reaches past what the file holds."""
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafePickleError(f"refused: the pickle holds more than tensors ({str(exc).splitlines()[-1][:120]})",
+        raise UnsafePickleError(f"refused: the pickle holds more than tensors ({_first_line(exc, -1)})",
                                 file=path) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise FormatError(f"not a readable torch checkpoint ({str(exc).splitlines()[0][:120]})", file=path) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise FormatError("torch checkpoint is not a flat dict of tensors", file=path)
+    except Exception as exc:  # noqa: BLE001 - torch.load's failure modes on damaged bytes are not enumerable
+        raise FormatError(f"not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc, 0)})",
+                          file=path) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise FormatError("torch checkpoint is not a flat dict of named tensors", file=path)
+    size = path.stat().st_size
+    for key, t in sd.items():
+        span = t.numel() and (t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1)
+        if span * t.element_size() > t.untyped_storage().nbytes() or t.numel() * t.element_size() > size:
+            raise FormatError(f"tensor {list(t.shape)} does not fit its storage", file=path, tensor=key)
     return sd
+
+
+def _first_line(exc: Exception, which: int) -> str:
+    lines = str(exc).splitlines() or [""]
+    return lines[which][:120]
 
 
 def _pickle_lazy(path: Path, sd: dict, key: str) -> LazyTensor:
@@ -111,14 +122,17 @@ def _pickle_lazy(path: Path, sd: dict, key: str) -> LazyTensor:
 
 
 def _raw_tensors(files: list[Path]) -> tuple[dict, list]:
-    """Every stored tensor under its own name, lazily."""
+    """Every stored tensor under its own name, lazily (a name stored in two files is an error)."""
     if files[0].suffix == ".safetensors":
         out, opened = hf.read_tensors(files, NameTable({}))
         return out, [f.close for f in opened]
     out = {}
     for f in files:
         sd = load_pickle(f)
-        out.update({k: _pickle_lazy(f, sd, k) for k in sd})
+        for k in sd:
+            if k in out:
+                raise FormatError(f"stored twice (also in {Path(out[k].source).name})", file=f, tensor=k)
+            out[k] = _pickle_lazy(f, sd, k)
     return out, []
 
 
@@ -142,6 +156,9 @@ def _to_canonical(raw: dict, table: NameTable, spec: ModelSpec) -> dict:
 def _split_experts(lazy: LazyTensor, template: str, spec: ModelSpec) -> dict:
     """[E*F, D] rows -> one tensor per expert; w2's blocks are stored transposed ([F, D] -> [D, F])."""
     f = spec.hidden_dim
+    if len(lazy.shape) != 2 or lazy.shape[0] != spec.n_experts * f:
+        raise ShapeError(f"concatenated experts {list(lazy.shape)} are not [{spec.n_experts} experts x {f}, dim]",
+                         lazy.source, lazy.name)
     is_w2 = names.parse(names.fill(template, 0, 0))[0].key == "ffn_down"
     out = {}
     for e in range(spec.n_experts):
@@ -156,9 +173,14 @@ def _split_experts(lazy: LazyTensor, template: str, spec: ModelSpec) -> dict:
 def read(path: Path) -> Checkpoint:
     spec = spec_from_params(hf.read_json(path / "params.json"), path / "params.json")
     raw, closers = _raw_tensors(weight_files(path))
-    concat = any(k.endswith("block_sparse_moe.w1") for k in raw)
-    tensors = _to_canonical(raw, CONCAT_TABLE if concat else TABLE, spec)
-    tok = Tokenizer.from_file(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None
+    try:
+        concat = any(k.endswith("block_sparse_moe.w1") for k in raw)
+        tensors = _to_canonical(raw, CONCAT_TABLE if concat else TABLE, spec)
+        tok = Tokenizer.from_file(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None
+    except BaseException:
+        for c in closers:
+            c()
+        raise
     ckpt = Checkpoint(spec, tensors, "mistral-concat" if concat else "mistral", path, tok)
     ckpt.closers += closers
     return ckpt

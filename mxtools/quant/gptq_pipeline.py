@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import model, names
 from ..errors import MxError
-from ..tensors import Checkpoint
+from ..tensors import Checkpoint, LazyTensor, require_finite
 from .gptq import (
     GPTQError,
     Hessian,
@@ -366,6 +366,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     if experts not in EXPERT_MODES:
         raise MxError(f"unknown experts mode {experts!r}; choose from {', '.join(EXPERT_MODES)}")
     _check_dims(ckpt, cfg)
+    _refuse_non_finite(ckpt)
     samples, info = (make_samples(tokens_or_chunks, nsamples, seqlen, _bos(ckpt)) if method == "gptq"
                      else (None, {"samples": 0}))
     dev = model.resolve_device(device)
@@ -374,6 +375,14 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
     run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes), dtype, min_tokens)
     return QuantStream(ckpt, samples, info, run, progress)
+
+
+def _refuse_non_finite(ckpt: Checkpoint) -> None:
+    """Make every load of ckpt's tensors (calibration forward, quantization, the writer's float tensors) refuse
+    NaN and inf, naming the tensor: a quantized output cannot represent them. Costs one scan per load."""
+    def checked(lazy: LazyTensor) -> LazyTensor:
+        return lazy.map(lambda w: (require_finite(w, lazy, "a GPTQ/RTN quantized output"), w)[1])
+    ckpt.tensors.update({name: checked(t) for name, t in ckpt.tensors.items()})
 
 
 def _bos(ckpt: Checkpoint) -> int:
