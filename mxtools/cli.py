@@ -12,6 +12,7 @@ import click
 from . import convert as conv
 from .errors import MxError
 from .layouts import open_checkpoint, writable
+from .layouts.gptq import NAMINGS
 
 
 def _size(text: str) -> int:
@@ -67,12 +68,15 @@ def main():
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="importance matrix (ours or llama.cpp's, GGUF or legacy .dat) for block-quantized outtypes")
 @click.option("--shard-size", default="5GB", show_default=True, help="HF shard size")
+@click.option("--names", type=click.Choice(list(NAMINGS)),
+              help="--to gptq: tensor names for vLLM (default) or transformers 5 / GPTQModel; a GPTQ source is "
+                   "re-exported byte for byte under them")
 @click.option("--chat-template", default="auto", show_default=True, metavar="auto|keep|mistral-common|FILE",
               help="auto: mistral-common's template where the source's is known to give other token ids")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="replace an existing output")
 @handled
-def convert(src, layout, outtype, imatrix, shard_size, chat_template, out, force):
+def convert(src, layout, outtype, imatrix, shard_size, names, chat_template, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
     from .chat import set_chat_template
     with open_checkpoint(src) as ckpt:
@@ -80,10 +84,21 @@ def convert(src, layout, outtype, imatrix, shard_size, chat_template, out, force
         resolved = conv.resolve_outtype(ckpt, outtype)
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
             conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,
-                                  shard_bytes=_size(shard_size), imatrix_path=imatrix)
+                                  shard_bytes=_size(shard_size), imatrix_path=imatrix,
+                                  **_names(names, layout, ckpt, outtype))
     if note:
         click.echo(note, err=True)
     click.echo(f"wrote {out}")
+
+
+def _names(names, layout, ckpt, outtype) -> dict:
+    """convert's --names option for the GPTQ writer; a GPTQ re-export keeps every stored dtype."""
+    if layout == "gptq" and ckpt.layout == "gptq" and outtype != "auto":
+        raise MxError(f"a GPTQ source is re-exported with every tensor as stored: --outtype {outtype} does not "
+                      "apply (leave it auto)", file=ckpt.path)
+    if names and layout != "gptq":
+        raise MxError("--names applies to --to gptq only")
+    return {"names": names} if names else {}
 
 
 @main.command()
@@ -200,19 +215,23 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
 @click.option("--min-tokens", type=int, help="an expert matrix with fewer calibration tokens falls back to RTN "
               "(default: 10% of its input width)")
 @click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
+@click.option("--names", default="vllm", show_default=True, type=click.Choice(list(NAMINGS)),
+              help="tensor names: vLLM's (block_sparse_moe.experts.E.w1) or transformers 5's, which GPTQModel "
+                   "loads (mlp.experts.E.gate_proj)")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 @handled
 def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen, experts, min_tokens, recipe,
-             device, out, force):
+             names, device, out, force):
     """GPTQ (or RTN) int4/int8 of every expert, layer by layer; writes a GPTQ v1 checkpoint (HF layout)."""
     from .bundled import CALIB
     from .quant.gptq_pipeline import run_quantize, summary
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
                                      experts=experts, min_tokens=min_tokens).items() if v is not None}
-    report = run_quantize(src, out, calib or CALIB, device=device, recipe=recipe, force=force, **options)
+    report = run_quantize(src, out, calib or CALIB, device=device, recipe=recipe, force=force, names=names,
+                          **options)
     click.echo(summary(report))
     click.echo(f"wrote {out}")
 

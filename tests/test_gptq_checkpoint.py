@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 
@@ -196,27 +194,6 @@ def test_verify_int4_reports_gptq_and_small_kld(int4, src, tmp_path):
 
 # ---------------------------------------------------------------- an independent loader: GPTQModel
 
-def gptqmodel_copy(src, dst):
-    """Our checkpoint under the names GPTQModel 7.x + transformers 5 look for (`mlp.experts.e.gate_proj` ...).
-
-    transformers 5 renames Mixtral's `block_sparse_moe.` to `mlp.` and w1/w3/w2 to gate/up/down_proj when it
-    loads a float checkpoint (defuser's checkpoint_mapping), but GPTQModel checks quantized names before any
-    renaming. Only names change here; every tensor's bytes are ours.
-    """
-    from safetensors.torch import load_file, save_file
-    renamed = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-
-    def rename(key):
-        key = key.replace(".block_sparse_moe.experts.", ".mlp.experts.").replace(".block_sparse_moe.", ".mlp.")
-        return re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda m: f".experts.{m[1]}.{renamed[m[2]]}.", key)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    tensors = {}
-    for f in src.glob("*.safetensors"):
-        tensors.update({rename(k): v for k, v in load_file(f).items()})
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 # Run in a child process: importing GPTQModel patches transformers' Mixtral classes for the whole process (defuser),
 # which would change what later tests get from transformers.
 GPTQMODEL_SCRIPT = """
@@ -236,7 +213,10 @@ def test_gptqmodel_loads_it_with_the_same_logits(int4, src, tmp_path):
         tokens = torch.tensor([ckpt.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
     torch.save(tokens, tmp_path / "tokens.pt")
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-    run = subprocess.run([sys.executable, "-c", GPTQMODEL_SCRIPT, str(gptqmodel_copy(out, tmp_path / "renamed")),
+    # GPTQModel 7.x under transformers 5 looks for transformers 5's names (mlp.experts.E.gate_proj ...): our
+    # checkpoint re-exported under them, byte for byte (test_gptq_names.py), and loaded as a user would.
+    renamed = convert(out, "gptq", tmp_path / "transformers-names", names="transformers")
+    run = subprocess.run([sys.executable, "-c", GPTQMODEL_SCRIPT, str(renamed),
                           str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

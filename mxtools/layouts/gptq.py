@@ -8,10 +8,15 @@ Reader: every quantized Linear appears under its canonical `.weight` name as a L
 the dequantized float32 weight (exactly what a v1 loader computes), so the forward pass, `verify` and `convert`
 work on GPTQ directories unchanged. Writer: streams one layer at a time out of a QuantStream (quant/gptq_pipeline),
 never holding more than that layer's results; `quantize_report.json` records how every Linear was quantized.
+
+Tensor names (`--names`, NAMINGS): "vllm" (default) stores the canonical transformers 4.x names, which vLLM's
+Mixtral loader maps onto its fused MoE; "transformers" stores transformers 5's per-expert names, which GPTQModel
+7.x checks for. The reader takes either; `convert --to gptq` of a GPTQ checkpoint re-exports it byte for byte.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +35,21 @@ QUANT_CONFIG_FILE = "quantize_config.json"
 REPORT_FILE = "quantize_report.json"
 V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero - 1 (v1); missing means v1
 TOOL = "mxtools"
+
+# Tensor names per runtime, as name tables over names.KINDS (only these rows differ from the canonical ones).
+# vllm: vllm/model_executor/models/mixtral.py maps `block_sparse_moe.experts.{e}.w1|w2|w3` (its
+#   expert_params_mapping) and keeps `block_sparse_moe.gate` a plain unquantized Linear.
+# transformers: transformers 5 calls the MoE block `mlp` and the experts gate/up/down_proj; GPTQModel 7.x
+#   (models/definitions/mixtral.py, module_tree "mlp|block_sparse_moe" > "experts" > "gate_proj|w1" ...) looks
+#   for the quantized tensors under these names before any renaming.
+_TRANSFORMERS_ROWS = {"ffn_gate_inp": "mlp.gate", "ffn_gate": "mlp.experts.{e}.gate_proj",
+                      "ffn_up": "mlp.experts.{e}.up_proj", "ffn_down": "mlp.experts.{e}.down_proj"}
+NAMINGS = {
+    "vllm": hf.TABLE,
+    "transformers": NameTable({**hf.TABLE.rows,
+                               **{k: f"model.layers.{{i}}.{v}.weight" for k, v in _TRANSFORMERS_ROWS.items()}}),
+}
+DEFAULT_NAMES = "vllm"
 
 
 # ---------------------------------------------------------------- detection and config
@@ -55,14 +75,32 @@ def is_gptq(path: Path) -> bool:
     return quant_config(Path(path)) is not None
 
 
-def gptq_config(cfg: QuantConfig, model_name: str) -> dict:
+def stored_name(canonical: str, naming: str) -> str:
+    """The key a canonical tensor (`x.weight`, or a quantized part `x.qweight` ...) has under `naming`."""
+    base, _, suffix = canonical.rpartition(".")
+    return NAMINGS[naming].to_layout(base + ".weight")[0].removesuffix("weight") + suffix
+
+
+def canonical_name(key: str, naming: str) -> str:
+    """The canonical name of a stored key under `naming` (an unknown key is returned as it is)."""
+    base, _, suffix = key.rpartition(".")
+    hit = NAMINGS[naming].to_canonical(base + ".weight")
+    return hit[0].removesuffix("weight") + suffix if hit else key
+
+
+def naming_of(keys) -> str:
+    """"transformers" when any key has one of its own names (mlp.experts.0.gate_proj.qweight ...), else "vllm"."""
+    return "transformers" if any(canonical_name(k, "transformers") != k for k in keys) else DEFAULT_NAMES
+
+
+def gptq_config(cfg: QuantConfig, model_name: str, naming: str = DEFAULT_NAMES) -> dict:
     """quantize_config.json (also config.json["quantization_config"]) in the AutoGPTQ/GPTQModel spelling."""
     return {
         "bits": cfg.bits, "group_size": cfg.group_size, "damp_percent": cfg.damp, "desc_act": cfg.act_order,
         "static_groups": cfg.static_groups, "sym": cfg.sym, "true_sequential": True, "lm_head": False,
         "quant_method": "gptq", "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
         "model_name_or_path": model_name, "model_file_base_name": "model",
-        "meta": {"quantizer": [TOOL], "mse": cfg.mse},
+        "meta": {"quantizer": [TOOL], "mse": cfg.mse, "tensor_names": naming},
     }
 
 
@@ -146,8 +184,10 @@ def read(path: Path) -> Checkpoint:
         for f in opened:
             f.close()
         raise
+    naming = naming_of(tensors)
+    tensors = {canonical_name(k, naming): t.renamed(canonical_name(k, naming)) for k, t in tensors.items()}
     ckpt = Checkpoint(spec, tensors, "gptq", path, hf.read_tokenizer(path),
-                      info={"quant_method": "gptq", "gptq": settings})
+                      info={"quant_method": "gptq", "gptq": settings, "tensor_names": naming})
     ckpt.closers += [f.close for f in opened]
     return ckpt
 
@@ -189,14 +229,16 @@ def _tensors(ckpt: Checkpoint, stream, float_dtype):
 
 
 def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outtype: str = "f16",
-                    progress=lambda n: None, shard_bytes: int = 5 * 10**9, source_name: str | None = None) -> None:
-    """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`."""
+                    progress=lambda n: None, shard_bytes: int = 5 * 10**9, source_name: str | None = None,
+                    names: str = DEFAULT_NAMES) -> None:
+    """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`,
+    its tensors under the `names` naming (NAMINGS)."""
     dtype = FLOAT_DTYPES[outtype]
-    items = plan(ckpt.spec, cfg, dtype)
+    items = [(stored_name(n, names), dt, shape) for n, dt, shape in plan(ckpt.spec, cfg, dtype)]
     data = _tensors(ckpt, stream, dtype)
     hf.write_shards(out, items, data, shard_bytes, {"format": "pt", "quantizer": TOOL}, progress)
     next(data, None)  # let the generator finish the stream (its totals) after the last tensor
-    qc = gptq_config(cfg, source_name or ckpt.spec.name)
+    qc = gptq_config(cfg, source_name or ckpt.spec.name, names)
     _json(out / "config.json", {**hf.config_from_spec(ckpt.spec, dtype), "quantization_config": qc})
     _json(out / QUANT_CONFIG_FILE, qc)
     _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
@@ -206,13 +248,54 @@ def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outty
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9,
           cfg: QuantConfig | None = None, tokens=None, method: str | None = None, experts: str = "routed",
-          device="auto", **_) -> None:
-    """Layout writer (`convert --to gptq`): round-to-nearest int4 g128 unless `cfg`/`tokens`/`method` say
-    otherwise; calibrated GPTQ is `mxtools quantize` (gptq_pipeline.run_quantize)."""
+          device="auto", names: str | None = None, **_) -> None:
+    """Layout writer (`convert --to gptq`): a GPTQ source is re-exported as stored (`reexport`); any other is
+    rounded to nearest, int4 g128, unless `cfg`/`tokens`/`method` say otherwise; calibrated GPTQ is
+    `mxtools quantize` (gptq_pipeline.run_quantize). `names`: NAMINGS key (default: the source's, else vllm)."""
+    if ckpt.layout == "gptq" and cfg is None and tokens is None and method is None:
+        return reexport(ckpt, out, names or ckpt.info["tensor_names"], progress, shard_bytes)
     cfg = cfg or QuantConfig()
     method = method or ("gptq" if tokens is not None else "rtn")
     stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, device=device)
-    write_quantized(ckpt, out, stream, cfg, outtype, progress, shard_bytes, str(ckpt.path))
+    write_quantized(ckpt, out, stream, cfg, outtype, progress, shard_bytes, str(ckpt.path), names or DEFAULT_NAMES)
+
+
+# ---------------------------------------------------------------- lossless re-export under other names
+
+def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9):
+    """Every stored tensor of the GPTQ checkpoint `ckpt` byte for byte, in canonical order, under `naming`'s
+    names; the two configs record the naming; every other file of the directory is copied as it is."""
+    src = Path(ckpt.path)
+    raw, opened = hf.read_tensors(hf.shard_files(src), NameTable({}))
+    try:
+        source_naming = naming_of(raw)
+        stored = {canonical_name(k, source_naming): t for k, t in raw.items()}
+        order = list(_stored_order(ckpt.spec, stored))
+        left = sorted(set(stored) - set(order))
+        if left:
+            raise FormatError(f"{len(left)} stored tensor(s) are no part of the model: {', '.join(left[:5])}",
+                              file=src, tensor=left[0])
+        items = [(stored_name(n, naming), stored[n].dtype, tuple(stored[n].shape)) for n in order]
+        hf.write_shards(out, items, (stored[n].load() for n in order), shard_bytes,
+                        {"format": "pt", "quantizer": TOOL}, progress)
+    finally:
+        for f in opened:
+            f.close()
+    qc = {**quant_config(src)}
+    qc["meta"] = {**(qc.get("meta") if isinstance(qc.get("meta"), dict) else {}), "tensor_names": naming}
+    _json(out / "config.json", {**hf.read_json(src / "config.json"), "quantization_config": qc})
+    _json(out / QUANT_CONFIG_FILE, qc)
+    skip = {"config.json", QUANT_CONFIG_FILE, "model.safetensors.index.json"}
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
+            shutil.copyfile(f, out / f.name)
+
+
+def _stored_order(spec, stored: dict):
+    """Canonical names of the tensors in `stored`, in writing order (a quantized Linear as its four parts)."""
+    for name in names.canonical_names(spec):
+        base = name.removesuffix(".weight")
+        yield from ([f"{base}.{s}" for s in SUFFIXES] if f"{base}.qweight" in stored else [name])
 
 
 def _json(path: Path, obj) -> None:

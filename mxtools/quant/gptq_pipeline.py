@@ -460,8 +460,10 @@ def resolve_settings(recipe=None, **given) -> dict:
 
 def run_quantize(src, out, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
                  act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
-                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None) -> dict:
-    """`mxtools quantize`: open src, calibrate on the text file, write a GPTQ v1 directory at out atomically.
+                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
+                 names: str = "vllm") -> dict:
+    """`mxtools quantize`: open src, calibrate on the text file, write a GPTQ v1 directory at out atomically,
+    its tensors named for `names` (layouts.gptq.NAMINGS: "vllm" or "transformers").
 
     Options left None come from the recipe (if any), else DEFAULTS. Returns the report (also written to
     out/quantize_report.json). The calibration text defaults to the bundled one.
@@ -485,7 +487,7 @@ def run_quantize(src, out, calib_text_path=None, bits=None, method=None, group_s
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(recipe) if recipe else None
         with atomic_output(Path(out), directory=True) as tmp:
-            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src))
+            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=names)
     return stream.report
 
 
