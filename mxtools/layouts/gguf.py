@@ -146,7 +146,9 @@ def _lazy(raw: RawFile, t: TensorInfo, canonical: str, spec: ModelSpec, slab: in
                       _loader(raw, t.name, offset, shape, t.qtype), raw.path,
                       "" if t.qtype in FLOAT_TYPES else t.qtype.name)
     heads = rope_heads(names.parse(canonical)[0].key, spec)
-    return lazy.map(lambda w: meta_to_hf_rope(w, heads)) if heads else lazy
+    if not heads or tuple(shape) != names.expected_shape(canonical, spec):
+        return lazy  # a misshapen tensor is reported by Checkpoint.problems(), its data left as stored
+    return lazy.map(lambda w: meta_to_hf_rope(w, heads))
 
 
 def _canonical_tensors(raw: RawFile, infos: list[TensorInfo], spec: ModelSpec) -> tuple[dict, bool]:

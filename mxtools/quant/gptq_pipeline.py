@@ -397,10 +397,10 @@ def _check_dims(ckpt: Checkpoint, cfg: QuantConfig) -> None:
         try:
             cfg.group_len(in_f)
         except ValueError as exc:
-            raise MxError(f"{exc} (tensor kind {key})") from None
+            raise MxError(f"{exc} (tensor kind {key})", file=ckpt.path) from None
         if in_f % per_word or out_f % per_word:
             raise MxError(f"{key} is [{out_f}, {in_f}]: both sides must be multiples of {per_word} "
-                          f"to pack {cfg.bits}-bit codes")
+                          f"to pack {cfg.bits}-bit codes", file=ckpt.path)
 
 
 # ---------------------------------------------------------------- recipes and the CLI entry point
@@ -410,6 +410,8 @@ RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsam
 
 
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
+RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0}  # integer settings outside QuantConfig
+MAX_SETTING = 2**31 - 1
 
 
 def load_recipe(name_or_path) -> dict:
@@ -430,6 +432,10 @@ def load_recipe(name_or_path) -> dict:
                       file=path)
     for key, value in data.items():
         _check_setting(key, value, path)
+    try:
+        QuantConfig(**{k: v for k, v in {**DEFAULTS, **data}.items() if k in QuantConfig.__dataclass_fields__})
+    except ValueError as exc:
+        raise MxError(str(exc), file=path) from None
     return data
 
 
@@ -441,6 +447,8 @@ def _check_setting(key: str, value, path) -> None:
     if not fits:
         raise MxError(f"recipe value {key}: {reprlib.repr(value)} is not {kind.__name__}"
                       f"{' or null' if default is None else ''}", file=path)
+    if kind is int and value is not None and not RECIPE_MIN.get(key, -1) <= value <= MAX_SETTING:
+        raise MxError(f"recipe value {key}: {value} is out of range", file=path)
     if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
         raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
 

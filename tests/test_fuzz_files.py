@@ -1,0 +1,312 @@
+"""Deterministic fuzz suite of the single-file readers (issue 9, section 1): GGUF models (merged and legacy
+per-expert), tokenizer.model, importance matrices (GGUF and legacy .dat), saved verify bases and recipes.
+
+Each mutated file (seeded: random byte changes in the header, truncation, structured changes of every header
+field) goes through the CLI's error boundary in a forked child (tests/fuzzing.py): it must end with exit 0, or
+exit 2 and exactly one `mxtools: error:` line naming the file, within the time and memory limits, and leave no
+temporary output behind. The models are small-vocabulary synthetic Mixtrals, so a case costs milliseconds of
+parsing and the verb's own work, not the 32000-piece vocabulary's."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import small_spec
+from fuzzing import gguf_fields, mutate, mutate_field, run_isolated
+
+import mxtools.cli  # noqa: F401  (imported before forking: each case starts warm)
+from mxtools.bundled import EVAL
+from mxtools.convert import write_checkpoint
+from mxtools.errors import MxError
+from mxtools.io.gguf_writer import GGUFStreamWriter
+from mxtools.quant.imatrix import ImatrixStat, save_imatrix
+from mxtools.quant.mixes import Mix, load_mix
+from mxtools.synth import synth_checkpoint
+from mxtools.tokenizer import Tokenizer
+
+SEED = 9
+N_VOCAB = 512  # the first 512 pieces of the v1 vocabulary (control, 256 bytes, merges)
+
+
+def small_vocab_tokenizer(n: int = N_VOCAB) -> Tokenizer:
+    pieces, scores, types = Tokenizer.default().vocab()
+    return Tokenizer.from_vocab(pieces[:n], scores[:n], types[:n])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The fuzz model (small vocabulary) as an F32 GGUF, a Q8_0 GGUF, a legacy per-expert GGUF and an HF
+    directory; an evaluation text; its importance matrix (GGUF and .dat), saved base and an RTN recipe."""
+    root = tmp_path_factory.mktemp("fuzz")
+    ckpt = synth_checkpoint(small_spec(vocab_size=N_VOCAB), 0, torch.float32)
+    ckpt.tokenizer = small_vocab_tokenizer()
+    m = {"gguf": write_checkpoint(ckpt, "gguf", root / "f32.gguf", "f32"),
+         "q8_0": write_checkpoint(ckpt, "gguf", root / "q8_0.gguf", "q8_0"),
+         "hf": write_checkpoint(ckpt, "hf", root / "hf", "f32")}
+    m["legacy"] = legacy_gguf(m["gguf"], root / "legacy.gguf")
+    m["text"] = root / "eval.txt"
+    m["text"].write_text(EVAL.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    stats = {n: ImatrixStat(torch.rand(t.shape[1], generator=torch.Generator().manual_seed(i)) * 4, 7 + i % 5)
+             for i, (n, t) in enumerate(ckpt.tensors.items()) if len(t.shape) == 2 and "embed" not in n}
+    m["imatrix"] = save_imatrix(root / "imatrix.gguf", stats, chunk_size=32, chunk_count=2, datasets=["fuzz"])
+    m["dat"] = legacy_dat(stats, root / "imatrix.dat")
+    m["base"] = root / "base.bin"
+    out = run_isolated(["verify", m["hf"], "--save-base", m["base"], *BASE_ARGS(m)])
+    assert out.code == 0 and m["base"].is_file(), out.stderr + out.traceback
+    m["recipe"] = root / "rtn.yaml"
+    m["recipe"].write_text(yaml.safe_dump({"name": "fuzz", "method": "rtn", "bits": 4, "group_size": 32,
+                                           "sym": True, "damp": 0.01, "nsamples": 4, "seqlen": 64}))
+    return m
+
+
+def BASE_ARGS(m):  # noqa: N802 - the verify options every base case shares
+    return ["--text", m["text"], "--ctx", 32, "--chunks", 2, "--device", "cpu"]
+
+
+def legacy_gguf(src: Path, out: Path) -> Path:
+    """`src` rewritten as llama.cpp wrote Mixtral GGUFs from Dec 2023 to Apr 2024: one 2-D tensor per expert."""
+    from gguf import GGUFReader
+    r = GGUFReader(src)
+    w = GGUFStreamWriter(out)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        vtype = f.types[0]
+        value = f.contents()
+        w.add(f.name, vtype, value, f.types[-1] if len(f.types) > 1 else None)
+    parts = []
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if "_exps." in t.name:
+            for e in range(data.shape[0]):
+                parts.append((t.name.replace("_exps.", f".{e}."), data[e], t.tensor_type))
+        else:
+            parts.append((t.name, data, t.tensor_type))
+    for name, data, qtype in parts:
+        w.plan(name, tuple(data.shape), qtype)
+    w.write_header()
+    for _, data, _ in parts:
+        w.write(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    w.close()
+    return out
+
+
+def legacy_dat(stats: dict, out: Path) -> Path:
+    """The legacy .dat imatrix of `stats` (per entry: name, ncall, nval, values = mean * ncall), one entry per
+    GGUF tensor with the experts of a layer concatenated, as llama-imatrix wrote merged models."""
+    from mxtools.layouts.gguf import TABLE
+    merged: dict = {}
+    for name, s in stats.items():
+        gname, e = TABLE.to_layout(name)
+        merged.setdefault(gname, []).append((e or 0, s))
+    blob = struct.pack("<i", len(merged))
+    for gname, parts in sorted(merged.items()):
+        vals = torch.cat([s.sum_sq for _, s in sorted(parts, key=lambda p: p[0])]).numpy().astype("<f4")
+        ncall = parts[0][1].count
+        raw = gname.encode()
+        blob += struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, vals.size) + vals.tobytes()
+    out.write_bytes(blob + struct.pack("<i", 2) + struct.pack("<i", 4) + b"fuzz")
+    return out
+
+
+# ---- cases ----
+
+def gguf_mutations(src: Path, n: int, rng: random.Random, structured: float = 0.6):
+    """n mutated copies of a GGUF: structured changes of header fields, or byte changes inside the header."""
+    data = src.read_bytes()
+    fields = gguf_fields(data)
+    header_end = fields[-1][1] + 12
+    for _ in range(n):
+        if rng.random() < structured:
+            yield mutate_field(data, rng.choice(fields), rng)
+        else:
+            yield mutate(data, rng, header_end)
+
+
+def byte_mutations(src: Path, n: int, rng: random.Random, header_end: int | None = None):
+    data = src.read_bytes()
+    for _ in range(n):
+        yield mutate(data, rng, header_end)
+
+
+def run_cases(cases, target: Path, outputs: Path | None = None, also_named=()) -> list[str]:
+    """Write each (label, bytes, argv) case's bytes to `target` and run argv; the failures, one line each.
+    An error must name `target` (or one of `also_named`: an input whose fit with the target's values failed)."""
+    failures = []
+    for label, data, argv in cases:
+        target.write_bytes(data)
+        out = run_isolated(argv)
+        why = out.problem()
+        if why is None and out.code == 2 and not any(f"{p}:" in out.stderr for p in (target, *also_named)):
+            why = f"the error line does not name {target.name}: {out.stderr.strip()}"
+        if why is None and outputs is not None and list(outputs.parent.glob(f".{outputs.name}.tmp*")):
+            why = "a temporary output was left behind"
+        if why:
+            failures.append(f"{label}: {why}")
+    return failures
+
+
+def assert_clean(failures: list[str], n: int):
+    assert not failures, f"{len(failures)} of {n} cases broke the contract:\n" + "\n".join(failures[:10])
+
+
+# ---- GGUF models ----
+
+@pytest.mark.parametrize("kind, n", [("gguf", 160), ("q8_0", 40), ("legacy", 40)])
+def test_inspect_survives_mutated_gguf(models, tmp_path, kind, n):
+    rng = random.Random(f"{SEED}-inspect-{kind}")
+    target = tmp_path / "m.gguf"
+    cases = [(label, data, ["inspect", target]) for label, data in gguf_mutations(models[kind], n, rng)]
+    assert_clean(run_cases(cases, target), n)
+
+
+def test_convert_survives_mutated_gguf(models, tmp_path):
+    rng = random.Random(f"{SEED}-convert")
+    target, out = tmp_path / "m.gguf", tmp_path / "out"
+    cases = [(label, data, ["convert", target, "--to", "hf", "-o", out, "--force"])
+             for label, data in gguf_mutations(models["gguf"], 30, rng)]
+    assert_clean(run_cases(cases, target, out), 30)
+
+
+def test_convert_survives_mutated_quantized_gguf(models, tmp_path):
+    rng = random.Random(f"{SEED}-convert-q8")
+    target, out = tmp_path / "m.gguf", tmp_path / "out.gguf"
+    cases = [(label, data, ["convert", target, "--to", "gguf", "--outtype", "f16", "-o", out, "--force"])
+             for label, data in gguf_mutations(models["q8_0"], 15, rng)]
+    assert_clean(run_cases(cases, target, out), 15)
+
+
+def test_full_vocabulary_gguf_header(synth_dir, tmp_path):
+    """A few cases on the real 32000-piece vocabulary (the bulk of a real GGUF header)."""
+    rng = random.Random(f"{SEED}-full")
+    target = tmp_path / "m.gguf"
+    cases = [(label, data, ["inspect", "--no-weights", target])
+             for label, data in gguf_mutations(synth_dir("gguf", "f32"), 10, rng)]
+    assert_clean(run_cases(cases, target), 10)
+
+
+# ---- tokenizer.model ----
+
+def test_tokenizer_model_survives_mutation(models, tmp_path):
+    """tokenizer.model of an HF directory (the other files hard-linked, never changed)."""
+    d = tmp_path / "hf"
+    d.mkdir()
+    for f in models["hf"].iterdir():
+        if f.name != "tokenizer.model":
+            (d / f.name).hardlink_to(f)
+    rng = random.Random(f"{SEED}-spm")
+    cases = [(label, data, ["inspect", "--no-weights", d])
+             for label, data in byte_mutations(models["hf"] / "tokenizer.model", 80, rng)]
+    assert_clean(run_cases(cases, d / "tokenizer.model"), 80)
+
+
+# ---- importance matrices ----
+
+@pytest.mark.parametrize("kind, n", [("imatrix", 60), ("dat", 40)])
+def test_imatrix_files_survive_mutation(models, tmp_path, kind, n):
+    rng = random.Random(f"{SEED}-{kind}")
+    target, out = tmp_path / f"m.{kind}", tmp_path / "out.gguf"
+    argv = ["convert", models["hf"], "--to", "gguf", "--outtype", "q4_k_m", "--imatrix", target, "-o", out,
+            "--force"]
+    mutations = (gguf_mutations(models[kind], n, rng) if kind == "imatrix"
+                 else byte_mutations(models[kind], n, rng))
+    assert_clean(run_cases([(label, data, argv) for label, data in mutations], target, out), n)
+
+
+# ---- saved verify bases ----
+
+def test_saved_base_survives_mutation(models, tmp_path):
+    rng = random.Random(f"{SEED}-base")
+    target, base = tmp_path / "m.bin", models["base"].read_bytes()
+    length = int.from_bytes(base[8:12], "little")  # magic, u32 header length, JSON, then the tokens
+    argv = ["verify", models["hf"], "--base", target, *BASE_ARGS(models), "--max-kld", 1e9, "--min-same-top", 0,
+            "--max-ppl-ratio", 1e9]
+    cases = [(label, data, argv) for label, data in byte_mutations(models["base"], 25, rng, 12 + length + 256)]
+    cases += [(label, base[:12] + body.ljust(length) + base[12 + length:], argv)
+              for label, body in _json_headers(base[12:12 + length], rng, 15)]
+    assert_clean(run_cases(cases, target), len(cases))
+
+
+def _json_headers(body: bytes, rng: random.Random, n: int):
+    """The header's JSON with one value replaced by one of another type or range (still valid JSON)."""
+    header = json.loads(body)
+    for _ in range(n):
+        key = rng.choice(sorted(header))
+        value = rng.choice(['"x"', "null", "[]", "{}", "-1", "0", "1e99", "true", "1.5", "99999999999", "[[[[1]]]]"])
+        text = ", ".join(f'"{k}": {value if k == key else json.dumps(v)}' for k, v in header.items())
+        yield f"{key}={value}", ("{" + text + "}").encode()
+
+
+# ---- recipes ----
+
+HOSTILE = ["abc", None, [], {}, -1, 0, 2**70, 1.5, True, "1e9", [[[]]], {"a": {"b": None}}]
+
+
+def _recipe_mutations(src: Path, n: int, rng: random.Random):
+    text = src.read_text()
+    data = yaml.safe_load(text)
+    for i in range(n):
+        if i % 3 == 0:
+            yield mutate(text.encode(), rng)
+            continue
+        d = dict(data)
+        choice = rng.random()
+        if choice < 0.7:
+            key = rng.choice(sorted(d))
+            d[key] = rng.choice(HOSTILE)
+            label = f"{key}={d[key]!r}"
+        elif choice < 0.85:
+            d[rng.choice(["extra", 7, "bits "])] = 1
+            label = "unknown key"
+        else:
+            d = rng.choice([[d], "text", 42, None])
+            label = f"top-level {type(d).__name__}"
+        yield label, yaml.safe_dump(d).encode()
+    yield "alias bomb", _alias_bomb().encode()
+    yield "deep nesting", ("bits: " + "[" * 5000 + "]" * 5000).encode()
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: *a{levels - 1}\n"
+
+
+def test_gptq_recipe_survives_mutation(models, tmp_path):
+    rng = random.Random(f"{SEED}-recipe")
+    target, out = tmp_path / "r.yaml", tmp_path / "q"
+    argv = ["quantize", models["hf"], "--recipe", target, "--device", "cpu", "-o", out, "--force"]
+    cases = [(label, data, argv) for label, data in _recipe_mutations(models["recipe"], 45, rng)]
+    assert_clean(run_cases(cases, target, out, also_named=[models["hf"]]), len(cases))
+
+
+def test_mix_recipe_survives_mutation(tmp_path):
+    """GGUF mixes are read by load_mix (a file path is accepted as a mix name): a Mix whose policy picks a
+    type for every tensor, or an MxError naming the file; never another exception."""
+    from mxtools import recipes
+    rng = random.Random(f"{SEED}-mix")
+    src = Path(recipes.find("q4_k_m", "gguf"))
+    spec, failures, n = small_spec(), [], 0
+    for label, data in _recipe_mutations(src, 150, rng):
+        target = tmp_path / "mix.yaml"
+        target.write_bytes(data)
+        n += 1
+        try:
+            mix = load_mix(str(target))
+            assert isinstance(mix, Mix)
+            pick = mix.policy(spec, imatrix=bool(n % 2))
+            for key in ("token_embd", "attn_q", "attn_v", "ffn_down", "ffn_gate", "output"):
+                pick(key, None if key in ("token_embd", "output") else 1, (64, 64))
+        except MxError as exc:
+            if str(target) not in exc.line():
+                failures.append(f"{label}: error does not name the file: {exc.line()}")
+        except Exception as exc:  # noqa: BLE001 - the failure this test looks for
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+    assert_clean(failures, n)
