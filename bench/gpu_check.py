@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mxtools import model
+from mxtools import chunking, model
 from mxtools.bundled import CALIB, EVAL, MODEL
 from mxtools.convert import write_checkpoint
 from mxtools.layouts import open_checkpoint
 from mxtools.synth import synth_checkpoint, synth_spec
-from mxtools.verify import metrics, verify
+from mxtools.verify import verify
 
 RESULTS: dict = {}
 
@@ -50,13 +50,13 @@ def tiny_model(root: Path) -> Path:
 @step("tiny_cuda_vs_cpu")
 def tiny_cuda_vs_cpu(path: Path):
     with open_checkpoint(path) as ck:
-        tokens = ck.tokenizer.encode(EVAL.read_text(encoding="utf-8"), bos=False)
-        fed = metrics.with_bos(metrics.chunk_tokens(tokens, 512, 2))
+        tokens = chunking.tokenize_file(ck.tokenizer, EVAL)
+        fed = chunking.with_bos(chunking.chunk_tokens(tokens, 512, 2))
         cpu = model.logits(ck, fed, "cpu", torch.float32)
         gpu = model.logits(ck, fed, "cuda", torch.float32).cpu()
-        r_cpu = verify(ck, None, tokens, 512, 16, "cpu", torch.float32)
-        r_gpu = verify(ck, None, tokens, 512, 16, "cuda", torch.float32)
-        r_bf16 = verify(ck, ck, tokens, 512, 16, "cuda", torch.bfloat16, outtype="bf16")
+        r_cpu = verify(ck, None, tokens, ctx=512, chunks=16, device="cpu", dtype=torch.float32)
+        r_gpu = verify(ck, None, tokens, ctx=512, chunks=16, device="cuda", dtype=torch.float32)
+        r_bf16 = verify(ck, ck, tokens, ctx=512, chunks=16, device="cuda", dtype=torch.bfloat16, outtype="bf16")
     return {"model": str(path), "logits_rel_error": float((cpu - gpu).norm() / cpu.norm()),
             "top1_agree": float((cpu.argmax(-1) == gpu.argmax(-1)).float().mean()),
             "ppl_cpu": r_cpu["ppl"], "ppl_cuda": r_gpu["ppl"], "ppl_cuda_bf16": r_bf16["ppl"]}
@@ -72,11 +72,11 @@ def synth_8x7b(root: Path) -> Path:
 def ppl_8x7b(path: Path):
     torch.cuda.reset_peak_memory_stats()
     with open_checkpoint(path) as ck:
-        tokens = ck.tokenizer.encode(EVAL.read_text(encoding="utf-8"), bos=False)
+        tokens = chunking.tokenize_file(ck.tokenizer, EVAL)
         chunks = 32
         torch.cuda.synchronize()
         t = time.time()
-        r = verify(ck, None, tokens, 512, chunks, "cuda", torch.bfloat16, chunks_per_pass=16)
+        r = verify(ck, None, tokens, ctx=512, chunks=chunks, device="cuda", dtype=torch.bfloat16, chunks_per_pass=16)
         torch.cuda.synchronize()
         dt = time.time() - t
     return {"tokens": chunks * 512, "tokens_per_s": round(chunks * 512 / dt, 1), "wall_s": round(dt, 2),
@@ -141,7 +141,7 @@ def gptq_layer(path: Path, root: Path):
     calib = root / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()
-    report = run_quantize(path, root / "gptq", calib, bits=4, method="gptq", group_size=128, nsamples=32,
+    report = run_quantize(path, root / "gptq", calib_text_path=calib, bits=4, method="gptq", group_size=128, nsamples=32,
                           seqlen=2048, device="cuda")
     layers = report.get("layers", [])
     return {"wall_s": round(time.time() - t, 2), "layers": 2, "nsamples": 32, "seqlen": 2048,

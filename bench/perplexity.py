@@ -4,42 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
-import numpy as np
 import torch
-from common import OUT, PY, synth_8x7b_2layers, timed
+from common import OUT, PY, ROOT, synth_8x7b_2layers, timed
 
+from mxtools import chunking
 from mxtools.bundled import EVAL, MODEL
 from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint
-from mxtools.verify import metrics, verify
+from mxtools.verify import verify
+
+sys.path.insert(0, str(ROOT / "tests"))  # the judge: llama.cpp tokenizes and chunks the text itself
+from judges import llama_cpp_perplexity
 
 CHUNKS, CTX, THREADS = 16, 512, 2
 
 
-def ours(path, tokens) -> tuple[float, float]:
+def ours(path) -> tuple[float, float]:
     with open_checkpoint(path) as ck:
+        tokens = chunking.tokenize_file(ck.tokenizer, EVAL)
         t = time.time()
-        r = verify(ck, None, tokens, CTX, CHUNKS, "cpu", torch.float32)
+        r = verify(ck, None, tokens, ctx=CTX, chunks=CHUNKS, device="cpu", dtype=torch.float32)
         return time.time() - t, r["ppl"]
 
 
-def llama_cpp(path, tokens) -> tuple[float, float]:
+def llama_cpp(path) -> tuple[float, float]:
     from llama_cpp import Llama
     llm = Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, type_k=0, type_v=0,
                 n_threads=THREADS, verbose=False)
-    acc = metrics.Accumulator()
     t = time.time()
-    for chunk in metrics.with_bos(metrics.chunk_tokens(tokens, CTX, CHUNKS)):
-        llm.reset()
-        llm.eval(chunk.tolist())
-        logits = torch.from_numpy(np.array(llm.scores[:CTX], dtype=np.float32))
-        acc.add(torch.log_softmax(logits[metrics.scored_positions(CTX)].double(), -1).float(),
-                metrics.scored_targets(chunk))
+    ppl, _ = llama_cpp_perplexity(llm, EVAL, CTX, CHUNKS)
     dt = time.time() - t
     llm.close()
-    return dt, acc.result()["ppl"]
+    return dt, ppl
 
 
 def main():
@@ -48,9 +47,7 @@ def main():
     rows = {}
     for outtype in ("f16", "q8_0"):
         g = convert(MODEL, "gguf", OUT / f"tiny-{outtype}.gguf", outtype, force=True)
-        with open_checkpoint(g) as ck:
-            tokens = ck.tokenizer.encode(EVAL.read_text(encoding="utf-8"), bos=False)
-        (t_o, p_o), (t_l, p_l) = ours(g, tokens), llama_cpp(g, tokens)
+        (t_o, p_o), (t_l, p_l) = ours(g), llama_cpp(g)
         n = CHUNKS * CTX
         rows[f"tiny {outtype}"] = {"tokens": n, "ours_tok_s": round(n / t_o), "llama_cpp_tok_s": round(n / t_l),
                                    "speed_ratio": round(t_l / t_o, 3), "ppl_ours": p_o, "ppl_llama_cpp": p_l}

@@ -22,7 +22,7 @@ ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.ggu
 
 def make(ref: Path, layout: str, outtype: str, out: Path) -> Path:
     if layout == "gptq":  # calibrated on the held-out text's sibling, the bundled calibration text
-        run_quantize(ref, out, CALIB, bits=4, group_size=128, nsamples=32, seqlen=2048, force=True)
+        run_quantize(ref, out, calib_text_path=CALIB, bits=4, group_size=128, nsamples=32, seqlen=2048, force=True)
         return out
     return convert(ref, layout, out, outtype, force=True)
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     rows = []
     for layout, outtype, name in ARTIFACTS:
         out = make(ref, layout, outtype, args.out / name)
-        r = run_verify(out, ref, args.out / "eval.txt", 512, args.chunks, None, {}, None, None, "auto", "f32")
+        r = run_verify(out, ref, text=args.out / "eval.txt", ctx=512, chunks=args.chunks)
         rows.append((name, size(out), r))
         print(f"verified {name}: {'PASSED' if r['passed'] else 'FAILED ' + ', '.join(r['failures'])}",
               file=sys.stderr)

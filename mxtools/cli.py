@@ -171,8 +171,9 @@ def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, 
     from .verify_cli import run_verify
     overrides = {k: v for k, v in (("max_kld_mean", max_kld), ("min_same_top_p", min_same_top),
                                    ("max_ppl_ratio", max_ppl_ratio)) if v is not None}
-    report = run_verify(candidate, reference, text, ctx, chunks, outtype, overrides, save_base, base, device,
-                        dtype, json_out, plot)
+    report = run_verify(candidate, reference, text=text, ctx=ctx, chunks=chunks, outtype=outtype,
+                        overrides=overrides, save_base=save_base, base=base, device=device, dtype=dtype,
+                        json_out=json_out, plot=plot)
     click.echo(report["_text"])
     if not report["passed"]:
         click.echo(f"mxtools: verification failed: {', '.join(report['failures'])}", err=True)
@@ -230,7 +231,7 @@ def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsample
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
                                      experts=experts, min_tokens=min_tokens).items() if v is not None}
-    report = run_quantize(src, out, calib or CALIB, device=device, recipe=recipe, force=force, names=names,
+    report = run_quantize(src, out, calib_text_path=calib or CALIB, device=device, recipe=recipe, force=force, names=names,
                           **options)
     click.echo(summary(report))
     click.echo(f"wrote {out}")

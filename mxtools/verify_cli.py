@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .bundled import EVAL
+from .chunking import tokenize_file
 from .errors import MxError
 from .io.atomic import atomic_output
 from .layouts import open_checkpoint
@@ -12,8 +13,11 @@ from .tensors import FLOAT_DTYPES
 from .verify import render_text, verify
 
 
-def run_verify(candidate, reference, text, ctx, chunks, outtype, overrides, save_base, base, device, dtype,
-               json_out=None, plot=None) -> dict:
+def run_verify(candidate, reference=None, *, text=None, ctx: int = 512, chunks: int | None = None,
+               outtype: str | None = None, overrides: dict | None = None, save_base=None, base=None,
+               device: str = "auto", dtype: str = "f32", json_out=None, plot=None) -> dict:
+    """`mxtools verify CANDIDATE`: compare with a reference model or a saved base over `text` (default: the
+    bundled held-out text), write the JSON report and plot if asked; returns the report (with `_text`)."""
     if reference is None and base is None and save_base is None:
         raise MxError("give --reference REF or --base FILE to compare against")
     if reference is not None and base is not None:
@@ -24,7 +28,7 @@ def run_verify(candidate, reference, text, ctx, chunks, outtype, overrides, save
             tok = (ref.tokenizer if ref is not None and ref.tokenizer else cand.tokenizer)
             if tok is None:
                 raise MxError("no tokenizer found in the candidate or the reference", file=candidate)
-            tokens = tok.encode(Path(text or EVAL).read_text(encoding="utf-8"), bos=False)
+            tokens = tokenize_file(tok, text or EVAL)
             if len(tokens) < ctx:
                 raise MxError(f"text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}", file=text)
             thresholds = {**overrides} if overrides else None

@@ -73,6 +73,26 @@ def llama_cpp_logits(path, tokens: list[int]) -> torch.Tensor:
     return out
 
 
+def llama_cpp_perplexity(llm, text_file, n_ctx: int, n_chunks: int) -> tuple[float, list[int]]:
+    """llama-perplexity's loop (tools/perplexity/perplexity.cpp) on llama.cpp's own functions, for a model
+    loaded with `llama_cpp_model(path, n_ctx)`: the file less one trailing newline (as `-f`), tokenized by
+    llama.cpp with BOS first, cut into chunks of n_ctx from that stream, each evaluated from an empty cache with
+    its first token replaced by BOS, the predictions at positions n_ctx/2 .. n_ctx-2 scored.
+    Returns (PPL, llama.cpp's token stream)."""
+    text = text_file.read_text(encoding="utf-8").removesuffix("\n")
+    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+    first, nll = n_ctx // 2, []
+    for i in range(min(n_chunks, len(tokens) // n_ctx)):
+        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        chunk[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(chunk)
+        logits = torch.from_numpy(np.array(llm.scores[first:n_ctx - 1], dtype=np.float64))
+        targets = torch.tensor(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
+        nll.append(-torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0])
+    return float(torch.cat(nll).mean().exp()), tokens
+
+
 def kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Per-position KL(p || q) from logits."""
     lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)

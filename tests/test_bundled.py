@@ -21,7 +21,7 @@ def calib_part(tmp_path_factory):
 
 
 def kld(candidate):
-    return run_verify(candidate, MODEL, EVAL, 512, CHUNKS, None, {}, None, None, "cpu", "f32")
+    return run_verify(candidate, MODEL, text=EVAL, ctx=512, chunks=CHUNKS, device="cpu")
 
 
 def test_bundled_model_is_trained():

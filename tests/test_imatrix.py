@@ -19,6 +19,7 @@ from test_mixes import (
     synth,
 )
 
+from mxtools.chunking import chunk_tokens, with_bos
 from mxtools.convert import write_checkpoint
 from mxtools.errors import FormatError, ShapeError
 from mxtools.io.files import RawFile
@@ -27,7 +28,6 @@ from mxtools.layouts import open_checkpoint
 from mxtools.quant.imatrix import (
     Imatrix,
     ImatrixStat,
-    chunk_tokens,
     compute_imatrix,
     imatrix_for_writer,
     load_imatrix,
@@ -185,7 +185,7 @@ def test_legacy_file_with_merged_experts(tmp_path):
 
 def test_chunks_are_llama_imatrix_chunks():
     toks = torch.arange(10, 75)
-    c = chunk_tokens(toks, 16)
+    c = with_bos(chunk_tokens(toks, 16))
     assert c.shape == (4, 16) and c[:, 0].tolist() == [1] * 4 and c[1, 1:].tolist() == list(range(27, 42))
     assert chunk_tokens(toks, 16, chunks=2).shape == (2, 16)
     with pytest.raises(ShapeError, match="one chunk"):

@@ -13,7 +13,7 @@ from hf_tiny import (
     tiny_hf_model,
 )
 
-from mxtools import model, names, transforms
+from mxtools import chunking, model, names, transforms
 from mxtools.errors import FormatError
 from mxtools.verify import (
     BaseMismatchError,
@@ -79,19 +79,19 @@ def test_uncertainties_and_percentiles_follow_llama_cpp():
 
 def test_chunking_protocol_counts_scored_tokens():
     tokens = list(range(10, 1010))  # 1000 tokens
-    table = metrics.chunk_tokens(tokens, 64)
+    table = chunking.chunk_tokens(tokens, 64)
     assert table.shape == (15, 64)  # the partial 16th chunk is dropped
-    assert metrics.chunk_tokens(tokens, 64, chunks=4).shape == (4, 64)
-    fed = metrics.with_bos(table)
+    assert chunking.chunk_tokens(tokens, 64, chunks=4).shape == (4, 64)
+    fed = chunking.with_bos(table)
     assert (fed[:, 0] == 1).all() and (fed[:, 1:] == table[:, 1:]).all() and table[1, 0] == 74
-    pos = metrics.scored_positions(64)
-    assert (pos.start, pos.stop) == (32, 63) and metrics.n_scored(64) == 31 == 64 - 1 - 64 // 2
-    assert metrics.scored_targets(table[2]).tolist() == list(range(10 + 128 + 33, 10 + 192))
+    pos = chunking.scored_positions(64)
+    assert (pos.start, pos.stop) == (32, 63) and chunking.n_scored(64) == 31 == 64 - 1 - 64 // 2
+    assert chunking.scored_targets(table[2]).tolist() == list(range(10 + 128 + 33, 10 + 192))
     lp = torch.full((31, 2000), -math.log(2000))
-    r = metrics.compare([lp] * 15, [metrics.scored_targets(c) for c in table])
+    r = metrics.compare([lp] * 15, [chunking.scored_targets(c) for c in table])
     assert r["n_tokens"] == 15 * 31
     with pytest.raises(Exception, match="fewer than one chunk"):
-        metrics.chunk_tokens(tokens[:50], 64)
+        chunking.chunk_tokens(tokens[:50], 64)
 
 
 # ---------------------------------------------------------------- saved base file
@@ -109,7 +109,7 @@ def test_base_roundtrip_u16_is_exact_enough_and_f32_exact(tmp_path):
     b16, b32 = load_base(tmp_path / "b16"), load_base(tmp_path / "b32")
     assert b16.n_ctx == 40 and (b16.tokens == table.numpy()).all()
     assert torch.equal(b32.chunk(1), lps[1])
-    targets = [metrics.scored_targets(c) for c in table]
+    targets = [chunking.scored_targets(c) for c in table]
     r = metrics.compare(lps, targets, [b16.chunk(i) for i in range(3)])
     # u16 rounding costs ~step^2/24 ~ 1e-8 per token (KLD is second order around the base)
     assert r["kld_percentiles"]["min"] > -1e-12 and r["kld_mean"] < 1e-7 and r["kld_percentiles"]["max"] < 1e-6
@@ -183,7 +183,7 @@ def test_unpermuted_k_projection_in_layer_0_is_located(tiny, tokens):
 
 
 def test_swapped_experts_in_layer_1_are_located(tiny, tokens):
-    fed = metrics.with_bos(metrics.chunk_tokens(tokens, 40))
+    fed = chunking.with_bos(chunking.chunk_tokens(tokens, 40))
     top = [t for i, _, t in model.iter_layers(tiny, fed, "cpu")][1]
     counts = torch.bincount(top.reshape(-1), minlength=8)
     a, b = counts.argsort(descending=True)[:2].tolist()  # the two busiest experts of layer 1

@@ -1,23 +1,21 @@
 """`mxtools verify` as a pipeline gates on it: exit 0 for lossless artifacts, 1 naming the broken layer, 2 bad
-input; saved bases reproduce the live reference; our perplexity equals llama.cpp's on the same GGUF."""
+input; saved bases reproduce the live reference; our perplexity equals llama.cpp's on the same GGUF and text."""
 from __future__ import annotations
 
 import json
 import shutil
 
-import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import text_head
-from judges import llama_cpp_model
+from judges import llama_cpp_model, llama_cpp_perplexity
 from safetensors.torch import load_file, save_file
 
+from mxtools import chunking
 from mxtools.cli import main
 from mxtools.convert import convert
 from mxtools.layouts import open_checkpoint
 from mxtools.transforms import hf_to_meta_rope
-from mxtools.verify import metrics
 
 CTX = 128
 
@@ -102,22 +100,19 @@ def test_bad_input_exit_2(tmp_path, synth_dir, text):
     assert code == 2 and "layout" in err
 
 
-def test_perplexity_equals_llama_cpp_on_same_gguf(tmp_path, synth_dir, text):
-    """Our harness and llama.cpp (f32 KV cache) give the same PPL under the same protocol (within 0.5%)."""
-    gguf_path = convert(synth_dir("hf", "f32"), "gguf", tmp_path / "m.gguf", "q8_0")
+# llama.cpp on an F32 GGUF computes in f32 like us: only summation order differs (measured 5e-8 relative on this
+# model). On Q8_0 it also rounds each activation block to 8 bits before the q8_0 products, which our harness
+# (dequantized weights, f32 activations) does not (measured 2e-4). Both margins sit far below the 1.9e-2 that
+# cutting the stream one token off llama.cpp's chunks moves this PPL.
+@pytest.mark.parametrize("outtype,rel", [("f32", 1e-5), ("q8_0", 1e-3)])
+def test_perplexity_equals_llama_cpp_on_same_gguf(tmp_path, synth_dir, text, outtype, rel):
+    """Our perplexity equals llama.cpp's on the same GGUF, llama.cpp tokenizing and chunking the text itself."""
+    gguf_path = convert(synth_dir("hf", "f32"), "gguf", tmp_path / "m.gguf", outtype)
     code, _, err = verify(gguf_path, "--reference", gguf_path, "--text", text, "--json", tmp_path / "r.json")
-    ours = report(tmp_path / "r.json")["ppl"]
-    with open_checkpoint(gguf_path) as ck:
-        tokens = ck.tokenizer.encode(text.read_text(encoding="utf-8"), bos=False)
-    chunks = metrics.chunk_tokens(tokens, CTX, 4)
+    assert code == 0, err
     llm = llama_cpp_model(gguf_path, n_ctx=CTX)
-    acc = metrics.Accumulator()
-    for chunk in metrics.with_bos(chunks):
-        llm.reset()
-        llm.eval(chunk.tolist())
-        logits = torch.from_numpy(np.array(llm.scores[:CTX], dtype=np.float32))
-        logp = torch.log_softmax(logits[metrics.scored_positions(CTX)].double(), -1).float()
-        acc.add(logp, metrics.scored_targets(chunk))
+    theirs, llama_tokens = llama_cpp_perplexity(llm, text, CTX, 4)
     llm.close()
-    theirs = acc.result()["ppl"]
-    assert ours == pytest.approx(theirs, rel=0.005)
+    with open_checkpoint(gguf_path) as ck:
+        assert chunking.tokenize_file(ck.tokenizer, text) == llama_tokens
+    assert report(tmp_path / "r.json")["ppl"] == pytest.approx(theirs, rel=rel)

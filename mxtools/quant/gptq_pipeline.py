@@ -466,7 +466,7 @@ def resolve_settings(recipe=None, **given) -> dict:
     return settings
 
 
-def run_quantize(src, out, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
+def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
                  act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
                  recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
                  names: str = "vllm") -> dict:

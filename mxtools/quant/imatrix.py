@@ -1,7 +1,7 @@
 """Importance matrices: per input column, the mean squared activation a Linear sees, as llama.cpp's imatrix.
 
-`compute_imatrix` runs the reference forward pass (mxtools.model) over llama-imatrix's chunks (text split
-into pieces of `ctx` tokens, the first of each replaced by BOS) and sums x^2 per input column for every
+`compute_imatrix` runs the reference forward pass (mxtools.model) over llama-imatrix's chunks
+(mxtools/chunking.py, shared with `verify`) and sums x^2 per input column for every
 matrix llama-imatrix collects: attention q/k/v/o, the router, and each expert's w1/w3/w2 over only the tokens
 routed to it (a token routed to two experts counts once for each).
 
@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from .. import names
+from ..chunking import chunk_tokens, tokenize_file, with_bos
 from ..errors import FormatError, ShapeError, reading
 from ..io.atomic import atomic_output, check_output
 from ..io.files import RawFile
@@ -76,18 +77,6 @@ def _name(key: str, i: int, e=None) -> str:
     return names.fill(names.KIND_BY_KEY[key].template, i, e)
 
 
-def chunk_tokens(tokens, ctx: int, chunks: int | None = None, bos_id: int | None = 1) -> torch.Tensor:
-    """llama-imatrix's chunks [n, ctx]: consecutive pieces of `tokens`, the first of each set to BOS."""
-    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    n = t.numel() // ctx if chunks is None else min(chunks, t.numel() // ctx)
-    if n < 1:
-        raise ShapeError(f"{t.numel()} tokens do not fill one chunk of {ctx}; give more text or a smaller ctx")
-    out = t[: n * ctx].reshape(n, ctx).clone()
-    if bos_id is not None:
-        out[:, 0] = bos_id
-    return out
-
-
 class _Collector:
     """The forward-pass observer: accumulates float64 sums of squares on the activations' device."""
 
@@ -117,17 +106,18 @@ class _Collector:
         return stats
 
 
-def compute_imatrix(ckpt: Checkpoint, tokens, ctx: int = 512, chunks: int | None = None, device="auto",
+def compute_imatrix(ckpt: Checkpoint, tokens, *, ctx: int = 512, chunks: int | None = None, device="auto",
                     dtype: torch.dtype = torch.float32, bos_id: int | None = None, datasets=(),
                     progress=lambda n: None) -> Imatrix:
-    """The importance matrix of `ckpt` over `tokens` (the whole tokenized text, as llama-imatrix tokenizes it).
+    """The importance matrix of `ckpt` over `tokens` (the whole text's token stream, BOS first, as llama-imatrix
+    tokenizes it: `chunking.tokenize_file`).
 
-    Chunks as llama-imatrix: len(tokens) // ctx pieces (at most `chunks`), BOS first. Every matrix gets an
-    entry, an expert that saw no token one with count 0. `progress(k)` is called after each chunk pass.
+    Chunks as llama-imatrix: len(tokens) // ctx pieces (at most `chunks`), each fed with BOS first. Every matrix
+    gets an entry, an expert that saw no token one with count 0. `progress(k)` is called after each chunk pass.
     """
     if bos_id is None:
         bos_id = ckpt.tokenizer.bos_id if ckpt.tokenizer and ckpt.tokenizer.add_bos else None
-    batch = chunk_tokens(tokens, ctx, chunks, bos_id)
+    batch = with_bos(chunk_tokens(tokens, ctx, chunks), bos_id)
     dev = resolve_device(device)
     collect = _Collector(ckpt.spec)
     with torch.no_grad():
@@ -140,13 +130,7 @@ def compute_imatrix(ckpt: Checkpoint, tokens, ctx: int = 512, chunks: int | None
     return Imatrix(collect.result(ckpt.spec), ctx, batch.shape[0], datasets)
 
 
-def read_text(path) -> str:
-    """A calibration text as llama-imatrix reads `-f FILE`: the whole file less one trailing newline."""
-    text = Path(path).read_text(encoding="utf-8")
-    return text.removesuffix("\n")
-
-
-def imatrix_from_text(model, text_file, out, ctx: int = 512, chunks: int | None = None, device="auto",
+def imatrix_from_text(model, text_file, out, *, ctx: int = 512, chunks: int | None = None, device="auto",
                       force: bool = False, progress=lambda n: None) -> Path:
     """`mxtools imatrix MODEL --text FILE -o OUT`: tokenize FILE with the model's tokenizer (BOS first, as
     llama-imatrix), compute the importance matrix and write it as a GGUF imatrix file.

@@ -1,10 +1,11 @@
 """Verify a converted or quantized Mixtral against a reference: perplexity, KL divergence, per-layer lockstep.
 
-    report = verify(candidate, reference, tokens, ctx=512)
+    report = verify(candidate, reference, chunking.tokenize_file(tokenizer, "eval.txt"), ctx=512)
     print(render_text(report)); report["passed"]
 
-Protocol and statistics: metrics.py (llama.cpp's perplexity tool). Per-layer comparison and the
-`first_divergent_layer` rule: lockstep.py. Report layout and default thresholds per outtype: report.py.
+Chunks: mxtools/chunking.py (llama.cpp's). Statistics: metrics.py (llama.cpp's perplexity tool). Per-layer
+comparison and the `first_divergent_layer` rule: lockstep.py. Report layout and default thresholds per outtype:
+report.py.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import model
+from .. import chunking, model
 from ..tensors import Checkpoint
 from . import lockstep, metrics
 from . import report as report_mod
@@ -21,10 +22,12 @@ from .metrics import BaseMismatchError, load_base  # noqa: F401 (public API)
 from .report import check, render_text  # noqa: F401 (public API)
 
 
-def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int], ctx=512, chunks=None,
+def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int], *, ctx=512, chunks=None,
            device="auto", dtype=torch.float32, base=None, save_base=None, thresholds=None,
            chunks_per_pass: int | None = None, outtype: str | None = None) -> dict:
     """Evaluate `candidate` over `tokens` with llama.cpp's chunked protocol and return the report dict.
+
+    tokens: the whole text's token stream as llama.cpp tokenizes it, BOS first (`chunking.tokenize_file`).
 
     reference: run in lockstep (per-layer statistics, exact KLD); or None.
     base: a saved base (path or `load_base` result) to compare against when there is no reference.
@@ -34,7 +37,7 @@ def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int
     """
     if reference is not None and base is not None:
         raise ValueError("give a reference checkpoint or a saved base to compare with, not both")
-    table = metrics.chunk_tokens(tokens, ctx, chunks)
+    table = chunking.chunk_tokens(tokens, ctx, chunks)
     saved = _open_base(base, table, candidate.spec.vocab_size)
     outtype = outtype or (thresholds if isinstance(thresholds, str) else report_mod.guess_outtype(candidate))
     limits = report_mod.thresholds_for(outtype, thresholds if isinstance(thresholds, dict) else None)
@@ -47,7 +50,7 @@ def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int
             group = table[start:start + per_pass]
             for b, lp_c, lp_r in _logprob_pairs(candidate, reference, group, device, dtype, state):
                 lp_base = lp_r if saved is None else saved.chunk(start + b)
-                acc.add(lp_c, metrics.scored_targets(group[b]), lp_base)
+                acc.add(lp_c, chunking.scored_targets(group[b]), lp_base)
                 if save_base:
                     writer.add(lp_c if lp_r is None else lp_r)
     sums = state["sums"]
@@ -62,7 +65,7 @@ def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int
 
 def _logprob_pairs(candidate, reference, group, device, dtype, state):
     """Yield (chunk in group, candidate log-probs, reference log-probs or None) at the scored positions."""
-    fed, pos = metrics.with_bos(group), metrics.scored_positions(group.shape[1])
+    fed, pos = chunking.with_bos(group), chunking.scored_positions(group.shape[1])
     if reference is None:
         h_c = model.last_hidden(candidate, fed, device, dtype)
         for b, lp in model.iter_logprobs(candidate, h_c, pos, device, dtype):

@@ -1,8 +1,7 @@
 """Perplexity and KL-divergence statistics, mirroring llama.cpp's tools/perplexity/perplexity.cpp.
 
-Protocol: the token stream is cut into len(tokens) // n_ctx chunks of n_ctx tokens; the first token of each
-chunk is replaced by BOS (id 1) for evaluation; only the second half is scored: the predictions made at
-positions n_ctx/2 .. n_ctx-2, of the tokens at n_ctx/2+1 .. n_ctx-1, i.e. n_ctx - 1 - n_ctx/2 per chunk.
+Protocol: llama.cpp's chunks of the token stream (BOS first), each fed with BOS in its first position, the
+second half scored: mxtools/chunking.py.
 
 Statistics are those of llama.cpp's `kl_divergence()`: sums accumulated per token, `mean_and_uncertainty`
 (standard error only when more than 10 values), the covariance of the two NLLs, linearly interpolated
@@ -28,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..chunking import BOS_ID, n_scored
 from ..errors import FormatError, MxError, ShapeError
 from ..io.atomic import atomic_output
 
-BOS_ID = 1  # Mixtral's <s>
 KLD_QUANTILES = [("max", 1.0), ("99.9", 0.999), ("99", 0.99), ("95", 0.95), ("90", 0.90), ("median", 0.5),
                  ("10", 0.10), ("5", 0.05), ("1", 0.01), ("0.1", 0.001), ("min", 0.0)]
 DP_QUANTILES = KLD_QUANTILES[:5] + [("75", 0.75)] + KLD_QUANTILES[5:6] + [("25", 0.25)] + KLD_QUANTILES[6:]
@@ -39,48 +38,6 @@ DP_QUANTILES = KLD_QUANTILES[:5] + [("75", 0.75)] + KLD_QUANTILES[5:6] + [("25",
 
 class BaseMismatchError(MxError):
     """A saved base does not belong to this evaluation (other tokens, context size or vocabulary)."""
-
-
-# ---------------------------------------------------------------- chunking protocol
-
-def chunk_tokens(tokens, n_ctx: int, chunks: int | None = None) -> torch.Tensor:
-    """The evaluation chunks [n_chunks, n_ctx] of the original tokens (before BOS replacement).
-
-    As llama.cpp: len(tokens) // n_ctx chunks, optionally limited to the first `chunks`; a trailing partial
-    chunk is dropped.
-    """
-    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    if n_ctx < 4:
-        raise ShapeError(f"context size {n_ctx} is too small (at least 4)")
-    n = t.numel() // n_ctx if chunks is None else min(int(chunks), t.numel() // n_ctx)
-    if n < 1:
-        raise ShapeError(f"{t.numel()} tokens are fewer than one chunk of {n_ctx}; give more text or a smaller ctx")
-    return t[:n * n_ctx].view(n, n_ctx)
-
-
-def with_bos(chunks: torch.Tensor, bos: int = BOS_ID) -> torch.Tensor:
-    """What the model is fed: each chunk with its first token replaced by BOS."""
-    out = chunks.clone()
-    out[:, 0] = bos
-    return out
-
-
-def first_scored(n_ctx: int) -> int:
-    return n_ctx // 2
-
-
-def scored_positions(n_ctx: int) -> slice:
-    """Positions whose predictions are scored (their logits predict the next token)."""
-    return slice(first_scored(n_ctx), n_ctx - 1)
-
-
-def scored_targets(chunk: torch.Tensor) -> torch.Tensor:
-    """The tokens predicted at the scored positions of one chunk (original tokens)."""
-    return chunk[first_scored(chunk.shape[-1]) + 1:]
-
-
-def n_scored(n_ctx: int) -> int:
-    return n_ctx - 1 - n_ctx // 2
 
 
 # ---------------------------------------------------------------- statistics
