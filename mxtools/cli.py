@@ -12,6 +12,7 @@ import click
 from . import convert as conv
 from .errors import MxError
 from .layouts import open_checkpoint, writable
+from .compare import DEFAULT_FORMATS
 from .layouts.gptq import NAMINGS
 
 
@@ -235,6 +236,29 @@ def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsample
                           **options)
     click.echo(summary(report))
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
+@click.option("--formats", "fmts", metavar="F1,F2,...",
+              help=f"candidate formats (default {','.join(DEFAULT_FORMATS)}); also every GGUF mix (+imatrix), "
+                   "gptq-int8, rtn-int8, bnb-fp4")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="calibration text for GPTQ and the imatrix (default: the bundled calibration text)")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="evaluation text (default: the bundled held-out text)")
+@click.option("--chunks", type=int, help="evaluate only the first N chunks")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the rows here")
+@click.option("--plot", type=click.Path(path_type=Path), help="draw mean KLD against bits per weight (PNG)")
+@click.option("--keep", type=click.Path(path_type=Path), help="build the candidates in this new directory, keep them")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@handled
+def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device):
+    """Build every candidate format from MODEL, verify each against MODEL, print one table sorted by size."""
+    from .compare import render, run_compare
+    result = run_compare(model_path, fmts=fmts, calib=calib, text=text, chunks=chunks, device=device, keep=keep,
+                         json_out=json_out, plot=plot, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(render(result))
 
 
 @main.command()
