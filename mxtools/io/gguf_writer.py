@@ -1,7 +1,8 @@
 """A streaming GGUF v3 writer: plan all metadata and tensor infos, write the header, then the data in order.
 
 Unlike gguf-py's writer it never needs a whole tensor: a merged [E, F, D] expert tensor is written one expert
-slab at a time. Calls out of order are refused (header -> data of tensor 0, 1, ... -> close).
+slab at a time. Calls out of order are refused with an OutputError naming the file: metadata and tensor plans
+-> write_header -> the data of tensor 0, 1, ... in plan order -> close.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class GGUFStreamWriter:
         return -n % self.alignment
 
     def write_header(self) -> None:
+        if self.f is not None:
+            raise OutputError("the GGUF header was already written", file=self.path)
         head = [b"GGUF", struct.pack("<IQQ", 3, len(self.infos), len(self.kv)), *self.kv]
         offset = 0
         for name, shape, qtype, nbytes in self.infos:
@@ -79,6 +82,11 @@ class GGUFStreamWriter:
 
     def write(self, data) -> int:
         """Append raw bytes of the current tensor (a whole tensor or one slab of it)."""
+        if self.f is None:
+            raise OutputError("tensor data written before the GGUF header (call write_header first)",
+                              file=self.path)
+        if self.current == len(self.infos):
+            raise OutputError(f"tensor data written after all {len(self.infos)} planned tensors", file=self.path)
         name, _, _, nbytes = self.infos[self.current]
         mv = memoryview(data).cast("B")
         if self.written + mv.nbytes > nbytes:
@@ -91,6 +99,8 @@ class GGUFStreamWriter:
         return mv.nbytes
 
     def close(self) -> None:
+        if self.f is None:
+            raise OutputError("closed before the GGUF header was written", file=self.path)
         if self.current != len(self.infos):
             raise OutputError(f"only {self.current} of {len(self.infos)} tensors written", file=self.path)
         self.f.close()
