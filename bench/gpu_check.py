@@ -143,9 +143,8 @@ def gptq_layer(path: Path, root: Path):
     t = time.time()
     report = run_quantize(path, root / "gptq", calib_text_path=calib, bits=4, method="gptq", group_size=128, nsamples=32,
                           seqlen=2048, device="cuda")
-    layers = report.get("layers", [])
     return {"wall_s": round(time.time() - t, 2), "layers": 2, "nsamples": 32, "seqlen": 2048,
-            "time_s": report.get("time_s"), "per_layer_s": [lay.get("time_s") for lay in layers],
+            "time_s": report["timings"]["time_s"], "per_layer_s": report["timings"]["layers_s"],
             "totals": report.get("totals"), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 

@@ -265,7 +265,8 @@ def _gptq_layer(run: _Run, i: int, h: torch.Tensor) -> tuple[dict, torch.Tensor]
 class QuantStream:
     """Iterate to quantize the model layer by layer: yields one LayerQuant per layer, in order.
 
-    `report` (JSON-able) is filled as layers finish; its "totals" and "time_s" are set after the last layer.
+    `report` (JSON-able) is filled as layers finish; its "totals" are set after the last layer. It holds only what
+    the inputs determine, so the written report is reproducible; wall-clock times go to `timings`.
     """
 
     def __init__(self, ckpt: Checkpoint, samples: torch.Tensor | None, sample_info: dict, run: _Run,
@@ -279,6 +280,7 @@ class QuantStream:
             "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
+        self.timings: dict = {"layers_s": []}
     def __iter__(self) -> Iterator[LayerQuant]:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
         h = self._embed() if self.run.method == "gptq" else None
@@ -290,15 +292,16 @@ class QuantStream:
             else:
                 layer, h = _gptq_layer(self.run, i, h)
             self.hidden = h  # the next layer's calibration input (None for RTN); tests and debugging read it
-            layer = {"layer": i, **layer, "time_s": round(time.perf_counter() - t, 3)}
+            layer = {"layer": i, **layer}
             self.report["layers"].append(layer)
             self.progress(i + 1, n_layers, "layer done")
             yield LayerQuant(i, self.run.results, layer)
         self.report["totals"] = totals(self.report["layers"])
-        self.report["time_s"] = round(time.perf_counter() - t0, 3)
+        self.timings["time_s"] = round(time.perf_counter() - t0, 3)
 
     def _embed(self) -> torch.Tensor:
         run, spec = self.run, self.ckpt.spec
+            self.timings["layers_s"].append(round(time.perf_counter() - t, 3))
         toks = model.as_tokens(self.samples, spec, "cpu")
         run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
         table = model.load_weight(self.ckpt, weight_name("token_embd", None), run.store, run.dtype)
@@ -322,21 +325,22 @@ def totals(layers: list[dict]) -> dict:
                         if x["method"] != "gptq" and any("fallback" in x[m] for m in ("w1", "w2", "w3"))],
         "expert_tokens_min": min(tokens) if tokens else None,
         "expert_tokens_max": max(tokens) if tokens else None,
-        "time_per_layer_s": round(sum(lay["time_s"] for lay in layers) / max(len(layers), 1), 3),
     }
 
 
 def summary(report: dict) -> str:
-    """A few lines for the terminal: settings, calibration, methods used, fallbacks, time."""
-    t, cal = report.get("totals", {}), report.get("calibration", {})
+    """A few lines for the terminal: settings, calibration, methods used, fallbacks, time (`report["timings"]`,
+    as run_quantize returns it)."""
+    t, cal, times = report.get("totals", {}), report.get("calibration", {}), report.get("timings", {})
+    per_layer = sum(times.get("layers_s", [])) / max(len(times.get("layers_s", [])), 1)
     lines = [f"{report['method']} int{report['bits']} g{report['group_size']} "
              f"{'sym' if report['sym'] else 'asym'}{' act-order' if report['act_order'] else ''}, "
              f"experts {report['experts']}, device {report['device']}",
              f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens"
              + (f" (fewer than the {cal['requested']} asked: the text is short)" if cal.get("short") else ""),
              f"linears: {t.get('linears')} ({t.get('gptq')} gptq, {t.get('rtn')} rtn); tokens per expert "
-             f"{t.get('expert_tokens_min')}..{t.get('expert_tokens_max')}; {report.get('time_s')} s "
-             f"({t.get('time_per_layer_s')} s per layer)"]
+             f"{t.get('expert_tokens_min')}..{t.get('expert_tokens_max')}; {times.get('time_s')} s "
+             f"({per_layer:.3f} s per layer)"]
     if t.get("experts_rtn"):
         lines.append(f"  experts rounded to nearest (too few tokens or GPTQ failed): {', '.join(t['experts_rtn'])}")
     lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", []) if " expert " not in f]
@@ -494,9 +498,9 @@ def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, grou
                                      device, s["min_tokens"], progress)
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(recipe) if recipe else None
-        with atomic_output(Path(out), directory=True) as tmp:
+        with atomic_output(Path(out), directory=True, force=force) as tmp:
             write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=names)
-    return stream.report
+    return {**stream.report, "timings": stream.timings}
 
 
 def _calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
