@@ -30,8 +30,8 @@ class NotMixtralError(MxError):
     """The model is readable but is not a Mixtral-architecture model."""
 
 
-class MissingTensorError(MxError):
-    """Tensors are missing from, or unexpected in, a checkpoint."""
+class TensorSetError(MxError):
+    """A checkpoint's set of tensors is not the model's: some are missing, or some are unexpected."""
 
 
 class ShapeError(MxError):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import names
-from .errors import MissingTensorError, ShapeError
+from .errors import ShapeError, TensorSetError
 from .spec import ModelSpec
 from .tensors import Checkpoint
 
@@ -51,8 +51,8 @@ def load_weight(ckpt: Checkpoint, name: str, device, dtype: torch.dtype) -> torc
     """
     lazy = ckpt.tensors.get(name)
     if lazy is None:
-        raise MissingTensorError("the forward pass needs this tensor but the checkpoint lacks it",
-                                 file=ckpt.path, tensor=name)
+        raise TensorSetError("the forward pass needs this tensor but the checkpoint lacks it",
+                             file=ckpt.path, tensor=name)
     return lazy.load().to(device=device, dtype=dtype)
 
 

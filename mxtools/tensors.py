@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import names
-from .errors import MissingTensorError, NonFiniteError, ShapeError
+from .errors import NonFiniteError, ShapeError, TensorSetError
 from .spec import ModelSpec
 
 
@@ -105,11 +105,11 @@ class Checkpoint:
         out = []
         if n_missing:
             missing = list(islice((n for n in names.iter_canonical_names(self.spec) if n not in self.tensors), 5))
-            out.append(MissingTensorError(f"missing {n_missing} tensor(s): {_few(missing, n_missing)}", self.path,
-                                          missing[0]))
+            out.append(TensorSetError(f"missing {n_missing} tensor(s): {_few(missing, n_missing)}", self.path,
+                                      missing[0]))
         if extra:
-            out.append(MissingTensorError(f"unexpected {len(extra)} tensor(s): {_few(extra, len(extra))}",
-                                          self.tensors[extra[0]].source or self.path, extra[0]))
+            out.append(TensorSetError(f"unexpected {len(extra)} tensor(s): {_few(extra, len(extra))}",
+                                      self.tensors[extra[0]].source or self.path, extra[0]))
         for n in present:
             t = self.tensors[n]
             exp = names.expected_shape(n, self.spec)

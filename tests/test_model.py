@@ -8,7 +8,7 @@ from hf_tiny import (
 )
 
 from mxtools import model
-from mxtools.errors import MissingTensorError, ShapeError
+from mxtools.errors import ShapeError, TensorSetError
 
 
 def _tokens(vocab=300, seed=1):
@@ -99,5 +99,5 @@ def test_missing_weight_and_bad_tokens_raise(hf):
     with pytest.raises(ShapeError, match="token ids"):
         model.logits(ckpt, [[0, 1, 300]], "cpu")
     del ckpt.tensors["model.layers.1.self_attn.v_proj.weight"]
-    with pytest.raises(MissingTensorError, match="v_proj"):
+    with pytest.raises(TensorSetError, match="v_proj"):
         model.logits(ckpt, [[0, 1, 2]], "cpu")
