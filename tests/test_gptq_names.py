@@ -30,8 +30,10 @@ def src(tmp_path_factory):
 def quantized(src, tmp_path_factory):
     """RTN int4 g128 (the names do not depend on the method) under each naming."""
     root = tmp_path_factory.mktemp("q")
-    for names in ("vllm", "transformers"):
-        run_quantize(src, root / names, method="rtn", names=names)
+    run_quantize(src, root / "vllm", method="rtn")  # the default naming
+    r = CliRunner().invoke(main, ["quantize", str(src), "--method", "rtn", "--names", "transformers",
+                                  "-o", str(root / "transformers")])
+    assert r.exit_code == 0, r.output
     return root
 
 
