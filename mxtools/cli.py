@@ -202,6 +202,13 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "target", default="gptq", show_default=True, type=click.Choice(["gptq", "gguf"]),
+              help="gptq: a GPTQ v1 checkpoint (HF layout); gguf: one GGUF file in a llama.cpp mix (--outtype), "
+                   "GPTQ on llama.cpp's own block grids")
+@click.option("--outtype", help="--to gguf: the llama.cpp mix (q4_k_m, q3_k_m, q2_k, ... as in recipes/gguf)")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--to gguf: an importance matrix; weights ggml's scale searches instead of the Hessian "
+                   "diagonal, and selects llama.cpp's imatrix type choices")
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), help="default 4 (or the recipe's)")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]))
 @click.option("--group-size", type=int, help="columns per scale; -1 for one group per row (default 128)")
@@ -224,9 +231,16 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 @handled
-def quantize(src, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen, experts, min_tokens, recipe,
-             names, device, out, force):
-    """GPTQ (or RTN) int4/int8 of every expert, layer by layer; writes a GPTQ v1 checkpoint (HF layout)."""
+def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen,
+             experts, min_tokens, recipe, names, device, out, force):
+    """GPTQ (or RTN) of every Linear, layer by layer; writes a GPTQ v1 checkpoint (HF layout), or with --to gguf
+    a GGUF in a llama.cpp mix."""
+    if target == "gguf":
+        return _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens,
+                              device, out, force, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                              recipe=recipe)
+    if outtype or imatrix:
+        raise MxError("--outtype and --imatrix apply to --to gguf")
     from .bundled import CALIB
     from .quant.gptq_pipeline import run_quantize, summary
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
@@ -259,6 +273,22 @@ def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device)
     result = run_compare(model_path, fmts=fmts, calib=calib, text=text, chunks=chunks, device=device, keep=keep,
                          json_out=json_out, plot=plot, progress=lambda msg: click.echo(msg, err=True))
     click.echo(render(result))
+
+
+def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens, device, out,
+                   force, **int_only):
+    from .quant.gguf_quantize import run_quantize_gguf, summary
+    given = sorted(k.replace("_", "-") for k, v in int_only.items() if v is not None)
+    if given:
+        raise MxError(f"--{', --'.join(given)} apply to --to gptq; --to gguf takes the mix's own grids (--outtype)")
+    if not outtype:
+        raise MxError("--to gguf needs --outtype (a llama.cpp mix such as q4_k_m)")
+    options = {k: v for k, v in dict(method=method, damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts,
+                                     min_tokens=min_tokens).items() if v is not None}
+    report = run_quantize_gguf(src, out, outtype.lower(), calib_text_path=calib, imatrix_path=imatrix,
+                               device=device, force=force, **options)
+    click.echo(summary(report))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""GPTQ onto llama.cpp's block grids (mxtools/quant/gguf_gptq.py).
+"""GPTQ onto llama.cpp's block grids (mxtools/quant/gguf_gptq.py) and `quantize --to gguf`.
 
 Judges: llama.cpp's own quantizer (ggml_quantize_chunk in the libggml that llama-cpp-python ships) for the bytes
 with the error feedback off; gguf-py's independent decoder for the dequantized weight; llama.cpp for loading the
@@ -9,12 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from ggml_clib import GGML, find_library
 from gguf import quants as gguf_quants
+from test_mixes import finite_logits, gguf_tensors, random_tokens, synth, write_pair
 
+from mxtools.bundled import CALIB
+from mxtools.cli import main
+from mxtools.convert import convert
+from mxtools.layouts import open_checkpoint
 from mxtools.quant.ggml_blocks import SUPPORTED
 from mxtools.quant.gguf_gptq import encode_block, pack, quantize_matrix, unpack
+from mxtools.quant.gguf_quantize import META_PREFIX, run_quantize_gguf
 from mxtools.quant.gptq import Hessian
+from mxtools.quant.imatrix import compute_imatrix, save_imatrix
 
 TYPES = list(SUPPORTED)
 COLS = 1024  # four super-blocks, 32 legacy blocks
@@ -93,3 +101,58 @@ def test_feedback_lowers_output_error_and_dequantizes_as_gguf_py(qtype):
     np.testing.assert_array_equal(back, gptq.weight.numpy())
     err = [float((x @ (w - q.weight).T).square().mean()) for q in (gptq, rtn)]
     assert gptq.method == "gptq" and gptq.loss > 0 and err[0] < 0.8 * err[1], f"{qtype.name}: {err}"
+
+
+# ---- quantize --to gguf ----
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-gptq")
+    gguf_path, hf_path = write_pair(root, synth(seed=3))
+    with open_checkpoint(gguf_path) as ckpt:
+        imat = compute_imatrix(ckpt, random_tokens(256), ctx=64, device="cpu")
+    return {"gguf": gguf_path, "hf": hf_path, "imatrix": save_imatrix(root / "imatrix.gguf", imat)}
+
+
+def _types(path):
+    return {n: t[:2] for n, t in gguf_tensors(path)[1].items()}
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q3_k_m", "q2_k"])
+def test_gptq_file_has_llama_cpps_tensors_and_loads(model, tmp_path, mix):
+    ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", mix)
+    report = run_quantize_gguf(model["hf"], tmp_path / "gptq.gguf", mix, nsamples=8, seqlen=64, min_tokens=16)
+    meta, ours = gguf_tensors(tmp_path / "gptq.gguf")
+    assert _types(tmp_path / "gptq.gguf") == _types(ref)
+    changed = [n for n, (_, _, data) in ours.items() if data != gguf_tensors(ref)[1][n][2]]
+    assert changed and all(n.startswith("blk.") for n in changed)  # embeddings and output: as convert
+    assert report["totals"]["gptq"] > 0 and meta["general.file_type"] == gguf_tensors(ref)[0]["general.file_type"]
+    assert {k[len(META_PREFIX):] for k in meta if k.startswith(META_PREFIX)} == \
+        {"method", "experts", "damp", "calibration.name", "calibration.sha256", "samples", "seqlen"}
+    assert meta[META_PREFIX + "calibration.name"] == CALIB.name and meta[META_PREFIX + "samples"] == 8
+    finite_logits(tmp_path / "gptq.gguf")
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+def test_rtn_equals_convert(model, tmp_path, imatrix):
+    """--method rtn rounds every matrix as llama.cpp does: the tensors of `convert --outtype q3_k_s`."""
+    imat = model["imatrix"] if imatrix else None
+    ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q3_k_s", imatrix_path=imat)
+    run_quantize_gguf(model["gguf"], tmp_path / "rtn.gguf", "q3_k_s", method="rtn", imatrix_path=imat)
+    meta, ours = gguf_tensors(tmp_path / "rtn.gguf")
+    assert ours == gguf_tensors(ref)[1]
+    assert (meta.get("quantize.imatrix.file") is not None) == imatrix and meta[META_PREFIX + "method"] == "rtn"
+
+
+def test_cli_quantize_to_gguf(model, tmp_path):
+    out = tmp_path / "q.gguf"
+    r = CliRunner().invoke(main, ["quantize", str(model["hf"]), "--to", "gguf", "--outtype", "Q4_0", "--nsamples",
+                                  "4", "--seqlen", "64", "--imatrix", str(model["imatrix"]), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "q4_0 (gptq)" in r.output and gguf_tensors(out)[0]["quantize.imatrix.entries_count"] > 0
+    for args, message in ((["--outtype", "q4_k_m", "--bits", "4"], "--bits apply to --to gptq"),
+                          ([], "--to gguf needs --outtype"), (["--outtype", "f16"], "wants a block-quantized mix")):
+        bad = tmp_path / "bad.gguf"
+        r = CliRunner().invoke(main, ["quantize", str(model["hf"]), "--to", "gguf", *args, "-o", str(bad)])
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+        assert not bad.exists()

@@ -279,6 +279,17 @@ def _job(t: LazyTensor, spec: ModelSpec, qtype: Q, imatrix: dict | None, finite:
     return job
 
 
+def _given(encoded, t: LazyTensor, qtype: Q, job):
+    """`job`, unless `encoded` (write's argument) has the tensor's bytes already."""
+    if encoded is None:
+        return job
+
+    def given():
+        data = encoded(t, qtype)
+        return job() if data is None else data
+    return given
+
+
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,
           imatrix: dict | None = None, extra_metadata=(), encoded=None, **_):
     """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type;

@@ -145,11 +145,18 @@ class _Run:
     min_tokens: int
     rope: tuple | None = None
     results: dict = field(default_factory=dict)
+    # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another
+    # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weight with cfg
+    quantizer: Callable | None = None
 
     def quantize(self, key, i, e, w, hess) -> tuple[torch.Tensor, dict]:
         """Quantize one Linear, keep its result, return (dequantized weight on the device, report entry)."""
-        res, entry = quantize_weight(w, hess, self.cfg, self.method, self.min_tokens)
-        self.results[weight_name(key, i, e)] = res
+        name = weight_name(key, i, e)
+        if self.quantizer is None:
+            res, entry = quantize_weight(w, hess, self.cfg, self.method, self.min_tokens)
+        else:
+            res, entry = self.quantizer(name, w, hess, self.method, self.min_tokens)
+        self.results[name] = res
         return res.dequantize().to(self.dev, self.dtype), entry
 
 
@@ -359,17 +366,19 @@ def _store_device(dev: torch.device, nbytes: int) -> torch.device:
 def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, method: str = "gptq",
                         experts: str = "routed", nsamples: int = 128, seqlen: int = 2048, device="auto",
                         min_tokens: int | None = None, progress: Progress | None = None,
-                        dtype: torch.dtype = torch.float32) -> QuantStream:
+                        dtype: torch.dtype = torch.float32, quantizer: Callable | None = None) -> QuantStream:
     """A QuantStream that quantizes `ckpt` layer by layer (see the module docstring).
 
     tokens_or_chunks: the tokenized calibration text (flat, no BOS) or ready samples [n, T]; unused for "rtn".
     min_tokens: Hessian tokens below which a Linear falls back to RTN (default MIN_TOKEN_FRACTION x hidden size).
+    quantizer: another per-matrix quantizer (see _Run.quantizer); cfg's packing limits then do not apply.
     """
     if method not in METHODS:
         raise MxError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if experts not in EXPERT_MODES:
         raise MxError(f"unknown experts mode {experts!r}; choose from {', '.join(EXPERT_MODES)}")
-    _check_dims(ckpt, cfg)
+    if quantizer is None:
+        _check_dims(ckpt, cfg)
     _refuse_non_finite(ckpt)
     samples, info = (make_samples(tokens_or_chunks, nsamples, seqlen, _bos(ckpt)) if method == "gptq"
                      else (None, {"samples": 0}))
@@ -377,7 +386,8 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     spec = ckpt.spec
     nbytes = samples.numel() * spec.dim * dtype.itemsize if samples is not None else 0
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
-    run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes), dtype, min_tokens)
+    run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes), dtype, min_tokens,
+               quantizer=quantizer)
     return QuantStream(ckpt, samples, info, run, progress)
 
 

@@ -1,0 +1,189 @@
+"""`mxtools quantize SRC --to gguf --outtype MIX`: GPTQ on llama.cpp's block grids, written as an ordinary GGUF.
+
+The GPTQ pipeline (gptq_pipeline.py: layer by layer through the reference model, per-expert Hessians from the
+routed tokens, layer i+1 calibrated on the quantized layer i, starved experts rounded to nearest) runs with a
+per-matrix quantizer that puts each Linear on the grid of the type llama.cpp's mix gives it (gguf_gptq.py). The
+GGUF writer takes those bytes layer by layer as it reaches them; the tensors the pipeline leaves in float
+(embeddings, output, norms, router) get the mix's types as `convert` writes them. So names, types and shapes are
+those of llama-quantize's mix; with --method rtn the file equals `convert --outtype MIX [--imatrix]` byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+
+from .. import names
+from ..errors import MxError
+from ..layouts.mistral import rope_heads
+from ..transforms import hf_to_meta_rope
+from .ggml_blocks import SUPPORTED
+from .gguf_gptq import GGUFQuant, quantize_matrix
+from .gptq import GPTQError, QuantConfig
+from .gptq_pipeline import (
+    QUANTIZED_KINDS,
+    Progress,
+    _calibration_tokens,
+    quantize_checkpoint,
+    resolve_settings,
+    totals,
+)
+
+META_PREFIX = "mxtools.quantize."  # our own keys beside llama.cpp's general.* / llama.* / quantize.imatrix.*
+
+
+class MatrixQuantizer:
+    """The pipeline's per-matrix hook: each Linear on the grid of the type `policy` gives it.
+
+    GPTQ with the Hessian when it saw at least min_tokens tokens, else (and for --method rtn) llama.cpp's own
+    rounding; ggml's searches are weighted by the importance matrix when one is given, else by the Hessian
+    diagonal. Types the mix keeps in float (a row length no block divides) are stored as llama.cpp would."""
+
+    def __init__(self, spec, policy, imatrix: dict | None, damp: float):
+        self.spec, self.policy, self.imatrix, self.damp = spec, policy, imatrix or {}, damp
+
+    def qtype(self, name: str) -> T:
+        kind, layer, _ = names.parse(name)
+        return self.policy(kind.key, layer, tuple(names.expected_shape(name, self.spec)))
+
+    def __call__(self, name: str, w: torch.Tensor, hess, method: str, min_tokens: int):
+        qtype, n = self.qtype(name), (hess.n_tokens if hess is not None else 0)
+        imat = self.imatrix.get(name)
+        if qtype not in SUPPORTED:
+            return _float_result(w, qtype), {"method": "copy", "type": qtype.name, "tokens": n}
+        entry, h = {"type": qtype.name, "tokens": n}, None
+        if method == "gptq" and n < max(min_tokens, 1):
+            entry["fallback"] = f"{n} calibration tokens < min_tokens {min_tokens}"
+        elif method == "gptq":
+            h = hess.matrix()
+        try:
+            res = quantize_matrix(w, qtype, h, imat, self.damp, feedback=h is not None)
+        except GPTQError as exc:  # Cholesky failed at every damping: round this one to nearest
+            entry["fallback"] = f"gptq failed: {exc}"
+            res = quantize_matrix(w, qtype, None, imat)
+        entry.update(method=res.method, loss=res.loss, damp=res.damp)
+        if res.damp is not None and res.damp > self.damp:
+            entry["damp_raised"] = True
+        return _Taken(res), entry
+
+
+class _Taken:
+    """A GGUFQuant whose dequantized weight is handed to the pipeline once and then dropped (the bytes stay)."""
+
+    def __init__(self, res: GGUFQuant):
+        self.res = res
+
+    def dequantize(self) -> torch.Tensor:
+        w, self.res.weight = self.res.weight, None
+        if w is None:
+            raise MxError("internal: a GGUF-quantized weight was asked for twice")
+        return w
+
+
+def _float_result(w: torch.Tensor, qtype: T) -> GGUFQuant:
+    dtype = {T.F16: torch.float16, T.F32: torch.float32, T.BF16: torch.bfloat16}[qtype]
+    stored = w.detach().to("cpu", dtype).contiguous()
+    return GGUFQuant(qtype, stored.view(torch.uint8).numpy(), stored.float(), None, None, "copy")
+
+
+class LayerBytes:
+    """The GGUF writer's `encoded` hook: pulls layers from the QuantStream as the writer reaches them and gives
+    each quantized Linear's bytes in GGUF row order (q/k rotary-permuted); None for every other tensor."""
+
+    def __init__(self, stream, spec):
+        self.layers, self.spec, self.current = iter(stream), spec, None
+        self.layer_s: list[float] = []  # wall time of each layer (quantizing it and the writer's share)
+        self.mark = time.perf_counter()
+
+    def _next(self):
+        self.current = next(self.layers)
+        now = time.perf_counter()
+        self.layer_s.append(round(now - self.mark, 3))
+        self.mark = now
+
+    def __call__(self, t, qtype: T):
+        kind, layer, _ = names.parse(t.name)
+        if kind.key not in QUANTIZED_KINDS:
+            return None
+        while self.current is None or self.current.index < layer:
+            self._next()
+        res = self.current.results.pop(t.name).res
+        if self.current.index != layer or res.qtype != qtype:
+            raise MxError(f"internal: {t.name} came out as {res.qtype.name} in layer {self.current.index}, "
+                          f"the writer wants {qtype.name} in layer {layer}")
+        heads = rope_heads(kind.key, self.spec)
+        return res.data if not heads else hf_to_meta_rope(torch.from_numpy(res.data), heads).numpy()
+
+    def finish(self) -> None:
+        """Run the stream to its end (it fills the report's totals after the last layer)."""
+        for _ in self.layers:
+            raise MxError("internal: the writer finished before the quantizer")
+
+
+def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: str) -> list:
+    """Our keys: what was done, on which calibration text (name and SHA-256), how much of it."""
+    rows = [("method", V.STRING, method), ("experts", V.STRING, experts), ("damp", V.FLOAT32, float(damp))]
+    if method == "gptq" and calib is not None:
+        rows += [("calibration.name", V.STRING, Path(calib).name),
+                 ("calibration.sha256", V.STRING, hashlib.sha256(Path(calib).read_bytes()).hexdigest()),
+                 ("samples", V.UINT32, int(info.get("samples", 0))), ("seqlen", V.UINT32, int(info.get("seqlen", 0)))]
+    return [(META_PREFIX + k, vt, v) for k, vt, v in rows]
+
+
+def run_quantize_gguf(src, out, outtype: str, method=None, calib_text_path=None, nsamples=None, seqlen=None,
+                      experts=None, damp=None, imatrix_path=None, device="auto", force: bool = False,
+                      min_tokens: int | None = None, progress: Progress | None = None) -> dict:
+    """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids; write one GGUF at out
+    atomically. Options left None take the GPTQ pipeline's defaults. Returns the pipeline's report (with
+    "timings")."""
+    from ..bundled import CALIB
+    from ..convert import write_checkpoint
+    from ..layouts import open_checkpoint
+    from .imatrix import imatrix_for_writer, read_imatrix
+    from .mixes import MIXES, gguf_options
+    if outtype not in MIXES:
+        raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
+    s = resolve_settings(None, method=method, nsamples=nsamples, seqlen=seqlen, experts=experts, damp=damp,
+                         min_tokens=min_tokens)
+    method, nsamples, seqlen, experts, damp, min_tokens = (s[k] for k in ("method", "nsamples", "seqlen", "experts",
+                                                                          "damp", "min_tokens"))
+    if not (0 <= damp < 1):
+        raise MxError(f"--damp {damp} must be a fraction in [0, 1), e.g. 0.01")
+    calib = Path(calib_text_path or CALIB)
+    with open_checkpoint(src) as ckpt:
+        raw = read_imatrix(imatrix_path) if imatrix_path else None
+        opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
+        tokens = _calibration_tokens(ckpt, calib) if method == "gptq" else None
+        hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
+        stream = quantize_checkpoint(ckpt, tokens, QuantConfig(damp=damp), method, experts, nsamples, seqlen,
+                                     device, min_tokens, quantizer=hook)
+        for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
+            stream.report.pop(key, None)
+        stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
+        extra = metadata(method, calib, stream.report["calibration"], damp, experts)
+        extra += raw.quantize_metadata(imatrix_path) if raw else []
+        source = LayerBytes(stream, ckpt.spec)
+        t0 = time.perf_counter()
+        write_checkpoint(ckpt, "gguf", Path(out), outtype, [Path(src)], force, lambda n: None, **opts,
+                         extra_metadata=extra, encoded=source)
+        source.finish()
+    return {**stream.report, "timings": {"layers_s": source.layer_s, "time_s": round(time.perf_counter() - t0, 3)}}
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal: mix, method, calibration, fallbacks, time."""
+    t, cal, times = report.get("totals") or totals(report["layers"]), report["calibration"], report["timings"]
+    per_layer = np.mean(times["layers_s"]) if times.get("layers_s") else 0.0
+    head = f"{report['outtype']} ({report['method']}), experts {report['experts']}, damp {report['damp']}"
+    lines = [f"{head}, device {report['device']}",
+             f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens",
+             f"linears: {t['linears']} ({t['gptq']} gptq, {t['rtn']} rtn); {times.get('time_s')} s in all",
+             f"{per_layer:.3f} s per layer"]
+    lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", [])]
+    lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
+    return "\n".join(lines)
