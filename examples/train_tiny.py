@@ -8,7 +8,7 @@
 `train` trains a 4-layer hidden-256 Mixtral on calib.txt (4 passes, or less when the wall-clock budget runs
 out) and records how in TRAINING.json. `--device cuda` runs the same recipe on a GPU: the shipped weights were
 trained that way (84 s on an H100), since the shared 2-core development machine managed ~14 s per step. The load-balancing loss is computed per layer: transformers' `load_balancing_loss_func`
-pools all layers, which let one expert of one layer die unnoticed (QUALITY.md).
+pools all layers, which let one expert of one layer die unnoticed (docs/QUALITY.md, section 5).
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ PEAK_LR = 2e-3
 MIN_LR_FRAC = 0.1
 WARMUP_STEPS = 40
 WEIGHT_DECAY = 0.1
-MAX_EPOCHS = 4.0       # ~0.6M training tokens: the model overfits after about 4 passes (QUALITY.md)
+MAX_EPOCHS = 4.0       # ~0.6M training tokens: the model overfits after about 4 passes (docs/QUALITY.md)
 AUX_COEF = 0.02
 BOS, EOS = 1, 2
 ARCH = dict(vocab_size=32000, hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -381,7 +381,7 @@ def unigram_ppl(calib_tokens, eval_tokens, vocab: int = 32000) -> float:
 
 
 def classic_state_dict(model) -> dict:
-    """transformers 5.x keeps experts fused in memory; write the per-expert classic names (FORMATS.md s.1)."""
+    """transformers 5.x keeps experts fused in memory; write the per-expert classic names (docs/FORMATS.md, s. 1)."""
     import torch
     out, n_ff = {}, model.config.intermediate_size
     moe = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)$")
@@ -424,7 +424,7 @@ def check_names(state: dict, config) -> None:
 
 
 def classic_config() -> dict:
-    """config.json in the classic spelling: top-level rope_theta and head_dim (FORMATS.md section 1)."""
+    """config.json in the classic spelling: top-level rope_theta and head_dim (docs/FORMATS.md, section 1)."""
     import transformers
     cfg = dict(ARCH, architectures=["MixtralForCausalLM"], model_type="mixtral", rope_theta=ROPE_THETA,
                attention_dropout=0.0, output_router_logits=False, router_aux_loss_coef=AUX_COEF,

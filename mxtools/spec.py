@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import FormatError, MxError, NotMixtralError, ShapeError
 
-DEFAULT_ROPE_THETA = 1e6  # Mixtral's; params.json omits it (FORMATS.md section 2)
+DEFAULT_ROPE_THETA = 1e6  # Mixtral's; params.json omits it (docs/FORMATS.md, section 2)
 MAX_DIM = 2**31 - 1  # every count and width must fit llama.cpp's int32 (GGUF stores them as uint32)
 _REQUIRED = object()
 

@@ -5,7 +5,7 @@ import torch
 
 
 def hf_to_meta_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF rotate_half row order -> Meta/Mistral/GGUF interleaved pairs, for q or k (FORMATS.md section 3)."""
+    """HF rotate_half row order -> Meta/Mistral/GGUF interleaved pairs, for q or k (docs/FORMATS.md, section 4)."""
     out, inp = w.shape[0], w.shape[-1]
     hd = out // n_heads
     return w.reshape(n_heads, 2, hd // 2, inp).transpose(1, 2).reshape(out, inp).contiguous()

@@ -1,5 +1,5 @@
-"""The GPTQ v1 checkpoint: what we write reads back as exactly the fake-quantized weights, has GPTQ.md's names,
-dtypes and shapes, is claimed by the "gptq" layout only, loads in an independent implementation (GPTQModel) with
+"""The GPTQ v1 checkpoint: what we write reads back as exactly the fake-quantized weights, has the names,
+dtypes and shapes of docs/FORMATS.md section 7, is claimed by the "gptq" layout only, loads in an independent implementation (GPTQModel) with
 the same logits, and passes `mxtools verify` against its source."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GPTQ v1 layout: an HF directory whose Linears are stored as qweight/qzeros/scales/g_idx (GPTQ.md).
+"""GPTQ v1 layout: an HF directory whose Linears are stored as qweight/qzeros/scales/g_idx
+(docs/FORMATS.md, section 7).
 
 What vLLM, exllama, transformers (through gptqmodel) and GPTQModel load: config.json with a
 `quantization_config` (quant_method "gptq", checkpoint_format "gptq"), the same in quantize_config.json, sharded
@@ -123,7 +124,7 @@ def _settings(qc: dict, source) -> dict:
 # ---------------------------------------------------------------- reader
 
 def _check_parts(base: str, parts: dict, bits: int, source) -> None:
-    """The four v1 tensors agree with each other (GPTQ.md): qweight int32 [in/per, out], qzeros int32
+    """The four v1 tensors agree with each other (docs/FORMATS.md, section 7): qweight int32 [in/per, out], qzeros int32
     [groups, out/per], scales float [groups, out], g_idx int32 [in]; checked before any data is read."""
     missing = [s for s in SUFFIXES if s not in parts]
     if missing:

@@ -17,7 +17,7 @@ from ..tensors import FLOAT_DTYPES, Checkpoint
 from ..tokenizer import Tokenizer
 from . import Layout, register
 
-# transformers' MixtralForCausalLM state dict names (FORMATS.md section 1): the canonical naming itself.
+# transformers' MixtralForCausalLM state dict names (docs/FORMATS.md, section 1): the canonical naming itself.
 TABLE = NameTable({k.key: k.template for k in names.KINDS})
 TOKENIZER_FILES = ("tokenizer.model", "sentencepiece.bpe.model")  # the second is the PaddleNLP mirror's name
 

@@ -24,7 +24,7 @@ from ..tokenizer import Tokenizer
 from ..transforms import hf_to_meta_rope, meta_to_hf_rope, transpose
 from . import Layout, hf, register
 
-# mistral-inference's names (FORMATS.md section 2).
+# mistral-inference's names (docs/FORMATS.md, section 2).
 TABLE = NameTable({
     "token_embd": "tok_embeddings.weight",
     "attn_norm": "layers.{i}.attention_norm.weight",

@@ -8,7 +8,7 @@ from ..names import NameTable
 from ..transforms import transpose
 from . import Layout, hf, register
 
-# PaddleNLP's Mixtral names (FORMATS.md section 6): HF's with `mixtral.` for `model.`; lm_head unchanged.
+# PaddleNLP's Mixtral names (docs/FORMATS.md, section 3): HF's with `mixtral.` for `model.`; lm_head unchanged.
 TABLE = NameTable({k.key: k.template.replace("model.", "mixtral.", 1) for k in names.KINDS})
 
 

@@ -2,7 +2,7 @@
 
 The calibration samples run through the reference forward pass (mxtools.model) layer by layer. Inside a layer the
 Linears are quantized in GPTQ's sequential order, each group's Hessian built from inputs that already went through
-the quantized earlier groups (GPTQ.md, "Sequential order"):
+the quantized earlier groups (docs/QUALITY.md, section 4):
   [q, k, v]   from the normed attention input
   [o]         from the attention output before o_proj, computed with the quantized q/k/v
   [w1, w3]    of expert e, from the tokens the (unquantized) router sends to e; experts="all": from every token

@@ -1,7 +1,7 @@
 """The verification report: a plain JSON-able dict, its pass/fail thresholds, a text table and a plot.
 
-Default thresholds per outtype. Sources: QUALITY.md's Mixtral-8x7B wikitext-2 PPLs (fp16 4.4091, Q8_0 4.4088,
-Q6_K 4.424, Q5_K_M 4.4396, Q4_K_M 4.5111, Q4_0 4.5087, i.e. ratios 1.000 / 1.003 / 1.007 / 1.023 / 1.023) and
+Default thresholds per outtype. Sources (docs/QUALITY.md, section 3): Mixtral-8x7B wikitext-2 PPLs (fp16 4.4091,
+Q8_0 4.4088, Q6_K 4.424, Q5_K_M 4.4396, Q4_K_M 4.5111, Q4_0 4.5087, i.e. ratios 1.000 / 1.003 / 1.007 / 1.023 / 1.023) and
 llama.cpp's LLaMA-3-8B mean KLDs (q8_0 0.0014, q6_K 0.0055, q5_K_M 0.0108); each limit is roughly twice the
 published value so a healthy artifact passes with margin while a broken one (KLD ~1 and up) fails by orders of
 magnitude. The layer limits (`max_layer_error` on the local sublayer error, `max_routing` on the local top-k
