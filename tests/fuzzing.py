@@ -189,6 +189,9 @@ def _child(argv: list, wfd: int, mem_limit: int) -> None:
         _limit_memory(mem_limit)
         import traceback
 
+        import torch
+        torch.set_num_threads(1)  # tiny cases; one thread keeps a busy machine from stretching them past the timeout
+
         from click.testing import CliRunner
 
         from mxtools.cli import main

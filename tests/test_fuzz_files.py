@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,13 @@ def small_vocab_tokenizer(n: int = N_VOCAB) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    return build_files(tmp_path_factory.mktemp("fuzz"))
+
+
+def build_files(root: Path) -> dict[str, Path]:
     """The fuzz model (small vocabulary) as an F32 GGUF, a Q8_0 GGUF, a legacy per-expert GGUF and an HF
-    directory; an evaluation text; its importance matrix (GGUF and .dat), saved base and an RTN recipe."""
-    root = tmp_path_factory.mktemp("fuzz")
+    directory; an evaluation text; its importance matrix (GGUF and .dat), saved base and an RTN recipe.
+    (Also the seeds of bench/fuzz.py's long run.)"""
     ckpt = synth_checkpoint(small_spec(vocab_size=N_VOCAB), 0, torch.float32)
     ckpt.tokenizer = small_vocab_tokenizer()
     m = {"gguf": write_checkpoint(ckpt, "gguf", root / "f32.gguf", "f32"),
@@ -58,7 +63,7 @@ def models(tmp_path_factory):
     m["imatrix"] = save_imatrix(root / "imatrix.gguf", stats, chunk_size=32, chunk_count=2, datasets=["fuzz"])
     m["dat"] = legacy_dat(stats, root / "imatrix.dat")
     m["base"] = root / "base.bin"
-    out = run_isolated(["verify", m["hf"], "--save-base", m["base"], *BASE_ARGS(m)])
+    out = run_isolated(["verify", m["hf"], "--save-base", m["base"], *base_args(m)])
     assert out.code == 0 and m["base"].is_file(), out.stderr + out.traceback
     m["recipe"] = root / "rtn.yaml"
     m["recipe"].write_text(yaml.safe_dump({"name": "fuzz", "method": "rtn", "bits": 4, "group_size": 32,
@@ -66,7 +71,8 @@ def models(tmp_path_factory):
     return m
 
 
-def BASE_ARGS(m):  # noqa: N802 - the verify options every base case shares
+def base_args(m: dict) -> list:
+    """The verify options every base case shares (and the base was saved with)."""
     return ["--text", m["text"], "--ctx", 32, "--chunks", 2, "--device", "cpu"]
 
 
@@ -136,18 +142,70 @@ def byte_mutations(src: Path, n: int, rng: random.Random, header_end: int | None
         yield mutate(data, rng, header_end)
 
 
-def run_cases(cases, target: Path, outputs: Path | None = None, also_named=()) -> list[str]:
-    """Write each (label, bytes, argv) case's bytes to `target` and run argv; the failures, one line each.
-    An error must name `target` (or one of `also_named`: an input whose fit with the target's values failed)."""
+def judge(out, target: Path, outputs: Path | None = None, also_named=()) -> str | None:
+    """Why one CLI outcome breaks the contract, or None. An error must name `target` (or one of `also_named`:
+    an input whose fit with the target's values failed); a failed run leaves no temporary output."""
+    why = out.problem()
+    if why is None and out.code == 2 and not any(f"{p}:" in out.stderr for p in (target, *also_named)):
+        why = f"the error line does not name {target.name}: {out.stderr.strip()}"
+    if why is None and outputs is not None and list(outputs.parent.glob(f".{outputs.name}.tmp*")):
+        why = "a temporary output was left behind"
+    return why
+
+
+@dataclass
+class Feed:
+    """How one reader's mutated file reaches the CLI: where it is written, the call that reads it, the call's
+    output (if any) and the other inputs an error may name instead of the file."""
+    target: Path
+    argv: list
+    outputs: Path | None = None
+    also_named: tuple = ()
+
+
+def feeds(m: dict, work: Path) -> dict[str, Feed]:
+    """Each reader's Feed, its files under `work`."""
+    hf_copy = work / "hf"
+    if not hf_copy.exists():  # tokenizer.model of an HF directory, the other files hard-linked, never changed
+        hf_copy.mkdir(parents=True)
+        for f in m["hf"].iterdir():
+            if f.name != "tokenizer.model":
+                (hf_copy / f.name).hardlink_to(f)
+    gguf, out, out_gguf = work / "m.gguf", work / "out", work / "out.gguf"
+    imatrix = ["convert", m["hf"], "--to", "gguf", "--outtype", "q4_k_m", "-o", out_gguf, "--force", "--imatrix"]
+    return {
+        "inspect": Feed(target=gguf, argv=["inspect", gguf]),
+        "inspect-header": Feed(target=gguf, argv=["inspect", "--no-weights", gguf]),
+        "convert": Feed(target=gguf, argv=["convert", gguf, "--to", "hf", "-o", out, "--force"], outputs=out),
+        "convert-gguf": Feed(target=gguf, outputs=out_gguf,
+                             argv=["convert", gguf, "--to", "gguf", "--outtype", "f16", "-o", out_gguf, "--force"]),
+        "tokenizer": Feed(target=hf_copy / "tokenizer.model", argv=["inspect", "--no-weights", hf_copy]),
+        "imatrix": Feed(target=work / "m.imatrix", argv=[*imatrix, work / "m.imatrix"], outputs=out_gguf),
+        "dat": Feed(target=work / "m.dat", argv=[*imatrix, work / "m.dat"], outputs=out_gguf),
+        "base": Feed(target=work / "m.bin", argv=["verify", m["hf"], "--base", work / "m.bin", *base_args(m),
+                                                 "--max-kld", 1e9, "--min-same-top", 0, "--max-ppl-ratio", 1e9]),
+        "recipe": Feed(target=work / "r.yaml", outputs=out, also_named=(m["hf"],),
+                       argv=["quantize", m["hf"], "--recipe", work / "r.yaml", "--device", "cpu", "-o", out,
+                             "--force"]),
+    }
+
+
+def run_case(feed: Feed, data: bytes):
+    """Write `data` to the feed's target and run its call: (outcome, why it breaks the contract or None).
+    Temporary outputs a killed (timed-out) case left are removed first: they are not this case's."""
+    if feed.outputs is not None:
+        for stale in feed.outputs.parent.glob(f".{feed.outputs.name}.tmp*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    feed.target.write_bytes(data)
+    out = run_isolated(feed.argv)
+    return out, judge(out, feed.target, feed.outputs, feed.also_named)
+
+
+def run_cases(feed: Feed, cases) -> list[str]:
+    """Run each (label, bytes) case through the feed; the failures, one line each."""
     failures = []
-    for label, data, argv in cases:
-        target.write_bytes(data)
-        out = run_isolated(argv)
-        why = out.problem()
-        if why is None and out.code == 2 and not any(f"{p}:" in out.stderr for p in (target, *also_named)):
-            why = f"the error line does not name {target.name}: {out.stderr.strip()}"
-        if why is None and outputs is not None and list(outputs.parent.glob(f".{outputs.name}.tmp*")):
-            why = "a temporary output was left behind"
+    for label, data in cases:
+        why = run_case(feed, data)[1]
         if why:
             failures.append(f"{label}: {why}")
     return failures
@@ -162,49 +220,28 @@ def assert_clean(failures: list[str], n: int):
 @pytest.mark.parametrize("kind, n", [("gguf", 160), ("q8_0", 40), ("legacy", 40)])
 def test_inspect_survives_mutated_gguf(models, tmp_path, kind, n):
     rng = random.Random(f"{SEED}-inspect-{kind}")
-    target = tmp_path / "m.gguf"
-    cases = [(label, data, ["inspect", target]) for label, data in gguf_mutations(models[kind], n, rng)]
-    assert_clean(run_cases(cases, target), n)
+    assert_clean(run_cases(feeds(models, tmp_path)["inspect"], gguf_mutations(models[kind], n, rng)), n)
 
 
-def test_convert_survives_mutated_gguf(models, tmp_path):
-    rng = random.Random(f"{SEED}-convert")
-    target, out = tmp_path / "m.gguf", tmp_path / "out"
-    cases = [(label, data, ["convert", target, "--to", "hf", "-o", out, "--force"])
-             for label, data in gguf_mutations(models["gguf"], 30, rng)]
-    assert_clean(run_cases(cases, target, out), 30)
+@pytest.mark.parametrize("kind, feed, n", [("gguf", "convert", 30), ("q8_0", "convert-gguf", 15)])
+def test_convert_survives_mutated_gguf(models, tmp_path, kind, feed, n):
+    rng = random.Random(f"{SEED}-convert-{kind}")
+    assert_clean(run_cases(feeds(models, tmp_path)[feed], gguf_mutations(models[kind], n, rng)), n)
 
 
-def test_convert_survives_mutated_quantized_gguf(models, tmp_path):
-    rng = random.Random(f"{SEED}-convert-q8")
-    target, out = tmp_path / "m.gguf", tmp_path / "out.gguf"
-    cases = [(label, data, ["convert", target, "--to", "gguf", "--outtype", "f16", "-o", out, "--force"])
-             for label, data in gguf_mutations(models["q8_0"], 15, rng)]
-    assert_clean(run_cases(cases, target, out), 15)
-
-
-def test_full_vocabulary_gguf_header(synth_dir, tmp_path):
+def test_full_vocabulary_gguf_header(models, synth_dir, tmp_path):
     """A few cases on the real 32000-piece vocabulary (the bulk of a real GGUF header)."""
     rng = random.Random(f"{SEED}-full")
-    target = tmp_path / "m.gguf"
-    cases = [(label, data, ["inspect", "--no-weights", target])
-             for label, data in gguf_mutations(synth_dir("gguf", "f32"), 10, rng)]
-    assert_clean(run_cases(cases, target), 10)
+    feed = feeds(models, tmp_path)["inspect-header"]
+    assert_clean(run_cases(feed, gguf_mutations(synth_dir("gguf", "f32"), 10, rng)), 10)
 
 
 # ---- tokenizer.model ----
 
 def test_tokenizer_model_survives_mutation(models, tmp_path):
-    """tokenizer.model of an HF directory (the other files hard-linked, never changed)."""
-    d = tmp_path / "hf"
-    d.mkdir()
-    for f in models["hf"].iterdir():
-        if f.name != "tokenizer.model":
-            (d / f.name).hardlink_to(f)
     rng = random.Random(f"{SEED}-spm")
-    cases = [(label, data, ["inspect", "--no-weights", d])
-             for label, data in byte_mutations(models["hf"] / "tokenizer.model", 80, rng)]
-    assert_clean(run_cases(cases, d / "tokenizer.model"), 80)
+    mutations = byte_mutations(models["hf"] / "tokenizer.model", 80, rng)
+    assert_clean(run_cases(feeds(models, tmp_path)["tokenizer"], mutations), 80)
 
 
 # ---- importance matrices ----
@@ -212,36 +249,30 @@ def test_tokenizer_model_survives_mutation(models, tmp_path):
 @pytest.mark.parametrize("kind, n", [("imatrix", 60), ("dat", 40)])
 def test_imatrix_files_survive_mutation(models, tmp_path, kind, n):
     rng = random.Random(f"{SEED}-{kind}")
-    target, out = tmp_path / f"m.{kind}", tmp_path / "out.gguf"
-    argv = ["convert", models["hf"], "--to", "gguf", "--outtype", "q4_k_m", "--imatrix", target, "-o", out,
-            "--force"]
     mutations = (gguf_mutations(models[kind], n, rng) if kind == "imatrix"
                  else byte_mutations(models[kind], n, rng))
-    assert_clean(run_cases([(label, data, argv) for label, data in mutations], target, out), n)
+    assert_clean(run_cases(feeds(models, tmp_path)[kind], mutations), n)
 
 
 # ---- saved verify bases ----
 
-def test_saved_base_survives_mutation(models, tmp_path):
-    rng = random.Random(f"{SEED}-base")
-    target, base = tmp_path / "m.bin", models["base"].read_bytes()
+def base_mutations(src: Path, n: int, rng: random.Random):
+    """Byte changes in the header and tokens; and n // 2 headers whose JSON is valid but holds a value of
+    another type or range."""
+    base = src.read_bytes()
     length = int.from_bytes(base[8:12], "little")  # magic, u32 header length, JSON, then the tokens
-    argv = ["verify", models["hf"], "--base", target, *BASE_ARGS(models), "--max-kld", 1e9, "--min-same-top", 0,
-            "--max-ppl-ratio", 1e9]
-    cases = [(label, data, argv) for label, data in byte_mutations(models["base"], 25, rng, 12 + length + 256)]
-    cases += [(label, base[:12] + body.ljust(length) + base[12 + length:], argv)
-              for label, body in _json_headers(base[12:12 + length], rng, 15)]
-    assert_clean(run_cases(cases, target), len(cases))
-
-
-def _json_headers(body: bytes, rng: random.Random, n: int):
-    """The header's JSON with one value replaced by one of another type or range (still valid JSON)."""
-    header = json.loads(body)
-    for _ in range(n):
+    yield from byte_mutations(src, n - n // 2, rng, 12 + length + 256)
+    header = json.loads(base[12:12 + length])
+    for _ in range(n // 2):
         key = rng.choice(sorted(header))
         value = rng.choice(['"x"', "null", "[]", "{}", "-1", "0", "1e99", "true", "1.5", "99999999999", "[[[[1]]]]"])
         text = ", ".join(f'"{k}": {value if k == key else json.dumps(v)}' for k, v in header.items())
-        yield f"{key}={value}", ("{" + text + "}").encode()
+        yield f"{key}={value}", base[:12] + ("{" + text + "}").encode().ljust(length) + base[12 + length:]
+
+
+def test_saved_base_survives_mutation(models, tmp_path):
+    rng = random.Random(f"{SEED}-base")
+    assert_clean(run_cases(feeds(models, tmp_path)["base"], base_mutations(models["base"], 40, rng)), 40)
 
 
 # ---- recipes ----
@@ -249,7 +280,7 @@ def _json_headers(body: bytes, rng: random.Random, n: int):
 HOSTILE = ["abc", None, [], {}, -1, 0, 2**70, 1.5, True, "1e9", [[[]]], {"a": {"b": None}}]
 
 
-def _recipe_mutations(src: Path, n: int, rng: random.Random):
+def recipe_mutations(src: Path, n: int, rng: random.Random):
     text = src.read_text()
     data = yaml.safe_load(text)
     for i in range(n):
@@ -281,10 +312,8 @@ def _alias_bomb(levels: int = 9) -> str:
 
 def test_gptq_recipe_survives_mutation(models, tmp_path):
     rng = random.Random(f"{SEED}-recipe")
-    target, out = tmp_path / "r.yaml", tmp_path / "q"
-    argv = ["quantize", models["hf"], "--recipe", target, "--device", "cpu", "-o", out, "--force"]
-    cases = [(label, data, argv) for label, data in _recipe_mutations(models["recipe"], 45, rng)]
-    assert_clean(run_cases(cases, target, out, also_named=[models["hf"]]), len(cases))
+    cases = list(recipe_mutations(models["recipe"], 45, rng))
+    assert_clean(run_cases(feeds(models, tmp_path)["recipe"], cases), len(cases))
 
 
 def test_mix_recipe_survives_mutation(tmp_path):
@@ -294,7 +323,7 @@ def test_mix_recipe_survives_mutation(tmp_path):
     rng = random.Random(f"{SEED}-mix")
     src = Path(recipes.find("q4_k_m", "gguf"))
     spec, failures, n = small_spec(), [], 0
-    for label, data in _recipe_mutations(src, 150, rng):
+    for label, data in recipe_mutations(src, 150, rng):
         target = tmp_path / "mix.yaml"
         target.write_bytes(data)
         n += 1
