@@ -84,7 +84,7 @@ def convert(src, layout, outtype, imatrix, shard_size, names, chat_template, out
         note = set_chat_template(ckpt, chat_template) if layout != "mistral" else None  # params.json has none
         resolved = conv.resolve_outtype(ckpt, outtype)
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
-            conv.write_checkpoint(ckpt, layout, out, outtype, [src], force, bar.update,
+            conv.write_checkpoint(ckpt, layout, out, outtype, inputs=[src], force=force, progress=bar.update,
                                   shard_bytes=_size(shard_size), imatrix_path=imatrix,
                                   **_names(names, layout, ckpt, outtype))
     if note:
@@ -144,7 +144,7 @@ def synth(out, layout, preset, layers, hidden, intermediate, heads, kv_heads, he
                       n_experts=experts, n_experts_per_tok=experts_per_tok)
     ckpt = synth_checkpoint(spec, seed, FLOAT_DTYPES[dtype])
     with _progress_bar(conv.estimate_bytes(ckpt, dtype), f"synth {layout}") as bar:
-        conv.write_checkpoint(ckpt, layout, out, dtype, (), force, bar.update)
+        conv.write_checkpoint(ckpt, layout, out, dtype, force=force, progress=bar.update)
     click.echo(f"wrote {out}")
 
 

@@ -99,7 +99,7 @@ def _bnb(kind: str):
         with open_checkpoint(job.model) as ckpt:
             sim = dataclasses.replace(ckpt, tensors={n: _bnb_tensor(t, kind) for n, t in ckpt.tensors.items()},
                                       closers=[])
-            return write_checkpoint(sim, "hf", out, "f32", [job.model])
+            return write_checkpoint(sim, "hf", out, "f32", inputs=[job.model])
     return build
 
 

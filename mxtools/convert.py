@@ -44,9 +44,10 @@ def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None) -> dict:
     return {**options, "extra_metadata": raw.quantize_metadata(imatrix)}
 
 
-def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inputs=(), force=False,
+def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, inputs=(), force=False,
                      progress=lambda n: None, **options) -> Path:
-    """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete."""
+    """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete. `inputs`: the files
+    or folders it is made from, which the output may neither replace nor sit inside."""
     lay = REGISTRY[layout]
     if lay.write is None:
         raise MxError(f"layout {layout} is read-only")
@@ -63,10 +64,11 @@ def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, inp
     return Path(out)
 
 
-def convert(src, layout: str, out, outtype: str = "auto", force: bool = False, progress=lambda n: None,
+def convert(src, layout: str, out, outtype: str = "auto", *, force: bool = False, progress=lambda n: None,
             **options) -> Path:
     with open_checkpoint(src) as ckpt:
-        return write_checkpoint(ckpt, layout, Path(out), outtype, [Path(src)], force, progress, **options)
+        return write_checkpoint(ckpt, layout, Path(out), outtype, inputs=[Path(src)], force=force, progress=progress,
+                                **options)
 
 
 def estimate_bytes(ckpt: Checkpoint, outtype: str) -> int:

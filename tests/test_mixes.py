@@ -284,7 +284,7 @@ def our_convert(src: Path, out: Path, mix: str, imatrix_file: Path | None = None
     with open_checkpoint(src) as ckpt:
         imat = load_imatrix(imatrix_file) if imatrix_file else None
         opts = gguf_options(mix, ckpt.spec, imat, overrides)
-        return write_checkpoint(ckpt, "gguf", out, mix, [src], **opts)
+        return write_checkpoint(ckpt, "gguf", out, mix, inputs=[src], **opts)
 
 
 @pytest.mark.parametrize("mix", MIXES)

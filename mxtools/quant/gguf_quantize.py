@@ -169,7 +169,7 @@ def run_quantize_gguf(src, out, outtype: str, method=None, calib_text_path=None,
         extra += raw.quantize_metadata(imatrix_path) if raw else []
         source = LayerBytes(stream, ckpt.spec)
         t0 = time.perf_counter()
-        write_checkpoint(ckpt, "gguf", Path(out), outtype, [Path(src)], force, lambda n: None, **opts,
+        write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,
                          extra_metadata=extra, encoded=source)
         source.finish()
     return {**stream.report, "timings": {"layers_s": source.layer_s, "time_s": round(time.perf_counter() - t0, 3)}}
