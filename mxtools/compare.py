@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import names
-from .errors import MxError
+from .errors import MxError, OutputError
 from .io.buffers import give_source
 from .tensors import LazyTensor
 from .verify.report import DEFAULT_THRESHOLDS, check, thresholds_for
@@ -230,7 +230,9 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
     from .layouts import open_checkpoint
     chosen = parse_formats(fmts)
     if keep is not None:
-        check_output(Path(keep), [Path(model)], force=False)
+        check_output(Path(keep), [Path(model)], force=True)  # never inside the model
+        if Path(keep).exists():
+            raise OutputError("--keep needs a new directory; this one exists", file=keep)
     with open_checkpoint(model) as ckpt:
         spec = ckpt.spec
     scratch = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="mxtools-compare-"))
