@@ -5,19 +5,19 @@ llama.cpp's bf16 GGUF (the lossless route; its f16 route rounds bf16 weights fir
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
-from common import OUT, PY, ROOT, llama_cpp_source, synth_8x7b_2layers, timed
+from common import OUT, PY, llama_cpp_source, synth_8x7b_2layers, timed
 
 MIXES = ("q4_k_m", "q4_0", "q8_0")
 
 
 def llama_quantize() -> Path:
-    out = subprocess.run(["bash", str(ROOT / "tools" / "llama_cpp_tools.sh")], check=True, capture_output=True,
-                         text=True, env={**os.environ, "PYTHON": PY})
-    return Path(out.stdout.strip()) / "llama-quantize"
+    """The llama-quantize built with the venv's llama-cpp-python (tools/llama_cpp.sh): site-packages/bin."""
+    out = subprocess.run([PY, "-c", "import llama_cpp; print(llama_cpp.__file__)"], check=True, capture_output=True,
+                         text=True)
+    return Path(out.stdout.strip()).parents[1] / "bin" / "llama-quantize"
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from judges import llama_tool
 from test_mixes import (
     assert_same_tensors,
-    llama_bin,
     llama_cpp,
     llama_quantize_bin,
     our_convert,
@@ -79,7 +79,7 @@ def judged(tmp_path_factory):
     vocab.close()
     out = {"model": model, "text": text, "tokens": tokens, "root": root}
     for fmt, name in (("gguf", "llama.gguf"), ("dat", "llama.dat")):
-        cmd = [str(llama_bin("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(root / name),
+        cmd = [str(llama_tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(root / name),
                "-c", str(CTX), "--chunks", str(CHUNKS), "--no-ppl", "-t", "2", "-ctk", "f32", "-ctv", "f32",
                "-fa", "off", "--output-format", fmt]
         run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)

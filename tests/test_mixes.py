@@ -2,13 +2,12 @@
 
 Judges: llama.cpp's type selection (`llama_quant_compute_types`, exported by the libllama that
 llama-cpp-python ships) for the per-tensor types on real Mixtral shapes; `llama_cpp.llama_model_quantize`
-for whole files without an importance matrix; the `llama-quantize` binary (tools/llama_cpp_tools.sh) with one.
+for whole files without an importance matrix; the `llama-quantize` binary (built with the bindings, tools/llama_cpp.sh) with one.
 Also used by test_imatrix.py: the helpers and the model builders below.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from judges import LazyJudge, llama_tool
 
 from mxtools import names
 from mxtools.convert import convert, write_checkpoint
@@ -37,9 +37,7 @@ from mxtools.quant.mixes import (
 from mxtools.synth import synth_checkpoint, synth_spec
 from mxtools.tokenizer import Tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
-LLAMA_BIN = Path(os.environ.get("MXTOOLS_LLAMA_BIN", Path.home() / ".cache/mxtools/llama.cpp-0.3.36/bin"))
+llama_cpp = LazyJudge("llama_cpp")
 N_VOCAB = 1024  # the first 1024 pieces of the v1 vocabulary: keeps embedding and output tables small
 
 
@@ -72,13 +70,6 @@ def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 # ---- llama.cpp ----
 
-def llama_bin(name: str) -> Path:
-    path = LLAMA_BIN / name
-    if not path.is_file():
-        pytest.skip(f"{path} missing: run tools/llama_cpp_tools.sh (make install does)")
-    return path
-
-
 def llama_quantize_py(src: Path, out: Path, file_type: int) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = file_type, 2
@@ -88,7 +79,7 @@ def llama_quantize_py(src: Path, out: Path, file_type: int) -> Path:
 
 
 def llama_quantize_bin(src: Path, out: Path, mix: str, *options: str) -> Path:
-    cmd = [str(llama_bin("llama-quantize")), *options, str(src), str(out), mix.upper(), "2"]
+    cmd = [str(llama_tool("llama-quantize")), *options, str(src), str(out), mix.upper(), "2"]
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
     return out

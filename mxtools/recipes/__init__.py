@@ -2,7 +2,8 @@
 
 Two groups: "" holds the `quantize` recipes (gptq-*.yaml, rtn-*.yaml), "gguf" holds llama.cpp's mixes for
 `convert --outtype` (q4_k_m.yaml, ...). They are read through importlib.resources, so an installed wheel
-finds exactly the files a checkout has. A user's own YAML file is accepted wherever a recipe name is.
+finds exactly the files a checkout has. `find` also takes the path of a user's own YAML file
+(`quantize --recipe my.yaml`).
 """
 from __future__ import annotations
 
