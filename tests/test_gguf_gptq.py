@@ -125,7 +125,8 @@ def test_gptq_file_has_llama_cpps_tensors_and_loads(model, tmp_path, mix):
     meta, ours = gguf_tensors(tmp_path / "gptq.gguf")
     assert _types(tmp_path / "gptq.gguf") == _types(ref)
     changed = [n for n, (_, _, data) in ours.items() if data != gguf_tensors(ref)[1][n][2]]
-    assert changed and all(n.startswith("blk.") for n in changed)  # embeddings and output: as convert
+    assert changed and all(n.startswith("blk.") or n == "output.weight" for n in changed)  # token_embd as convert
+    assert report["output"]["method"] == "gptq" and "output.weight" in changed
     assert report["totals"]["gptq"] > 0 and meta["general.file_type"] == gguf_tensors(ref)[0]["general.file_type"]
     assert {k[len(META_PREFIX):] for k in meta if k.startswith(META_PREFIX)} == \
         {"method", "experts", "damp", "calibration.name", "calibration.sha256", "samples", "seqlen"}

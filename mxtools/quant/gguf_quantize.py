@@ -18,13 +18,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from .. import names
+from .. import model, names
 from ..errors import MxError
 from ..layouts.mistral import rope_heads
 from ..transforms import hf_to_meta_rope
 from .ggml_blocks import SUPPORTED
 from .gguf_gptq import GGUFQuant, quantize_matrix
-from .gptq import GPTQError, QuantConfig
+from .gptq import GPTQError, Hessian, QuantConfig
 from .gptq_pipeline import (
     QUANTIZED_KINDS,
     Progress,
@@ -93,10 +93,13 @@ def _float_result(w: torch.Tensor, qtype: T) -> GGUFQuant:
 
 class LayerBytes:
     """The GGUF writer's `encoded` hook: pulls layers from the QuantStream as the writer reaches them and gives
-    each quantized Linear's bytes in GGUF row order (q/k rotary-permuted); None for every other tensor."""
+    each quantized Linear's bytes in GGUF row order (q/k rotary-permuted). The output matrix, which the writer
+    reaches after the last layer, gets GPTQ too, its Hessian from the final normed hidden states of the quantized
+    model; None for every other tensor (embeddings, norms, router: encoded as `convert` does)."""
 
-    def __init__(self, stream, spec):
-        self.layers, self.spec, self.current = iter(stream), spec, None
+    def __init__(self, stream, hook: MatrixQuantizer):
+        self.stream, self.hook, self.spec = stream, hook, hook.spec
+        self.layers, self.current = iter(stream), None
         self.layer_s: list[float] = []  # wall time of each layer (quantizing it and the writer's share)
         self.mark = time.perf_counter()
 
@@ -108,6 +111,8 @@ class LayerBytes:
 
     def __call__(self, t, qtype: T):
         kind, layer, _ = names.parse(t.name)
+        if kind.key == "output":
+            return self._output(t.name, qtype)
         if kind.key not in QUANTIZED_KINDS:
             return None
         while self.current is None or self.current.index < layer:
@@ -118,6 +123,23 @@ class LayerBytes:
                           f"the writer wants {qtype.name} in layer {layer}")
         heads = rope_heads(kind.key, self.spec)
         return res.data if not heads else hf_to_meta_rope(torch.from_numpy(res.data), heads).numpy()
+
+    def _output(self, name: str, qtype: T):
+        """GPTQ of the output matrix on rms_norm(final hidden state); None without calibration (RTN) or when the
+        layers are not all done."""
+        run, h = self.stream.run, self.stream.hidden
+        if h is None or self.current is None or self.current.index != self.spec.n_layers - 1:
+            return None
+        norm = model.load_weight(run.ckpt, names.KIND_BY_KEY["output_norm"].template, run.dev, run.dtype)
+        hess = Hessian(self.spec.dim, run.dev)
+        for s in range(0, h.shape[0], model.SEQS_PER_ATTENTION):
+            hess.add(model.rms_norm(h[s:s + model.SEQS_PER_ATTENTION].to(run.dev), norm, self.spec.norm_eps))
+        w = model.load_weight(run.ckpt, name, run.dev, run.dtype)
+        res, entry = self.hook(name, w, hess, run.method, run.min_tokens)
+        self.stream.report["output"] = entry
+        if res.res.qtype != qtype:
+            raise MxError(f"internal: {name} came out as {res.res.qtype.name}, the writer wants {qtype.name}")
+        return res.res.data
 
     def finish(self) -> None:
         """Run the stream to its end (it fills the report's totals after the last layer)."""
@@ -167,7 +189,7 @@ def run_quantize_gguf(src, out, outtype: str, method=None, calib_text_path=None,
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
         extra = metadata(method, calib, stream.report["calibration"], damp, experts)
         extra += raw.quantize_metadata(imatrix_path) if raw else []
-        source = LayerBytes(stream, ckpt.spec)
+        source = LayerBytes(stream, hook)
         t0 = time.perf_counter()
         write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,
                          extra_metadata=extra, encoded=source)
