@@ -3,12 +3,14 @@ input; saved bases reproduce the live reference; our perplexity equals llama.cpp
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 
 import pytest
 from click.testing import CliRunner
 from conftest import text_head
-from judges import llama_cpp_model, llama_cpp_perplexity
+from judges import llama_cpp_model, llama_cpp_perplexity, llama_tool
 from safetensors.torch import load_file, save_file
 
 from mxtools import chunking
@@ -39,7 +41,7 @@ def test_lossless_conversions_pass(tmp_path, synth_dir, text):
     ref = synth_dir("hf", "f32")
     for layout, name in (("gguf", "c.gguf"), ("mistral", "m")):
         cand = convert(ref, layout, tmp_path / name, "f32")
-        code, out, err = verify(cand, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
+        code, _, err = verify(cand, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
         r = report(tmp_path / "r.json")
         assert code == 0, err
         assert r["passed"] and r["kld_mean"] < 1e-9 and abs(r["ppl_ratio"] - 1) < 1e-6
@@ -61,7 +63,7 @@ def test_unpermuted_k_projection_is_located(tmp_path, synth_dir, text):
         kv = ck.spec.n_kv_heads
     name = "model.layers.0.self_attn.k_proj.weight"
     bad = _break(tmp_path, ref, lambda sd: sd.update({name: hf_to_meta_rope(sd[name], kv)}))
-    code, out, err = verify(bad, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
+    code, _, err = verify(bad, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
     assert code == 1 and "verification failed" in err
     r = report(tmp_path / "r.json")
     assert r["first_divergent_layer"] == 0 and not r["passed"]
@@ -75,7 +77,7 @@ def test_swapped_experts_are_located(tmp_path, synth_dir, text):
             a, b = (f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for e in (0, 1))
             sd[a], sd[b] = sd[b], sd[a]
     bad = _break(tmp_path, ref, swap)
-    code, _, err = verify(bad, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
+    code, _, _ = verify(bad, "--reference", ref, "--text", text, "--json", tmp_path / "r.json")
     assert code == 1
     assert report(tmp_path / "r.json")["first_divergent_layer"] == 1
 
@@ -116,3 +118,17 @@ def test_perplexity_equals_llama_cpp_on_same_gguf(tmp_path, synth_dir, text, out
     with open_checkpoint(gguf_path) as ck:
         assert chunking.tokenize_file(ck.tokenizer, text) == llama_tokens
     assert report(tmp_path / "r.json")["ppl"] == pytest.approx(theirs, rel=rel)
+
+
+def test_perplexity_equals_llama_perplexity_on_same_gguf(tmp_path, synth_dir, text):
+    """llama.cpp's own tool end to end (its file reading, tokenizer, chunking, batching and scoring) on an F32
+    GGUF prints our PPL (measured 4e-8 apart; it prints 4 decimals, 2e-9 of this PPL)."""
+    gguf_path = convert(synth_dir("hf", "f32"), "gguf", tmp_path / "m.gguf", "f32")
+    code, _, err = verify(gguf_path, "--reference", gguf_path, "--text", text, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    cmd = [llama_tool("llama-perplexity"), "-m", gguf_path, "-f", text, "-c", CTX, "--chunks", 4, "-b", CTX,
+           "-t", 2, "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, check=False)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+    assert run.returncode == 0 and found, run.stderr[-3000:]
+    assert report(tmp_path / "r.json")["ppl"] == pytest.approx(float(found.group(1)), rel=1e-6)
