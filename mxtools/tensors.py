@@ -116,6 +116,8 @@ class Checkpoint:
             if tuple(t.shape) != exp:
                 out.append(ShapeError(f"shape {list(t.shape)} does not match the config's {list(exp)}",
                                       t.source, n))
+            elif not t.dtype.is_floating_point:
+                out.append(ShapeError(f"dtype {str(t.dtype).removeprefix('torch.')} is no float type", t.source, n))
         return out
 
     def validate(self) -> Checkpoint:
