@@ -159,12 +159,13 @@ def _forked_run(ff, seeds: dict, seconds: float) -> dict:
     dirs = fd.build_sources(WORK / "dir-sources")
     dir_cases = list(fd.cases(dirs, seed=rng.randrange(2**32), scale=4.0))
     rng.shuffle(dir_cases)
-    n, worst, failures = 0, 0.0, []
+    n, worst, failures, codes = 0, 0.0, [], {}
     while time.monotonic() < deadline:
         for name, gen in files.items():
             for label, data in gen():
                 res, why = ff.run_case(feeds[name], data)
                 worst, n = max(worst, res.peak_rss_mb), n + 1
+                codes[str(res.code)] = codes.get(str(res.code), 0) + 1
                 if why is not None:
                     saved = WORK / f"forked-failure-{n}-{feeds[name].target.name}"
                     saved.write_bytes(data)
@@ -173,7 +174,7 @@ def _forked_run(ff, seeds: dict, seconds: float) -> dict:
             label, src, changes = dir_cases.pop()
             failures += fd.run_case(label, src, changes, WORK / "dir-work", convert=rng.random() < 0.2)
             worst, n = max(worst, getattr(fd.run_case, "worst_rss_mb", 0.0)), n + 1
-    return {"cases": n, "failures": failures, "worst_peak_rss_mb": round(worst, 1)}
+    return {"cases": n, "failures": failures, "worst_peak_rss_mb": round(worst, 1), "single_file_exit_codes": codes}
 
 
 if __name__ == "__main__":

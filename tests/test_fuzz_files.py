@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import small_spec
-from fuzzing import gguf_fields, mutate, mutate_field, run_isolated
+from fuzzing import gguf_fields, mutate, mutate_field, run_isolated, set_field
 
 import mxtools.cli  # noqa: F401  (imported before forking: each case starts warm)
 from mxtools.bundled import EVAL
@@ -234,6 +234,26 @@ def test_full_vocabulary_gguf_header(models, synth_dir, tmp_path):
     rng = random.Random(f"{SEED}-full")
     feed = feeds(models, tmp_path)["inspect-header"]
     assert_clean(run_cases(feed, gguf_mutations(synth_dir("gguf", "f32"), 10, rng)), 10)
+
+
+def test_issue_samples(models, tmp_path):
+    """The failures issue 9 reported, each once: a negative token type (it drove a protobuf varint encoder into
+    an endless, growing loop), a vocabulary SentencePiece refuses (a piece defined twice; its error escaped as a
+    traceback), a saved base with a valid magic and a broken JSON header (a JSONDecodeError); and what the
+    long run (bench/fuzz.py) found."""
+    feeds_ = feeds(models, tmp_path)
+    data = models["gguf"].read_bytes()
+    field = next(f for f in gguf_fields(data) if f[0] == "tokenizer.ggml.token_type[0]")
+    negative = set_field(data, field[1], "<i", -1)
+    twice = data.replace(b"<0x01>", b"<0x00>", 1)
+    base = models["base"].read_bytes()
+    broken = base[:12] + b"{" * 40 + base[52:]
+    # found by bench/fuzz.py: F32 data read as Q4_0 has NaN/inf scales (gguf-py warned on stderr)
+    field = next(f for f in gguf_fields(data) if f[0] == "blk.0.attn_output.weight.type")
+    q4_0 = set_field(data, field[1], "<I", 2)
+    for feed, case in (("inspect", negative), ("inspect", twice), ("base", broken), ("inspect", q4_0)):
+        out, why = run_case(feeds_[feed], case)
+        assert why is None and out.code == 2, (feed, why, out.stderr)
 
 
 # ---- tokenizer.model ----

@@ -111,12 +111,15 @@ def check_fits(spec: ModelSpec, raw: RawFile) -> None:
                           "can hold", file=raw.path)
 
 
-def tokenizer_from_metadata(m: dict, source) -> Tokenizer | None:
+def tokenizer_from_metadata(m: dict, source, vocab_size: int) -> Tokenizer | None:
     if "tokenizer.ggml.tokens" not in m:
         return None
 
     def get(key, kind, default=REQUIRED):
         return meta_value(m, "tokenizer." + key, kind, source, default)
+    if len(get("ggml.tokens", list)) > vocab_size:  # ids the model has no embedding for
+        raise FormatError(f"the tokenizer has {len(get('ggml.tokens', list))} tokens, more than the model's "
+                          f"vocabulary of {vocab_size}", file=source)
     return Tokenizer.from_vocab(
         get("ggml.tokens", list), get("ggml.scores", list), get("ggml.token_type", list), source=source,
         chat_template=get("chat_template", str, None), bos_id=get("ggml.bos_token_id", int, 1),
@@ -132,7 +135,9 @@ def _loader(raw: RawFile, name: str, offset: int, shape: tuple, qtype: Q) -> Cal
 
     def load() -> torch.Tensor:
         data = raw.read(offset, nbytes, name).reshape(-1, row_bytes)
-        with reading(raw.path, name):  # gguf-py cannot dequantize every type id the format defines
+        # gguf-py cannot dequantize every type id the format defines; NaN/inf scales are data (inspect lists
+        # them), not a warning on stderr
+        with reading(raw.path, name), np.errstate(all="ignore"):
             return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(shape))
     return load
 
@@ -179,7 +184,7 @@ def read(path: Path) -> Checkpoint:
             spec = spec_from_metadata(meta, path)
             check_fits(spec, raw)
             tensors, legacy = _canonical_tensors(raw, infos, spec)
-            tokenizer = tokenizer_from_metadata(meta, path)
+            tokenizer = tokenizer_from_metadata(meta, path, spec.vocab_size)
             file_type = meta_value(meta, "general.file_type", int, path, None)
     except BaseException:
         raw.close()
