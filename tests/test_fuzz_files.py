@@ -215,6 +215,17 @@ def assert_clean(failures: list[str], n: int):
     assert not failures, f"{len(failures)} of {n} cases broke the contract:\n" + "\n".join(failures[:10])
 
 
+def test_unmutated_files_read_cleanly(models, tmp_path):
+    """The baseline the mutations start from: every seed file goes through its call with exit 0."""
+    f = feeds(models, tmp_path)
+    seeds = [("inspect", models[k]) for k in ("gguf", "q8_0", "legacy")] + [
+        ("convert", models["gguf"]), ("convert-gguf", models["q8_0"]), ("tokenizer", models["hf"] / "tokenizer.model"),
+        ("imatrix", models["imatrix"]), ("dat", models["dat"]), ("base", models["base"]), ("recipe", models["recipe"])]
+    for name, seed in seeds:
+        out, why = run_case(f[name], seed.read_bytes())
+        assert why is None and out.code == 0, (name, out.stderr, out.traceback[-2000:])
+
+
 # ---- GGUF models ----
 
 @pytest.mark.parametrize("kind, n", [("gguf", 160), ("q8_0", 40), ("legacy", 40)])
