@@ -313,39 +313,62 @@ def materialize(src: Path, dst: Path, changes: Changes) -> Path:
     return dst
 
 
-def run_case(label: str, src: Path, changes: Changes, work: Path, convert: bool = False,
+# a calibration / evaluation text whose token ids all fit the sources' 512-piece vocabulary
+SHORT_TEXT = " ".join(["in the of to and a on at by is"] * 8)
+
+
+def verb_argv(verb: str, case: Path, work: Path) -> list:
+    """The command line of `verb` on a case directory (outputs under work; short runs on SHORT_TEXT)."""
+    text = work / "short.txt"
+    if not text.exists():
+        text.write_text(SHORT_TEXT)
+    short = ["--text", text, "--ctx", "32", "--chunks", "1", "--device", "cpu"]
+    return {"inspect": ["inspect", case],
+            "convert": ["convert", case, "--to", "gguf", "--outtype", "q8_0", "-o", work / "out.gguf"],
+            "imatrix": ["imatrix", case, *short, "-o", work / "out.imatrix.gguf"],
+            "verify": ["verify", case, "--reference", case, *short],
+            "quantize": ["quantize", case, "--calib", text, "--nsamples", "2", "--seqlen", "32", "--group-size",
+                         "32", "--device", "cpu", "-o", work / "out-gptq"]}[verb]
+
+
+OUTPUTS = ("out.gguf", "out.imatrix.gguf", "out-gptq")
+
+
+def run_case(label: str, src: Path, changes: Changes, work: Path, verbs=("inspect",),
              check: Callable | None = None) -> list[str]:
-    """Run `inspect` (and `convert --to gguf` when asked) on one case; the contract's breaches, labelled."""
+    """Run each of `verbs` on one case; the contract's breaches, labelled. A failed writer must leave nothing."""
     case = materialize(src, work / "case", changes)
-    out = work / "out.gguf"
     failures, worst = [], 0.0
     try:
-        runs = [["inspect", case]] + ([["convert", case, "--to", "gguf", "--outtype", "q8_0", "-o", out]]
-                                      if convert else [])
-        for argv in runs:
-            res = run_isolated(argv)
+        for verb in verbs:
+            res = run_isolated(verb_argv(verb, case, work))
             worst = max(worst, res.peak_rss_mb)
             why = res.problem()
             if why is None and res.code == 2 and str(case) not in res.stderr:
                 why = f"the error line names no file of the case: {res.stderr.strip()}"
-            if why is None and argv[0] == "convert" and res.code == 2 and (
-                    out.exists() or any(work.glob(f".{out.name}.tmp*"))):
-                why = "a failed convert left output behind"
+            if why is None and res.code == 2 and any(p.name.startswith(OUTPUTS) or p.name.startswith(
+                    tuple("." + o for o in OUTPUTS)) for p in work.iterdir()):
+                why = f"a failed {verb} left output behind"
             if why is not None:
-                failures.append(f"{label} [{argv[0]}]: {why}")
+                failures.append(f"{label} [{verb}]: {why}")
             if check:
-                check(label, argv[0], res)
+                check(label, verb, res)
+            for o in OUTPUTS:
+                shutil.rmtree(work / o, ignore_errors=True) if (work / o).is_dir() else (work / o).unlink(
+                    missing_ok=True)
     finally:
         shutil.rmtree(case, ignore_errors=True)
-        if out.exists():
-            out.unlink()
     run_case.worst_rss_mb = max(getattr(run_case, "worst_rss_mb", 0.0), worst)
     return failures
 
 
 # ---------------------------------------------------------------- the fast suite (make test)
 
-CONVERT_EVERY = 25  # every 25th case also goes through convert (q8_0: the block-quantized path)
+def verbs_for(k: int) -> tuple[str, ...]:
+    """inspect for every case; convert (q8_0: the block-quantized path) for every 25th, imatrix and verify for
+    every 25th (another subset), a short GPTQ quantize for every 80th."""
+    return ("inspect",) + (("convert",) if k % 25 == 0 else ()) + (("imatrix", "verify") if k % 25 == 12 else ()) \
+        + (("quantize",) if k % 80 == 40 else ())
 
 
 @pytest.fixture(scope="module")
@@ -354,12 +377,12 @@ def sources(tmp_path_factory):
 
 
 def test_unmutated_sources_read_cleanly(sources, tmp_path):
-    """The baseline the mutations start from: every source inspects and converts with exit 0."""
+    """The baseline the mutations start from: every verb succeeds on every source."""
     for name, src in sources.items():
-        for argv in (["inspect", src], ["convert", src, "--to", "gguf", "--outtype", "q8_0", "-o",
-                                        tmp_path / f"{name}.gguf"]):
-            res = run_isolated(argv)
-            assert res.code == 0, (name, argv[0], res.stderr, res.traceback)
+        (tmp_path / name).mkdir()
+        for verb in ("inspect", "convert", "imatrix", "verify", "quantize"):
+            res = run_isolated(verb_argv(verb, src, tmp_path / name))
+            assert res.code == 0, (name, verb, res.stderr, res.traceback)
 
 
 def test_every_directory_reader_survives_mutated_inputs(sources, tmp_path):
@@ -370,8 +393,27 @@ def test_every_directory_reader_survives_mutated_inputs(sources, tmp_path):
 
     for k, (label, src, changes) in enumerate(cases(sources)):
         counts[src.name] = counts.get(src.name, 0) + 1
-        failures += run_case(label, src, changes, tmp_path, convert=k % CONVERT_EVERY == 0, check=tally)
+        failures += run_case(label, src, changes, tmp_path, verbs_for(k), check=tally)
     print(f"cases per reader: {counts}; exits: {exits}; worst peak RSS {run_case.worst_rss_mb:.0f} MB")
     assert not failures, f"{len(failures)} failing cases:\n" + "\n".join(failures[:40])
     assert exits[2] > exits[0], exits  # the mutations do reach the checks (most inputs are refused)
     assert min(counts.values()) >= 35, counts
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("what", ["last shard", "tokenizer_config"])
+def test_a_failed_open_leaves_no_file_open(sources, tmp_path, what):
+    """A corrupt later shard (or tokenizer config) closes every shard opened before it, and itself."""
+    from mxtools.errors import FormatError
+    from mxtools.layouts import open_checkpoint
+    shards = sorted(p.name for p in sources["hf"].glob("*.safetensors"))
+    change = {shards[-1]: b"\x02" + b"\x00" * 7 + b"{]"} if what == "last shard" else \
+        {"tokenizer_config.json": b'{"chat_template": 1}'}
+    case = materialize(sources["hf"], tmp_path / "case", change)
+    before = _open_fds()
+    with pytest.raises(FormatError, match="corrupt safetensors header|chat_template must be a string"):
+        open_checkpoint(case)
+    assert _open_fds() == before

@@ -26,7 +26,11 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = str(path)
         self.raw = RawFile(path)
-        self.metadata, self.entries = self._parse()
+        try:
+            self.metadata, self.entries = self._parse()
+        except BaseException:
+            self.raw.close()
+            raise
 
     def _parse(self):
         if self.raw.size < 8:

@@ -169,6 +169,7 @@ def read(path: Path) -> Checkpoint:
     files = hf.shard_files(path)
     if not files:
         raise FormatError("no .safetensors files", file=path)
+    tok = hf.read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
     raw, opened = hf.read_tensors(files, NameTable({}))
     try:
         tensors, groups = {}, {}
@@ -187,7 +188,7 @@ def read(path: Path) -> Checkpoint:
         raise
     naming = naming_of(tensors)
     tensors = {canonical_name(k, naming): t.renamed(canonical_name(k, naming)) for k, t in tensors.items()}
-    ckpt = Checkpoint(spec, tensors, "gptq", path, hf.read_tokenizer(path),
+    ckpt = Checkpoint(spec, tensors, "gptq", path, tok,
                       info={"quant_method": "gptq", "gptq": settings, "tensor_names": naming})
     ckpt.closers += [f.close for f in opened]
     return ckpt

@@ -158,8 +158,9 @@ def read(path: Path, table: NameTable = TABLE, transform=None, layout="hf") -> C
     files = shard_files(path)
     if not files:
         raise FormatError("no .safetensors files", file=path)
+    tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
     tensors, opened = read_tensors(files, table, transform)
-    ckpt = Checkpoint(spec, tensors, layout, path, read_tokenizer(path))
+    ckpt = Checkpoint(spec, tensors, layout, path, tok)
     ckpt.closers += [f.close for f in opened]
     return ckpt
 
