@@ -280,6 +280,7 @@ class QuantStream:
                  progress: Progress | None):
         self.ckpt, self.samples, self.run, self.progress = ckpt, samples, run, progress or (lambda *a: None)
         self.hidden = None
+        self.timings: dict = {"layers_s": []}
         cfg = run.cfg
         self.report = {
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
@@ -287,7 +288,6 @@ class QuantStream:
             "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
-        self.timings: dict = {"layers_s": []}
     def __iter__(self) -> Iterator[LayerQuant]:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
         h = self._embed() if self.run.method == "gptq" else None
@@ -301,6 +301,7 @@ class QuantStream:
             self.hidden = h  # the next layer's calibration input (None for RTN); tests and debugging read it
             layer = {"layer": i, **layer}
             self.report["layers"].append(layer)
+            self.timings["layers_s"].append(round(time.perf_counter() - t, 3))
             self.progress(i + 1, n_layers, "layer done")
             yield LayerQuant(i, self.run.results, layer)
         self.report["totals"] = totals(self.report["layers"])
@@ -308,7 +309,6 @@ class QuantStream:
 
     def _embed(self) -> torch.Tensor:
         run, spec = self.run, self.ckpt.spec
-            self.timings["layers_s"].append(round(time.perf_counter() - t, 3))
         toks = model.as_tokens(self.samples, spec, "cpu")
         run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
         table = model.load_weight(self.ckpt, weight_name("token_embd", None), run.store, run.dtype)
