@@ -134,6 +134,10 @@ def test_base_mismatch_and_corruption_are_refused(tmp_path):
         base.check(table.reshape(6, 20), 300)
     with pytest.raises(BaseMismatchError, match="vocabulary"):
         base.check(table, 301)
+    old = tmp_path / "old"  # saved before verify cut llama.cpp's chunks (BOS first in the stream)
+    old.write_bytes(path.read_bytes().replace(b'"version": 2', b'"version": 1', 1))
+    with pytest.raises(BaseMismatchError, match="version 1, now 2"):
+        load_base(old).check(table, 300)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(FormatError, match="truncated"):
         load_base(path)

@@ -9,7 +9,8 @@ percentiles. One deliberate difference: KLD is summed over the whole vocabulary 
 (or finely quantised, see `save_base`) base log-probs, where llama.cpp drops base log-probs below -16.
 
 Saved base file (`save_base` / `load_base`): the reference's log-probs at the scored positions plus the
-chunked tokens and n_ctx, so a different text, tokenizer or context is refused with a clear error.
+chunked tokens and n_ctx, so a different text, tokenizer or context is refused with a clear error (and a base of
+header version 1, whose chunks were cut one token later than llama.cpp's, is refused as such).
 Encoding "u16" (default) stores, per position, log p - max log p on a uniform grid over [-32, 0] nats
 (65535 steps of 4.9e-4; 0 = below the window, treated as probability 0; mass lost < 32000 * e^-32 = 4e-10)
 and renormalises on load. Per-entry error <= 2.5e-4 nats; because KLD is second order around p_base the
@@ -205,6 +206,8 @@ def compare(logprobs, targets, base=None) -> dict:
 # ---------------------------------------------------------------- saved base
 
 MAGIC = b"MXBASE1\n"
+# 2: chunks of llama.cpp's stream (BOS first). Version 1 bases hold chunks cut one token later (no leading BOS).
+BASE_VERSION = 2
 WINDOW = 32.0  # nats below the top log-prob kept by the u16 encoding
 STEPS = 65535
 ENCODINGS = {"u16": np.dtype("<u2"), "f32": np.dtype("<f4")}
@@ -239,8 +242,9 @@ class BaseWriter:
             raise ValueError(f"unknown base encoding {encoding!r}; use one of {sorted(ENCODINGS)}")
         self.path, self.chunks, self.encoding = Path(path), chunks, encoding
         n_chunks, n_ctx = chunks.shape
-        self.header = {"version": 1, "n_ctx": int(n_ctx), "n_chunks": int(n_chunks), "n_vocab": int(n_vocab),
-                       "n_scored": n_scored(n_ctx), "encoding": encoding, "window": WINDOW, "bos": BOS_ID}
+        self.header = {"version": BASE_VERSION, "n_ctx": int(n_ctx), "n_chunks": int(n_chunks),
+                       "n_vocab": int(n_vocab), "n_scored": n_scored(n_ctx), "encoding": encoding, "window": WINDOW,
+                       "bos": BOS_ID}
         self.added = 0
 
     def __enter__(self):
@@ -304,6 +308,10 @@ class SavedBase:
 
     def check(self, chunks: torch.Tensor, n_vocab: int | None = None) -> None:
         """Refuse a base computed over other tokens, another context size or another vocabulary."""
+        if self.header.get("version") != BASE_VERSION:
+            raise BaseMismatchError(f"base was saved by an mxtools with other chunks (version "
+                                    f"{str(self.header.get('version'))[:20]}, now {BASE_VERSION}); save it again",
+                                    file=self.path)
         n, ctx = chunks.shape
         if ctx != self.n_ctx:
             raise BaseMismatchError(f"base was computed with ctx {self.n_ctx}, this run uses {ctx}", file=self.path)
