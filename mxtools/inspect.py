@@ -9,7 +9,7 @@ import torch
 
 from .chat import describe_difference
 from .chat import report as chat_report
-from .errors import MxError, NonFiniteError
+from .errors import MxError, NonFiniteError, reading
 from .io.buffers import POOL
 from .layouts import detect
 from .tensors import first_non_finite
@@ -40,7 +40,8 @@ def scan_weights(ckpt) -> list[MxError]:
     out = []
     for t in ckpt.tensors.values():
         try:
-            w = t.load()
+            with reading(t.source, t.name):  # a decoder's own exception on corrupt data is this file's problem
+                w = t.load()
         except MxError as exc:
             out.append(exc)
             continue
