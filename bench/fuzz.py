@@ -172,7 +172,8 @@ def _forked_run(ff, seeds: dict, seconds: float) -> dict:
                     failures.append(f"{name} {label}: {why[:300]} (input {saved})")
         if dir_cases:
             label, src, changes = dir_cases.pop()
-            failures += fd.run_case(label, src, changes, WORK / "dir-work", convert=rng.random() < 0.2)
+            (WORK / "dir-work").mkdir(exist_ok=True)
+            failures += fd.run_case(label, src, changes, WORK / "dir-work", fd.verbs_for(n))
             worst, n = max(worst, getattr(fd.run_case, "worst_rss_mb", 0.0)), n + 1
     return {"cases": n, "failures": failures, "worst_peak_rss_mb": round(worst, 1), "single_file_exit_codes": codes}
 
