@@ -22,7 +22,7 @@ ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.ggu
 
 def make(ref: Path, layout: str, outtype: str, out: Path) -> Path:
     if layout == "gptq":  # calibrated on the held-out text's sibling, the bundled calibration text
-        run_quantize(ref, out, calib_text_path=CALIB, bits=4, group_size=128, nsamples=32, seqlen=2048, force=True)
+        run_quantize(ref, out, calib_text_path=CALIB, bits=4, group_size=128, nsamples=16, seqlen=2048, force=True)
         return out
     return convert(ref, layout, out, outtype, force=True)
 
@@ -34,7 +34,8 @@ def size(path: Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--chunks", type=int, default=32, help="512-token chunks of the held-out text to score")
+    ap.add_argument("--chunks", type=int, default=16, help="512-token chunks of the held-out text to score "
+                    "(16: 4096 scored tokens, same_top_p to about 0.3%)")
     args = ap.parse_args(argv)
     if (MODEL / "model.safetensors").exists():
         write_example(args.out, force=True)
