@@ -41,6 +41,7 @@ BNB_KINDS = tuple(k.key for k in names.KINDS if k.linear and k.key != "output") 
 BNB_HINT = "bitsandbytes is not installed: pip install 'mxtools[bnb]' (bitsandbytes>=0.50)"
 BNB_BLOCK = 64  # Params4bit's default blocksize, which transformers keeps
 CTX = 512  # verify's default chunk length
+IMATRIX_CHUNKS = 128  # 65,536 tokens, a usual llama-imatrix run (all of a 2.5 MB text would be ~1,200 chunks)
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,11 @@ class Job:
     _imatrix: Path | None = None
 
     def imatrix(self) -> Path:
-        """The model's importance matrix over the calibration text, computed once."""
+        """The model's importance matrix over the first IMATRIX_CHUNKS chunks of the calibration text, once."""
         if self._imatrix is None:
             from .quant.imatrix import imatrix_from_text
             self._imatrix = imatrix_from_text(self.model, self.calib, self.scratch / "imatrix.gguf",
-                                              device=self.device)
+                                              chunks=IMATRIX_CHUNKS, device=self.device)
         return self._imatrix
 
 
