@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def _is_count(x) -> bool:
 def _check_disjoint(entries: dict, path) -> None:
     """No two tensors' data may overlap (each byte of the data section belongs to at most one tensor)."""
     spans = sorted((off, off + nbytes, name) for name, (_, _, off, nbytes) in entries.items() if nbytes)
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (begin, _, b) in pairwise(spans):
         if begin < end:
             raise FormatError(f"data overlaps tensor {a}'s", file=path, tensor=b)
 
