@@ -179,6 +179,9 @@ def feeds(m: dict, work: Path) -> dict[str, Feed]:
         "convert": Feed(target=gguf, argv=["convert", gguf, "--to", "hf", "-o", out, "--force"], outputs=out),
         "convert-gguf": Feed(target=gguf, outputs=out_gguf,
                              argv=["convert", gguf, "--to", "gguf", "--outtype", "f16", "-o", out_gguf, "--force"]),
+        "imatrix-verb": Feed(target=gguf, outputs=work / "out.imatrix",
+                             argv=["imatrix", gguf, *base_args(m)[:6], "-o", work / "out.imatrix", "--force"]),
+        "verify-verb": Feed(target=gguf, argv=["verify", gguf, "--reference", m["hf"], *base_args(m)]),
         "tokenizer": Feed(target=hf_copy / "tokenizer.model", argv=["inspect", "--no-weights", hf_copy]),
         "imatrix": Feed(target=work / "m.imatrix", argv=[*imatrix, work / "m.imatrix"], outputs=out_gguf),
         "dat": Feed(target=work / "m.dat", argv=[*imatrix, work / "m.dat"], outputs=out_gguf),
@@ -219,7 +222,8 @@ def test_unmutated_files_read_cleanly(models, tmp_path):
     """The baseline the mutations start from: every seed file goes through its call with exit 0."""
     f = feeds(models, tmp_path)
     seeds = [("inspect", models[k]) for k in ("gguf", "q8_0", "legacy")] + [
-        ("convert", models["gguf"]), ("convert-gguf", models["q8_0"]), ("tokenizer", models["hf"] / "tokenizer.model"),
+        ("convert", models["gguf"]), ("convert-gguf", models["q8_0"]), ("imatrix-verb", models["gguf"]),
+        ("verify-verb", models["gguf"]), ("tokenizer", models["hf"] / "tokenizer.model"),
         ("imatrix", models["imatrix"]), ("dat", models["dat"]), ("base", models["base"]), ("recipe", models["recipe"])]
     for name, seed in seeds:
         out, why = run_case(f[name], seed.read_bytes())
@@ -238,6 +242,13 @@ def test_inspect_survives_mutated_gguf(models, tmp_path, kind, n):
 def test_convert_survives_mutated_gguf(models, tmp_path, kind, feed, n):
     rng = random.Random(f"{SEED}-convert-{kind}")
     assert_clean(run_cases(feeds(models, tmp_path)[feed], gguf_mutations(models[kind], n, rng)), n)
+
+
+@pytest.mark.parametrize("verb", ["imatrix-verb", "verify-verb"])
+def test_model_verbs_survive_mutated_gguf(models, tmp_path, verb):
+    """imatrix and verify run the model: a mutated GGUF that opens must run through, or fail in one line."""
+    rng = random.Random(f"{SEED}-{verb}")
+    assert_clean(run_cases(feeds(models, tmp_path)[verb], gguf_mutations(models["gguf"], 25, rng)), 25)
 
 
 def test_full_vocabulary_gguf_header(models, synth_dir, tmp_path):
