@@ -32,9 +32,11 @@ from mxtools.synth import synth_checkpoint
 SEED = 9
 REMOVED = object()
 # what every config field is replaced by (the issue's list): a word, a float, null, an array, an object, zero,
-# negative, 2**40, beyond uint64, and the key removed
+# negative, 2**40, beyond uint64, and the key removed; also int32's maximum, the largest count a config may
+# claim (so the checks must not cost time in the claimed counts)
 STRUCTURED = [("string", "word"), ("float", 1.5), ("null", None), ("list", [1]), ("object", {"a": 1}),
-              ("zero", 0), ("negative", -1), ("2**40", 2**40), ("2**64", 2**64), ("removed", REMOVED)]
+              ("zero", 0), ("negative", -1), ("2**31-1", 2**31 - 1), ("2**40", 2**40), ("2**64", 2**64),
+              ("removed", REMOVED)]
 # (changes to make: file name -> new bytes, or None to delete it)
 Changes = dict[str, bytes | None]
 
