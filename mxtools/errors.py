@@ -59,6 +59,6 @@ def reading(path, tensor=None):
         yield
     except (MxError, OSError, MemoryError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # noqa: BLE001 - any other failure while parsing means the file is corrupt
+    except Exception as exc:  # any other failure while parsing means the file is corrupt
         raise FormatError(f"corrupt or unreadable file ({type(exc).__name__}: {exc})", file=path,
                           tensor=tensor) from exc
