@@ -201,7 +201,8 @@ def test_pack_refuses_zero_point_zero():
         gptq_pack.pack(r)
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 3}, {"group_size": 0}, {"group_size": -2}, {"damp": -0.1}])
+@pytest.mark.parametrize("kwargs", [{"bits": 3}, {"group_size": 0}, {"group_size": -2}, {"damp": -0.1},
+                                    {"search": "mse"}])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         QuantConfig(**kwargs)
@@ -220,3 +221,54 @@ def test_mse_search_does_not_increase_weight_error():
     err = lambda r: (r.dequantize() - w).abs().pow(2.4).sum()
     assert err(mse) < err(plain)
     assert torch.equal(mse.scales, mse.scales.half().float())
+
+
+def test_group_aware_order_keeps_groups_whole():
+    """act_group_aware: the loop takes groups by descending largest diag(H) (columns inside by descending
+    diag(H)), but g_idx stays i // g; on outlier columns it beats the natural order."""
+    x, w = _calibration(), _weight()
+    h = _hessian(x)
+    plain = gptq_quantize(w, h, QuantConfig(group_size=64))
+    gar = gptq_quantize(w, h, QuantConfig(group_size=64, act_group_aware=True))
+    assert torch.equal(gar.g_idx, (torch.arange(256) // 64).to(torch.int32))
+    assert objective(w, gar.dequantize(), h) < 0.9 * objective(w, plain.dequantize(), h)
+    # With one group the group-aware order is act-order over the whole row, and g_idx is all zeros.
+    one = gptq_quantize(w, h, QuantConfig(group_size=-1, act_group_aware=True))
+    desc = gptq_quantize(w, h, QuantConfig(group_size=-1, act_order=True))
+    assert torch.equal(one.q, desc.q) and torch.equal(one.scales, desc.scales) and not one.g_idx.any()
+
+
+def test_hessian_search_lowers_the_weighted_rounding_error():
+    """search="hessian" keeps a range factor only when it lowers the weighted squared error (1 included), so
+    RTN's squared error can only drop; inside GPTQ it lowers the loss on outlier-heavy inputs."""
+    w = _weight(out=64)
+    w[:, 0] = 0.5
+    plain, searched = (rtn_quantize(w, QuantConfig(group_size=64, search=s)) for s in ("minmax", "hessian"))
+    err = lambda r: (r.dequantize() - w).square().view(64, 4, 64).sum(2)
+    assert bool((err(searched) <= err(plain) * (1 + 1e-5)).all()) and err(searched).sum() < 0.99 * err(plain).sum()
+    assert torch.equal(searched.scales, searched.scales.half().float())
+    x, w = _calibration(), _weight()
+    h = _hessian(x)
+    g_plain, g_search = (gptq_quantize(w, h, QuantConfig(group_size=64, search=s)) for s in ("minmax", "hessian"))
+    assert g_search.loss < g_plain.loss
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_refit_lowers_the_objective_with_the_codes_kept(act_order):
+    x, w = _calibration(), _weight()
+    h = _hessian(x)
+    base = gptq_quantize(w, h, QuantConfig(group_size=64, act_order=act_order))
+    refit = gptq_quantize(w, h, QuantConfig(group_size=64, act_order=act_order, refit=True))
+    assert torch.equal(refit.q, base.q) and torch.equal(refit.g_idx, base.g_idx)
+    assert torch.equal(refit.scales, refit.scales.half().float()) and bool((refit.scales > 0).all())
+    assert refit.loss < 0.98 * base.loss
+    hd = h.clone()
+    hd.diagonal().add_(refit.damp * float(h.diagonal().mean()))
+    assert refit.loss == pytest.approx(objective(w, refit.dequantize(), hd), rel=1e-6)
+
+
+def test_all_levers_are_deterministic():
+    x, w = _calibration(n=512), _weight(out=64)
+    cfg = QuantConfig(group_size=64, act_group_aware=True, search="hessian", refit=True, damp=0.05)
+    a, b = gptq_quantize(w, _hessian(x), cfg), gptq_quantize(w, _hessian(x), cfg)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales) and a.loss == b.loss

@@ -12,6 +12,12 @@ Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) wit
   zero the whole matrix (every column "dead").
 - When the Cholesky fails, the damping is doubled (from at least 1%) until it succeeds; `QuantResult.damp` reports
   the fraction of mean(diag(H)) actually used.
+
+Quality levers beyond the reference (QuantConfig; their measured effects are in docs/BENCHMARKS.md, issue 12):
+group-aware column order (act_group_aware, as GPTQModel), a range search per group that minimises the rounding
+error weighted by GPTQ's own column costs (search="hessian"), and a least-squares re-fit of each row's group
+scales after the loop, codes kept (refit). The output format is unchanged (GPTQ v1; g_idx stays i // g unless
+act_order).
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal: a scale below it would round to 0
 DAMP_RETRIES = 12  # 0.01 doubled 12 times is ~41x mean(diag(H)): past that H is not a Hessian
 MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # the reference's shrink search settings
+# The weighted search's range factors (1 is the min/max range): shrinking clips outliers, growing past 1 lets the
+# symmetric grid [-8s, 7s] reach a positive maximum.
+SEARCHES = ("minmax", "hessian")  # how a group's range is chosen (the `mse` flag is the reference's search)
+SEARCH_RANGE = tuple(round(1.15 - 0.01 * i, 2) for i in range(46) if i != 15)
 
 
 class GPTQError(MxError):
@@ -37,7 +47,15 @@ class GPTQError(MxError):
 
 @dataclass
 class QuantConfig:
-    """How to quantize: bits, group size (-1 = one group per row), symmetric, act-order, damping, ..."""
+    """How to quantize: bits, group size (-1 = one group per row), symmetric, act-order, damping, ...
+
+    act_order: columns in descending diag(H) order, g_idx not monotone (desc_act). act_group_aware: groups kept
+    whole and taken by descending largest diag(H), columns inside each by descending diag(H) (g_idx stays
+    i // g); ignored with act_order. mse: the reference's |err|^2.4 shrink search of each group's range.
+    search "hessian": each group's range factor chosen to minimise the GPTQ-weighted squared rounding error
+    (weights 1 / Hinv[c, c]^2, the cost GPTQ charges for column c). refit: after the loop, each output row's
+    group scales re-chosen by least squares against tr((W - Q) H (W - Q)^T) with the codes kept.
+    """
 
     bits: int = 4
     group_size: int = 128
@@ -46,6 +64,9 @@ class QuantConfig:
     damp: float = 0.01
     static_groups: bool = False
     mse: bool = False
+    act_group_aware: bool = False
+    search: str = "minmax"
+    refit: bool = False
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -54,6 +75,8 @@ class QuantConfig:
             raise ValueError(f"group_size={self.group_size!r} must be -1 (one group) or a positive integer")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
             raise ValueError(f"damp={self.damp!r} must be a fraction in [0, 1), e.g. 0.01")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search={self.search!r} must be one of {', '.join(SEARCHES)}")
 
     @property
     def maxq(self) -> int:
@@ -148,8 +171,11 @@ def _codes(x, scale, zero, maxq):
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
-def find_params(x: torch.Tensor, cfg: QuantConfig):
-    """Per-row (scale, zero), each [rows] float32, for the columns x [rows, k] of one group."""
+def find_params(x: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None = None):
+    """Per-row (scale, zero), each [rows] float32, for the columns x [rows, k] of one group.
+
+    weight [k]: how much an error in each column costs (GPTQ passes 1 / Hinv[c, c]^2), for the "hessian" search.
+    """
     zero_ = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.amin(1), zero_)  # the range always includes 0
     xmax = torch.maximum(x.amax(1), zero_)
@@ -159,9 +185,28 @@ def find_params(x: torch.Tensor, cfg: QuantConfig):
     empty = (xmin == 0) & (xmax == 0)  # all-zero row: any nonzero scale works, avoid dividing by 0
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    if cfg.search == "hessian":
+        return _weighted_params(x, xmin, xmax, cfg, weight)
     if cfg.mse:
         return _mse_params(x, xmin, xmax, cfg)
     return _range_params(xmin, xmax, cfg)
+
+
+def _weighted_params(x, xmin, xmax, cfg: QuantConfig, weight):
+    """Try ranges p*[xmin, xmax] for p in SEARCH_RANGE, keep the lowest weighted squared error per row."""
+    wt = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    best_scale, best_zero = _range_params(xmin, xmax, cfg)
+    s, z = best_scale[:, None], best_zero[:, None]
+    best = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
+    for p in SEARCH_RANGE:
+        scale, zero = _range_params(p * xmin, p * xmax, cfg)
+        s, z = scale[:, None], zero[:, None]
+        err = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _mse_params(x, xmin, xmax, cfg: QuantConfig):
@@ -226,16 +271,41 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
     # A column that never saw a nonzero input cannot affect the output: drop it, keep H invertible.
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else None
+    perm = _processing_order(torch.diagonal(h), g, cfg)
     static = _static_params(w, g, cfg) if cfg.static_groups else None
+    hp = h if perm is None else h[perm][:, perm]
+    hinv, damp = _inverse_cholesky(hp, cfg.damp)
+    del hp
+    if not cfg.refit:
+        h = None  # only the re-fit needs H after the inverse: free [in, in] floats during the loop
+    base = torch.arange(cols, device=w.device) // g
+    col_group = base if perm is None or (cfg.act_order and static is None) else base[perm]
+    res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp)
+    if cfg.refit:
+        res.scales = _refit_scales(w, h, res, damp)
+        res.loss = objective(w, res.dequantize(), _damped(h, damp))
+    return res
+
+
+def _processing_order(diag: torch.Tensor, g: int, cfg: QuantConfig) -> torch.Tensor | None:
+    """The column order of the loop: None (natural), act-order (descending diag(H)), or group-aware.
+
+    Group-aware (GPTQModel's act_group_aware, after Gafni et al. 2025): groups by descending largest diag(H),
+    each group's columns by descending diag(H); groups stay whole, so g_idx stays i // g.
+    """
+    if cfg.act_order:
+        return torch.argsort(diag, descending=True, stable=True)
+    if not cfg.act_group_aware:
+        return None
+    values, local = torch.sort(diag.view(-1, g), dim=1, descending=True, stable=True)
+    groups = torch.argsort(values[:, 0], descending=True, stable=True)
+    return (local + g * torch.arange(local.shape[0], device=diag.device)[:, None])[groups].reshape(-1)
+
+
+def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp) -> QuantResult:
+    """One GPTQ column loop over w [out, in] in `perm` order; the result in the weight's own column order."""
     # The loop works on W^T [in, out]: each column becomes a contiguous row (2-3x faster updates on CPU).
     wt = (w.T if perm is None else w.T[perm]).contiguous()
-    del w
-    if perm is not None:
-        h = h[perm][:, perm]
-    hinv, damp = _inverse_cholesky(h, cfg.damp)
-    del h
-    col_group = _column_groups(cols, g, perm, static is not None, wt.device)
     codes_t, scales, zeros, loss = _gptq_loop(wt, hinv, cfg, g, col_group, static, blocksize)
     g_idx = col_group
     if perm is not None:  # back to the weight's own column order
@@ -243,6 +313,34 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
         codes_t, g_idx = codes_t[inv], col_group[inv]
     return QuantResult(codes_t.T.contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32), loss, damp,
                        "gptq", cfg)
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    out = h.clone()
+    out.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    return out
+
+
+def _refit_scales(w: torch.Tensor, h: torch.Tensor, res: QuantResult, damp: float) -> torch.Tensor:
+    """Scales [n_groups, out] that minimise tr((W - Q) H_damped (W - Q)^T) with the codes kept: per output row,
+    a least-squares problem in its n_groups scales (normal equations A s = b, A = C^T H C, b = C^T H w)."""
+    hd = _damped(h, damp)
+    gi = res.g_idx.long()
+    n = res.n_groups
+    c = res.q.float() - res.zeros.float()[gi].T  # [out, in]: centred codes, W ~ scale[g_idx] * c
+    onehot = torch.nn.functional.one_hot(gi, n).to(c.dtype)  # [in, n]
+    b = (c * (w @ hd)) @ onehot  # [out, n]
+    a = torch.empty(c.shape[0], n, n, dtype=c.dtype, device=c.device)
+    for k in range(n):
+        cols = (gi == k).nonzero().squeeze(1)
+        a[:, :, k] = (c * (c[:, cols] @ hd[cols])) @ onehot
+    old = res.scales.T  # [out, n]
+    empty = torch.diagonal(a, dim1=1, dim2=2) <= 0  # a group whose codes are all at the zero point
+    a = a + torch.diag_embed(empty.to(a.dtype))
+    b = torch.where(empty, old, b)
+    new = torch.linalg.solve(a, b)
+    ok = torch.isfinite(new) & (new > FP16_TINY) & (new < FP16_MAX)
+    return _fp16_round(torch.where(ok, new, old)).T.contiguous()
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -256,13 +354,6 @@ def _static_params(w, g, cfg):
     """All groups' (scales, zeros) [n_groups, out] from the original weight, in column order."""
     params = [find_params(w[:, c:c + g], cfg) for c in range(0, w.shape[1], g)]
     return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
-
-
-def _column_groups(cols, g, perm, static, device):
-    """Group of each processed (possibly permuted) column position."""
-    if static and perm is not None:  # static groups follow the original column order
-        return perm // g
-    return torch.arange(cols, device=device) // g
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float):
@@ -335,10 +426,11 @@ def _quantize_block(wt, w1, err1, hinv, i1, codes_t, groups: _Groups, cfg):
     hinv1 = hinv[i1:i1 + w1.shape[0], i1:i1 + w1.shape[0]]
     for i in range(w1.shape[0]):
         col = i1 + i
+        k = groups.of_column[col]
         if groups.dynamic and col % groups.size == 0:  # a new group starts: its range from current values
             cur = _current_columns(wt, w1, err1, hinv, i1, i, groups.size)
-            groups.scales[col // groups.size], groups.zeros[col // groups.size] = find_params(cur.T, cfg)
-        k = groups.of_column[col]
+            cost = hinv.diagonal()[col:col + groups.size] ** -2 if cfg.search == "hessian" else None
+            groups.scales[k], groups.zeros[k] = find_params(cur.T, cfg, cost)
         s, z = groups.scales[k], groups.zeros[k]
         x = w1[i]
         code = _codes(x, s, z, cfg.maxq)
