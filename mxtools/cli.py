@@ -213,8 +213,9 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
 @click.option("--method", type=click.Choice(["gptq", "rtn"]))
 @click.option("--group-size", type=int, help="columns per scale; -1 for one group per row (default 128)")
 @click.option("--sym/--asym", default=None, help="symmetric (default; what vLLM's Marlin kernels need) or not")
-@click.option("--act-order", is_flag=True, default=None, help="process columns by decreasing Hessian diagonal")
-@click.option("--damp", type=float, help="damping, a fraction of the mean Hessian diagonal (default 0.01)")
+@click.option("--act-order", is_flag=True, default=None,
+              help="process columns by decreasing Hessian diagonal (g_idx not monotone; default: group-aware order)")
+@click.option("--damp", type=float, help="damping, a fraction of the mean Hessian diagonal (default 0.05)")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="calibration text (default: the bundled calibration text)")
 @click.option("--nsamples", type=int, help="calibration sequences (default 128)")

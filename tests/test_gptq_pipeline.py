@@ -186,9 +186,14 @@ def test_bad_settings_are_refused_up_front():
 
 def test_recipes_load_and_options_override():
     r = load_recipe("gptq-int4-g128")
-    assert {k: r[k] for k in ("bits", "group_size", "sym", "damp", "act_order", "experts", "nsamples", "seqlen")} == \
-        dict(bits=4, group_size=128, sym=True, damp=0.01, act_order=False, experts="routed", nsamples=128, seqlen=2048)
+    assert {k: r[k] for k in ("bits", "group_size", "sym", "damp", "act_order", "act_group_aware", "search", "refit",
+                              "experts", "nsamples", "seqlen")} == \
+        dict(bits=4, group_size=128, sym=True, damp=0.05, act_order=False, act_group_aware=True, search="hessian",
+             refit=True, experts="routed", nsamples=128, seqlen=2048)
+    assert resolve_settings("gptq-int4-g128") == resolve_settings()  # the default recipe is the defaults
     assert load_recipe("gptq-int4-g128-actorder")["act_order"] is True
+    assert QuantConfig(**{k: v for k, v in resolve_settings("gptq-int4-g128-plain").items()
+                          if k in QuantConfig.__dataclass_fields__}) == QuantConfig()  # plain GPTQ as the reference
     assert load_recipe("gptq-int8-g128")["bits"] == 8
     assert load_recipe("rtn-int4-g128")["method"] == "rtn"
     s = resolve_settings("gptq-int8-g128", bits=4, group_size=None, nsamples=16)

@@ -285,6 +285,7 @@ class QuantStream:
         self.report = {
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
+            "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit,
             "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
@@ -420,7 +421,7 @@ def _check_dims(ckpt: Checkpoint, cfg: QuantConfig) -> None:
 # ---------------------------------------------------------------- recipes and the CLI entry point
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-               "static_groups", "mse", "min_tokens")
+               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit")
 
 
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
@@ -467,8 +468,11 @@ def _check_setting(key: str, value, path) -> None:
         raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
 
 
-DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.01, nsamples=128,
-                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None)
+# The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
+# Hessian-weighted range search and the scale re-fit; each lever's measured effect is in docs/BENCHMARKS.md.
+DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
+                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
+                search="hessian", refit=True)
 
 
 def resolve_settings(recipe=None, **given) -> dict:
@@ -498,7 +502,8 @@ def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, grou
                          damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens)
     try:
         cfg = QuantConfig(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], act_order=s["act_order"],
-                          damp=s["damp"], static_groups=s["static_groups"], mse=s["mse"])
+                          damp=s["damp"], static_groups=s["static_groups"], mse=s["mse"],
+                          act_group_aware=s["act_group_aware"], search=s["search"], refit=s["refit"])
     except ValueError as exc:
         raise MxError(str(exc)) from None
     check_output(Path(out), [Path(src)], force)
