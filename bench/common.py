@@ -25,7 +25,8 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", p.stderr).group(1)
     secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
-    return {"wall_s": round(secs, 2), "peak_rss_mb": round(rss)}
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): (\S+)", p.stderr).group(1)) for kind in ("User", "System"))
+    return {"wall_s": round(secs, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss)}
 
 
 def llama_cpp_source() -> Path:

@@ -1,22 +1,24 @@
 """Our GPTQ against GPTQModel's on the bundled tiny Mixtral, same calibration tokens, same evaluation.
 
-Quantizes mxtools/assets/tiny-mixtral three ways: `mxtools quantize` (GPTQ int4 g128 sym, 128 x 2048 tokens of
-calib.txt, experts routed), `mxtools quantize --method rtn` (int4 g128), and GPTQModel (GPTQ int4 g128 sym,
-desc_act False, on CPU, in a child process: importing it patches transformers' Mixtral). GPTQModel is fed the
-very token ids our pipeline calibrates on (mxtools.quant.gptq_pipeline.make_samples: 128 windows of 2047 tokens,
-each after BOS, spread evenly over the tokenized calib.txt), as input_ids + all-ones attention_mask, batch 1.
-Its other settings are its own defaults, recorded in the JSON (damp 0.05 with auto-increment, act_group_aware,
-RTN fallback for a module that got < 0.5% of the calibration tokens); a second GPTQModel run uses our damping
-(0.01) with its group-aware reordering (GAR) off, the like-for-like row. Its outputs are renamed to our tensor
-names (bytes untouched) and every output is checked by `mxtools verify --reference` on eval.txt (every 512-token
-chunk). Writes bench/out/gptqmodel_compare.json and prints a markdown table. About 25 minutes on 2 CPU cores.
+Each row quantizes mxtools/assets/tiny-mixtral once: `mxtools quantize` with its defaults (int4 g128) and at
+int8 and at group size -1, RTN int4 g128, and GPTQModel 7.6 with its own defaults (damp 0.05, act_group_aware)
+at the same three settings (GPTQ sym, desc_act False, on CPU, in a child process: importing it patches
+transformers' Mixtral; at group size -1 with act_group_aware off, which GPTQModel refuses there). GPTQModel is
+fed the very token ids our pipeline calibrates on (mxtools.quant.gptq_pipeline.make_samples: 128 windows of
+2047 tokens, each after BOS, spread evenly over the tokenized calib.txt), as input_ids + all-ones
+attention_mask, batch 1; its settings are recorded in the JSON. Its outputs are renamed to our tensor names
+(bytes untouched) and every output is checked by `mxtools verify` on eval.txt (every 512-token chunk) against
+the bf16 reference's log-probs, saved once (`--save-base`) and reused for every row. Both sides run with
+2 threads. Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be run apart, --rows)
+and the table of all kept rows is written to bench/out/gptqmodel_compare.json.
 
-    python bench/gptqmodel_compare.py [--nsamples N --seqlen L] [--no-matched]   # small N, L: a smoke run
+    python bench/gptqmodel_compare.py [--rows NAME,...] [--nsamples N --seqlen L]   # small N, L: a smoke run
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import re
@@ -45,7 +47,7 @@ torch.set_num_threads(2)
 src, samples, out, info, extra = sys.argv[1:6]
 ids = torch.load(samples)
 calib = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
-qc = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, **json.loads(extra))
+qc = QuantizeConfig(sym=True, desc_act=False, **json.loads(extra))
 model = GPTQModel.load(src, qc, device="cpu", dtype=torch.bfloat16)
 t = time.perf_counter()
 model.quantize(calib, batch_size=1)
@@ -74,7 +76,8 @@ def calibration_samples(nsamples: int, seqlen: int, path: Path) -> dict:
     with open_checkpoint(MODEL) as ckpt:
         tokens = ckpt.tokenizer.encode(CALIB.read_text(encoding="utf-8"), bos=False)
         samples, info = make_samples(tokens, nsamples, seqlen, ckpt.tokenizer.bos_id)
-    torch.save(samples, path)
+    torch.save(samples, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # atomic: a GPTQModel child of another run may be reading it
     return info
 
 
@@ -124,10 +127,20 @@ def our_log(out: Path) -> dict:
     return {"totals": report.get("totals"), "calibration": report.get("calibration")}
 
 
-def verify(cand: Path, json_path: Path) -> dict:
-    """`mxtools verify CAND --reference MODEL` on eval.txt (ctx 512, all chunks); the report, pass or fail."""
+def save_base(base: Path) -> None:
+    """The reference's log-probs on every eval chunk, computed once for all rows (runs in parallel wait for it)."""
+    with open(base.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not base.exists():
+            subprocess.run([PY, "-m", "mxtools.cli", "verify", MODEL, "--text", EVAL, "--device", "cpu",
+                            "--save-base", base], check=True, capture_output=True,
+                           env={**os.environ, **THREADS, "PYTHONPATH": str(ROOT)})
+
+
+def verify(cand: Path, json_path: Path, base: Path) -> dict:
+    """`mxtools verify CAND --base BASE` on eval.txt (ctx 512, all chunks); the report, pass or fail."""
     json_path.unlink(missing_ok=True)
-    p = subprocess.run([PY, "-m", "mxtools.cli", "verify", cand, "--reference", MODEL, "--text", EVAL,
+    p = subprocess.run([PY, "-m", "mxtools.cli", "verify", cand, "--base", base, "--text", EVAL,
                         "--device", "cpu", "--json", json_path], check=False, capture_output=True, text=True,
                        env={**os.environ, **THREADS, "PYTHONPATH": str(ROOT)})
     if not json_path.exists():  # exit 1 with a report is a failed threshold, still a measurement
@@ -137,59 +150,76 @@ def verify(cand: Path, json_path: Path) -> dict:
 
 def row(method: str, report: dict, timing: dict) -> dict:
     return {"method": method, "kld_mean": report.get("kld_mean"), "kld_unc": report["stats"].get("kld_unc"),
-            "ppl": report.get("ppl"), "ppl_ref": report.get("ppl_base"), "ppl_ratio": report.get("ppl_ratio"),
-            "same_top_p": report.get("same_top_p"), "passed": report.get("passed"), **timing}
+            "ppl": report.get("ppl"), "ppl_ratio": report.get("ppl_ratio"), "same_top_p": report.get("same_top_p"),
+            "n_chunks": report.get("meta", {}).get("n_chunks", report.get("n_chunks")), "passed": report.get("passed"),
+            **timing}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | mean KLD | PPL | PPL ratio | same-top-p | quantization wall s |", "|---|---|---|---|---|---|"]
+    lines = ["| method | mean KLD | PPL ratio | same-top-p | quantization wall s |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['kld_mean']:.5f} ± {r['kld_unc']:.5f} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} | "
+        lines.append(f"| {r['method']} | {r['kld_mean']:.5f} ± {r['kld_unc']:.5f} | {r['ppl_ratio']:.4f} | "
                      f"{r['same_top_p']:.4f} | {r['wall_s']} |")
     return "\n".join(lines)
 
 
-# GPTQModel's defaults, then the same with our damping (0.01) and no group-aware reordering: the like-for-like row.
-GPTQMODEL_RUNS = {"GPTQModel GPTQ (its defaults)": ("gptqmodel", {}),
-                  "GPTQModel GPTQ (damp 0.01, GAR off)": ("gptqmodel-matched",
-                                                          {"damp_percent": 0.01, "act_group_aware": False})}
+# Every row: (label, who, settings). Ours: `mxtools quantize` options; GPTQModel: QuantizeConfig overrides.
+ROWS = {
+    "ours-int4-g128": ("mxtools GPTQ int4 g128 (defaults)", "ours", []),
+    "ours-int4-g128-old": ("mxtools GPTQ int4 g128 (old defaults: damp 0.01, natural order, min/max)", "ours",
+                           ["--recipe", "gptq-int4-g128-plain"]),
+    "ours-rtn": ("mxtools RTN int4 g128", "ours", ["--recipe", "rtn-int4-g128"]),
+    "gptqmodel-int4-g128": ("GPTQModel GPTQ int4 g128 (its defaults)", "gptqmodel", {"bits": 4, "group_size": 128}),
+    "ours-int8-g128": ("mxtools GPTQ int8 g128 (defaults)", "ours", ["--bits", "8"]),
+    "gptqmodel-int8-g128": ("GPTQModel GPTQ int8 g128 (its defaults)", "gptqmodel", {"bits": 8, "group_size": 128}),
+    "ours-int4-g-1": ("mxtools GPTQ int4 g-1 (defaults)", "ours", ["--group-size", "-1"]),
+    "gptqmodel-int4-g-1": ("GPTQModel GPTQ int4 g-1 (its defaults, act_group_aware off)", "gptqmodel",
+                           {"bits": 4, "group_size": -1, "act_group_aware": False}),
+}
 
 
-def quantize_all(args) -> tuple[dict, dict]:
-    """Every quantization, timed: {method: (our-layout directory, timing)} and what GPTQModel logged."""
-    calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    runs = {"ours GPTQ": (WORK / "ours-gptq", mxtools_quantize(WORK / "ours-gptq", *calib)),
-            "ours RTN": (WORK / "ours-rtn", mxtools_quantize(WORK / "ours-rtn", "--method", "rtn"))}
-    logs = {"ours GPTQ": our_log(WORK / "ours-gptq")}
-    for method, (name, settings) in list(GPTQMODEL_RUNS.items())[:1 if args.no_matched else None]:
-        raw = WORK / f"{name}-raw"
-        timing = gptqmodel_quantize(WORK / "calib_samples.pt", raw, **settings)
-        timing["tensors"] = to_our_layout(raw, WORK / name)
-        runs[method] = (WORK / name, timing)
-        logs[method] = {**gptqmodel_log(raw), "config": json.loads((raw / "quantize_config.json").read_text())}
-        print(method, timing, flush=True)
-    return runs, logs
+def quantize(name: str, args) -> tuple[Path, dict, dict]:
+    """One row's quantization, timed: (our-layout directory, timing, what the quantizer logged)."""
+    _, who, settings = ROWS[name]
+    if who == "ours":
+        out = WORK / name
+        extra = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)] if "rtn" not in name else []
+        timing = mxtools_quantize(out, *extra, *settings)
+        return out, timing, our_log(out) if "rtn" not in name else {}
+    raw = WORK / f"{name}-raw"
+    timing = gptqmodel_quantize(WORK / "calib_samples.pt", raw, **settings)
+    timing["tensors"] = to_our_layout(raw, WORK / name)
+    log = {**gptqmodel_log(raw), "config": json.loads((raw / "quantize_config.json").read_text())}
+    return WORK / name, timing, log
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--no-matched", action="store_true", help="skip the GPTQModel run with our damping, no GAR")
+    ap.add_argument("--reuse", action="store_true", help="verify a row's kept quantization again, do not redo it")
     args = ap.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    result = {"model": str(MODEL), "eval": str(EVAL),
-              "calibration": calibration_samples(args.nsamples, args.seqlen, WORK / "calib_samples.pt")}
-    runs, result["quantize_logs"] = quantize_all(args)
-    rows = []
-    for method, (path, timing) in runs.items():
-        rows.append(row(method, verify(path, WORK / f"verify-{path.name}.json"), timing))
-        print(rows[-1], flush=True)
-    result["rows"] = rows
-    (OUT / "gptqmodel_compare.json").write_text(json.dumps(result, indent=2, default=str))
+    (WORK / "rows").mkdir(parents=True, exist_ok=True)
+    calibration = calibration_samples(args.nsamples, args.seqlen, WORK / "calib_samples.pt")
+    base = WORK / "eval-base.bin"
+    for name in args.rows.split(","):
+        done = WORK / "rows" / f"{name}-quantize.json"
+        if args.reuse and done.exists():
+            path, timing, log = WORK / name, *json.loads(done.read_text())
+        else:
+            path, timing, log = quantize(name, args)
+            done.write_text(json.dumps([timing, log], default=str))
+        save_base(base)
+        result = {**row(ROWS[name][0], verify(path, WORK / f"verify-{name}.json", base), timing),
+                  "row": name, "quantize_log": log, "calibration": calibration}
+        (WORK / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k != "quantize_log"}, default=str), flush=True)
+    rows = [json.loads((WORK / "rows" / f"{n}.json").read_text()) for n in ROWS
+            if (WORK / "rows" / f"{n}.json").exists()]
+    (OUT / "gptqmodel_compare.json").write_text(json.dumps({"model": str(MODEL), "eval": str(EVAL), "rows": rows},
+                                                           indent=2, default=str))
     print(table(rows))
-    for method, log in result["quantize_logs"].items():
-        print(method, json.dumps({k: v for k, v in log.items() if k != "config"}, default=str))
 
 
 if __name__ == "__main__":
