@@ -11,11 +11,15 @@ after one space, which then plays the part of its dummy prefix; the original Mix
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import random
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 from .errors import MxError
@@ -95,12 +99,53 @@ def _raise(message):
     raise TemplateError(str(message))
 
 
+#: what one rendering may cost: a template is code from the checkpoint's author, and a hostile one can loop for
+#: ever or build huge strings ('{% for i in range(99999) %}{% for j in range(99999) %}x...')
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1 << 20
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _budgeted_environment():
+    """A sandboxed Jinja environment whose calls and arithmetic check the current rendering's deadline."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Budgeted(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+        deadline = float("inf")
+
+        def _check(self):
+            if time.monotonic() > self.deadline:
+                raise _OverBudget(f"takes over {RENDER_SECONDS:g} s")
+
+        def call(self, context, obj, *args, **kwargs):
+            self._check()
+            return super().call(context, obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            self._check()
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise _OverBudget("raises a number to a power over 64")
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
+                    raise _OverBudget(f"builds a value of over {RENDER_CHARS} items")
+            out = super().call_binop(context, operator, left, right)
+            if isinstance(out, (str, list, tuple)) and len(out) > RENDER_CHARS:
+                raise _OverBudget(f"builds a value of over {RENDER_CHARS} items")
+            return out
+
+    return Budgeted
+
+
 @functools.cache
 def _compile(template: str):
     from jinja2 import TemplateError as JinjaError
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _budgeted_environment()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     try:
@@ -123,13 +168,44 @@ def _pieces(sp_model: bytes):
 def render(template: str, messages: list[dict], tok: Tokenizer) -> str:
     from jinja2 import TemplateError as JinjaError
     sp = _pieces(tok.sp_model)[0]
+    compiled = _compile(template)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=False,
-                                         bos_token=sp.id_to_piece(tok.bos_id), eos_token=sp.id_to_piece(tok.eos_id),
-                                         unk_token=sp.id_to_piece(tok.unk_id))
+        with _deadline(compiled.environment):
+            out, size = [], 0
+            for piece in compiled.generate(messages=messages, add_generation_prompt=False,
+                                           bos_token=sp.id_to_piece(tok.bos_id), eos_token=sp.id_to_piece(tok.eos_id),
+                                           unk_token=sp.id_to_piece(tok.unk_id)):
+                size += len(piece)
+                if size > RENDER_CHARS:
+                    raise _OverBudget(f"renders over {RENDER_CHARS} characters")
+                out.append(piece)
+                compiled.environment._check()
+            return "".join(out)
+    except _OverBudget as exc:
+        raise TemplateError(f"chat template rejected: it {exc}") from None
     except (JinjaError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError,
             MemoryError) as exc:  # what a template does wrong: '[INST] ' + None, range(10**9), a macro calling itself
         raise TemplateError(f"chat template fails to render: {exc}") from None
+
+
+@contextlib.contextmanager
+def _deadline(env):
+    """Arm the environment's deadline; in the main thread also a timer signal, which stops loops that call
+    nothing (the environment's checks only run on calls, arithmetic and output)."""
+    env.deadline = time.monotonic() + RENDER_SECONDS
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        def expired(signum, frame):
+            raise _OverBudget(f"takes over {RENDER_SECONDS:g} s")
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS + 0.5)
+    try:
+        yield
+    finally:
+        env.deadline = float("inf")
+        if main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def tokenize_rendered(text: str, tok: Tokenizer) -> list[int]:

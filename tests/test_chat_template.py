@@ -206,3 +206,20 @@ def test_inspect_reports_a_broken_template_as_a_difference(instruct_src, tmp_pat
     code, out, err = run("inspect", src)
     assert (code, err) == (0, "")
     assert f"  chat template: differs from mistral-common at conversation 'single user turn': {error}" in out
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "renders over"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "takes over"),
+    ("{{ 'x' * 1000000000 }}", "builds a value of over"),
+    ("{% for c in 'ab' * 100000000 %}{% endfor %}", "builds a value of over"),
+    ("{{ 2 ** 100000000 }}", "raises a number to a power over 64")])
+def test_hostile_templates_are_stopped_within_the_budget(template, error):
+    """A template is code from the checkpoint's author: one that loops for ever or builds huge values is refused
+    within the render budget (time and size), never a hang."""
+    import time
+    tok = chat.Tokenizer.default()
+    t0 = time.monotonic()
+    with pytest.raises(chat.TemplateError, match=error):
+        chat.render(template, [{"role": "user", "content": "hi"}], tok)
+    assert time.monotonic() - t0 < chat.RENDER_SECONDS + 5
