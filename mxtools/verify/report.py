@@ -18,9 +18,14 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | q5_k_m     | 1.015         | 0.022        | 0.93           | 0.2             | 0.08        |
 | q4_k_m     | 1.05          | 0.06         | 0.90           | 0.4             | 0.12        |
 | q4_0       | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
+| q3_k_m     | 1.15          | 0.2          | 0.80           | 0.6             | 0.18        |
+| q2_k       | 1.5           | 0.6          | 0.65           | 0.9             | 0.3         |
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
-Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0.
+Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0,
+q3_k_l -> q3_k_m, q3_k_s -> q2_k. The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
+on the bundled model (plain q3_k_m 3.4x, q2_k 15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a
+broken artifact.
 
 Thresholds and noise. ppl_ratio, kld_mean and same_top_p are means over the scored tokens, and the report
 carries each one's standard error (`ppl_ratio_unc`, `kld_unc`, `same_top_p_unc` in `stats`, llama.cpp's
@@ -47,11 +52,14 @@ _ROWS = {
     "q5_k_m": (1.015, 0.022, 0.93, 0.2, 0.08),
     "q4_k_m": (1.05, 0.06, 0.90, 0.4, 0.12),
     "q4_0": (1.05, 0.07, 0.88, 0.4, 0.12),
+    "q3_k_m": (1.15, 0.2, 0.80, 0.6, 0.18),
+    "q2_k": (1.5, 0.6, 0.65, 0.9, 0.3),
     "gptq-int4": (1.05, 0.07, 0.88, 0.4, 0.12),
     "gptq-int8": (1.005, 0.003, 0.97, 0.05, 0.03),  # as q8_0: 8-bit codes, per-group scales
 }
 DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
+           "q3_k_l": "q3_k_m", "q3_k_s": "q2_k",
            "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
 FALLBACK = "q4_0"
 
