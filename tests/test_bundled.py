@@ -49,4 +49,6 @@ def test_imatrix_q4_k_m_beats_plain_q4_k_m(tmp_path, calib_part):
     weighted = kld(convert(MODEL, "gguf", tmp_path / "imat.gguf", "q4_k_m", imatrix_path=imat))
     print(f"Q4_K_M mean KLD: plain {plain['kld_mean']:.5f}, with imatrix {weighted['kld_mean']:.5f}")
     assert plain["passed"] and weighted["passed"]
+    # margin: per token, plain minus weighted KLD averaged 4.2e-4 with a paired standard error of 1.1e-4 (3.9
+    # standard errors; 2040 tokens, measured 2026-12-01), while each mean's own error is ~8e-4
     assert weighted["kld_mean"] < plain["kld_mean"]
