@@ -1,0 +1,161 @@
+"""GPTQ on llama.cpp's block grids against llama.cpp's own quantization, on the bundled tiny Mixtral.
+
+For each mix: plain (`convert --outtype MIX`), imatrix (`convert --outtype MIX --imatrix`, the imatrix from the
+calibration text) and GPTQ (`quantize --to gguf --outtype MIX`, the same calibration text). Each file runs in
+llama.cpp (llama-cpp-python, f32 KV cache) over the held-out eval text beside the bf16 GGUF as reference, in
+chunks of CTX tokens (BOS first), scoring the second half of each chunk as llama-perplexity does: mean KL
+divergence to the reference (with its standard error over chunks), perplexity ratio, same top token, bits per
+weight. Prints one JSON line per file and a Markdown table; writes bench/out/gguf_gptq.json.
+
+    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64]
+
+`--speed TYPES` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2 4096 x 14336;
+random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type beside the int4 g128 GPTQ core,
+wall and process CPU seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import OUT
+
+from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.convert import convert
+from mxtools.io.files import RawFile
+from mxtools.io.gguf_reader import read_header
+from mxtools.quant.gguf_quantize import run_quantize_gguf
+from mxtools.quant.imatrix import imatrix_from_text
+from mxtools.tokenizer import Tokenizer
+
+CTX, THREADS = 512, 2
+
+
+def llama(path):
+    from llama_cpp import Llama
+    return Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, type_k=0, type_v=0,
+                 n_threads=THREADS, verbose=False)
+
+
+def logprobs(llm, chunk: list[int]) -> torch.Tensor:
+    llm.reset()
+    llm.eval(chunk)
+    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[:CTX], dtype=np.float32)).double(), -1)
+
+
+def bits_per_weight(path) -> float:
+    raw = RawFile(path)
+    try:
+        _, infos = read_header(raw)
+    finally:
+        raw.close()
+    return 8 * sum(t.nbytes for t in infos) / sum(int(np.prod(t.shape)) for t in infos)
+
+
+def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
+    """name -> metrics of each file against the reference, on the same chunks."""
+    ref, models = llama(ref_path), {k: llama(p) for k, p in files.items()}
+    acc = {k: {"kld": [], "nll": [], "same": 0, "n": 0} for k in files}
+    ref_nll, half = [], CTX // 2
+    body = CTX - 1
+    for c in range(min(chunks, len(tokens) // body)):
+        chunk = [1] + tokens[c * body:(c + 1) * body]
+        targets = torch.tensor(chunk[half + 1:])
+        p = logprobs(ref, chunk)[half:-1]
+        ref_nll.append(float(-p.gather(1, targets[:, None]).sum()))
+        for k, llm in models.items():
+            q = logprobs(llm, chunk)[half:-1]
+            a = acc[k]
+            a["kld"].append(float((p.exp() * (p - q)).sum(-1).mean()))
+            a["nll"].append(float(-q.gather(1, targets[:, None]).sum()))
+            a["same"] += int((p.argmax(-1) == q.argmax(-1)).sum())
+            a["n"] += len(targets)
+    for llm in (ref, *models.values()):
+        llm.close()
+    out = {}
+    for k, a in acc.items():
+        kld = np.array(a["kld"])
+        out[k] = {"kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / np.sqrt(len(kld))),
+                  "ppl_ratio": float(np.exp((sum(a["nll"]) - sum(ref_nll)) / a["n"])),
+                  "same_top": a["same"] / a["n"], "bpw": bits_per_weight(files[k]), "chunks": len(kld)}
+    return out
+
+
+def speed(types: list[str], tokens: int = 2048) -> dict:
+    from gguf import GGMLQuantizationType as Q
+
+    from mxtools.quant.gguf_gptq import quantize_matrix
+    from mxtools.quant.gptq import Hessian, QuantConfig, gptq_quantize
+    rows = {}
+    for name, (out, inp) in {"w1": (14336, 4096), "w2": (4096, 14336)}.items():
+        gen = torch.Generator().manual_seed(0)
+        w = 0.02 * torch.randn(out, inp, generator=gen)
+        hs = Hessian(inp)
+        hs.add(torch.randn(tokens, inp, generator=gen))
+        h = hs.matrix()
+        runs = {"int4 g128": lambda w=w, h=h: gptq_quantize(w, h, QuantConfig())}
+        runs.update({t: (lambda t=t, w=w, h=h: quantize_matrix(w, Q[t.upper()], h)) for t in types})
+        for label, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            rows[f"{name} {label}"] = {"wall_s": round(time.perf_counter() - t0, 1),
+                                       "cpu_s": round(time.process_time() - c0, 1)}
+            print(json.dumps({f"{name} {label}": rows[f"{name} {label}"]}), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--speed", help="time full-size expert matrices on these GGML types (e.g. q4_k,q6_k)")
+    ap.add_argument("--mixes", default="q2_k,q3_k_m,q4_k_m,q5_k_m,q6_k")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--damp", type=float, default=None)
+    ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.speed:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "gguf_gptq_speed.json").write_text(json.dumps(speed(args.speed.split(",")), indent=1))
+        return
+    out = OUT / "gguf_gptq"
+    out.mkdir(parents=True, exist_ok=True)
+    ref = convert(MODEL, "gguf", out / "bf16.gguf", "bf16", force=True)
+    imat = imatrix_from_text(MODEL, CALIB, out / "imatrix.gguf", ctx=args.seqlen, chunks=args.nsamples,
+                             device="cpu", force=True)
+    files, times = {}, {}
+    for mix in args.mixes.split(","):
+        files[f"{mix} plain"] = convert(MODEL, "gguf", out / f"{mix}-plain.gguf", mix, force=True)
+        files[f"{mix} imatrix"] = convert(MODEL, "gguf", out / f"{mix}-imatrix.gguf", mix, force=True,
+                                          imatrix_path=imat)
+        runs = [("gptq", None)] + ([("gptq+imatrix", imat)] if args.gptq_imatrix else [])
+        for label, im in runs:
+            t = time.time()
+            report = run_quantize_gguf(MODEL, out / f"{mix}-{label}.gguf", mix, calib_text_path=CALIB,
+                                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
+                                       imatrix_path=im, device="cpu", force=True)
+            times[f"{mix} {label}"] = {"wall_s": round(time.time() - t, 1), "layers_s": report["timings"]["layers_s"],
+                                       "fallbacks": len(report["totals"]["fallbacks"])}
+            files[f"{mix} {label}"] = out / f"{mix}-{label}.gguf"
+            print(json.dumps({f"{mix} {label}": times[f"{mix} {label}"]}), flush=True)
+    tokens = Tokenizer.default().encode(EVAL.read_text(encoding="utf-8"), bos=False)
+    res = evaluate(files, ref, tokens, args.chunks)
+    for k, r in res.items():
+        print(json.dumps({k: r}), flush=True)
+    print("| mix | method | mean KLD (± s.e.) | PPL ratio | same top | bits/weight |\n|---|---|---|---|---|---|")
+    for k, r in res.items():
+        mix, method = k.split(" ", 1)
+        print(f"| {mix} | {method} | {r['kld_mean']:.5f} ± {r['kld_se']:.5f} | {r['ppl_ratio']:.4f} | "
+              f"{r['same_top']:.4f} | {r['bpw']:.3f} |")
+    settings = {k: v for k, v in vars(args).items()} | {"ctx": CTX, "calib": CALIB.name, "eval": EVAL.name}
+    Path(OUT / "gguf_gptq.json").write_text(json.dumps({"settings": settings, "results": res, "times": times},
+                                                       indent=1))
+
+
+if __name__ == "__main__":
+    main()
