@@ -157,3 +157,13 @@ def test_cli_quantize_to_gguf(model, tmp_path):
         r = CliRunner().invoke(main, ["quantize", str(model["hf"]), "--to", "gguf", *args, "-o", str(bad)])
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
         assert not bad.exists()
+
+
+def test_starved_matrices_fall_back_to_llama_cpps_rounding(model, tmp_path):
+    """Below min_tokens every matrix (experts, attention, output) is rounded as llama.cpp rounds it, reported."""
+    ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q4_k_m")
+    report = run_quantize_gguf(model["hf"], tmp_path / "starved.gguf", "q4_k_m", nsamples=4, seqlen=64,
+                               min_tokens=10 ** 6)
+    assert gguf_tensors(tmp_path / "starved.gguf")[1] == gguf_tensors(ref)[1]
+    t = report["totals"]
+    assert t["gptq"] == 0 and len(t["fallbacks"]) == t["linears"] > 0 and "fallback" in report["output"]
