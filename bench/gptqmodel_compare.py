@@ -168,6 +168,8 @@ ROWS = {
     "ours-int4-g128": ("mxtools GPTQ int4 g128 (defaults)", "ours", []),
     "ours-int4-g128-old": ("mxtools GPTQ int4 g128 (old defaults: damp 0.01, natural order, min/max)", "ours",
                            ["--recipe", "gptq-int4-g128-plain"]),
+    "ours-int4-g128-actorder": ("mxtools GPTQ int4 g128 (the defaults with act-order)", "ours",
+                                ["--recipe", "gptq-int4-g128-actorder"]),
     "ours-rtn": ("mxtools RTN int4 g128", "ours", ["--recipe", "rtn-int4-g128"]),
     "gptqmodel-int4-g128": ("GPTQModel GPTQ int4 g128 (its defaults)", "gptqmodel", {"bits": 4, "group_size": 128}),
     "ours-int8-g128": ("mxtools GPTQ int8 g128 (defaults)", "ours", ["--bits", "8"]),
