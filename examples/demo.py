@@ -44,10 +44,12 @@ def main(argv=None) -> int:
         write_checkpoint(synth_checkpoint(synth_spec("tiny")), "hf", args.out / "model", "bf16", force=True)
         (args.out / "eval.txt").write_text(EVAL.read_text())
     ref = args.out / "model"
+    base = args.out / "reference.base"  # the reference's log-probs, computed with the first artifact and reused
     rows = []
-    for layout, outtype, name in ARTIFACTS:
+    for i, (layout, outtype, name) in enumerate(ARTIFACTS):
         out = make(ref, layout, outtype, args.out / name)
-        r = run_verify(out, ref, text=args.out / "eval.txt", ctx=512, chunks=args.chunks)
+        against = dict(reference=ref, save_base=base) if i == 0 else dict(base=base)
+        r = run_verify(out, text=args.out / "eval.txt", ctx=512, chunks=args.chunks, **against)
         rows.append((name, size(out), r))
         print(f"verified {name}: {'PASSED' if r['passed'] else 'FAILED ' + ', '.join(r['failures'])}",
               file=sys.stderr)
