@@ -36,6 +36,7 @@ test: $(JUDGES)
 	$(PY) -m pytest -q
 
 bench: $(JUDGES)
+	$(PY) -m pip install -q atheris==3.0.0  # the coverage-guided half of bench/fuzz.py
 	$(PY) -m pytest -q -m slow
 	$(PY) bench/run.py
 
@@ -43,6 +44,7 @@ gpu-check:  # uses the machine's CUDA PyTorch, not the CPU venv
 	bash bench/gpu_check.sh
 
 lint: $(JUDGES)
+	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check mxtools tests bench examples
 
 clean:
