@@ -243,7 +243,8 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
         progress(f"reference log-probabilities of {model}")
         base = scratch / "base.logprobs"
         _verify(job, job.model, None, save_base=base)
-        rows = [_candidate(job, fmt, base, param_counts(spec), progress, keep is not None) for fmt in chosen]
+        counts = param_counts(spec)
+        rows = [_candidate(job, fmt, base, counts, progress, keep is not None) for fmt in chosen]
     finally:
         if keep is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 from .files import RawFile
+from .gguf_writer import tensor_nbytes
 
 _NP = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
        GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
@@ -148,12 +149,15 @@ def _info(c: _Cursor) -> TensorInfo:
     code, offset = c.unpack("<I"), c.unpack("<Q")
     try:
         qtype = GGMLQuantizationType(code)
-        block, size = GGML_QUANT_SIZES[qtype]
+        GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         c.fail(f"unknown tensor type id {code}", tensor=name)
-    if dims[0] % block:
-        c.fail(f"row length {dims[0]} is not a multiple of {qtype.name}'s block of {block}", tensor=name)
-    return TensorInfo(name, tuple(reversed(dims)), qtype, offset, math.prod(dims) // block * size)
+    shape = tuple(reversed(dims))
+    try:
+        nbytes = tensor_nbytes(shape, qtype)
+    except OutputError as exc:  # the writer's check of the same rule: here it is the input that breaks it
+        c.fail(exc.message, tensor=name)
+    return TensorInfo(name, shape, qtype, offset, nbytes)
 
 
 def _place(c: _Cursor, infos: list[TensorInfo], start: int, align: int) -> list[TensorInfo]:

@@ -270,7 +270,7 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
     src = Path(ckpt.path)
     raw, opened = hf.read_tensors(hf.shard_files(src), NameTable({}))
     try:
-        source_naming = naming_of(raw)
+        source_naming = ckpt.info["tensor_names"]  # read() named it from the same keys
         stored = {canonical_name(k, source_naming): t for k, t in raw.items()}
         order = list(_stored_order(ckpt.spec, stored))
         left = sorted(set(stored) - set(order))

@@ -174,16 +174,18 @@ def run_quantize_gguf(src, out, outtype: str, method=None, calib_text_path=None,
                          min_tokens=min_tokens)
     method, nsamples, seqlen, experts, damp, min_tokens = (s[k] for k in ("method", "nsamples", "seqlen", "experts",
                                                                           "damp", "min_tokens"))
-    if not (0 <= damp < 1):
-        raise MxError(f"--damp {damp} must be a fraction in [0, 1), e.g. 0.01")
+    try:
+        cfg = QuantConfig(damp=damp)  # its checks are the option's
+    except ValueError as exc:
+        raise MxError(str(exc)) from None
     calib = Path(calib_text_path or CALIB)
     with open_checkpoint(src) as ckpt:
         raw = read_imatrix(imatrix_path) if imatrix_path else None
         opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
         tokens = _calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
-        stream = quantize_checkpoint(ckpt, tokens, QuantConfig(damp=damp), method, experts, nsamples, seqlen,
-                                     device, min_tokens, quantizer=hook)
+        stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, nsamples, seqlen, device, min_tokens,
+                                     progress=progress, quantizer=hook)
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
