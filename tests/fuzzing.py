@@ -179,7 +179,8 @@ def run_isolated(argv: list, timeout: float = TIMEOUT_S, mem_limit: int = MEM_LI
         res = json.loads(payload or b"{}")
     except ValueError:
         res = {}
-    return Outcome(argv, res.get("code", os.WEXITSTATUS(status)), res.get("stderr", ""), peak_rss_mb=rss,
+    # no result from the child (it died before reporting) is a failure, never a clean exit
+    return Outcome(argv, res.get("code", 3), res.get("stderr", "child reported nothing"), peak_rss_mb=rss,
                    traceback=res.get("traceback", ""))
 
 
@@ -202,7 +203,8 @@ def _child(argv: list, wfd: int, mem_limit: int) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which judges it
         stderr = f"{type(exc).__name__}: {exc}"
     try:
-        os.write(wfd, json.dumps({"code": code, "stderr": stderr, "traceback": tb}).encode())
+        # short enough for the pipe's buffer: the parent reads only after the child has exited
+        os.write(wfd, json.dumps({"code": code, "stderr": stderr[-4000:], "traceback": tb[-4000:]}).encode())
     finally:
         os._exit(0)
 

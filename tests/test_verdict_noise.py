@@ -31,3 +31,17 @@ def test_a_limit_fails_only_beyond_two_standard_errors(key, unc_key, limit, sign
     assert verdict(key, edge, unc_key, unc) == []
     assert verdict(key, edge + sign * unc / 8, unc_key, unc) == [limit]
     assert verdict(key, INT8[limit] + sign * unc / 8, unc_key, 0.0) == [limit]  # no uncertainty: the bare limit
+
+
+@pytest.mark.parametrize(("key", "unc_key", "limit"), [
+    ("ppl_ratio", "ppl_ratio_unc", "max_ppl_ratio"), ("kld_mean", "kld_unc", "max_kld_mean"),
+    ("same_top_p", "same_top_p_unc", "min_same_top_p")])
+def test_non_finite_statistics_or_uncertainties_never_pass(key, unc_key, limit):
+    """A NaN compares false with everything: without care, a NaN statistic (or a NaN standard error, as one scored
+    token gives) would pass every limit."""
+    inside = INT8[limit] + (0.0 if key != "same_top_p" else 0.001)
+    assert verdict(key, math.nan, unc_key, 0.001) == [limit]
+    assert verdict(key, math.inf if key != "same_top_p" else -math.inf, unc_key, 0.001) == [limit]
+    far = INT8[limit] * (1.5 if key != "same_top_p" else 0.5)
+    assert verdict(key, far, unc_key, math.nan) == [limit]  # a NaN error bar gives no margin
+    assert verdict(key, inside, unc_key, math.nan) == []

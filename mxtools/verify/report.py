@@ -40,6 +40,8 @@ tokens and are compared as they are.
 """
 from __future__ import annotations
 
+import math
+
 from ..tensors import Checkpoint
 
 _COLS = ("max_ppl_ratio", "max_kld_mean", "min_same_top_p", "max_layer_error", "max_routing")
@@ -118,7 +120,11 @@ def check(report: dict, thresholds: dict) -> list[str]:
     t = thresholds
     stats = report.get("stats") or {}
     for key, limit, unc, sign in _TOKEN_MEANS:
-        if report.get(key) is not None and sign * (report[key] - t[limit]) > NOISE_SIGMAS * (stats.get(unc) or 0.0):
+        if report.get(key) is None:
+            continue
+        value, noise = report[key], stats.get(unc) or 0.0
+        if not math.isfinite(value) or sign * (value - t[limit]) > NOISE_SIGMAS * (noise if math.isfinite(noise)
+                                                                                    else 0.0):
             fails.append(limit)
     if report.get("embed_error") is not None and report["embed_error"] > t["max_layer_error"]:
         fails.append("embed_error")
