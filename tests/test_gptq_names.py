@@ -83,6 +83,13 @@ def test_inspect_and_verify_read_the_transformers_names(quantized):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["layout"] == "gptq" and report["info"]["tensor_names"] == "transformers" and not report["problems"]
+    # verify reads them too: against the same weights under vLLM's names, every statistic is exact
+    r = runner.invoke(main, ["verify", str(quantized / "transformers"), "--reference", str(quantized / "vllm"),
+                             "--ctx", "64", "--chunks", "2", "--device", "cpu", "--json",
+                             str(quantized.parent / "verify.json")])
+    assert r.exit_code == 0, r.output
+    verdict = json.loads((quantized.parent / "verify.json").read_text())
+    assert verdict["kld_mean"] == 0 and verdict["same_top_p"] == 1 and verdict["ppl_ratio"] == 1
 
 
 @pytest.mark.parametrize("names,other", [("transformers", "vllm"), ("vllm", "transformers")])
