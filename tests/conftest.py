@@ -1,11 +1,14 @@
 """Shared fixtures: small synthetic Mixtrals written through the project's own writers."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mxtools.convert import write_checkpoint
 from mxtools.synth import synth_checkpoint, synth_spec
@@ -32,6 +35,31 @@ def text_head(tmp_path_factory, source: Path, chars: int) -> Path:
     path = tmp_path_factory.mktemp("text") / source.name
     path.write_text(source.read_text(encoding="utf-8")[:chars], encoding="utf-8")
     return path
+
+
+def write_concat(mistral_dir: Path, dst: Path, spec) -> Path:
+    """transformers' old converter input: experts stacked on rows (w2 blocks transposed), router under
+    block_sparse_moe, params.json in the HF spelling, two .pt files."""
+    dst.mkdir()
+    shutil.copy(mistral_dir / "tokenizer.model", dst / "tokenizer.model")
+    sd = load_file(mistral_dir / "consolidated.safetensors")
+    out = {}
+    for key, w in sd.items():
+        if ".feed_forward.experts." not in key:
+            out[key.replace(".feed_forward.gate.", ".block_sparse_moe.gate.")] = w
+    for i in range(spec.n_layers):
+        for k in ("w1", "w2", "w3"):
+            blocks = [sd[f"layers.{i}.feed_forward.experts.{e}.{k}.weight"] for e in range(spec.n_experts)]
+            out[f"layers.{i}.block_sparse_moe.{k}"] = torch.cat([b.t() if k == "w2" else b for b in blocks])
+    keys = sorted(out)
+    for part in range(2):
+        torch.save({k: out[k].contiguous() for k in keys[part::2]}, dst / f"consolidated.0{part}.pt")
+    (dst / "params.json").write_text(json.dumps({
+        "hidden_size": spec.dim, "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+        "num_key_value_heads": spec.n_kv_heads, "intermediate_size": spec.hidden_dim, "rms_norm_eps": 1e-5,
+        "vocab_size": spec.vocab_size, "rope_theta": 1e6, "num_local_experts": spec.n_experts,
+        "num_experts_per_tok": spec.n_experts_per_tok}))
+    return dst
 
 
 @pytest.fixture(scope="session")

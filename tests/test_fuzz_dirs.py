@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_spec
+from conftest import small_spec, write_concat
 from fuzzing import mutate, run_isolated
 from safetensors.torch import load_file, save_file
 
@@ -57,7 +57,7 @@ def build_sources(root: Path) -> dict[str, Path]:
     out = {"hf": write_checkpoint(ck, "hf", root / "hf", "bf16", shard_bytes=400_000),
            "mistral": write_checkpoint(ck, "mistral", root / "mistral", "bf16")}
     out["mistral-pth"] = _pth(out["mistral"], root / "mistral-pth")
-    out["concat"] = _concat(out["mistral"], root / "concat")
+    out["concat"] = write_concat(out["mistral"], root / "concat", _spec())
     out["paddle"] = _paddle(out["hf"], root / "paddle")
     gptq_spec = _spec(dim=128, hidden_dim=256, head_dim=32)
     out["gptq"] = write_checkpoint(synth_checkpoint(gptq_spec, 0, torch.float16), "gptq", root / "gptq", "f16")
@@ -75,31 +75,6 @@ def _pth(mistral_dir: Path, dst: Path) -> Path:
     """The Mistral release's .pth spelling: the same tensors in one torch zip pickle."""
     _copy_small_files(mistral_dir, dst, lambda f: f.suffix == ".safetensors")
     torch.save(load_file(mistral_dir / "consolidated.safetensors"), dst / "consolidated.00.pth")
-    return dst
-
-
-def _concat(mistral_dir: Path, dst: Path) -> Path:
-    """transformers' old converter input: experts stacked on rows (w2 blocks transposed), router under
-    block_sparse_moe, params.json in the HF spelling, two .pt files."""
-    dst.mkdir()
-    shutil.copy(mistral_dir / "tokenizer.model", dst / "tokenizer.model")
-    sd, spec = load_file(mistral_dir / "consolidated.safetensors"), _spec()
-    out = {}
-    for key, w in sd.items():
-        if ".feed_forward.experts." not in key:
-            out[key.replace(".feed_forward.gate.", ".block_sparse_moe.gate.")] = w
-    for i in range(spec.n_layers):
-        for k in ("w1", "w2", "w3"):
-            blocks = [sd[f"layers.{i}.feed_forward.experts.{e}.{k}.weight"] for e in range(spec.n_experts)]
-            out[f"layers.{i}.block_sparse_moe.{k}"] = torch.cat([b.t() if k == "w2" else b for b in blocks])
-    keys = sorted(out)
-    for part in range(2):
-        torch.save({k: out[k].contiguous() for k in keys[part::2]}, dst / f"consolidated.0{part}.pt")
-    (dst / "params.json").write_text(json.dumps({
-        "hidden_size": spec.dim, "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-        "num_key_value_heads": spec.n_kv_heads, "intermediate_size": spec.hidden_dim, "rms_norm_eps": 1e-5,
-        "vocab_size": spec.vocab_size, "rope_theta": 1e6, "num_local_experts": spec.n_experts,
-        "num_experts_per_tok": spec.n_experts_per_tok}))
     return dst
 
 

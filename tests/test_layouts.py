@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import small_spec
+from conftest import small_spec, write_concat
 from safetensors.torch import save_file
 
 from mxtools import names
@@ -72,30 +72,9 @@ def test_mistral_pth(tmp_path, ref, synth_dir):
     assert_matches(src, ref, "mistral")
 
 
-def test_mistral_concatenated_experts_variant(tmp_path, ref):
+def test_mistral_concatenated_experts_variant(tmp_path, ref, synth_dir):
     """transformers' old converter input: experts stacked on rows, w2 blocks transposed, several .pt files."""
-    src = tmp_path / "concat"
-    src.mkdir()
-    sd = {}
-    for n, w in ref.items():
-        kind, i, e = names.parse(n)
-        if e is not None:
-            continue
-        heads = mistral.rope_heads(kind.key, SPEC)
-        sd[mistral.CONCAT_TABLE.to_layout(n)[0]] = torch.from_numpy(meta_permute(w.numpy(), heads)) if heads else w
-    for i in range(SPEC.n_layers):
-        for k in ("w1", "w2", "w3"):
-            blocks = [ref[f"model.layers.{i}.block_sparse_moe.experts.{e}.{k}.weight"] for e in range(SPEC.n_experts)]
-            sd[f"layers.{i}.block_sparse_moe.{k}"] = torch.cat([b.t() if k == "w2" else b for b in blocks])
-    keys = sorted(sd)
-    for part in range(2):
-        torch.save({k: sd[k] for k in keys[part::2]}, src / f"consolidated.0{part}.pt")
-    (src / "params.json").write_text(json.dumps({
-        "hidden_size": SPEC.dim, "num_hidden_layers": SPEC.n_layers, "num_attention_heads": SPEC.n_heads,
-        "num_key_value_heads": SPEC.n_kv_heads, "intermediate_size": SPEC.hidden_dim, "rms_norm_eps": 1e-5,
-        "vocab_size": SPEC.vocab_size, "rope_theta": 1e6, "num_local_experts": SPEC.n_experts,
-        "num_experts_per_tok": SPEC.n_experts_per_tok}))
-    assert_matches(src, ref, "mistral-concat")
+    assert_matches(write_concat(synth_dir("mistral", "f32"), tmp_path / "concat", SPEC), ref, "mistral-concat")
 
 
 def test_paddle(tmp_path, ref, synth_dir):
