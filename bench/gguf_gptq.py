@@ -26,10 +26,10 @@ from common import OUT
 
 from mxtools.bundled import CALIB, EVAL, MODEL
 from mxtools.convert import convert
+from mxtools.imatrix_cli import imatrix_from_text
 from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
-from mxtools.quant.gguf_quantize import run_quantize_gguf
-from mxtools.quant.imatrix import imatrix_from_text
+from mxtools.quantize import run_quantize_gguf
 from mxtools.tokenizer import Tokenizer
 
 CTX, THREADS = 512, 2

@@ -137,7 +137,7 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
 
 @step("gptq_8x7b_layer")
 def gptq_layer(path: Path, root: Path):
-    from mxtools.quant.gptq_pipeline import run_quantize
+    from mxtools.quantize import run_quantize
     calib = root / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()

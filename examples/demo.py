@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mxtools.bundled import CALIB, EVAL, MODEL, write_example
 from mxtools.convert import convert, write_checkpoint
-from mxtools.quant.gptq_pipeline import run_quantize
+from mxtools.quantize import run_quantize
 from mxtools.synth import synth_checkpoint, synth_spec
 from mxtools.verify_cli import run_verify
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from . import convert as conv
+from .compare import DEFAULT_FORMATS
 from .errors import MxError
 from .layouts import open_checkpoint, writable
-from .compare import DEFAULT_FORMATS
 from .layouts.gptq import NAMINGS
 
 
@@ -195,7 +195,7 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
     """Importance matrix (mean squared input activation per column, per expert over its routed tokens), in the
     GGUF imatrix format current llama.cpp reads."""
     from .bundled import CALIB
-    from .quant.imatrix import imatrix_from_text
+    from .imatrix_cli import imatrix_from_text
     imatrix_from_text(model_path, text or CALIB, out, ctx=ctx, chunks=chunks, device=device, force=force)
     click.echo(f"wrote {out}")
 
@@ -243,7 +243,7 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
     if outtype or imatrix:
         raise MxError("--outtype and --imatrix apply to --to gguf")
     from .bundled import CALIB
-    from .quant.gptq_pipeline import run_quantize, summary
+    from .quantize import run_quantize, summary
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
                                      experts=experts, min_tokens=min_tokens).items() if v is not None}
@@ -278,7 +278,7 @@ def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device)
 
 def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens, device, out,
                    force, **int_only):
-    from .quant.gguf_quantize import run_quantize_gguf, summary
+    from .quantize import run_quantize_gguf, summary
     given = sorted(k.replace("_", "-") for k, v in int_only.items() if v is not None)
     if given:
         raise MxError(f"--{', --'.join(given)} apply to --to gptq; --to gguf takes the mix's own grids (--outtype)")

@@ -69,7 +69,7 @@ class Job:
     def imatrix(self) -> Path:
         """The model's importance matrix over the first IMATRIX_CHUNKS chunks of the calibration text, once."""
         if self._imatrix is None:
-            from .quant.imatrix import imatrix_from_text
+            from .imatrix_cli import imatrix_from_text
             self._imatrix = imatrix_from_text(self.model, self.calib, self.scratch / "imatrix.gguf",
                                               chunks=IMATRIX_CHUNKS, device=self.device)
         return self._imatrix
@@ -87,7 +87,7 @@ def _gguf(mix: str, imatrix: bool):
 
 def _gptq(method: str, bits: int):
     def build(job: Job, out: Path) -> Path:
-        from .quant.gptq_pipeline import run_quantize
+        from .quantize import run_quantize
         run_quantize(job.model, out, calib_text_path=job.calib, bits=bits, method=method, device=job.device)
         return out
     return build

@@ -44,6 +44,15 @@ def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None) -> dict:
     return {**options, "extra_metadata": raw.quantize_metadata(imatrix)}
 
 
+def rtn_gptq_options(ckpt: Checkpoint) -> dict:
+    """GPTQ writer options that round every Linear of a float checkpoint to nearest, int4 g128 (calibrated GPTQ
+    is `mxtools quantize`)."""
+    from .quant.gptq import QuantConfig
+    from .quant.gptq_pipeline import quantize_checkpoint
+    cfg = QuantConfig()
+    return {"stream": quantize_checkpoint(ckpt, None, cfg, "rtn"), "settings": cfg}
+
+
 def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, inputs=(), force=False,
                      progress=lambda n: None, **options) -> Path:
     """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete. `inputs`: the files
@@ -59,6 +68,8 @@ def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, 
     if layout == "gguf" and "policy" not in options:  # callers may pass their own policy (overrides)
         options.update(gguf_mix_options(ckpt, outtype, imatrix_path))
     check_output(out, list(inputs), force)
+    if layout == "gptq" and ckpt.layout != "gptq":  # a float source: round to nearest, int4 g128
+        options.update(rtn_gptq_options(ckpt))
     with atomic_output(out, lay.output_is_dir, force=force) as tmp:
         lay.write(ckpt, tmp, outtype, progress, **options)
     return Path(out)

@@ -56,10 +56,6 @@ def load_weight(ckpt: Checkpoint, name: str, device, dtype: torch.dtype) -> torc
     return lazy.load().to(device=device, dtype=dtype)
 
 
-def _name(key: str, i=None, e=None) -> str:
-    return names.fill(names.KIND_BY_KEY[key].template, i, e)
-
-
 @dataclass
 class LayerWeights:
     """One decoder layer's weights; experts[e] = (w1, w2, w3)."""
@@ -77,7 +73,7 @@ class LayerWeights:
 def load_layer(ckpt: Checkpoint, i: int, device, dtype) -> LayerWeights:
     """Load layer `i` through `load_weight`."""
     def get(key, e=None):
-        return load_weight(ckpt, _name(key, i, e), device, dtype)
+        return load_weight(ckpt, names.weight_name(key, i, e), device, dtype)
 
     experts = [(get("ffn_gate", e), get("ffn_down", e), get("ffn_up", e)) for e in range(ckpt.spec.n_experts)]
     return LayerWeights(get("attn_norm"), get("attn_q"), get("attn_k"), get("attn_v"), get("attn_output"),
@@ -207,7 +203,7 @@ def as_tokens(tokens, spec: ModelSpec, device) -> torch.Tensor:
 
 def embed(ckpt: Checkpoint, tokens: torch.Tensor, device, dtype) -> torch.Tensor:
     """Token embeddings [B, T, D]; the table is loaded for this call only."""
-    table = load_weight(ckpt, _name("token_embd"), device, dtype)
+    table = load_weight(ckpt, names.weight_name("token_embd"), device, dtype)
     return F.embedding(tokens, table)
 
 
@@ -231,8 +227,8 @@ def iter_layers(ckpt: Checkpoint, tokens, device="auto", dtype=torch.float32,
 
 def load_head(ckpt: Checkpoint, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(final norm weight, lm_head weight)."""
-    return (load_weight(ckpt, _name("output_norm"), device, dtype),
-            load_weight(ckpt, _name("output"), device, dtype))
+    return (load_weight(ckpt, names.weight_name("output_norm"), device, dtype),
+            load_weight(ckpt, names.weight_name("output"), device, dtype))
 
 
 def head_logits(h: torch.Tensor, head, spec: ModelSpec) -> torch.Tensor:

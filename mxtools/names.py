@@ -17,10 +17,16 @@ from .spec import ModelSpec
 
 @dataclass(frozen=True)
 class Kind:
-    key: str          # short name used by quant policies and recipes
+    """One tensor kind and every per-kind policy: the writers, mixes and quantizers read these flags and
+    decide nothing about kinds themselves."""
+
+    key: str          # short name used by quant policies and recipes (llama.cpp's tensor kind)
     template: str     # canonical (HF) name template
     shape: Callable[[ModelSpec], tuple]
-    linear: bool      # a Linear weight [out, in] (quantizable); else embedding or norm
+    linear: bool      # a Linear weight [out, in] (router and lm_head included); else embedding or norm
+    gptq: bool = False      # GPTQ/RTN int quantization takes it (attention and expert Linears only)
+    imatrix: bool = False   # llama-imatrix collects its input statistics (every Linear inside the layers)
+    gguf_f32: bool = False  # llama.cpp never block-quantizes it (tensor_allows_quantization): F32 in every GGUF
 
     @property
     def scope(self) -> str:
@@ -29,22 +35,36 @@ class Kind:
 
 _L = "model.layers.{i}."
 _X = _L + "block_sparse_moe.experts.{e}."
+_LIN = dict(linear=True, gptq=True, imatrix=True)  # a Linear inside a layer that every quantizer takes
+_NORM = dict(linear=False, gguf_f32=True)
 KINDS = [
-    Kind("token_embd", "model.embed_tokens.weight", lambda s: (s.vocab_size, s.dim), False),
-    Kind("attn_norm", _L + "input_layernorm.weight", lambda s: (s.dim,), False),
-    Kind("attn_q", _L + "self_attn.q_proj.weight", lambda s: (s.n_heads * s.head_dim, s.dim), True),
-    Kind("attn_k", _L + "self_attn.k_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), True),
-    Kind("attn_v", _L + "self_attn.v_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), True),
-    Kind("attn_output", _L + "self_attn.o_proj.weight", lambda s: (s.dim, s.n_heads * s.head_dim), True),
-    Kind("ffn_norm", _L + "post_attention_layernorm.weight", lambda s: (s.dim,), False),
-    Kind("ffn_gate_inp", _L + "block_sparse_moe.gate.weight", lambda s: (s.n_experts, s.dim), True),
-    Kind("ffn_gate", _X + "w1.weight", lambda s: (s.hidden_dim, s.dim), True),
-    Kind("ffn_down", _X + "w2.weight", lambda s: (s.dim, s.hidden_dim), True),
-    Kind("ffn_up", _X + "w3.weight", lambda s: (s.hidden_dim, s.dim), True),
-    Kind("output_norm", "model.norm.weight", lambda s: (s.dim,), False),
-    Kind("output", "lm_head.weight", lambda s: (s.vocab_size, s.dim), True),
+    Kind("token_embd", "model.embed_tokens.weight", lambda s: (s.vocab_size, s.dim), linear=False),
+    Kind("attn_norm", _L + "input_layernorm.weight", lambda s: (s.dim,), **_NORM),
+    Kind("attn_q", _L + "self_attn.q_proj.weight", lambda s: (s.n_heads * s.head_dim, s.dim), **_LIN),
+    Kind("attn_k", _L + "self_attn.k_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), **_LIN),
+    Kind("attn_v", _L + "self_attn.v_proj.weight", lambda s: (s.n_kv_heads * s.head_dim, s.dim), **_LIN),
+    Kind("attn_output", _L + "self_attn.o_proj.weight", lambda s: (s.dim, s.n_heads * s.head_dim), **_LIN),
+    Kind("ffn_norm", _L + "post_attention_layernorm.weight", lambda s: (s.dim,), **_NORM),
+    # the router: a Linear that llama.cpp keeps F32 and GPTQ keeps float (vLLM runs it unquantized)
+    Kind("ffn_gate_inp", _L + "block_sparse_moe.gate.weight", lambda s: (s.n_experts, s.dim), linear=True,
+         imatrix=True, gguf_f32=True),
+    Kind("ffn_gate", _X + "w1.weight", lambda s: (s.hidden_dim, s.dim), **_LIN),
+    Kind("ffn_down", _X + "w2.weight", lambda s: (s.dim, s.hidden_dim), **_LIN),
+    Kind("ffn_up", _X + "w3.weight", lambda s: (s.hidden_dim, s.dim), **_LIN),
+    Kind("output_norm", "model.norm.weight", lambda s: (s.dim,), **_NORM),
+    Kind("output", "lm_head.weight", lambda s: (s.vocab_size, s.dim), linear=True),
 ]
 KIND_BY_KEY = {k.key: k for k in KINDS}
+
+
+GPTQ_KINDS = tuple(k.key for k in KINDS if k.gptq)
+GGUF_F32_KINDS = frozenset(k.key for k in KINDS if k.gguf_f32)
+
+
+def is_gptq_quantized(name: str) -> bool:
+    """Whether the canonical weight `name` is one GPTQ (or RTN int) quantizes."""
+    parsed = parse(name)
+    return parsed is not None and parsed[0].gptq
 
 
 def _regex(template: str) -> re.Pattern:
@@ -71,6 +91,11 @@ def _int(x):
 
 def fill(template: str, i=None, e=None) -> str:
     return template.replace("{i}", str(i)).replace("{e}", str(e))
+
+
+def weight_name(key: str, i: int | None = None, e: int | None = None) -> str:
+    """The canonical name of the tensor of kind `key` in layer i (expert e); the one place names are built."""
+    return fill(KIND_BY_KEY[key].template, i, e)
 
 
 def iter_canonical_names(spec: ModelSpec) -> Iterator[str]:

@@ -8,8 +8,8 @@ from conftest import text_head
 
 from mxtools.bundled import CALIB, EVAL, MODEL, write_example
 from mxtools.convert import convert
+from mxtools.imatrix_cli import imatrix_from_text
 from mxtools.layouts import open_checkpoint
-from mxtools.quant.imatrix import imatrix_from_text
 from mxtools.verify_cli import run_verify
 
 CHUNKS = 8

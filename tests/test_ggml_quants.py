@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from judges import require
 
-from mxtools.quant import ggml_blocks
-from mxtools.quant.ggml_blocks import SUPPORTED, quantize
+from mxtools.io import ggml_blocks
+from mxtools.io.ggml_blocks import SUPPORTED, quantize
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 N = 512  # two K-quant super-blocks, sixteen 32-value blocks per row

@@ -17,12 +17,13 @@ from test_mixes import finite_logits, gguf_tensors, random_tokens, synth, write_
 from mxtools.bundled import CALIB
 from mxtools.cli import main
 from mxtools.convert import convert
+from mxtools.io.ggml_blocks import SUPPORTED
 from mxtools.layouts import open_checkpoint
-from mxtools.quant.ggml_blocks import SUPPORTED
 from mxtools.quant.gguf_gptq import encode_block, pack, quantize_matrix, unpack
-from mxtools.quant.gguf_quantize import META_PREFIX, run_quantize_gguf
+from mxtools.quant.gguf_quantize import META_PREFIX
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.imatrix import compute_imatrix, save_imatrix
+from mxtools.quantize import run_quantize_gguf
 
 TYPES = list(SUPPORTED)
 COLS = 1024  # four super-blocks, 32 legacy blocks

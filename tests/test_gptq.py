@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from mxtools.quant import gptq_pack
+from mxtools.io import gptq_pack
 from mxtools.quant.gptq import (
     GPTQError,
     Hessian,

@@ -20,8 +20,10 @@ from mxtools.convert import convert
 from mxtools.io.atomic import atomic_output
 from mxtools.layouts import detect, hf, open_checkpoint
 from mxtools.layouts.gptq import write_quantized
+from mxtools.names import is_gptq_quantized as is_quantized
 from mxtools.quant.gptq import QuantConfig
-from mxtools.quant.gptq_pipeline import is_quantized, quantize_checkpoint, run_quantize
+from mxtools.quant.gptq_pipeline import quantize_checkpoint
+from mxtools.quantize import run_quantize
 from mxtools.verify_cli import run_verify
 
 # dims that are multiples of 128, so the real group size 128 is used (o_proj and w1/w3 have one group, w2 two)

@@ -9,16 +9,15 @@ from conftest import small_spec
 from mxtools import model, names
 from mxtools.bundled import CALIB
 from mxtools.errors import MxError
+from mxtools.names import weight_name
 from mxtools.quant.gptq import QuantConfig
 from mxtools.quant.gptq_pipeline import (
     QUANTIZED_KINDS,
-    load_recipe,
     make_samples,
     quantize_checkpoint,
     quantize_weight,
-    resolve_settings,
-    weight_name,
 )
+from mxtools.quantize import load_recipe, resolve_settings
 from mxtools.synth import synth_checkpoint
 from mxtools.tensors import Checkpoint, LazyTensor
 from mxtools.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ from mxtools.layouts import detect, hf, mistral, open_checkpoint, paddle
 from mxtools.layouts import gguf as gguf_layout
 from mxtools.synth import synth_checkpoint
 from mxtools.tokenizer import Tokenizer
-from mxtools.transforms import hf_to_meta_rope, meta_to_hf_rope
+from mxtools.transforms import hf_to_meta_rope, meta_to_hf_rope, rope_heads
 
 SPEC = small_spec()
 
@@ -66,7 +66,7 @@ def test_mistral_pth(tmp_path, ref, synth_dir):
     sd = {}
     for n, w in ref.items():
         key = mistral.TABLE.to_layout(n)[0]
-        heads = mistral.rope_heads(names.parse(n)[0].key, SPEC)
+        heads = rope_heads(names.parse(n)[0].key, SPEC)
         sd[key] = torch.from_numpy(meta_permute(w.numpy(), heads)) if heads else w
     torch.save(sd, src / "consolidated.00.pth")
     assert_matches(src, ref, "mistral")

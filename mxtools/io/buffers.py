@@ -15,6 +15,9 @@ import weakref
 import numpy as np
 import torch
 
+from .. import names
+from ..transforms import hf_to_meta_rope, rope_heads
+
 MIN_POOLED = 1 << 20  # smaller requests are plain allocations
 
 
@@ -88,5 +91,17 @@ def cast_for_write(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         head = w.reshape(-1).view(torch.uint8)[: w.numel() * dtype.itemsize]  # the buffer's first bytes
         return cast_tensor(w, dtype, head.view(dtype).view(w.shape))
     out = cast_tensor(w, dtype, pooled_tensor(w.shape, dtype))
+    give_source(w, out)
+    return out
+
+
+def load_meta_order(t, spec) -> torch.Tensor:
+    """Load the canonical LazyTensor `t` for a Meta-order layout (Mistral, GGUF) of a model with ModelSpec `spec`:
+    q/k get the rotary permutation, and the buffer they were loaded into goes back to POOL."""
+    heads = rope_heads(names.parse(t.name)[0].key, spec)
+    w = t.load()
+    if not heads:
+        return w
+    out = hf_to_meta_rope(w, heads)
     give_source(w, out)
     return out

@@ -17,44 +17,25 @@ from gguf import GGUFValueType as V
 
 from .. import names
 from ..errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
-from ..io.buffers import POOL, cast_for_write
+from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
 from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
+from ..io.gguf_tables import (
+    ARCH,
+    FLOAT_TYPES,
+    LEGACY_TABLE,
+    OUTTYPE_FILE_TYPE,
+    TABLE,
+    key,
+)
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
 from ..io.pipeline import prefetched
-from ..names import NameTable
-from ..spec import ModelSpec
 from ..native import NonFiniteRow
+from ..spec import ModelSpec
 from ..tensors import Checkpoint, LazyTensor, require_finite
 from ..tokenizer import Tokenizer
-from ..transforms import meta_to_hf_rope
+from ..transforms import meta_to_hf_rope, rope_heads
 from . import Layout, register
-from .mistral import load_meta_order, rope_heads
-
-# llama.cpp's tensor names for LLM_ARCH_LLAMA with experts (gguf-py constants.py, MODEL_TENSOR_NAMES).
-TABLE = NameTable({
-    "token_embd": "token_embd.weight",
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "attn_q": "blk.{i}.attn_q.weight",
-    "attn_k": "blk.{i}.attn_k.weight",
-    "attn_v": "blk.{i}.attn_v.weight",
-    "attn_output": "blk.{i}.attn_output.weight",
-    "ffn_norm": "blk.{i}.ffn_norm.weight",
-    "ffn_gate_inp": "blk.{i}.ffn_gate_inp.weight",
-    "ffn_gate": "blk.{i}.ffn_gate_exps.weight",   # [E, F, D], expert outermost
-    "ffn_down": "blk.{i}.ffn_down_exps.weight",   # [E, D, F]
-    "ffn_up": "blk.{i}.ffn_up_exps.weight",       # [E, F, D]
-    "output_norm": "output_norm.weight",
-    "output": "output.weight",
-})
-# Files written by llama.cpp between Dec 2023 and Apr 2024 kept one 2-D tensor per expert.
-LEGACY_TABLE = NameTable({**TABLE.rows, "ffn_gate": "blk.{i}.ffn_gate.{e}.weight",
-                          "ffn_down": "blk.{i}.ffn_down.{e}.weight", "ffn_up": "blk.{i}.ffn_up.{e}.weight"})
-
-FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-OUTTYPE_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16}  # block-quant mixes bring their own (recipes/gguf)
-
 
 # ---- reading ----
 
@@ -70,29 +51,32 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+K, LLM, ATT, ROPE, TOK = gguf.Keys.General, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope, gguf.Keys.Tokenizer
+
+
 def spec_from_metadata(m: dict, source) -> ModelSpec:
-    arch = m.get("general.architecture")
-    if arch != "llama" or not m.get("llama.expert_count"):
-        experts = m.get("llama.expert_count", 0) if arch == "llama" else 0
+    arch, n_experts = m.get(K.ARCHITECTURE), key(LLM.EXPERT_COUNT)
+    if arch != ARCH or not m.get(n_experts):
+        experts = m.get(n_experts, 0) if arch == ARCH else 0
         raise NotMixtralError(f"not a Mixtral GGUF (architecture {short(arch)}, {short(experts)} experts)",
                               file=source)
 
-    def get(key, kind=int, default=REQUIRED):
-        return meta_value(m, "llama." + key, kind, source, default)
-    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    def get(template, kind=int, default=REQUIRED):
+        return meta_value(m, key(template), kind, source, default)
+    dim, n_heads = get(LLM.EMBEDDING_LENGTH), get(ATT.HEAD_COUNT)
     try:
         return ModelSpec(
-            dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-            n_kv_heads=get("attention.head_count_kv", int, n_heads),
-            head_dim=get("attention.key_length", int, None) or get("rope.dimension_count", int, None)
+            dim=dim, n_layers=get(LLM.BLOCK_COUNT), n_heads=n_heads,
+            n_kv_heads=get(ATT.HEAD_COUNT_KV, int, n_heads),
+            head_dim=get(ATT.KEY_LENGTH, int, None) or get(ROPE.DIMENSION_COUNT, int, None)
             or (dim // n_heads if n_heads > 0 else 0),
-            hidden_dim=get("feed_forward_length"), n_experts=get("expert_count"),
-            n_experts_per_tok=get("expert_used_count"),
-            vocab_size=get("vocab_size", int, None) or len(meta_value(m, "tokenizer.ggml.tokens", list, source)),
-            norm_eps=_f32(get("attention.layer_norm_rms_epsilon", float, 1e-5)),
-            rope_theta=_f32(get("rope.freq_base", float, 10000.0)),  # llama.cpp's default when the key is absent
-            context_length=get("context_length", int, 32768),
-            name=meta_value(m, "general.name", str, source, "") or "mixtral")
+            hidden_dim=get(LLM.FEED_FORWARD_LENGTH), n_experts=get(LLM.EXPERT_COUNT),
+            n_experts_per_tok=get(LLM.EXPERT_USED_COUNT),
+            vocab_size=get(LLM.VOCAB_SIZE, int, None) or len(meta_value(m, TOK.LIST, list, source)),
+            norm_eps=_f32(get(ATT.LAYERNORM_RMS_EPS, float, 1e-5)),
+            rope_theta=_f32(get(ROPE.FREQ_BASE, float, 10000.0)),  # llama.cpp's default when the key is absent
+            context_length=get(LLM.CONTEXT_LENGTH, int, 32768),
+            name=meta_value(m, K.NAME, str, source, "") or "mixtral")
     except ShapeError as exc:
         raise ShapeError(exc.message, file=source) from None
 
@@ -112,19 +96,19 @@ def check_fits(spec: ModelSpec, raw: RawFile) -> None:
 
 
 def tokenizer_from_metadata(m: dict, source, vocab_size: int) -> Tokenizer | None:
-    if "tokenizer.ggml.tokens" not in m:
+    if TOK.LIST not in m:
         return None
 
-    def get(key, kind, default=REQUIRED):
-        return meta_value(m, "tokenizer." + key, kind, source, default)
-    if len(get("ggml.tokens", list)) > vocab_size:  # ids the model has no embedding for
-        raise FormatError(f"the tokenizer has {len(get('ggml.tokens', list))} tokens, more than the model's "
+    def get(k, kind, default=REQUIRED):
+        return meta_value(m, k, kind, source, default)
+    if len(get(TOK.LIST, list)) > vocab_size:  # ids the model has no embedding for
+        raise FormatError(f"the tokenizer has {len(get(TOK.LIST, list))} tokens, more than the model's "
                           f"vocabulary of {vocab_size}", file=source)
     return Tokenizer.from_vocab(
-        get("ggml.tokens", list), get("ggml.scores", list), get("ggml.token_type", list), source=source,
-        chat_template=get("chat_template", str, None), bos_id=get("ggml.bos_token_id", int, 1),
-        eos_id=get("ggml.eos_token_id", int, 2), unk_id=get("ggml.unknown_token_id", int, 0),
-        add_bos=get("ggml.add_bos_token", bool, True), add_eos=get("ggml.add_eos_token", bool, False))
+        get(TOK.LIST, list), get(TOK.SCORES, list), get(TOK.TOKEN_TYPE, list), source=source,
+        chat_template=get(TOK.CHAT_TEMPLATE, str, None), bos_id=get(TOK.BOS_ID, int, 1),
+        eos_id=get(TOK.EOS_ID, int, 2), unk_id=get(TOK.UNK_ID, int, 0),
+        add_bos=get(TOK.ADD_BOS, bool, True), add_eos=get(TOK.ADD_EOS, bool, False))
 
 
 def _loader(raw: RawFile, name: str, offset: int, shape: tuple, qtype: Q) -> Callable[[], torch.Tensor]:
@@ -185,7 +169,7 @@ def read(path: Path) -> Checkpoint:
             check_fits(spec, raw)
             tensors, legacy = _canonical_tensors(raw, infos, spec)
             tokenizer = tokenizer_from_metadata(meta, path, spec.vocab_size)
-            file_type = meta_value(meta, "general.file_type", int, path, None)
+            file_type = meta_value(meta, K.FILE_TYPE, int, path, None)
     except BaseException:
         raw.close()
         raise
@@ -198,46 +182,44 @@ def read(path: Path) -> Checkpoint:
 # ---- writing ----
 
 def uniform_policy(qtype: Q) -> Callable:
-    """Every 2-D weight in `qtype`; norms and the router in F32 as llama.cpp requires."""
+    """Every 2-D weight in `qtype`; norms and the router (names.Kind.gguf_f32) in F32 as llama.cpp requires."""
     def policy(kind_key: str, layer, np_shape) -> Q:
-        return Q.F32 if len(np_shape) == 1 or kind_key == "ffn_gate_inp" else qtype
+        return Q.F32 if len(np_shape) < 2 or kind_key in names.GGUF_F32_KINDS else qtype
     return policy
 
 
 def metadata(w: GGUFStreamWriter, spec: ModelSpec, tok: Tokenizer, file_type: int, name: str) -> None:
-    a = "llama."
-    rows = [("general.architecture", V.STRING, "llama"), ("general.name", V.STRING, name),
-            (a + "context_length", V.UINT32, spec.context_length), (a + "embedding_length", V.UINT32, spec.dim),
-            (a + "block_count", V.UINT32, spec.n_layers), (a + "feed_forward_length", V.UINT32, spec.hidden_dim),
-            (a + "rope.dimension_count", V.UINT32, spec.head_dim),
-            (a + "attention.head_count", V.UINT32, spec.n_heads),
-            (a + "attention.head_count_kv", V.UINT32, spec.n_kv_heads),
-            (a + "attention.layer_norm_rms_epsilon", V.FLOAT32, spec.norm_eps),
-            (a + "rope.freq_base", V.FLOAT32, spec.rope_theta), (a + "expert_count", V.UINT32, spec.n_experts),
-            (a + "expert_used_count", V.UINT32, spec.n_experts_per_tok),
-            ("general.file_type", V.UINT32, int(file_type)), (a + "vocab_size", V.UINT32, spec.vocab_size)]
+    u32 = V.UINT32
+    rows = [(K.ARCHITECTURE, V.STRING, ARCH), (K.NAME, V.STRING, name),
+            (key(LLM.CONTEXT_LENGTH), u32, spec.context_length), (key(LLM.EMBEDDING_LENGTH), u32, spec.dim),
+            (key(LLM.BLOCK_COUNT), u32, spec.n_layers), (key(LLM.FEED_FORWARD_LENGTH), u32, spec.hidden_dim),
+            (key(ROPE.DIMENSION_COUNT), u32, spec.head_dim), (key(ATT.HEAD_COUNT), u32, spec.n_heads),
+            (key(ATT.HEAD_COUNT_KV), u32, spec.n_kv_heads),
+            (key(ATT.LAYERNORM_RMS_EPS), V.FLOAT32, spec.norm_eps),
+            (key(ROPE.FREQ_BASE), V.FLOAT32, spec.rope_theta), (key(LLM.EXPERT_COUNT), u32, spec.n_experts),
+            (key(LLM.EXPERT_USED_COUNT), u32, spec.n_experts_per_tok),
+            (K.FILE_TYPE, u32, int(file_type)), (key(LLM.VOCAB_SIZE), u32, spec.vocab_size)]
     if spec.head_dim * spec.n_heads != spec.dim:
-        rows += [(a + "attention.key_length", V.UINT32, spec.head_dim),
-                 (a + "attention.value_length", V.UINT32, spec.head_dim)]
-    rows.append(("general.quantization_version", V.UINT32, gguf.GGML_QUANT_VERSION))
-    for key, vtype, value in rows:
-        w.add(key, vtype, value)
+        rows += [(key(ATT.KEY_LENGTH), u32, spec.head_dim), (key(ATT.VALUE_LENGTH), u32, spec.head_dim)]
+    rows.append((K.QUANTIZATION_VERSION, u32, gguf.GGML_QUANT_VERSION))
+    for k, vtype, value in rows:
+        w.add(k, vtype, value)
     _tokenizer_metadata(w, tok)
 
 
 def _tokenizer_metadata(w: GGUFStreamWriter, tok: Tokenizer) -> None:
     tokens, scores, types = tok.vocab()
-    w.add("tokenizer.ggml.model", V.STRING, "llama")
-    w.add("tokenizer.ggml.pre", V.STRING, "default")
-    w.add("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING)
-    w.add("tokenizer.ggml.scores", V.ARRAY, scores, V.FLOAT32)
-    w.add("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32)
-    for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("unknown_token_id", tok.unk_id)):
-        w.add("tokenizer.ggml." + key, V.UINT32, value)
-    w.add("tokenizer.ggml.add_bos_token", V.BOOL, tok.add_bos)
-    w.add("tokenizer.ggml.add_eos_token", V.BOOL, tok.add_eos)
+    w.add(TOK.MODEL, V.STRING, "llama")  # SentencePiece
+    w.add(TOK.PRE, V.STRING, "default")
+    w.add(TOK.LIST, V.ARRAY, tokens, V.STRING)
+    w.add(TOK.SCORES, V.ARRAY, scores, V.FLOAT32)
+    w.add(TOK.TOKEN_TYPE, V.ARRAY, types, V.INT32)
+    for k, value in ((TOK.BOS_ID, tok.bos_id), (TOK.EOS_ID, tok.eos_id), (TOK.UNK_ID, tok.unk_id)):
+        w.add(k, V.UINT32, value)
+    w.add(TOK.ADD_BOS, V.BOOL, tok.add_bos)
+    w.add(TOK.ADD_EOS, V.BOOL, tok.add_eos)
     if tok.chat_template:
-        w.add("tokenizer.chat_template", V.STRING, tok.chat_template)
+        w.add(TOK.CHAT_TEMPLATE, V.STRING, tok.chat_template)
 
 
 def plan(ckpt: Checkpoint) -> list[tuple[str, list[LazyTensor], tuple]]:
@@ -261,7 +243,7 @@ def encode(w: torch.Tensor, qtype: Q, imatrix=None) -> np.ndarray:
     Block quantizers read bf16/f16 rows directly: no float32 copy of the matrix is made."""
     if qtype in FLOAT_TYPES:
         return cast_for_write(w, FLOAT_TYPES[qtype]).view(torch.uint8).numpy()
-    from ..quant.ggml_blocks import quantize
+    from ..io.ggml_blocks import quantize
     rows, n = w.reshape(-1, w.shape[-1]).shape
     row_bytes = tensor_nbytes((n,), qtype)
     out = quantize(w.reshape(rows, n), qtype, imatrix, out=POOL.take(rows * row_bytes).reshape(rows, row_bytes))
@@ -305,8 +287,8 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, po
     w = GGUFStreamWriter(out)
     metadata(w, ckpt.spec, ckpt.tokenizer or Tokenizer.default(),
              OUTTYPE_FILE_TYPE[outtype] if file_type is None else file_type, ckpt.spec.name)
-    for key, vtype, value in extra_metadata:
-        w.add(key, vtype, value)
+    for k, vtype, value in extra_metadata:
+        w.add(k, vtype, value)
     jobs = []
     for gname, tensors, shape in plan(ckpt):
         kind, layer, _ = names.parse(tensors[0].name)

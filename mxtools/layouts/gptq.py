@@ -19,15 +19,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .. import names
 from ..errors import FormatError, MxError
+from ..io.gptq_pack import SUFFIXES, dequantize, pack
 from ..names import NameTable
-from ..quant.gptq import QuantConfig
-from ..quant.gptq_pack import SUFFIXES, dequantize, pack
-from ..quant.gptq_pipeline import is_quantized, quantize_checkpoint
+from ..names import is_gptq_quantized as is_quantized
 from ..spec import MAX_DIM
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from . import Layout, hf, register
@@ -94,7 +94,21 @@ def naming_of(keys) -> str:
     return "transformers" if any(canonical_name(k, "transformers") != k for k in keys) else DEFAULT_NAMES
 
 
-def gptq_config(cfg: QuantConfig, model_name: str, naming: str = DEFAULT_NAMES) -> dict:
+class Settings(Protocol):
+    """What the writer records and sizes the tensors by (quant.gptq.QuantConfig is one)."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+    damp: float
+    static_groups: bool
+    mse: bool
+
+    def group_len(self, in_features: int) -> int: ...
+
+
+def gptq_config(cfg: Settings, model_name: str, naming: str = DEFAULT_NAMES) -> dict:
     """quantize_config.json (also config.json["quantization_config"]) in the AutoGPTQ/GPTQModel spelling."""
     return {
         "bits": cfg.bits, "group_size": cfg.group_size, "damp_percent": cfg.damp, "desc_act": cfg.act_order,
@@ -196,7 +210,7 @@ def read(path: Path) -> Checkpoint:
 
 # ---------------------------------------------------------------- writer
 
-def plan(spec, cfg: QuantConfig, float_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+def plan(spec, cfg: Settings, float_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
     """(name, dtype, shape) of every tensor, in canonical order, each quantized Linear as its four v1 tensors."""
     per = 32 // cfg.bits
     items = []
@@ -230,7 +244,7 @@ def _tensors(ckpt: Checkpoint, stream, float_dtype):
         raise MxError("the quantization stream yielded more layers than the model has")
 
 
-def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outtype: str = "f16",
+def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: Settings, outtype: str = "f16",
                     progress=lambda n: None, shard_bytes: int = 5 * 10**9, source_name: str | None = None,
                     names: str = DEFAULT_NAMES) -> None:
     """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`,
@@ -249,17 +263,16 @@ def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: QuantConfig, outty
 
 
 def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9,
-          cfg: QuantConfig | None = None, tokens=None, method: str | None = None, experts: str = "routed",
-          device="auto", names: str | None = None, **_) -> None:
-    """Layout writer (`convert --to gptq`): a GPTQ source is re-exported as stored (`reexport`); any other is
-    rounded to nearest, int4 g128, unless `cfg`/`tokens`/`method` say otherwise; calibrated GPTQ is
-    `mxtools quantize` (gptq_pipeline.run_quantize). `names`: NAMINGS key (default: the source's, else vllm)."""
-    if ckpt.layout == "gptq" and cfg is None and tokens is None and method is None:
+          stream=None, settings: Settings | None = None, names: str | None = None, **_) -> None:
+    """Layout writer (`convert --to gptq`): the layers of `stream` (a quant.gptq_pipeline.QuantStream made with
+    `settings`; convert makes a round-to-nearest one) packed as GPTQ v1, or, without a stream, a GPTQ source
+    re-exported as stored (`reexport`). `names`: NAMINGS key (default: the source's, else vllm)."""
+    if stream is None:
+        if ckpt.layout != "gptq":
+            raise MxError("internal: the GPTQ writer needs a quantization stream for a float source")
         return reexport(ckpt, out, names or ckpt.info["tensor_names"], progress, shard_bytes)
-    cfg = cfg or QuantConfig()
-    method = method or ("gptq" if tokens is not None else "rtn")
-    stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, device=device)
-    write_quantized(ckpt, out, stream, cfg, outtype, progress, shard_bytes, str(ckpt.path), names or DEFAULT_NAMES)
+    write_quantized(ckpt, out, stream, settings, outtype, progress, shard_bytes, str(ckpt.path),
+                    names or DEFAULT_NAMES)
 
 
 # ---------------------------------------------------------------- lossless re-export under other names

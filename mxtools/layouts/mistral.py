@@ -13,7 +13,7 @@ import torch
 
 from .. import names
 from ..errors import FormatError, ShapeError, UnsafePickleError
-from ..io.buffers import POOL, cast_for_write, give_source
+from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import release_pages
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsWriter
@@ -21,7 +21,7 @@ from ..names import NameTable
 from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
-from ..transforms import hf_to_meta_rope, meta_to_hf_rope, transpose
+from ..transforms import meta_to_hf_rope, rope_heads, transpose
 from . import Layout, hf, register
 
 # mistral-inference's names (docs/FORMATS.md, section 2).
@@ -46,11 +46,6 @@ CONCAT_TABLE = NameTable({**TABLE.rows,
                           "ffn_gate": "layers.{i}.block_sparse_moe.w1",
                           "ffn_down": "layers.{i}.block_sparse_moe.w2",
                           "ffn_up": "layers.{i}.block_sparse_moe.w3"})
-
-
-def rope_heads(kind_key: str, spec: ModelSpec) -> int | None:
-    """How many heads a q/k weight is permuted over between HF and Meta order; None for other tensors."""
-    return {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(kind_key)
 
 
 def spec_from_params(p: dict, source) -> ModelSpec:
@@ -184,18 +179,6 @@ def read(path: Path) -> Checkpoint:
     ckpt = Checkpoint(spec, tensors, "mistral-concat" if concat else "mistral", path, tok)
     ckpt.closers += closers
     return ckpt
-
-
-def load_meta_order(t: LazyTensor, spec: ModelSpec) -> torch.Tensor:
-    """Load a canonical tensor for a Meta-order layout (Mistral, GGUF): q/k get the rotary permutation, and then
-    the buffer they were loaded into goes back to the pool."""
-    heads = rope_heads(names.parse(t.name)[0].key, spec)
-    w = t.load()
-    if not heads:
-        return w
-    out = hf_to_meta_rope(w, heads)
-    give_source(w, out)
-    return out
 
 
 def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:

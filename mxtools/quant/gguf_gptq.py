@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 
 from .. import native
 from ..errors import ShapeError
-from .ggml_blocks import SUPPORTED
+from ..io.ggml_blocks import SUPPORTED
 from .gptq import BLOCK_SIZE, GPTQError, _inverse_cholesky, _one_cpu_thread
 
 _LIB = native.LIB

@@ -10,29 +10,19 @@ those of llama-quantize's mix; with --method rtn the file equals `convert --outt
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from .. import model, names
 from ..errors import MxError
-from ..layouts.mistral import rope_heads
-from ..transforms import hf_to_meta_rope
-from .ggml_blocks import SUPPORTED
+from ..io.ggml_blocks import SUPPORTED
+from ..transforms import hf_to_meta_rope, rope_heads
 from .gguf_gptq import GGUFQuant, quantize_matrix
-from .gptq import GPTQError, Hessian, QuantConfig
-from .gptq_pipeline import (
-    QUANTIZED_KINDS,
-    Progress,
-    _calibration_tokens,
-    quantize_checkpoint,
-    resolve_settings,
-    totals,
-)
+from .gptq import GPTQError, Hessian
+from .gptq_pipeline import QUANTIZED_KINDS
 
 META_PREFIX = "mxtools.quantize."  # our own keys beside llama.cpp's general.* / llama.* / quantize.imatrix.*
 
@@ -100,14 +90,6 @@ class LayerBytes:
     def __init__(self, stream, hook: MatrixQuantizer):
         self.stream, self.hook, self.spec = stream, hook, hook.spec
         self.layers, self.current = iter(stream), None
-        self.layer_s: list[float] = []  # wall time of each layer (quantizing it and the writer's share)
-        self.mark = time.perf_counter()
-
-    def _next(self):
-        self.current = next(self.layers)
-        now = time.perf_counter()
-        self.layer_s.append(round(now - self.mark, 3))
-        self.mark = now
 
     def __call__(self, t, qtype: T):
         kind, layer, _ = names.parse(t.name)
@@ -116,7 +98,7 @@ class LayerBytes:
         if kind.key not in QUANTIZED_KINDS:
             return None
         while self.current is None or self.current.index < layer:
-            self._next()
+            self.current = next(self.layers)
         res = self.current.results.pop(t.name).res
         if self.current.index != layer or res.qtype != qtype:
             raise MxError(f"internal: {t.name} came out as {res.qtype.name} in layer {self.current.index}, "
@@ -155,59 +137,3 @@ def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: 
                  ("calibration.sha256", V.STRING, hashlib.sha256(Path(calib).read_bytes()).hexdigest()),
                  ("samples", V.UINT32, int(info.get("samples", 0))), ("seqlen", V.UINT32, int(info.get("seqlen", 0)))]
     return [(META_PREFIX + k, vt, v) for k, vt, v in rows]
-
-
-def run_quantize_gguf(src, out, outtype: str, method=None, calib_text_path=None, nsamples=None, seqlen=None,
-                      experts=None, damp=None, imatrix_path=None, device="auto", force: bool = False,
-                      min_tokens: int | None = None, progress: Progress | None = None) -> dict:
-    """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids; write one GGUF at out
-    atomically. Options left None take the GPTQ pipeline's defaults. Returns the pipeline's report (with
-    "timings")."""
-    from ..bundled import CALIB
-    from ..convert import write_checkpoint
-    from ..layouts import open_checkpoint
-    from .imatrix import imatrix_for_writer, read_imatrix
-    from .mixes import MIXES, gguf_options
-    if outtype not in MIXES:
-        raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
-    s = resolve_settings(None, method=method, nsamples=nsamples, seqlen=seqlen, experts=experts, damp=damp,
-                         min_tokens=min_tokens)
-    method, nsamples, seqlen, experts, damp, min_tokens = (s[k] for k in ("method", "nsamples", "seqlen", "experts",
-                                                                          "damp", "min_tokens"))
-    try:
-        cfg = QuantConfig(damp=damp)  # its checks are the option's
-    except ValueError as exc:
-        raise MxError(str(exc)) from None
-    calib = Path(calib_text_path or CALIB)
-    with open_checkpoint(src) as ckpt:
-        raw = read_imatrix(imatrix_path) if imatrix_path else None
-        opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
-        tokens = _calibration_tokens(ckpt, calib) if method == "gptq" else None
-        hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
-        stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, nsamples, seqlen, device, min_tokens,
-                                     progress=progress, quantizer=hook)
-        for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
-            stream.report.pop(key, None)
-        stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
-        extra = metadata(method, calib, stream.report["calibration"], damp, experts)
-        extra += raw.quantize_metadata(imatrix_path) if raw else []
-        source = LayerBytes(stream, hook)
-        t0 = time.perf_counter()
-        write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,
-                         extra_metadata=extra, encoded=source)
-        source.finish()
-    return {**stream.report, "timings": {"layers_s": source.layer_s, "time_s": round(time.perf_counter() - t0, 3)}}
-
-
-def summary(report: dict) -> str:
-    """A few lines for the terminal: mix, method, calibration, fallbacks, time."""
-    t, cal, times = report.get("totals") or totals(report["layers"]), report["calibration"], report["timings"]
-    per_layer = np.mean(times["layers_s"]) if times.get("layers_s") else 0.0
-    head = f"{report['outtype']} ({report['method']}), experts {report['experts']}, damp {report['damp']}"
-    lines = [f"{head}, device {report['device']}",
-             f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens",
-             f"linears: {t['linears']} ({t['gptq']} gptq, {t['rtn']} rtn); {times.get('time_s')} s in all",
-             f"{per_layer:.3f} s per layer"]
-    lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", [])]
-    lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
-    return "\n".join(lines)

@@ -20,17 +20,16 @@ one that fails at every damping also falls back to round-to-nearest. Everything 
 from __future__ import annotations
 
 import math
-import reprlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import model, names
 from ..errors import MxError
+from ..names import weight_name
 from ..tensors import Checkpoint, LazyTensor, require_finite
 from .gptq import (
     GPTQError,
@@ -41,25 +40,14 @@ from .gptq import (
     rtn_quantize,
 )
 
-# The Linears GPTQ quantizes; the router (ffn_gate_inp), norms, embeddings and lm_head stay in float.
-QUANTIZED_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up")
+# The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
+QUANTIZED_KINDS = names.GPTQ_KINDS
 MIN_TOKEN_FRACTION = 0.1  # default min_tokens = this x hidden size (see the module docstring)
 METHODS = ("gptq", "rtn")
 EXPERT_MODES = ("routed", "all")
 HIDDEN_ON_DEVICE_FRACTION = 0.25  # keep calibration activations on an accelerator when they fit in this share
 
 Progress = Callable[[int, int, str], None]  # (layer, n_layers, stage)
-
-
-def weight_name(key: str, i: int, e: int | None = None) -> str:
-    """Canonical weight name of kind `key` in layer i (expert e)."""
-    return names.fill(names.KIND_BY_KEY[key].template, i, e)
-
-
-def is_quantized(name: str) -> bool:
-    """Whether the canonical weight `name` is one GPTQ quantizes."""
-    parsed = names.parse(name)
-    return parsed is not None and parsed[0].key in QUANTIZED_KINDS
 
 
 # ---------------------------------------------------------------- calibration samples
@@ -312,7 +300,7 @@ class QuantStream:
         run, spec = self.run, self.ckpt.spec
         toks = model.as_tokens(self.samples, spec, "cpu")
         run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
-        table = model.load_weight(self.ckpt, weight_name("token_embd", None), run.store, run.dtype)
+        table = model.load_weight(self.ckpt, weight_name("token_embd"), run.store, run.dtype)
         return F.embedding(toks.to(run.store), table)
 
 
@@ -334,26 +322,6 @@ def totals(layers: list[dict]) -> dict:
         "expert_tokens_min": min(tokens) if tokens else None,
         "expert_tokens_max": max(tokens) if tokens else None,
     }
-
-
-def summary(report: dict) -> str:
-    """A few lines for the terminal: settings, calibration, methods used, fallbacks, time (`report["timings"]`,
-    as run_quantize returns it)."""
-    t, cal, times = report.get("totals", {}), report.get("calibration", {}), report.get("timings", {})
-    per_layer = sum(times.get("layers_s", [])) / max(len(times.get("layers_s", [])), 1)
-    lines = [f"{report['method']} int{report['bits']} g{report['group_size']} "
-             f"{'sym' if report['sym'] else 'asym'}{' act-order' if report['act_order'] else ''}, "
-             f"experts {report['experts']}, device {report['device']}",
-             f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens"
-             + (f" (fewer than the {cal['requested']} asked: the text is short)" if cal.get("short") else ""),
-             f"linears: {t.get('linears')} ({t.get('gptq')} gptq, {t.get('rtn')} rtn); tokens per expert "
-             f"{t.get('expert_tokens_min')}..{t.get('expert_tokens_max')}; {times.get('time_s')} s "
-             f"({per_layer:.3f} s per layer)"]
-    if t.get("experts_rtn"):
-        lines.append(f"  experts rounded to nearest (too few tokens or GPTQ failed): {', '.join(t['experts_rtn'])}")
-    lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", []) if " expert " not in f]
-    lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
-    return "\n".join(lines)
 
 
 def _store_device(dev: torch.device, nbytes: int) -> torch.device:
@@ -416,113 +384,3 @@ def _check_dims(ckpt: Checkpoint, cfg: QuantConfig) -> None:
         if in_f % per_word or out_f % per_word:
             raise MxError(f"{key} is [{out_f}, {in_f}]: both sides must be multiples of {per_word} "
                           f"to pack {cfg.bits}-bit codes", file=ckpt.path)
-
-
-# ---------------------------------------------------------------- recipes and the CLI entry point
-
-RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit")
-
-
-RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
-RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0}  # integer settings outside QuantConfig
-MAX_SETTING = 2**31 - 1
-
-
-def load_recipe(name_or_path) -> dict:
-    """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128").
-    Each value must have its default's type (a null only where the default is one); anything else is an
-    MxError naming the file."""
-    from .. import recipes
-    from .mixes import read_yaml
-    path = recipes.find(name_or_path)
-    if path is None:
-        raise MxError(f"no recipe {name_or_path!r} (known: {', '.join(recipes.names())})")
-    data = read_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise MxError(f"a recipe is a mapping of settings, not {type(data).__name__}", file=path)
-    unknown = set(data) - set(RECIPE_KEYS) - {"name", "description"}
-    if unknown:
-        raise MxError(f"recipe has unknown keys {sorted(map(reprlib.repr, unknown))}; known: {', '.join(RECIPE_KEYS)}",
-                      file=path)
-    for key, value in data.items():
-        _check_setting(key, value, path)
-    try:
-        QuantConfig(**{k: v for k, v in {**DEFAULTS, **data}.items() if k in QuantConfig.__dataclass_fields__})
-    except ValueError as exc:
-        raise MxError(str(exc), file=path) from None
-    return data
-
-
-def _check_setting(key: str, value, path) -> None:
-    default = DEFAULTS.get(key, "")  # name, description: text
-    kind = float if isinstance(default, float) else int if default is None else type(default)
-    fits = (value is None and default is None) or (
-        isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool)))
-    if not fits:
-        raise MxError(f"recipe value {key}: {reprlib.repr(value)} is not {kind.__name__}"
-                      f"{' or null' if default is None else ''}", file=path)
-    if kind is int and value is not None and not RECIPE_MIN.get(key, -1) <= value <= MAX_SETTING:
-        raise MxError(f"recipe value {key}: {value} is out of range", file=path)
-    if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
-        raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
-
-
-# The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
-# Hessian-weighted range search and the scale re-fit; each lever's measured effect is in docs/BENCHMARKS.md.
-DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
-                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
-                search="hessian", refit=True)
-
-
-def resolve_settings(recipe=None, **given) -> dict:
-    """DEFAULTS, then the recipe, then every option the caller gave (not None) on top."""
-    settings = dict(DEFAULTS)
-    if recipe:
-        settings.update({k: v for k, v in load_recipe(recipe).items() if k in RECIPE_KEYS})
-    settings.update({k: v for k, v in given.items() if v is not None})
-    return settings
-
-
-def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
-                 act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
-                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
-                 names: str = "vllm") -> dict:
-    """`mxtools quantize`: open src, calibrate on the text file, write a GPTQ v1 directory at out atomically,
-    its tensors named for `names` (layouts.gptq.NAMINGS: "vllm" or "transformers").
-
-    Options left None come from the recipe (if any), else DEFAULTS. Returns the report (also written to
-    out/quantize_report.json). The calibration text defaults to the bundled one.
-    """
-    from ..bundled import CALIB
-    from ..io.atomic import atomic_output, check_output
-    from ..layouts import open_checkpoint
-    from ..layouts.gptq import write_quantized
-    s = resolve_settings(recipe, bits=bits, method=method, group_size=group_size, sym=sym, act_order=act_order,
-                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens)
-    try:
-        cfg = QuantConfig(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], act_order=s["act_order"],
-                          damp=s["damp"], static_groups=s["static_groups"], mse=s["mse"],
-                          act_group_aware=s["act_group_aware"], search=s["search"], refit=s["refit"])
-    except ValueError as exc:
-        raise MxError(str(exc)) from None
-    check_output(Path(out), [Path(src)], force)
-    with open_checkpoint(src) as ckpt:
-        tokens = _calibration_tokens(ckpt, calib_text_path or CALIB) if s["method"] == "gptq" else None
-        stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
-                                     device, s["min_tokens"], progress)
-        stream.report["source"] = str(src)
-        stream.report["recipe"] = str(recipe) if recipe else None
-        with atomic_output(Path(out), directory=True, force=force) as tmp:
-            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=names)
-    return {**stream.report, "timings": stream.timings}
-
-
-def _calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
-    from ..tokenizer import Tokenizer
-    tok = ckpt.tokenizer or Tokenizer.default()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MxError(f"cannot read the calibration text: {exc}", file=path) from None
-    return tok.encode(text, bos=False)

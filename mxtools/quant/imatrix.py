@@ -22,17 +22,28 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
+IM = gguf.Keys.IMatrix
+
 from .. import names
-from ..chunking import chunk_tokens, tokenize_file, with_bos
+from ..chunking import chunk_tokens, with_bos
 from ..errors import FormatError, ShapeError, reading
-from ..io.atomic import atomic_output, check_output
+from ..io.atomic import atomic_output
 from ..io.files import RawFile
 from ..io.gguf_reader import meta_value, read_header
+from ..io.gguf_tables import (
+    IMATRIX_CHUNKS,
+    IMATRIX_DATASET,
+    IMATRIX_ENTRIES,
+    IMATRIX_FILE,
+    LEGACY_TABLE,
+    TABLE,
+)
 from ..io.gguf_writer import GGUFStreamWriter
 from ..model import iter_layers, resolve_device
 from ..spec import ModelSpec
@@ -64,17 +75,13 @@ class Imatrix(dict):
 
     def quantize_metadata(self, path) -> list[tuple[str, V, object]]:
         """The quantize.imatrix.* keys llama-quantize records in a GGUF quantized with this file (key, type, value)."""
-        rows = [("quantize.imatrix.file", V.STRING, str(path)[:127])]
+        rows = [(IMATRIX_FILE, V.STRING, str(path)[:127])]
         if self.datasets:
-            rows.append(("quantize.imatrix.dataset", V.STRING, str(self.datasets[0])[:127]))
-        rows.append(("quantize.imatrix.entries_count", V.UINT32, self.entries))
+            rows.append((IMATRIX_DATASET, V.STRING, str(self.datasets[0])[:127]))
+        rows.append((IMATRIX_ENTRIES, V.UINT32, self.entries))
         if self.chunk_count > 0:
-            rows.append(("quantize.imatrix.chunks_count", V.UINT32, self.chunk_count))
+            rows.append((IMATRIX_CHUNKS, V.UINT32, self.chunk_count))
         return rows
-
-
-def _name(key: str, i: int, e=None) -> str:
-    return names.fill(names.KIND_BY_KEY[key].template, i, e)
 
 
 class _Collector:
@@ -84,16 +91,16 @@ class _Collector:
         self.layer, self.sums, self.counts = 0, {}, {}
         for i in range(spec.n_layers):
             for key in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp"):
-                self.counts[_name(key, i)] = 0
+                self.counts[names.weight_name(key, i)] = 0
             for e in range(spec.n_experts):
                 for key in ("ffn_gate", "ffn_up", "ffn_down"):
-                    self.counts[_name(key, i, e)] = 0
+                    self.counts[names.weight_name(key, i, e)] = 0
 
     def __call__(self, kind: str, x: torch.Tensor, expert) -> None:
         flat = x.reshape(-1, x.shape[-1])
         sq = torch.sum(flat.float().square(), 0, dtype=torch.float64)  # squares in f32, as llama.cpp
         for key in OBSERVED[kind]:
-            name = _name(key, self.layer, expert)
+            name = names.weight_name(key, self.layer, expert)
             self.sums[name] = self.sums[name] + sq if name in self.sums else sq
             self.counts[name] += flat.shape[0]
 
@@ -130,27 +137,11 @@ def compute_imatrix(ckpt: Checkpoint, tokens, *, ctx: int = 512, chunks: int | N
     return Imatrix(collect.result(ckpt.spec), ctx, batch.shape[0], datasets)
 
 
-def imatrix_from_text(model, text_file, out, *, ctx: int = 512, chunks: int | None = None, device="auto",
-                      force: bool = False, progress=lambda n: None) -> Path:
-    """`mxtools imatrix MODEL --text FILE -o OUT`: tokenize FILE with the model's tokenizer (BOS first, as
-    llama-imatrix), compute the importance matrix and write it as a GGUF imatrix file.
-    `progress(k)` gets the number of chunks done by each pass."""
-    from ..layouts import open_checkpoint
-    from ..tokenizer import Tokenizer
-    check_output(Path(out), [Path(model), Path(text_file)], force)
-    with open_checkpoint(model) as ckpt:
-        tokens = tokenize_file(ckpt.tokenizer or Tokenizer.default(), text_file)
-        data = compute_imatrix(ckpt, tokens, ctx=ctx, chunks=chunks, device=device, datasets=[str(text_file)],
-                               progress=progress)
-    return save_imatrix(out, data, force=force)
-
-
 # ---- GGUF names ----
 
 def _to_gguf(stats: dict) -> dict[str, list]:
     """canonical stats -> GGUF name -> per-matrix list of stats (experts in order, None where missing; every
     merged tensor padded to the largest expert count, since llama-quantize wants experts * columns values)."""
-    from ..layouts.gguf import TABLE
     out: dict[str, list] = {}
     merged = set()
     for name, stat in stats.items():
@@ -170,7 +161,6 @@ def _to_gguf(stats: dict) -> dict[str, list]:
 
 
 def _to_canonical(gname: str) -> tuple[str, bool] | None:
-    from ..layouts.gguf import LEGACY_TABLE, TABLE
     return TABLE.to_canonical(gname) or LEGACY_TABLE.to_canonical(gname)
 
 
@@ -186,10 +176,10 @@ def save_imatrix(path, data: Imatrix | dict, chunk_size: int | None = None, chun
     entries = _to_gguf(data)
     with atomic_output(Path(path), False, force=force) as tmp:
         w = GGUFStreamWriter(tmp)
-        w.add("general.type", V.STRING, "imatrix")
-        w.add("imatrix.datasets", V.ARRAY, datasets, V.STRING)
-        w.add("imatrix.chunk_count", V.UINT32, int(chunk_count))
-        w.add("imatrix.chunk_size", V.UINT32, int(chunk_size))
+        w.add(gguf.Keys.General.TYPE, V.STRING, "imatrix")
+        w.add(IM.DATASETS, V.ARRAY, datasets, V.STRING)
+        w.add(IM.CHUNK_COUNT, V.UINT32, int(chunk_count))
+        w.add(IM.CHUNK_SIZE, V.UINT32, int(chunk_size))
         blobs = []
         for gname in sorted(entries):  # llama.cpp writes in name order
             sums, counts = _stack(entries[gname], gname)
@@ -244,11 +234,11 @@ def _read_gguf(path: Path) -> Imatrix:
     raw = RawFile(path)
     try:
         meta, infos = read_header(raw)
-        datasets = meta_value(meta, "imatrix.datasets", list, path, [])
+        datasets = meta_value(meta, IM.DATASETS, list, path, [])
         if not set(map(type, datasets)) <= {str}:
             raise FormatError("imatrix.datasets holds values that are not strings", file=path)
-        out = Imatrix(chunk_size=meta_value(meta, "imatrix.chunk_size", int, path, 0),
-                      chunk_count=meta_value(meta, "imatrix.chunk_count", int, path, 0), datasets=datasets)
+        out = Imatrix(chunk_size=meta_value(meta, IM.CHUNK_SIZE, int, path, 0),
+                      chunk_count=meta_value(meta, IM.CHUNK_COUNT, int, path, 0), datasets=datasets)
         tensors = {t.name: t for t in infos}
         for tname, t in tensors.items():
             if tname.endswith(".in_sum2"):

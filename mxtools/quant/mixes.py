@@ -32,12 +32,9 @@ from gguf import GGMLQuantizationType as Q
 
 from .. import recipes
 from ..errors import MxError
-from ..names import KIND_BY_KEY
+from ..io.gguf_tables import TABLE
+from ..names import GGUF_F32_KINDS, KIND_BY_KEY
 from ..spec import PRESETS, ModelSpec
-
-# Never quantized by llama.cpp (tensor_allows_quantization): 1-D norms ("_norm.weight") and the router
-# ("ffn_gate_inp.weight"); every GGUF llama.cpp reads stores them F32.
-KEEP_F32 = frozenset({"attn_norm", "ffn_norm", "output_norm", "ffn_gate_inp"})
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.
@@ -122,7 +119,7 @@ class Mix:
         patterns = [(re.compile(p), t) for p, t in ov.tensor_types]
 
         def pick(kind: str, layer, np_shape) -> Q:
-            if kind in KEEP_F32 or len(np_shape) < 2:
+            if kind in GGUF_F32_KINDS or len(np_shape) < 2:  # names.Kind.gguf_f32
                 return Q.F32
             if kind == "token_embd" and ov.token_embd_type is not None:
                 return ov.token_embd_type
@@ -146,8 +143,6 @@ def parse_tensor_type(arg: str) -> tuple[str, Q]:
 def _manual(patterns, kind: str, layer) -> Q | None:
     if not patterns:
         return None
-    # imported late: the layouts package imports the quantizers
-    from ..layouts.gguf import TABLE
     name = TABLE.rows[kind].replace("{i}", str(layer))
     return next((t for rx, t in patterns if rx.search(name)), None)
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import math
 
+from ..io.gguf_tables import OUTTYPE_FILE_TYPE
+from ..quant.mixes import MIXES, load_mix
 from ..tensors import Checkpoint
 
 _COLS = ("max_ppl_ratio", "max_kld_mean", "min_same_top_p", "max_layer_error", "max_routing")
@@ -68,8 +70,6 @@ FALLBACK = "q4_0"
 
 def gguf_file_types() -> dict[int, str]:
     """general.file_type -> outtype name, derived from the GGUF writer's float table and the mix recipes."""
-    from ..layouts.gguf import OUTTYPE_FILE_TYPE
-    from ..quant.mixes import MIXES, load_mix
     return {**{int(v): k for k, v in OUTTYPE_FILE_TYPE.items()}, **{load_mix(m).file_type: m for m in MIXES}}
 
 

@@ -11,12 +11,25 @@ widening that row's step, see gptq._range_params), so `pack` refuses a result wi
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..errors import ShapeError
-from .gptq import QuantResult
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class Codes(Protocol):
+    """What `pack` stores: one Linear's integer codes and group parameters (quant.gptq.QuantResult is one)."""
+
+    q: torch.Tensor  # uint8 [out, in], codes in [0, 2^bits - 1]
+    scales: torch.Tensor  # float [n_groups, out]
+    zeros: torch.Tensor  # int32 [n_groups, out], the integer zero point (not the stored zero - 1)
+    g_idx: torch.Tensor  # int32 [in], group of each input column
+
+    @property
+    def bits(self) -> int: ...
 
 
 def _per_word(bits: int) -> int:
@@ -46,7 +59,7 @@ def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     return ((u[:, None, :] >> shifts) & (2 ** bits - 1)).reshape(k * per, m)
 
 
-def pack(result: QuantResult, out_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def pack(result: Codes, out_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The four v1 tensors, keyed by suffix ("qweight", "qzeros", "scales", "g_idx"), on the result's device.
 
     Scales are stored as `out_dtype`; only fp16 (the default) reproduces `result.dequantize()` exactly.

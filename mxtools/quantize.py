@@ -1,0 +1,197 @@
+"""`mxtools quantize`: calibrate and quantize a checkpoint, written as a GPTQ v1 directory or, with --to gguf, as a
+GGUF in one of llama.cpp's mixes with GPTQ on its block grids.
+
+This verb wires the pieces and owns the settings: the named recipes (mxtools/recipes) and DEFAULTS resolve into
+the options the algorithms take; the reader (layouts.open_checkpoint) feeds the layer-by-layer pipeline
+(quant/gptq_pipeline), whose per-Linear results go to a writer (layouts/gptq, or layouts/gguf through
+quant/gguf_quantize's hooks) inside one atomic output.
+"""
+from __future__ import annotations
+
+import reprlib
+from pathlib import Path
+
+import numpy as np
+
+from . import recipes
+from .bundled import CALIB
+from .convert import write_checkpoint
+from .errors import MxError
+from .io.atomic import atomic_output, check_output
+from .layouts import open_checkpoint
+from .layouts.gptq import write_quantized
+from .quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
+from .quant.gptq import QuantConfig
+from .quant.gptq_pipeline import Progress, quantize_checkpoint, totals
+from .quant.imatrix import imatrix_for_writer, read_imatrix
+from .quant.mixes import MIXES, gguf_options, read_yaml
+from .tensors import Checkpoint
+from .tokenizer import Tokenizer
+
+# ---------------------------------------------------------------- recipes and defaults
+
+RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
+               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit")
+
+
+RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
+RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0}  # integer settings outside QuantConfig
+MAX_SETTING = 2**31 - 1
+
+
+def load_recipe(name_or_path) -> dict:
+    """A recipe's settings as a dict: a path to a YAML file, or a name under recipes/ ("gptq-int4-g128").
+    Each value must have its default's type (a null only where the default is one); anything else is an
+    MxError naming the file."""
+    path = recipes.find(name_or_path)
+    if path is None:
+        raise MxError(f"no recipe {name_or_path!r} (known: {', '.join(recipes.names())})")
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise MxError(f"a recipe is a mapping of settings, not {type(data).__name__}", file=path)
+    unknown = set(data) - set(RECIPE_KEYS) - {"name", "description"}
+    if unknown:
+        raise MxError(f"recipe has unknown keys {sorted(map(reprlib.repr, unknown))}; known: {', '.join(RECIPE_KEYS)}",
+                      file=path)
+    for key, value in data.items():
+        _check_setting(key, value, path)
+    try:
+        QuantConfig(**{k: v for k, v in {**DEFAULTS, **data}.items() if k in QuantConfig.__dataclass_fields__})
+    except ValueError as exc:
+        raise MxError(str(exc), file=path) from None
+    return data
+
+
+def _check_setting(key: str, value, path) -> None:
+    default = DEFAULTS.get(key, "")  # name, description: text
+    kind = float if isinstance(default, float) else int if default is None else type(default)
+    fits = (value is None and default is None) or (
+        isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool)))
+    if not fits:
+        raise MxError(f"recipe value {key}: {reprlib.repr(value)} is not {kind.__name__}"
+                      f"{' or null' if default is None else ''}", file=path)
+    if kind is int and value is not None and not RECIPE_MIN.get(key, -1) <= value <= MAX_SETTING:
+        raise MxError(f"recipe value {key}: {value} is out of range", file=path)
+    if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
+        raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
+
+
+# The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
+# Hessian-weighted range search and the scale re-fit; each lever's measured effect is in docs/BENCHMARKS.md.
+DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
+                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
+                search="hessian", refit=True)
+
+
+def resolve_settings(recipe=None, **given) -> dict:
+    """DEFAULTS, then the recipe, then every option the caller gave (not None) on top."""
+    settings = dict(DEFAULTS)
+    if recipe:
+        settings.update({k: v for k, v in load_recipe(recipe).items() if k in RECIPE_KEYS})
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def quant_config(settings: dict) -> QuantConfig:
+    """The QuantConfig of resolved settings; its refusals become MxErrors."""
+    try:
+        return QuantConfig(**{k: v for k, v in settings.items() if k in QuantConfig.__dataclass_fields__})
+    except ValueError as exc:
+        raise MxError(str(exc)) from None
+
+
+def calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
+    """The calibration text tokenized with the checkpoint's tokenizer (the bundled one when it has none), no BOS."""
+    tok = ckpt.tokenizer or Tokenizer.default()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MxError(f"cannot read the calibration text: {exc}", file=path) from None
+    return tok.encode(text, bos=False)
+
+
+# ---------------------------------------------------------------- --to gptq
+
+def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
+                 act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
+                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
+                 names: str = "vllm") -> dict:
+    """Open src, calibrate on the text file, write a GPTQ v1 directory at out atomically, its tensors named for
+    `names` (layouts.gptq.NAMINGS: "vllm" or "transformers").
+
+    Options left None come from the recipe (if any), else DEFAULTS. Returns the report (also written to
+    out/quantize_report.json) with "timings". The calibration text defaults to the bundled one.
+    """
+    s = resolve_settings(recipe, bits=bits, method=method, group_size=group_size, sym=sym, act_order=act_order,
+                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens)
+    cfg = quant_config(s)
+    check_output(Path(out), [Path(src)], force)
+    with open_checkpoint(src) as ckpt:
+        tokens = calibration_tokens(ckpt, calib_text_path or CALIB) if s["method"] == "gptq" else None
+        stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
+                                     device, s["min_tokens"], progress)
+        stream.report["source"] = str(src)
+        stream.report["recipe"] = str(recipe) if recipe else None
+        with atomic_output(Path(out), directory=True, force=force) as tmp:
+            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=names)
+    return {**stream.report, "timings": stream.timings}
+
+
+# ---------------------------------------------------------------- --to gguf
+
+def run_quantize_gguf(src, out, outtype: str, *, method=None, calib_text_path=None, nsamples=None, seqlen=None,
+                      experts=None, damp=None, imatrix_path=None, device="auto", force: bool = False,
+                      min_tokens: int | None = None, progress: Progress | None = None) -> dict:
+    """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids (quant/gguf_quantize); write one
+    GGUF at out atomically. Options left None take DEFAULTS. Returns the pipeline's report with "timings"."""
+    if outtype not in MIXES:
+        raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
+    s = resolve_settings(None, method=method, nsamples=nsamples, seqlen=seqlen, experts=experts, damp=damp,
+                         min_tokens=min_tokens)
+    method, experts, damp = s["method"], s["experts"], s["damp"]
+    cfg = quant_config({"damp": damp})  # its checks are the option's
+    calib = Path(calib_text_path or CALIB)
+    with open_checkpoint(src) as ckpt:
+        raw = read_imatrix(imatrix_path) if imatrix_path else None
+        opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
+        tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
+        hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
+        stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"], device,
+                                     s["min_tokens"], progress=progress, quantizer=hook)
+        for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
+            stream.report.pop(key, None)
+        stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
+        extra = metadata(method, calib, stream.report["calibration"], damp, experts)
+        extra += raw.quantize_metadata(imatrix_path) if raw else []
+        source = LayerBytes(stream, hook)
+        write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,
+                         extra_metadata=extra, encoded=source)
+        source.finish()
+    return {**stream.report, "timings": stream.timings}
+
+
+# ---------------------------------------------------------------- the terminal summary
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal: settings, calibration, methods used, fallbacks, time (`report["timings"]`,
+    as run_quantize and run_quantize_gguf return it)."""
+    t, cal, times = report.get("totals") or totals(report["layers"]), report.get("calibration", {}), \
+        report.get("timings", {})
+    per_layer = float(np.mean(times["layers_s"])) if times.get("layers_s") else 0.0
+    if "outtype" in report:
+        head = f"{report['outtype']} ({report['method']}), experts {report['experts']}, damp {report['damp']}"
+    else:
+        head = (f"{report['method']} int{report['bits']} g{report['group_size']} "
+                f"{'sym' if report['sym'] else 'asym'}{' act-order' if report['act_order'] else ''}, "
+                f"experts {report['experts']}")
+    lines = [f"{head}, device {report['device']}",
+             f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens"
+             + (f" (fewer than the {cal['requested']} asked: the text is short)" if cal.get("short") else ""),
+             (f"linears: {t.get('linears')} ({t.get('gptq')} gptq, {t.get('rtn')} rtn); tokens per expert "
+              f"{t.get('expert_tokens_min')}..{t.get('expert_tokens_max')}; {times.get('time_s')} s "
+              f"({per_layer:.3f} s per layer)")]
+    if t.get("experts_rtn"):
+        lines.append(f"  experts rounded to nearest (too few tokens or GPTQ failed): {', '.join(t['experts_rtn'])}")
+    lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", []) if " expert " not in f]
+    lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
+    return "\n".join(lines)
