@@ -67,6 +67,7 @@ class QuantConfig:
     act_group_aware: bool = False
     search: str = "minmax"
     refit: bool = False
+    sweeps: int = 0
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -75,6 +76,8 @@ class QuantConfig:
             raise ValueError(f"group_size={self.group_size!r} must be -1 (one group) or a positive integer")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
             raise ValueError(f"damp={self.damp!r} must be a fraction in [0, 1), e.g. 0.01")
+        if not isinstance(self.sweeps, int) or isinstance(self.sweeps, bool) or not 0 <= self.sweeps <= 16:
+            raise ValueError(f"sweeps={self.sweeps!r} must be an integer from 0 to 16")
         if self.search not in SEARCHES:
             raise ValueError(f"search={self.search!r} must be one of {', '.join(SEARCHES)}")
 
@@ -121,20 +124,32 @@ class QuantResult:
 
 
 class Hessian:
-    """Accumulates H = (2/n) * sum X^T X of one Linear's inputs in fp32, n counted in tokens."""
+    """Accumulates H = (2/n) * sum X^T X of one Linear's inputs in fp32, n counted in tokens.
 
-    def __init__(self, in_features: int, device=None):
+    cross=True also accumulates C = (2/n) * sum X_fp^T X, X_fp the same tokens' inputs in the unquantized model
+    (the asymmetric objective, `asym_target`); `add` then needs both.
+    """
+
+    def __init__(self, in_features: int, device=None, cross: bool = False):
         self.in_features = in_features
         self.n_tokens = 0
         self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._cross = torch.zeros_like(self._sum) if cross else None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs [..., in_features] (any float dtype; empty batches are fine)."""
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs [..., in_features] (any float dtype; empty batches are fine), and with cross=True
+        the unquantized model's inputs x_fp of the same tokens (same shape)."""
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"Hessian input has {x.shape[-1]} features, expected {self.in_features}")
         x = x.detach().reshape(-1, self.in_features).to(self._sum.device, torch.float32)
+        if self._cross is not None:
+            if x_fp is None or x_fp.numel() != x.numel():
+                raise ShapeError("a cross Hessian needs the unquantized inputs of the same tokens")
+            x_fp = x_fp.detach().reshape(-1, self.in_features).to(self._sum.device, torch.float32)
         if x.shape[0]:
             self._sum.addmm_(x.T, x)
+            if self._cross is not None:
+                self._cross.addmm_(x_fp.T, x)
             self.n_tokens += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
@@ -142,6 +157,39 @@ class Hessian:
         if self.n_tokens == 0:
             return torch.zeros_like(self._sum)
         return self._sum * (2.0 / self.n_tokens)
+
+    def cross_matrix(self) -> torch.Tensor | None:
+        """C = (2/n) sum X_fp^T X as a new [in, in] tensor; None without cross."""
+        if self._cross is None:
+            return None
+        if self.n_tokens == 0:
+            return torch.zeros_like(self._cross)
+        return self._cross * (2.0 / self.n_tokens)
+
+
+def asym_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, alpha: float = 1.0,
+                ridge: float = 0.05) -> torch.Tensor:
+    """The weight W' that GPTQ on the quantized stream's Hessian H should approximate for the asymmetric objective
+    (GPTAQ, Li et al. 2025): min_Q ||X_fp W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const with W' = W C H^-1,
+    X the inputs the already-quantized model gives this Linear, X_fp the unquantized model's, C = X_fp^T X.
+
+    The least-squares correction is damped towards W (ridge regression, lam = ridge * mean(diag(H))):
+    W' = W + alpha * W (C - H) (H + lam I)^-1, alpha scaling the correction (GPTAQ's alpha; 1 = the whole one).
+    Columns without input (diag(H) == 0) get no correction."""
+    w = w.detach().float()
+    h = h.to(w.device, torch.float32)
+    c = c.to(w.device, torch.float32)
+    mean_diag = float(torch.diagonal(h).mean())
+    if mean_diag <= 0 or alpha == 0:
+        return w
+    hd = h.clone()
+    hd.diagonal().add_(max(ridge, 1e-6) * mean_diag)
+    d = c - h
+    d[:, torch.diagonal(h) == 0] = 0  # a column the quantized stream never feeds gets no correction
+    # W (C - H) (H + lam)^-1 = ((H + lam)^-1 (C - H)^T W^T)^T, H symmetric; solve instead of inverting.
+    corr = torch.linalg.solve(hd, d.T @ w.T).T
+    out = w + alpha * corr
+    return out if bool(torch.isfinite(out).all()) else w
 
 
 # ---------------------------------------------------------------- quantizer (per output row of a group)
@@ -276,15 +324,50 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
     hp = h if perm is None else h[perm][:, perm]
     hinv, damp = _inverse_cholesky(hp, cfg.damp)
     del hp
-    if not cfg.refit:
+    if not (cfg.refit or cfg.sweeps):
         h = None  # only the re-fit needs H after the inverse: free [in, in] floats during the loop
     base = torch.arange(cols, device=w.device) // g
     col_group = base if perm is None or (cfg.act_order and static is None) else base[perm]
     res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp)
     if cfg.refit:
         res.scales = _refit_scales(w, h, res, damp)
+    if cfg.sweeps:
+        hd = _damped(h, damp)
+        for _ in range(cfg.sweeps):
+            res.q = _descend_codes(w, hd, res, blocksize)
+            if cfg.refit:
+                res.scales = _refit_scales(w, h, res, damp)
+    if cfg.refit or cfg.sweeps:
         res.loss = objective(w, res.dequantize(), _damped(h, damp))
     return res
+
+
+def _descend_codes(w: torch.Tensor, hd: torch.Tensor, res: QuantResult, blocksize: int = BLOCK_SIZE):
+    """One cyclic coordinate-descent sweep over the codes (scales and zeros kept) on tr((W - Q) Hd (W - Q)^T):
+    column j of every row moves to the grid point nearest its exact minimiser Q_j + G_j / Hd_jj, G = (W - Q) Hd
+    (QuantEase, Behdin et al. 2023). Each step can only lower the objective. Returns the new codes [out, in]."""
+    gi = res.g_idx.long()
+    scale_t = res.scales.to(torch.float16).float()[gi].contiguous()  # [in, out], as the loader reads it
+    zero_t = res.zeros.float()[gi].contiguous()
+    codes_t = res.q.T.float().contiguous()
+    q_t = scale_t * (codes_t - zero_t)
+    grad_t = (hd @ (w.T - q_t)).contiguous()  # G^T = Hd (W - Q)^T, rows are columns of W
+    diag = hd.diagonal()
+    maxq = res.cfg.maxq
+    cols = codes_t.shape[0]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        dq = torch.zeros(i2 - i1, codes_t.shape[1], dtype=q_t.dtype, device=q_t.device)
+        with _one_cpu_thread(w.device):
+            for j in range(i1, i2):
+                target = q_t[j] + grad_t[j] / diag[j]
+                c = torch.clamp(torch.round(target / scale_t[j]) + zero_t[j], 0, maxq)
+                new = scale_t[j] * (c - zero_t[j])
+                d = new - q_t[j]
+                codes_t[j], q_t[j], dq[j - i1] = c, new, d
+                grad_t[j + 1:i2].addr_(hd[j + 1:i2, j], d, alpha=-1)
+        grad_t[i2:].addmm_(hd[i2:, i1:i2], dq, alpha=-1)
+    return codes_t.T.to(torch.uint8).contiguous()
 
 
 def _processing_order(diag: torch.Tensor, g: int, cfg: QuantConfig) -> torch.Tensor | None:

@@ -11,6 +11,14 @@ The layer output always uses the normal routing and the quantized weights, so la
 quantized layer i really produces. Only one layer's weights are loaded at a time; the calibration hidden states
 of all samples stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU).
 
+The asymmetric objective (`asym` > 0, GPTAQ): a second stream of hidden states runs through the unquantized
+layers beside the quantized one, and every Linear's Hessian also accumulates the cross-covariance of the same
+tokens' unquantized inputs with its quantized-stream inputs (an expert: the tokens the quantized stream routes to
+it), so each weight is quantized towards min ||X_fp W^T - X Q^T|| (gptq.asym_target: the weight handed to the
+per-matrix quantizer, GPTQ int or a ggml grid, is moved by that least-squares correction, damped and scaled by
+`asym`). It costs one more copy of the hidden states and of the attention output, the unquantized forward and a
+second accumulation per Hessian.
+
 Starved experts: a Linear whose Hessian saw fewer than `min_tokens` tokens falls back to round-to-nearest (its
 experts are never zeroed). The default threshold is MIN_TOKEN_FRACTION (10%) of the model's hidden size (410
 tokens for 8x7B, 0.16% of 128 x 2048 calibration tokens, in the spirit of GPTQModel's 0.5% rule): below that the
@@ -22,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +44,7 @@ from .gptq import (
     Hessian,
     QuantConfig,
     QuantResult,
+    asym_target,
     gptq_quantize,
     rtn_quantize,
 )
@@ -136,10 +145,21 @@ class _Run:
     # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another
     # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weight with cfg
     quantizer: Callable | None = None
+    asym: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
+    asym_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
+
+    @property
+    def cross(self) -> bool:
+        """Whether Hessians also accumulate the unquantized stream's cross-covariance."""
+        return self.asym > 0 and self.method == "gptq"
 
     def quantize(self, key, i, e, w, hess) -> tuple[torch.Tensor, dict]:
-        """Quantize one Linear, keep its result, return (dequantized weight on the device, report entry)."""
+        """Quantize one Linear, keep its result, return (dequantized weight on the device, report entry).
+        With the asymmetric objective on, the quantizer gets W' (gptq.asym_target) instead of W."""
         name = weight_name(key, i, e)
+        if (hess is not None and hess.n_tokens >= max(self.min_tokens, 1) and hess.cross_matrix() is not None
+                and self.method == "gptq"):
+            w = asym_target(w, hess.matrix(), hess.cross_matrix(), self.asym, self.asym_ridge)
         if self.quantizer is None:
             res, entry = quantize_weight(w, hess, self.cfg, self.method, self.min_tokens)
         else:
@@ -154,28 +174,43 @@ def _batches(h: torch.Tensor, dev) -> Iterator[tuple[int, torch.Tensor]]:
         yield s, h[s:s + model.SEQS_PER_ATTENTION].to(dev)
 
 
-def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
-    """Quantize [q, k, v] then [o]; return the hidden state after the attention residual and the report."""
-    spec, report = run.ckpt.spec, {}
-    hess = Hessian(spec.dim, run.dev)
-    for _, hb in _batches(h, run.dev):
-        hess.add(model.rms_norm(hb, w.attn_norm, spec.norm_eps))
+def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int, fw: model.LayerWeights | None = None,
+                     hf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Quantize [q, k, v] then [o]; return the hidden state after the attention residual (and the unquantized
+    stream's, when hf, the unquantized stream's layer input, and fw, the layer's float weights, are given)."""
+    spec, report, cross = run.ckpt.spec, {}, hf is not None
+
+    def normed(x, s, n):  # the unquantized stream's normed input of samples s..s+n, or None
+        return model.rms_norm(x[s:s + n].to(run.dev), fw.attn_norm, spec.norm_eps) if cross else None
+
+    hess = Hessian(spec.dim, run.dev, cross=cross)
+    for s, hb in _batches(h, run.dev):
+        hess.add(model.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(hf, s, hb.shape[0]))
     for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
         new, report[attr] = run.quantize(key, i, None, getattr(w, attr), hess)
         setattr(w, attr, new)
     del hess
     att = torch.empty(h.shape[:2] + (spec.n_heads * spec.head_dim,), dtype=h.dtype, device=run.store)
-    hess_o = Hessian(att.shape[-1], run.dev)
+    att_f = torch.empty_like(att) if cross else None
+    hess_o = Hessian(att.shape[-1], run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
         out = model._attend(model.rms_norm(hb, w.attn_norm, spec.norm_eps), w, spec, run.rope)
-        hess_o.add(out)
+        out_f = model._attend(normed(hf, s, hb.shape[0]), fw, spec, run.rope) if cross else None
+        hess_o.add(out, out_f)
         att[s:s + out.shape[0]] = out.to(run.store)
+        if cross:
+            att_f[s:s + out.shape[0]] = out_f.to(run.store)
     w.o, report["o"] = run.quantize("attn_output", i, None, w.o, hess_o)
     del hess_o
+    return _residual(run, h, att, w.o), _residual(run, hf, att_f, fw.o) if cross else None, report
+
+
+def _residual(run: _Run, h: torch.Tensor, att: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """h + o_proj(att), sample group by sample group, on the store device."""
     mid = torch.empty_like(h)
     for s, hb in _batches(h, run.dev):
-        mid[s:s + hb.shape[0]] = (hb + F.linear(att[s:s + hb.shape[0]].to(run.dev), w.o)).to(run.store)
-    return mid, report
+        mid[s:s + hb.shape[0]] = (hb + F.linear(att[s:s + hb.shape[0]].to(run.dev), o)).to(run.store)
+    return mid
 
 
 def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,21 +220,29 @@ def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Te
         yield r, x[r.to(x.device)].to(dev)
 
 
-def _expert(run: _Run, w, e: int, i: int, xn, top_w, top_i, out) -> dict:
-    """Quantize expert e's [w1, w3] then [w2], and add its routed output (quantized weights) to `out`."""
+def _expert(run: _Run, w, e: int, i: int, xn, top_w, top_i, out, fw=None, xn_f=None) -> dict:
+    """Quantize expert e's [w1, w3] then [w2], and add its routed output (quantized weights) to `out`.
+    xn_f: the unquantized stream's normed input (fw: the layer's float weights) for the cross-covariances."""
     rows, slot = model.routed_tokens(top_i, e)
     calib = torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else rows
     w1, w2, w3 = w.experts[e]
+    cross = xn_f is not None
     report = {"expert": e, "tokens": int(rows.numel()), "hessian_tokens": int(calib.numel())}
-    h13 = Hessian(xn.shape[1], run.dev)
-    for _, x in _pieces(xn, calib, run.dev):
-        h13.add(x)
+
+    def unquantized(r):  # the unquantized stream's inputs of rows r, or None
+        return xn_f[r.to(xn_f.device)].to(run.dev) if cross else None
+
+    h13 = Hessian(xn.shape[1], run.dev, cross=cross)
+    for r, x in _pieces(xn, calib, run.dev):
+        h13.add(x, unquantized(r))
     w1, report["w1"] = run.quantize("ffn_gate", i, e, w1, h13)
     w3, report["w3"] = run.quantize("ffn_up", i, e, w3, h13)
     del h13
-    h2 = Hessian(w1.shape[0], run.dev)
-    for _, x in _pieces(xn, calib, run.dev):
-        h2.add(F.silu(F.linear(x, w1)) * F.linear(x, w3))
+    h2 = Hessian(w1.shape[0], run.dev, cross=cross)
+    for r, x in _pieces(xn, calib, run.dev):
+        x_f = unquantized(r)
+        h2.add(F.silu(F.linear(x, w1)) * F.linear(x, w3),
+               F.silu(F.linear(x_f, fw.experts[e][0])) * F.linear(x_f, fw.experts[e][2]) if cross else None)
     w2, report["w2"] = run.quantize("ffn_down", i, e, w2, h2)
     del h2
     # The layer output, exactly as model.moe computes it (same pieces, fp32 routing weight product).
@@ -217,17 +260,40 @@ def _summary_method(report: dict) -> str:
     return used.pop() if len(used) == 1 else "mixed"
 
 
-def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int) -> tuple[torch.Tensor, list]:
-    """Quantize every expert of the layer; return the layer output hidden state and the experts' reports."""
+def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int, fw: model.LayerWeights | None = None,
+               mid_f: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    """Quantize every expert of the layer; return the layer output hidden state (and the unquantized stream's,
+    when mid_f and fw are given) and the experts' reports."""
     spec = run.ckpt.spec
-    xn = torch.cat([model.rms_norm(hb, w.ffn_norm, spec.norm_eps).reshape(-1, spec.dim).to(run.store)
-                    for _, hb in _batches(mid, run.dev)])
-    routing = [model.route(xn[s:s + model.TOKENS_PER_STEP].to(run.dev), w.router, spec.n_experts_per_tok)
-               for s in range(0, xn.shape[0], model.TOKENS_PER_STEP)]
-    top_w, top_i = torch.cat([r[0] for r in routing]), torch.cat([r[1] for r in routing])
+
+    def normed(m):
+        return torch.cat([model.rms_norm(hb, w.ffn_norm, spec.norm_eps).reshape(-1, spec.dim).to(run.store)
+                          for _, hb in _batches(m, run.dev)])
+
+    xn = normed(mid)
+    xn_f = normed(mid_f) if mid_f is not None else None
+    top_w, top_i = _route(run, xn, w.router)
     out = torch.zeros_like(xn)
-    reports = [_expert(run, w, e, i, xn, top_w, top_i, out) for e in range(spec.n_experts)]
-    return mid + out.view_as(mid), reports
+    reports = [_expert(run, w, e, i, xn, top_w, top_i, out, fw, xn_f) for e in range(spec.n_experts)]
+    nxt_f = None
+    if mid_f is not None:  # the unquantized layer's output, with its own routing
+        top_w, top_i = _route(run, xn_f, fw.router)
+        out_f = torch.zeros_like(xn_f)
+        for e in range(spec.n_experts):
+            rows, slot = model.routed_tokens(top_i, e)
+            for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
+                r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
+                y = model.expert_forward(xn_f[r.to(xn_f.device)].to(run.dev), *fw.experts[e]) * top_w[r, sl, None]
+                out_f.index_add_(0, r.to(out_f.device), y.to(out_f.dtype).to(out_f.device))
+        nxt_f = mid_f + out_f.view_as(mid_f)
+    return mid + out.view_as(mid), nxt_f, reports
+
+
+def _route(run: _Run, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, expert ids) of every token of xn, in pieces of model.TOKENS_PER_STEP."""
+    routing = [model.route(xn[s:s + model.TOKENS_PER_STEP].to(run.dev), router, run.ckpt.spec.n_experts_per_tok)
+               for s in range(0, xn.shape[0], model.TOKENS_PER_STEP)]
+    return torch.cat([r[0] for r in routing]), torch.cat([r[1] for r in routing])
 
 
 def _rtn_layer(run: _Run, i: int) -> dict:
@@ -246,13 +312,15 @@ def _rtn_layer(run: _Run, i: int) -> dict:
     return report
 
 
-def _gptq_layer(run: _Run, i: int, h: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Quantize layer i on the calibration hidden states h; return its report and the next layer's input."""
+def _gptq_layer(run: _Run, i: int, h: torch.Tensor, hf: torch.Tensor | None = None):
+    """Quantize layer i on the calibration hidden states h (and hf, the unquantized stream's, for the asymmetric
+    objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
     w = model.load_layer(run.ckpt, i, run.dev, run.dtype)
-    mid, attn_report = _attention_stage(run, w, h, i)
-    del h
-    nxt, experts = _moe_stage(run, w, mid, i)
-    return {"attention": attn_report, "experts": experts}, nxt
+    fw = replace(w, experts=list(w.experts)) if hf is not None else None  # the float weights, kept
+    mid, mid_f, attn_report = _attention_stage(run, w, h, i, fw, hf)
+    del h, hf
+    nxt, nxt_f, experts = _moe_stage(run, w, mid, i, fw, mid_f)
+    return {"attention": attn_report, "experts": experts}, nxt, nxt_f
 
 
 # ---------------------------------------------------------------- the whole model
@@ -267,27 +335,29 @@ class QuantStream:
     def __init__(self, ckpt: Checkpoint, samples: torch.Tensor | None, sample_info: dict, run: _Run,
                  progress: Progress | None):
         self.ckpt, self.samples, self.run, self.progress = ckpt, samples, run, progress or (lambda *a: None)
-        self.hidden = None
+        self.hidden = self.hidden_fp = None
         self.timings: dict = {"layers_s": []}
         cfg = run.cfg
         self.report = {
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
-            "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit,
-            "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
+            "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "sweeps": cfg.sweeps,
+            "asym": run.asym, "asym_ridge": run.asym_ridge, "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
     def __iter__(self) -> Iterator[LayerQuant]:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
         h = self._embed() if self.run.method == "gptq" else None
+        hf = h.clone() if h is not None and self.run.cross else None  # the unquantized stream
         for i in range(n_layers):
             t = time.perf_counter()
             self.run.results = {}
             if h is None:
                 layer = _rtn_layer(self.run, i)
             else:
-                layer, h = _gptq_layer(self.run, i, h)
+                layer, h, hf = _gptq_layer(self.run, i, h, hf)
             self.hidden = h  # the next layer's calibration input (None for RTN); tests and debugging read it
+            self.hidden_fp = hf  # the unquantized stream's (asymmetric objective only)
             layer = {"layer": i, **layer}
             self.report["layers"].append(layer)
             self.timings["layers_s"].append(round(time.perf_counter() - t, 3))
@@ -324,24 +394,30 @@ def totals(layers: list[dict]) -> dict:
     }
 
 
-def _store_device(dev: torch.device, nbytes: int) -> torch.device:
-    """Keep the calibration activations (several copies of nbytes) on the accelerator only when they fit."""
+def _store_device(dev: torch.device, nbytes: int, copies: int = 4) -> torch.device:
+    """Keep the calibration activations (`copies` copies of nbytes) on the accelerator only when they fit."""
     if dev.type != "cuda":
         return dev
     free, _ = torch.cuda.mem_get_info(dev)
-    return dev if 4 * nbytes < HIDDEN_ON_DEVICE_FRACTION * free else torch.device("cpu")
+    return dev if copies * nbytes < HIDDEN_ON_DEVICE_FRACTION * free else torch.device("cpu")
 
 
 def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, method: str = "gptq",
                         experts: str = "routed", nsamples: int = 128, seqlen: int = 2048, device="auto",
                         min_tokens: int | None = None, progress: Progress | None = None,
-                        dtype: torch.dtype = torch.float32, quantizer: Callable | None = None) -> QuantStream:
+                        dtype: torch.dtype = torch.float32, quantizer: Callable | None = None,
+                        asym: float = 0.0, asym_ridge: float = 0.05) -> QuantStream:
     """A QuantStream that quantizes `ckpt` layer by layer (see the module docstring).
 
     tokens_or_chunks: the tokenized calibration text (flat, no BOS) or ready samples [n, T]; unused for "rtn".
     min_tokens: Hessian tokens below which a Linear falls back to RTN (default MIN_TOKEN_FRACTION x hidden size).
     quantizer: another per-matrix quantizer (see _Run.quantizer); cfg's packing limits then do not apply.
+    asym, asym_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
+    (gptq.asym_target), for either quantizer.
     """
+    if not (isinstance(asym, (int, float)) and 0 <= asym <= 1 and isinstance(asym_ridge, (int, float))
+            and 0 <= asym_ridge < 1):
+        raise MxError(f"asym={asym!r} must be in [0, 1] and asym_ridge={asym_ridge!r} in [0, 1)")
     if method not in METHODS:
         raise MxError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if experts not in EXPERT_MODES:
@@ -355,8 +431,9 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     spec = ckpt.spec
     nbytes = samples.numel() * spec.dim * dtype.itemsize if samples is not None else 0
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
-    run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes), dtype, min_tokens,
-               quantizer=quantizer)
+    copies = 6 if asym else 4  # the unquantized stream's hidden states and attention output
+    run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes, copies), dtype, min_tokens,
+               quantizer=quantizer, asym=float(asym), asym_ridge=float(asym_ridge))
     return QuantStream(ckpt, samples, info, run, progress)
 
 
