@@ -44,6 +44,7 @@ gpu-check:  # uses the machine's CUDA PyTorch, not the CPU venv
 	bash bench/gpu_check.sh
 
 lint: $(JUDGES)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_architecture.py  # the layer contract (also part of `make test`)
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check mxtools tests bench examples
 

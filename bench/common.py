@@ -19,7 +19,8 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` under /usr/bin/time -v; return wall seconds and peak RSS in MB (raise on failure)."""
     os.sync()  # the previous job's dirty pages are not this one's to write back
     full = ["/usr/bin/time", "-v", *map(str, cmd)]
-    p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       check=False)
     if p.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", p.stderr).group(1)

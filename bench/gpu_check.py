@@ -31,7 +31,7 @@ def step(name):
             t = time.time()
             try:
                 RESULTS[name] = fn(*a)
-            except Exception as exc:  # keep going: every figure we can get counts
+            except Exception as exc:  # noqa: BLE001  (keep going: every figure we can get counts)
                 RESULTS[name] = {"error": f"{type(exc).__name__}: {exc}"}
             RESULTS[name]["seconds"] = round(time.time() - t, 2)
             print(name, json.dumps(RESULTS[name]), flush=True)

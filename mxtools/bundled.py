@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from .errors import OutputError
-from .layouts.hf import read_tokenizer, write_tokenizer_json
+from .io.hf_dir import read_tokenizer, write_tokenizer_json
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL = ASSETS / "tiny-mixtral"

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import random
 import re
 import signal
 import threading
@@ -68,26 +67,6 @@ CONVERSATIONS = (
     ("long conversation", [m for i in range(4) for m in (_u(f"Question {i}: why?"), _a(f"Because {i}."))]
      + [_u("Thanks!")]),
 )
-
-# Characters the generated conversations draw from: words, whitespace runs, digits, CJK, Cyrillic, brackets.
-# No "<" or ">": a literal "</s>" in a message is text to mistral-common but a special token to every tokenizer
-# that parses the rendered template, which no template can change.
-_CHARSET = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" "0123456789" "     \n\n\t" ".,;:!?'\"()[]{}-_/*#"
-            "中文字符日本語漢字한국어" "приветмир" "éèüßø")
-
-
-def generated_conversations(seed: int, count: int) -> list[tuple[str, list[dict]]]:
-    """`count` random valid conversations: optional system prompt, alternating turns, random text."""
-    rng = random.Random(seed)
-    text = lambda: "".join(rng.choice(_CHARSET) for _ in range(rng.randint(1, 40)))
-    out = []
-    for i in range(count):
-        msgs = [_s(text())] if rng.random() < 0.25 else []
-        turns = rng.randint(1, 7)
-        msgs += [(_u if t % 2 == 0 else _a)(text()) for t in range(turns)]
-        out.append((f"generated {seed}/{i}", msgs))
-    return out
-
 
 # --- rendering as transformers does (sandboxed Jinja, trim_blocks + lstrip_blocks) ---
 

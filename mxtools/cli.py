@@ -64,10 +64,16 @@ def main():
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "layout", required=True, type=click.Choice(writable()))
 @click.option("--outtype", default="auto", show_default=True,
-              help="f32|f16|bf16 (all layouts); for gguf also the llama.cpp mixes in recipes/gguf "
-                   "(q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_0, q5_1, q4_0, q4_1); auto keeps the source's type")
+              help="f32|f16|bf16 (all layouts); for gguf also the llama.cpp mixes in recipes/gguf (q8_0, q6_k, "
+                   "q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, q5_0, q5_1, q4_0, q4_1); auto keeps "
+                   "the source's type")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="importance matrix (ours or llama.cpp's, GGUF or legacy .dat) for block-quantized outtypes")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="gguf mixes, as llama-quantize: tensors whose GGUF name matches REGEX get TYPE (first match wins)")
+@click.option("--output-tensor-type", metavar="TYPE", help="gguf mixes: the output matrix's type")
+@click.option("--token-embedding-type", metavar="TYPE", help="gguf mixes: the token embedding's type")
+@click.option("--pure", is_flag=True, help="gguf mixes: every weight in the mix's default type (llama-quantize --pure)")
 @click.option("--shard-size", default="5GB", show_default=True, help="HF shard size")
 @click.option("--names", type=click.Choice(list(NAMINGS)),
               help="--to gptq: tensor names for vLLM (default) or transformers 5 / GPTQModel; a GPTQ source is "
@@ -77,7 +83,8 @@ def main():
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="replace an existing output")
 @handled
-def convert(src, layout, outtype, imatrix, shard_size, names, chat_template, out, force):
+def convert(src, layout, outtype, imatrix, tensor_types, output_tensor_type, token_embedding_type, pure, shard_size,
+            names, chat_template, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
     from .chat import set_chat_template
     with open_checkpoint(src) as ckpt:
@@ -86,10 +93,21 @@ def convert(src, layout, outtype, imatrix, shard_size, names, chat_template, out
         with _progress_bar(conv.estimate_bytes(ckpt, resolved), f"{layout} {resolved}") as bar:
             conv.write_checkpoint(ckpt, layout, out, outtype, inputs=[src], force=force, progress=bar.update,
                                   shard_bytes=_size(shard_size), imatrix_path=imatrix,
+                                  overrides=_overrides(tensor_types, output_tensor_type, token_embedding_type, pure),
                                   **_names(names, layout, ckpt, outtype))
     if note:
         click.echo(note, err=True)
     click.echo(f"wrote {out}")
+
+
+def _overrides(tensor_types, output_type, token_embd_type, pure):
+    """llama-quantize's manual type choices as quant.mixes.Overrides, or None when none is given."""
+    if not (tensor_types or output_type or token_embd_type or pure):
+        return None
+    from .quant.mixes import Overrides, parse_tensor_type, qtype_named
+    return Overrides(tuple(parse_tensor_type(t) for t in tensor_types),
+                     qtype_named(output_type, "--output-tensor-type") if output_type else None,
+                     qtype_named(token_embd_type, "--token-embedding-type") if token_embd_type else None, pure)
 
 
 def _names(names, layout, ckpt, outtype) -> dict:

@@ -1,13 +1,20 @@
 """convert: any readable layout -> any writable layout, streamed, written atomically."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .errors import MxError
 from .io.atomic import atomic_output, check_output
-from .layouts import REGISTRY, open_checkpoint
+from .layouts import (
+    DEFAULT_SHARD_BYTES,
+    REGISTRY,
+    WriteOptions,
+    no_progress,
+    open_checkpoint,
+)
 from .tensors import FLOAT_DTYPES, Checkpoint
 
 GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
@@ -29,19 +36,20 @@ def outtypes(layout: str) -> tuple[str, ...]:
     return GGUF_FLOAT_OUTTYPES + tuple(MIXES) if layout == "gguf" else tuple(FLOAT_DTYPES)
 
 
-def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None) -> dict:
-    """Writer options (per-tensor type policy, file type, importance matrix) for a GGUF mix; {} for floats."""
+def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None, overrides=None) -> dict:
+    """Writer options (per-tensor type policy, file type, importance matrix, its metadata) for a GGUF mix,
+    with llama-quantize's manual `overrides` (quant.mixes.Overrides); {} for floats."""
     from .quant.mixes import MIXES, gguf_options
     if outtype not in MIXES:
-        if imatrix:
-            raise MxError(f"--imatrix applies to block-quantized outtypes, not {outtype}")
+        if imatrix or overrides:
+            raise MxError(f"--imatrix and the tensor type options apply to block-quantized outtypes, not {outtype}")
         return {}
     from .quant.imatrix import imatrix_for_writer, read_imatrix
     if not imatrix:
-        return gguf_options(outtype, ckpt.spec, None)
+        return gguf_options(outtype, ckpt.spec, None, overrides)
     raw = read_imatrix(imatrix)
-    options = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec))
-    return {**options, "extra_metadata": raw.quantize_metadata(imatrix)}
+    options = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec), overrides)
+    return {**options, "extra_metadata": tuple(raw.quantize_metadata(imatrix))}
 
 
 def rtn_gptq_options(ckpt: Checkpoint) -> dict:
@@ -54,9 +62,15 @@ def rtn_gptq_options(ckpt: Checkpoint) -> dict:
 
 
 def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, inputs=(), force=False,
-                     progress=lambda n: None, **options) -> Path:
+                     progress=no_progress, shard_bytes: int = DEFAULT_SHARD_BYTES, imatrix_path=None,
+                     names: str | None = None, overrides=None, policy=None, file_type: int | None = None,
+                     imatrix: dict | None = None, extra_metadata=(), encoded=None) -> Path:
     """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete. `inputs`: the files
-    or folders it is made from, which the output may neither replace nor sit inside."""
+    or folders it is made from, which the output may neither replace nor sit inside.
+
+    The options are layouts.WriteOptions'. A GGUF mix without a `policy` gets the mix's own (with `imatrix_path`
+    read as its importance matrix, and llama-quantize's manual `overrides`); a float checkpoint written as GPTQ is
+    rounded to nearest, int4 g128."""
     lay = REGISTRY[layout]
     if lay.write is None:
         raise MxError(f"layout {layout} is read-only")
@@ -64,19 +78,23 @@ def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, 
     if outtype not in outtypes(layout):
         raise MxError(f"--outtype {outtype} is not available for --to {layout} (choose from "
                       f"{', '.join(outtypes(layout))})")
-    imatrix_path = options.pop("imatrix_path", None)
-    if layout == "gguf" and "policy" not in options:  # callers may pass their own policy (overrides)
-        options.update(gguf_mix_options(ckpt, outtype, imatrix_path))
+    opts = WriteOptions(outtype, progress, shard_bytes, policy, file_type, imatrix, tuple(extra_metadata), encoded,
+                        names=names)
+    if layout == "gguf" and policy is None:
+        opts = replace(opts, **gguf_mix_options(ckpt, outtype, imatrix_path, overrides))
+    elif overrides:
+        raise MxError("the tensor type options apply to --to gguf")
     check_output(out, list(inputs), force)
-    if layout == "gptq" and ckpt.layout != "gptq":  # a float source: round to nearest, int4 g128
-        options.update(rtn_gptq_options(ckpt))
+    if layout == "gptq" and ckpt.layout != "gptq":
+        opts = replace(opts, **rtn_gptq_options(ckpt))
     with atomic_output(out, lay.output_is_dir, force=force) as tmp:
-        lay.write(ckpt, tmp, outtype, progress, **options)
+        lay.write(ckpt, tmp, opts)
     return Path(out)
 
 
-def convert(src, layout: str, out, outtype: str = "auto", *, force: bool = False, progress=lambda n: None,
+def convert(src, layout: str, out, outtype: str = "auto", *, force: bool = False, progress=no_progress,
             **options) -> Path:
+    """Open src and `write_checkpoint` it; `options` are write_checkpoint's."""
     with open_checkpoint(src) as ckpt:
         return write_checkpoint(ckpt, layout, Path(out), outtype, inputs=[Path(src)], force=force, progress=progress,
                                 **options)

@@ -161,3 +161,7 @@ class NameTable:
                 stacked = "{e}" in kind.template and "{e}" not in template
                 return fill(kind.template, d.get("i"), "{e}" if stacked else d.get("e")), stacked
         return None
+
+
+# The canonical naming as a table (transformers' MixtralForCausalLM state dict names): the HF layout's own.
+CANONICAL_TABLE = NameTable({k.key: k.template for k in KINDS})

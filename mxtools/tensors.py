@@ -93,7 +93,7 @@ class Checkpoint:
 
     def main_dtype(self) -> torch.dtype:
         """The dtype of the bulk of the weights (used when the user asks for the source's own type)."""
-        t = self.tensors[names.fill(names.KIND_BY_KEY["ffn_gate"].template, 0, 0)]
+        t = self.tensors[names.weight_name("ffn_gate", 0, 0)]
         return t.dtype
 
     def problems(self) -> list[Exception]:

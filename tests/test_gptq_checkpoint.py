@@ -220,7 +220,7 @@ def test_gptqmodel_loads_it_with_the_same_logits(int4, src, tmp_path):
     # checkpoint re-exported under them, byte for byte (test_gptq_names.py), and loaded as a user would.
     renamed = convert(out, "gptq", tmp_path / "transformers-names", names="transformers")
     run = subprocess.run([sys.executable, "-c", GPTQMODEL_SCRIPT, str(renamed),
-                          str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
+                          str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")], check=False,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = torch.load(tmp_path / "logits.pt")

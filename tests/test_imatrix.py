@@ -198,3 +198,10 @@ def test_compute_counts_match_routing():
     counts = [imat[X.format(0, e, "w1")].count for e in range(4)]
     assert sum(counts) == 2 * 96 and imat["model.layers.0.block_sparse_moe.gate.weight"].count == 96
     assert all(imat[X.format(0, e, "w1")].count == imat[X.format(0, e, "w3")].count for e in range(4))
+
+
+def test_observed_kinds_are_the_imatrix_policy():
+    """The forward-pass observation points cover exactly the kinds names.py says an importance matrix takes."""
+    from mxtools import names
+    from mxtools.quant.imatrix import OBSERVED
+    assert {k for kinds in OBSERVED.values() for k in kinds} == {k.key for k in names.KINDS if k.imatrix}

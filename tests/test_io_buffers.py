@@ -98,7 +98,7 @@ def test_pooled_buffers_do_not_change_outputs(tmp_path, synth_dir, monkeypatch, 
     convert(src, layout, tmp_path / f"plain{suffix}", outtype)
     monkeypatch.setattr(buffers, "MIN_POOLED", 1)
     monkeypatch.setattr(buffers, "POOL", buffers.BufferPool())
-    for mod in ("mxtools.io.files", "mxtools.layouts.gguf", "mxtools.layouts.hf", "mxtools.layouts.mistral"):
+    for mod in ("mxtools.io.files", "mxtools.layouts.gguf", "mxtools.io.hf_dir", "mxtools.layouts.mistral"):
         monkeypatch.setattr(f"{mod}.POOL", buffers.POOL)
     convert(src, layout, tmp_path / f"pooled{suffix}", outtype)
     assert buffers.POOL._free, "the conversion should have given buffers back to the pool"

@@ -104,7 +104,7 @@ def _llama_cpp_style_gguf(path, ref, legacy=False):
              "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate": "ffn_gate_inp",
              "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
     for n in names.canonical_names(SPEC):
-        kind, i, e = names.parse(n)
+        _, i, e = names.parse(n)
         arr = ref[n].numpy()
         part = n if n in llama else n.split(".")[-2]
         base = llama[part] if i is None else f"blk.{i}.{llama[part]}"

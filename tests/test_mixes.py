@@ -320,10 +320,22 @@ def test_manual_overrides_match_llama_quantize(model, tmp_path):
     """--tensor-type, --output-tensor-type, --token-embedding-type and --pure as llama-quantize applies them."""
     ov = Overrides(tensor_types=(parse_tensor_type("FFN_down=q8_0"), parse_tensor_type(r"blk\.1\.attn_q=Q5_K")),
                    output_type=Q.Q4_K, token_embd_type=Q.Q8_0)
-    theirs = llama_quantize_bin(model["gguf"], tmp_path / "llama.gguf", "q4_k_m", "--tensor-type", "FFN_down=q8_0",
-                                "--tensor-type", r"blk\.1\.attn_q=q5_k", "--output-tensor-type", "q4_k",
-                                "--token-embedding-type", "q8_0")
+    manual = ("--tensor-type", "FFN_down=q8_0", "--tensor-type", r"blk\.1\.attn_q=q5_k", "--output-tensor-type",
+              "q4_k", "--token-embedding-type", "q8_0")
+    theirs = llama_quantize_bin(model["gguf"], tmp_path / "llama.gguf", "q4_k_m", *manual)
     assert_same_tensors(our_convert(model["gguf"], tmp_path / "ours.gguf", "q4_k_m", overrides=ov), theirs)
+    assert_same_tensors(cli_convert(model["gguf"], tmp_path / "cli.gguf", "q4_k_m", *manual), theirs)
     theirs = llama_quantize_bin(model["gguf"], tmp_path / "llama-pure.gguf", "q4_k_m", "--pure")
     ours = our_convert(model["gguf"], tmp_path / "ours-pure.gguf", "q4_k_m", overrides=Overrides(pure=True))
     assert_same_tensors(ours, theirs)
+    assert_same_tensors(cli_convert(model["gguf"], tmp_path / "cli-pure.gguf", "q4_k_m", "--pure"), theirs)
+
+
+def cli_convert(src: Path, out: Path, mix: str, *options: str) -> Path:
+    """`mxtools convert SRC --to gguf --outtype MIX OPTIONS... -o OUT`, through the CLI."""
+    from click.testing import CliRunner
+
+    from mxtools.cli import main
+    result = CliRunner().invoke(main, ["convert", str(src), "--to", "gguf", "--outtype", mix, *options, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out

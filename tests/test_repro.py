@@ -39,7 +39,7 @@ def io_settings(monkeypatch):
     def apply(kind: str):
         pool = buffers.BufferPool()
         monkeypatch.setattr(buffers, "POOL", pool)
-        for mod in ("mxtools.io.files", "mxtools.layouts.gguf", "mxtools.layouts.hf", "mxtools.layouts.mistral"):
+        for mod in ("mxtools.io.files", "mxtools.layouts.gguf", "mxtools.io.hf_dir", "mxtools.layouts.mistral"):
             monkeypatch.setattr(f"{mod}.POOL", pool)
         if kind == "smallest":  # nothing pooled, one staging buffer of one page, one write in flight
             monkeypatch.setattr(buffers, "MIN_POOLED", 1 << 62)

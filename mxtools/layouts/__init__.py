@@ -2,12 +2,45 @@
 key patterns and shapes found inside a path, never folder names."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ..errors import LayoutError
 from ..tensors import Checkpoint
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # HF-style shards, as transformers' save_pretrained
+
+
+def no_progress(n: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Everything a layout writer may be told. Each writer reads the fields of its own format and ignores the
+    others; `convert.write_checkpoint` fills them."""
+
+    outtype: str  # f32 | f16 | bf16, or a llama.cpp mix for gguf
+    progress: Callable[[int], None] = no_progress  # called with the bytes of each tensor written
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # hf, gptq: the largest shard
+    # gguf
+    policy: Callable | None = None  # (kind key, layer, numpy shape) -> GGML type; None: every weight in outtype
+    file_type: int | None = None  # general.file_type; None: the float outtype's
+    imatrix: dict | None = None  # canonical name -> importance vector for the block quantizers
+    extra_metadata: tuple = ()  # more (key, GGUFValueType, value) rows
+    encoded: Callable | None = None  # (canonical tensor, GGML type) -> its bytes already encoded, or None
+    # gptq
+    stream: Iterable | None = None  # the quantized layers (quant.gptq_pipeline.QuantStream); None: re-export
+    settings: Any = None  # what the stream was made with (bits, group size, ...: layouts.gptq.Settings)
+    names: str | None = None  # tensor naming (layouts.gptq.NAMINGS); None: the source's, else vllm
+
+
+class Writer(Protocol):
+    """A layout's writer: `ckpt` into `out` (a new empty directory, or a file path for single-file layouts)."""
+
+    def __call__(self, ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -15,7 +48,7 @@ class Layout:
     name: str
     detect: Callable[[Path], bool]
     read: Callable[[Path], Checkpoint]
-    write: Callable | None = None   # write(ckpt, out_path, outtype, progress, **options)
+    write: Writer | None = None
     output_is_dir: bool = True
 
 
@@ -54,4 +87,4 @@ def open_checkpoint(path, validate: bool = True) -> Checkpoint:
         raise
 
 
-from . import gguf, hf, mistral, paddle  # noqa: F401  (registration)
+from . import gguf, hf, gptq, mistral, paddle  # noqa: F401, I001  (registration, in the order `--to` lists them)

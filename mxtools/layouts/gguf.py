@@ -35,7 +35,7 @@ from ..spec import ModelSpec
 from ..tensors import Checkpoint, LazyTensor, require_finite
 from ..tokenizer import Tokenizer
 from ..transforms import meta_to_hf_rope, rope_heads
-from . import Layout, register
+from . import Layout, WriteOptions, register
 
 # ---- reading ----
 
@@ -277,17 +277,17 @@ def _given(encoded, t: LazyTensor, qtype: Q, job):
     return given
 
 
-def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, policy=None, file_type=None,
-          imatrix: dict | None = None, extra_metadata=(), encoded=None, **_):
-    """Write `ckpt` as one GGUF file. `policy(kind, layer, np_shape) -> type` picks each tensor's type;
-    `extra_metadata`: more (key, GGUFValueType, value) rows, e.g. the quantize.imatrix.* keys;
-    `encoded(tensor, type)`: the bytes of a canonical tensor (one expert slab) already in `type` and GGUF row
+def write(ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None:
+    """Write `ckpt` as one GGUF file. `opts.policy(kind, layer, np_shape) -> type` picks each tensor's type;
+    `opts.extra_metadata`: more (key, GGUFValueType, value) rows, e.g. the quantize.imatrix.* keys;
+    `opts.encoded(tensor, type)`: the bytes of a canonical tensor (one expert slab) already in `type` and GGUF row
     order, or None to encode it here (quantize --to gguf hands over its GPTQ results this way)."""
-    policy = policy or uniform_policy(Q[outtype.upper()])
+    outtype, file_type, imatrix, encoded = opts.outtype, opts.file_type, opts.imatrix, opts.encoded
+    policy = opts.policy or uniform_policy(Q[outtype.upper()])
     w = GGUFStreamWriter(out)
     metadata(w, ckpt.spec, ckpt.tokenizer or Tokenizer.default(),
              OUTTYPE_FILE_TYPE[outtype] if file_type is None else file_type, ckpt.spec.name)
-    for k, vtype, value in extra_metadata:
+    for k, vtype, value in opts.extra_metadata:
         w.add(k, vtype, value)
     jobs = []
     for gname, tensors, shape in plan(ckpt):
@@ -298,7 +298,7 @@ def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, po
                  for t in tensors]
     w.write_header()
     for data in prefetched(jobs):
-        progress(w.write(data))
+        opts.progress(w.write(data))
         POOL.give(data)
     w.close()
 

@@ -16,7 +16,6 @@ Mixtral loader maps onto its fused MoE; "transformers" stores transformers 5's p
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -26,13 +25,25 @@ import torch
 from .. import names
 from ..errors import FormatError, MxError
 from ..io.gptq_pack import SUFFIXES, dequantize, pack
-from ..names import NameTable
+from ..io.hf_dir import (
+    QUANT_CONFIG_FILE,
+    config_from_spec,
+    gptq_quant_config,
+    read_json,
+    read_tensors,
+    read_tokenizer,
+    shard_files,
+    spec_from_config,
+    write_json,
+    write_shards,
+    write_tokenizer,
+)
+from ..names import CANONICAL_TABLE, NameTable
 from ..names import is_gptq_quantized as is_quantized
 from ..spec import MAX_DIM
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
-from . import Layout, hf, register
+from . import DEFAULT_SHARD_BYTES, Layout, WriteOptions, register
 
-QUANT_CONFIG_FILE = "quantize_config.json"
 REPORT_FILE = "quantize_report.json"
 V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero - 1 (v1); missing means v1
 TOOL = "mxtools"
@@ -46,8 +57,8 @@ TOOL = "mxtools"
 _TRANSFORMERS_ROWS = {"ffn_gate_inp": "mlp.gate", "ffn_gate": "mlp.experts.{e}.gate_proj",
                       "ffn_up": "mlp.experts.{e}.up_proj", "ffn_down": "mlp.experts.{e}.down_proj"}
 NAMINGS = {
-    "vllm": hf.TABLE,
-    "transformers": NameTable({**hf.TABLE.rows,
+    "vllm": CANONICAL_TABLE,
+    "transformers": NameTable({**CANONICAL_TABLE.rows,
                                **{k: f"model.layers.{{i}}.{v}.weight" for k, v in _TRANSFORMERS_ROWS.items()}}),
 }
 DEFAULT_NAMES = "vllm"
@@ -55,21 +66,7 @@ DEFAULT_NAMES = "vllm"
 
 # ---------------------------------------------------------------- detection and config
 
-def quant_config(path: Path) -> dict | None:
-    """The GPTQ quantization config of an HF-style directory, or None when it is not a GPTQ checkpoint."""
-    cfg_file = path / "config.json"
-    if not (path.is_dir() and cfg_file.exists()):
-        return None
-    try:
-        qc = hf.read_json(cfg_file).get("quantization_config")
-        if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq":
-            return qc
-        if (path / QUANT_CONFIG_FILE).exists():
-            qc = hf.read_json(path / QUANT_CONFIG_FILE)
-            return qc if isinstance(qc, dict) else None
-    except (MxError, AttributeError):
-        return None  # a corrupt config: the plain HF reader reports it
-    return None
+quant_config = gptq_quant_config  # the config that makes a directory a GPTQ checkpoint (io/hf_dir.py)
 
 
 def is_gptq(path: Path) -> bool:
@@ -179,12 +176,12 @@ def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
 def read(path: Path) -> Checkpoint:
     qc = quant_config(path)
     settings = _settings(qc, path / "config.json")
-    spec = hf.spec_from_config(hf.read_json(path / "config.json"), path / "config.json")
-    files = hf.shard_files(path)
+    spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
+    files = shard_files(path)
     if not files:
         raise FormatError("no .safetensors files", file=path)
-    tok = hf.read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
-    raw, opened = hf.read_tensors(files, NameTable({}))
+    tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
+    raw, opened = read_tensors(files, NameTable({}))
     try:
         tensors, groups = {}, {}
         for key, lazy in raw.items():
@@ -245,43 +242,42 @@ def _tensors(ckpt: Checkpoint, stream, float_dtype):
 
 
 def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: Settings, outtype: str = "f16",
-                    progress=lambda n: None, shard_bytes: int = 5 * 10**9, source_name: str | None = None,
+                    progress=lambda n: None, shard_bytes: int = DEFAULT_SHARD_BYTES, source_name: str | None = None,
                     names: str = DEFAULT_NAMES) -> None:
     """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`,
     its tensors under the `names` naming (NAMINGS)."""
     dtype = FLOAT_DTYPES[outtype]
     items = [(stored_name(n, names), dt, shape) for n, dt, shape in plan(ckpt.spec, cfg, dtype)]
     data = _tensors(ckpt, stream, dtype)
-    hf.write_shards(out, items, data, shard_bytes, {"format": "pt", "quantizer": TOOL}, progress)
+    write_shards(out, items, data, shard_bytes, {"format": "pt", "quantizer": TOOL}, progress)
     next(data, None)  # let the generator finish the stream (its totals) after the last tensor
     qc = gptq_config(cfg, source_name or ckpt.spec.name, names)
-    _json(out / "config.json", {**hf.config_from_spec(ckpt.spec, dtype), "quantization_config": qc})
-    _json(out / QUANT_CONFIG_FILE, qc)
-    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
-    hf.write_tokenizer(ckpt.tokenizer, out)
-    _json(out / REPORT_FILE, getattr(stream, "report", {}))
+    write_json(out / "config.json", {**config_from_spec(ckpt.spec, dtype), "quantization_config": qc})
+    write_json(out / QUANT_CONFIG_FILE, qc)
+    write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    write_tokenizer(ckpt.tokenizer, out)
+    write_json(out / REPORT_FILE, getattr(stream, "report", {}))
 
 
-def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9,
-          stream=None, settings: Settings | None = None, names: str | None = None, **_) -> None:
-    """Layout writer (`convert --to gptq`): the layers of `stream` (a quant.gptq_pipeline.QuantStream made with
-    `settings`; convert makes a round-to-nearest one) packed as GPTQ v1, or, without a stream, a GPTQ source
-    re-exported as stored (`reexport`). `names`: NAMINGS key (default: the source's, else vllm)."""
-    if stream is None:
+def write(ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None:
+    """Layout writer (`convert --to gptq`): the layers of `opts.stream` (a quant.gptq_pipeline.QuantStream made
+    with `opts.settings`; convert makes a round-to-nearest one) packed as GPTQ v1, or, without a stream, a GPTQ
+    source re-exported as stored (`reexport`). `opts.names`: NAMINGS key (default: the source's, else vllm)."""
+    if opts.stream is None:
         if ckpt.layout != "gptq":
             raise MxError("internal: the GPTQ writer needs a quantization stream for a float source")
-        return reexport(ckpt, out, names or ckpt.info["tensor_names"], progress, shard_bytes)
-    write_quantized(ckpt, out, stream, settings, outtype, progress, shard_bytes, str(ckpt.path),
-                    names or DEFAULT_NAMES)
+        return reexport(ckpt, out, opts.names or ckpt.info["tensor_names"], opts.progress, opts.shard_bytes)
+    write_quantized(ckpt, out, opts.stream, opts.settings, opts.outtype, opts.progress, opts.shard_bytes,
+                    str(ckpt.path), opts.names or DEFAULT_NAMES)
 
 
 # ---------------------------------------------------------------- lossless re-export under other names
 
-def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, shard_bytes: int = 5 * 10**9):
+def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, shard_bytes: int = DEFAULT_SHARD_BYTES):
     """Every stored tensor of the GPTQ checkpoint `ckpt` byte for byte, in canonical order, under `naming`'s
     names; the two configs record the naming; every other file of the directory is copied as it is."""
     src = Path(ckpt.path)
-    raw, opened = hf.read_tensors(hf.shard_files(src), NameTable({}))
+    raw, opened = read_tensors(shard_files(src), NameTable({}))
     try:
         source_naming = ckpt.info["tensor_names"]  # read() named it from the same keys
         stored = {canonical_name(k, source_naming): t for k, t in raw.items()}
@@ -291,15 +287,15 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
             raise FormatError(f"{len(left)} stored tensor(s) are no part of the model: {', '.join(left[:5])}",
                               file=src, tensor=left[0])
         items = [(stored_name(n, naming), stored[n].dtype, tuple(stored[n].shape)) for n in order]
-        hf.write_shards(out, items, (stored[n].load() for n in order), shard_bytes,
+        write_shards(out, items, (stored[n].load() for n in order), shard_bytes,
                         {"format": "pt", "quantizer": TOOL}, progress)
     finally:
         for f in opened:
             f.close()
     qc = {**quant_config(src)}
     qc["meta"] = {**(qc.get("meta") if isinstance(qc.get("meta"), dict) else {}), "tensor_names": naming}
-    _json(out / "config.json", {**hf.read_json(src / "config.json"), "quantization_config": qc})
-    _json(out / QUANT_CONFIG_FILE, qc)
+    write_json(out / "config.json", {**read_json(src / "config.json"), "quantization_config": qc})
+    write_json(out / QUANT_CONFIG_FILE, qc)
     skip = {"config.json", QUANT_CONFIG_FILE, "model.safetensors.index.json"}
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
@@ -311,10 +307,6 @@ def _stored_order(spec, stored: dict):
     for name in names.canonical_names(spec):
         base = name.removesuffix(".weight")
         yield from ([f"{base}.{s}" for s in SUFFIXES] if f"{base}.qweight" in stored else [name])
-
-
-def _json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 register(Layout("gptq", is_gptq, read, write))

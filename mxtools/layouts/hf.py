@@ -1,239 +1,46 @@
-"""Hugging Face layout: config.json + sharded safetensors (+ index) + SentencePiece tokenizer files."""
+"""Hugging Face layout: config.json + sharded safetensors (+ index) + SentencePiece tokenizer files (the directory
+itself: io/hf_dir.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from .. import names
-from ..errors import FormatError, NotMixtralError
-from ..io.buffers import POOL, cast_for_write
+from ..io.buffers import cast_for_write
+from ..io.hf_dir import (
+    config_from_spec,
+    first_shard_keys,
+    gptq_quant_config,
+    read_dir,
+    write_json,
+    write_shards,
+    write_tokenizer,
+)
 from ..io.pipeline import prefetched
-from ..io.safetensors import SafetensorsFile, SafetensorsWriter
-from ..names import NameTable
-from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
+from ..names import CANONICAL_TABLE
 from ..tensors import FLOAT_DTYPES, Checkpoint
-from ..tokenizer import Tokenizer
-from . import Layout, register
+from . import Layout, WriteOptions, register
 
 # transformers' MixtralForCausalLM state dict names (docs/FORMATS.md, section 1): the canonical naming itself.
-TABLE = NameTable({k.key: k.template for k in names.KINDS})
-TOKENIZER_FILES = ("tokenizer.model", "sentencepiece.bpe.model")  # the second is the PaddleNLP mirror's name
-
-
-def spec_from_config(cfg: dict, source) -> ModelSpec:
-    """config.json in the transformers 4.x spelling (rope_theta) or 5.x (rope_parameters, head_dim null)."""
-    c = ConfigValues(cfg, source)
-    archs = cfg.get("architectures")
-    archs = archs if isinstance(archs, list) else []
-    if cfg.get("model_type") != "mixtral" and not any(isinstance(a, str) and "Mixtral" in a for a in archs):
-        raise NotMixtralError(f"not a Mixtral model (model_type {cfg.get('model_type')!r:.40})", file=source)
-    require_moe(cfg.get("num_local_experts"), source)
-    dim, n_heads = c.count("hidden_size"), c.count("num_attention_heads")
-    rope = c.section("rope_parameters")
-    theta = c.real("rope_theta") if c.has("rope_theta") else rope.real("rope_theta", DEFAULT_ROPE_THETA)
-    return c.spec(
-        dim=dim, n_layers=c.count("num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=c.count("num_key_value_heads", n_heads), head_dim=c.count("head_dim", dim // n_heads),
-        hidden_dim=c.count("intermediate_size"), n_experts=c.count("num_local_experts"),
-        n_experts_per_tok=c.count("num_experts_per_tok"), vocab_size=c.count("vocab_size"),
-        norm_eps=c.real("rms_norm_eps", 1e-5), rope_theta=theta,
-        context_length=c.count("max_position_embeddings", 32768), name=c.text("_name_or_path", "") or "mixtral")
-
-
-def config_from_spec(spec: ModelSpec, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "hidden_size": spec.dim, "intermediate_size": spec.hidden_dim, "num_hidden_layers": spec.n_layers,
-        "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
-        "num_local_experts": spec.n_experts, "num_experts_per_tok": spec.n_experts_per_tok,
-        "vocab_size": spec.vocab_size, "rms_norm_eps": spec.norm_eps, "rope_theta": spec.rope_theta,
-        "max_position_embeddings": spec.context_length, "sliding_window": None, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "output_router_logits": False, "router_aux_loss_coef": 0.02,
-        "router_jitter_noise": 0.0, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def read_json(path) -> dict | list | str | int | float | bool | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"cannot read JSON: {str(exc)[:200]}", file=path) from None
-
-
-def read_json_object(path, what: str = "file") -> dict:
-    obj = read_json(path)
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} is not a JSON object (got {type(obj).__name__})", file=path)
-    return obj
-
-
-def _shard_name(name, index: Path) -> str:
-    """A weight_map entry must name a file beside the index (no directories, no way out of the checkpoint)."""
-    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name \
-            or name.startswith("."):
-        raise FormatError(f"index weight_map names {str(name)[:80]!r}, not a .safetensors file beside it",
-                          file=index)
-    return name
-
-
-def shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json_object(index, "index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError("index has no weight_map object, or an empty one", file=index)
-        return [path / f for f in sorted({_shard_name(v, index) for v in weight_map.values()})]
-    return sorted(path.glob("*.safetensors"))
-
-
-def read_tokenizer(path: Path) -> Tokenizer | None:
-    model = next((path / n for n in TOKENIZER_FILES if (path / n).exists()), None)
-    if model is None:
-        return None
-    cfg_file = path / "tokenizer_config.json"
-    cfg = read_json_object(cfg_file, "tokenizer config") if cfg_file.exists() else {}
-    template = cfg.get("chat_template")
-    if (path / "chat_template.jinja").exists():
-        template = _read_text(path / "chat_template.jinja")
-    add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
-    if not isinstance(template, (str, type(None))) or not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
-        raise FormatError("chat_template must be a string and add_bos_token/add_eos_token booleans", file=cfg_file)
-    return Tokenizer.from_file(model, chat_template=template, add_bos=add_bos, add_eos=add_eos)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"cannot read text: {str(exc)[:200]}", file=path) from None
-
-
-def read_tensors(files, table: NameTable, transform=None) -> tuple[dict, list]:
-    """Lazy tensors of every shard mapped to canonical names; unknown keys kept under their own name.
-    A tensor stored twice (in two shards) is an error; on any error every shard opened so far is closed."""
-    tensors, opened = {}, []
-    try:
-        for f in files:
-            st = SafetensorsFile(f)
-            opened.append(st)
-            for key in st.keys():
-                hit = table.to_canonical(key)
-                lazy = st.lazy(key, hit[0] if hit else key)
-                if lazy.name in tensors:
-                    raise FormatError(f"stored twice (also in {Path(tensors[lazy.name].source).name})",
-                                      file=f, tensor=key)
-                tensors[lazy.name] = transform(lazy) if (transform and hit) else lazy
-    except BaseException:
-        for st in opened:
-            st.close()
-        raise
-    return tensors, opened
-
-
-def first_shard_keys(path: Path) -> set[str] | None:
-    """Tensor names of the first shard of an HF-style directory (None when it is not one)."""
-    if not (path.is_dir() and (path / "config.json").exists()):
-        return None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    try:
-        st = SafetensorsFile(files[0])
-    except FormatError:
-        return set()  # the reader reports the corrupt shard
-    st.close()
-    return set(st.keys())
+TABLE = CANONICAL_TABLE
 
 
 def is_hf(path: Path) -> bool:
     keys = first_shard_keys(path)
-    return keys is not None and not any(k.startswith("mixtral.") for k in keys) and not gptq.is_gptq(path)
+    return keys is not None and not any(k.startswith("mixtral.") for k in keys) and gptq_quant_config(path) is None
 
 
-def read(path: Path, table: NameTable = TABLE, transform=None, layout="hf") -> Checkpoint:
-    spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
-    files = shard_files(path)
-    if not files:
-        raise FormatError("no .safetensors files", file=path)
-    tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
-    tensors, opened = read_tensors(files, table, transform)
-    ckpt = Checkpoint(spec, tensors, layout, path, tok)
-    ckpt.closers += [f.close for f in opened]
-    return ckpt
+def read(path: Path) -> Checkpoint:
+    return read_dir(path, TABLE, "hf")
 
 
-# ---- writer ----
-
-def plan_shards(items: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
-    shards, size = [[]], 0
-    for item in items:
-        n = torch.Size(item[2]).numel() * item[1].itemsize
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += n
-    return shards
-
-
-def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, shard_bytes: int,
-                 metadata: dict, progress=lambda n: None) -> None:
-    """Write `items` (name, dtype, shape), whose tensors `data` yields in order, as HF shards (+ index)."""
-    shards, total, weight_map = plan_shards(items, shard_bytes), 0, {}
-    for k, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        w = SafetensorsWriter(out / fname, shard, metadata)
-        for name, _, _ in shard:
-            t = next(data)
-            n = w.write(name, t)
-            POOL.give(t)
-            total += n
-            weight_map[name] = fname
-            progress(n)
-        w.close()
-    if len(shards) > 1:
-        _json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None,
-          shard_bytes: int = 5 * 10**9, **_):
-    dtype = FLOAT_DTYPES[outtype]
+def write(ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None:
+    dtype = FLOAT_DTYPES[opts.outtype]
     tensors = ckpt.ordered()
     jobs = (lambda t=t: cast_for_write(t.load(), dtype) for t in tensors)
-    write_shards(out, [(t.name, dtype, t.shape) for t in tensors], prefetched(jobs), shard_bytes, {"format": "pt"},
-                 progress)
-    _json(out / "config.json", config_from_spec(ckpt.spec, dtype))
-    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    write_shards(out, [(t.name, dtype, t.shape) for t in tensors], prefetched(jobs), opts.shard_bytes,
+                 {"format": "pt"}, opts.progress)
+    write_json(out / "config.json", config_from_spec(ckpt.spec, dtype))
+    write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     write_tokenizer(ckpt.tokenizer, out)
 
 
-def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
-    tok = tok or Tokenizer.default()
-    (out / "tokenizer.model").write_bytes(tok.sp_model)
-    write_tokenizer_json(tok, out)
-    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos, "legacy": True,
-           "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656}
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    _json(out / "tokenizer_config.json", cfg)
-    _json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-
-
-def write_tokenizer_json(tok: Tokenizer, out: Path) -> None:
-    """out/tokenizer.json: the fast tokenizer transformers and vLLM load, built from the SentencePiece model."""
-    (out / "tokenizer.json").write_text(json.dumps(tok.hf_json(), ensure_ascii=False), encoding="utf-8")
-
-
-def _json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 register(Layout("hf", is_hf, read, write))
-
-from . import (
-    gptq,  # registers the GPTQ variant of this layout, which builds on this module
-)

@@ -5,7 +5,6 @@ consolidated.0X.pt with `layers.i.block_sparse_moe.w1|w2|w3` of [E*F, D], w2 sto
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .. import names
 from ..errors import FormatError, ShapeError, UnsafePickleError
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import release_pages
+from ..io.hf_dir import read_json, read_tensors, spec_from_config, write_json
 from ..io.pipeline import prefetched
 from ..io.safetensors import SafetensorsWriter
 from ..names import NameTable
@@ -22,7 +22,7 @@ from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
 from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..tokenizer import Tokenizer
 from ..transforms import meta_to_hf_rope, rope_heads, transpose
-from . import Layout, hf, register
+from . import Layout, WriteOptions, register
 
 # mistral-inference's names (docs/FORMATS.md, section 2).
 TABLE = NameTable({
@@ -52,7 +52,7 @@ def spec_from_params(p: dict, source) -> ModelSpec:
     """params.json: the Mistral spelling, or the HF spelling the concatenated variant uses."""
     c = ConfigValues(p, source)
     if "hidden_size" in p:
-        return hf.spec_from_config({"model_type": "mixtral", **p}, source)
+        return spec_from_config({"model_type": "mixtral", **p}, source)
     moe = c.section("moe")
     require_moe(moe.obj.get("num_experts"), source)
     dim, n_heads = c.count("dim"), c.count("n_heads")
@@ -119,7 +119,7 @@ def _pickle_lazy(path: Path, sd: dict, key: str) -> LazyTensor:
 def _raw_tensors(files: list[Path]) -> tuple[dict, list]:
     """Every stored tensor under its own name, lazily (a name stored in two files is an error)."""
     if files[0].suffix == ".safetensors":
-        out, opened = hf.read_tensors(files, NameTable({}))
+        out, opened = read_tensors(files, NameTable({}))
         return out, [f.close for f in opened]
     out = {}
     for f in files:
@@ -166,7 +166,7 @@ def _split_experts(lazy: LazyTensor, template: str, spec: ModelSpec) -> dict:
 
 
 def read(path: Path) -> Checkpoint:
-    spec = spec_from_params(hf.read_json(path / "params.json"), path / "params.json")
+    spec = spec_from_params(read_json(path / "params.json"), path / "params.json")
     raw, closers = _raw_tensors(weight_files(path))
     try:
         concat = any(k.endswith("block_sparse_moe.w1") for k in raw)
@@ -185,17 +185,17 @@ def to_layout(t: LazyTensor, spec: ModelSpec, dtype: torch.dtype) -> torch.Tenso
     return cast_for_write(load_meta_order(t, spec), dtype)
 
 
-def write(ckpt: Checkpoint, out: Path, outtype: str, progress=lambda n: None, **_):
-    dtype = FLOAT_DTYPES[outtype]
+def write(ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None:
+    dtype = FLOAT_DTYPES[opts.outtype]
     tensors = ckpt.ordered()
     plan = [(TABLE.to_layout(t.name)[0], dtype, t.shape) for t in tensors]
     w = SafetensorsWriter(out / "consolidated.safetensors", plan)
     jobs = (lambda t=t: to_layout(t, ckpt.spec, dtype) for t in tensors)
     for (name, _, _), data in zip(plan, prefetched(jobs)):
-        progress(w.write(name, data))
+        opts.progress(w.write(name, data))
         POOL.give(data)
     w.close()
-    (out / "params.json").write_text(json.dumps(params_from_spec(ckpt.spec), indent=2) + "\n")
+    write_json(out / "params.json", params_from_spec(ckpt.spec))
     (out / "tokenizer.model").write_bytes((ckpt.tokenizer or Tokenizer.default()).sp_model)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import names
+from ..io.hf_dir import first_shard_keys, read_dir
 from ..names import NameTable
 from ..transforms import transpose
-from . import Layout, hf, register
+from . import Layout, register
 
 # PaddleNLP's Mixtral names (docs/FORMATS.md, section 3): HF's with `mixtral.` for `model.`; lm_head unchanged.
 TABLE = NameTable({k.key: k.template.replace("model.", "mixtral.", 1) for k in names.KINDS})
@@ -21,12 +22,12 @@ def _to_hf(lazy):
 
 
 def is_paddle(path: Path) -> bool:
-    keys = hf.first_shard_keys(path)
+    keys = first_shard_keys(path)
     return bool(keys) and any(k.startswith("mixtral.") for k in keys)
 
 
 def read(path: Path):
-    return hf.read(path, TABLE, _to_hf, layout="paddle")
+    return read_dir(path, TABLE, "paddle", _to_hf)
 
 
 register(Layout("paddle", is_paddle, read))

@@ -112,7 +112,7 @@ class LayerBytes:
         run, h = self.stream.run, self.stream.hidden
         if h is None or self.current is None or self.current.index != self.spec.n_layers - 1:
             return None
-        norm = model.load_weight(run.ckpt, names.KIND_BY_KEY["output_norm"].template, run.dev, run.dtype)
+        norm = model.load_weight(run.ckpt, names.weight_name("output_norm"), run.dev, run.dtype)
         hess = Hessian(self.spec.dim, run.dev)
         for s in range(0, h.shape[0], model.SEQS_PER_ATTENTION):
             hess.add(model.rms_norm(h[s:s + model.SEQS_PER_ATTENTION].to(run.dev), norm, self.spec.norm_eps))

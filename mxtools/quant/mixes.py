@@ -137,7 +137,7 @@ def parse_tensor_type(arg: str) -> tuple[str, Q]:
     pattern, sep, name = arg.partition("=")
     if not sep or not pattern or not name:
         raise MxError(f"--tensor-type wants PATTERN=TYPE, got {arg!r}")
-    return pattern.lower(), _qtype(name, "--tensor-type")
+    return pattern.lower(), qtype_named(name, "--tensor-type")
 
 
 def _manual(patterns, kind: str, layer) -> Q | None:
@@ -167,7 +167,7 @@ def _rule(raw, where: str) -> Rule:
         raise MxError(f"unknown condition(s) {sorted(unknown)}; known: {sorted(CONDITIONS)}", file=where)
     for word, value in when.items():
         _check_condition(word, value, where)
-    return Rule(when, _qtype(raw.get("type"), where))
+    return Rule(when, qtype_named(raw.get("type"), where))
 
 
 def _check_condition(word: str, value, where: str) -> None:
@@ -180,7 +180,8 @@ def _check_condition(word: str, value, where: str) -> None:
         raise MxError(f"condition {word}: {reprlib.repr(value)} is not a value it can test", file=where) from None
 
 
-def _qtype(name, where: str) -> Q:
+def qtype_named(name, where: str) -> Q:
+    """The GGML type called `name` (any case: "q4_k", "Q8_0"); MxError naming `where` otherwise."""
     if not isinstance(name, str) or name.upper() not in Q.__members__:
         raise MxError(f"unknown GGML type {reprlib.repr(name)}", file=where)
     return Q[name.upper()]
@@ -202,7 +203,7 @@ def parse_mix(data: dict, where: str = "<mix>") -> Mix:
         raise MxError(f"mix file_type {reprlib.repr(data['file_type'])} is not a llama_ftype number", file=where)
     if not all(isinstance(rs, list) for rs in rules.values()) or not isinstance(data["name"], str):
         raise MxError("a mix's name is a string and each kind's rules are a list", file=where)
-    return Mix(data["name"], data["file_type"], _qtype(data["default"], where),
+    return Mix(data["name"], data["file_type"], qtype_named(data["default"], where),
                {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})
 
 
