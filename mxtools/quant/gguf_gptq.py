@@ -10,6 +10,12 @@ its levels are packed into the bytes the encoder wrote for the block.
 
 With the feedback off and the importance matrix as weights, every level is the one ggml's final step picks, so
 the bytes equal llama-quantize's (tests/test_gguf_gptq.py): error feedback is then the only difference.
+
+The token embedding table is a lookup with no inputs, but its rows run along the hidden dimension, the direction
+ggml's blocks run, so it gets GPTQ too, with a hidden x hidden "Hessian" that says how an error in the embedding
+output reaches the model (`embedding_hessian`): the embedding is small against the residual stream after the
+first layer (rms 0.02 against 8 on the bundled model), so its error acts through the first layer's RMSNorms (which
+drop the error's component along the row itself and scale the rest by the gains and 1/rms) and what follows them.
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
-from .. import native
+from .. import model, names, native
 from ..errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
-from .gptq import BLOCK_SIZE, GPTQError, _inverse_cholesky, _one_cpu_thread
+from .gptq import BLOCK_SIZE, GPTQError, Hessian, _inverse_cholesky, _one_cpu_thread
 
 _LIB = native.LIB
 _LIB.mx_quantize_grid.restype = ctypes.c_int64
@@ -32,6 +39,9 @@ _LIB.mx_quantize_grid.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
 _LIB.mx_mean_squares.restype = None
 _LIB.mx_mean_squares.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
 
+# The token embedding's GPTQ damping (a fraction of mean(diag(H)), as `damp`), higher than the Linears': on the
+# bundled model's q3_k_m 0.05 gave 0.47x the imatrix file's mean KLD, 0.3 gave 0.40x (docs/BENCHMARKS.md).
+EMBED_DAMP = 0.3
 HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0)))  # Q8_0: trunc(v + copysign(this, v)) is roundf(v)
 
 
@@ -345,3 +355,31 @@ def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, flo
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
             loss += 0.5 * err1.double().square().sum()
     return data, float(loss) if hinv is not None else None
+
+
+# ---------------------------------------------------------------- the token embedding's Hessian
+
+def embedding_hessian(ckpt, samples: torch.Tensor, device, seed: int = 0) -> Hessian:
+    """A [hidden, hidden] Hessian for GPTQ of the token embedding table along its rows: E[J^T J] over the
+    calibration tokens, J the Jacobian of the first decoder layer's output with respect to its input (the
+    embedding output) at each token, from the unquantized model.
+
+    Estimated as Hutchinson does: one seeded standard normal probe u per token at the layer's output, backpropagated
+    through the layer (attention mixes positions, so each token's g = sum over later positions of J^T u), and
+    E[g g^T] accumulated. Costs one forward and backward pass of layer 0 over the calibration samples, one
+    sequence at a time (its activations, not the whole batch's, are held for the backward pass)."""
+    spec = ckpt.spec
+    dtype = torch.float32
+    layer = model.load_layer(ckpt, 0, device, dtype)
+    table = model.load_weight(ckpt, names.weight_name("token_embd"), device, dtype)
+    rope = model.rope_tables(spec, samples.shape[1], device, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    hess = Hessian(spec.dim, device)
+    for s in range(samples.shape[0]):
+        x0 = F.embedding(samples[s:s + 1].to(device), table).requires_grad_()
+        with torch.enable_grad():
+            out, _ = model.layer_forward(x0, layer, spec, rope)
+            probe = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
+            g, = torch.autograd.grad(out, x0, grad_outputs=probe)
+        hess.add(g)
+    return hess

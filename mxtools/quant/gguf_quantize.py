@@ -3,9 +3,10 @@
 The GPTQ pipeline (gptq_pipeline.py: layer by layer through the reference model, per-expert Hessians from the
 routed tokens, layer i+1 calibrated on the quantized layer i, starved experts rounded to nearest) runs with a
 per-matrix quantizer that puts each Linear on the grid of the type llama.cpp's mix gives it (gguf_gptq.py). The
-GGUF writer takes those bytes layer by layer as it reaches them; the tensors the pipeline leaves in float
-(embeddings, output, norms, router) get the mix's types as `convert` writes them. So names, types and shapes are
-those of llama-quantize's mix; with --method rtn the file equals `convert --outtype MIX [--imatrix]` byte for byte.
+GGUF writer takes those bytes layer by layer as it reaches them; the token embedding (before the first layer) and
+the output matrix (after the last) get GPTQ on their grids here; norms and router get the mix's types as `convert`
+writes them. So names, types and shapes are those of llama-quantize's mix; with --method rtn the file equals
+`convert --outtype MIX [--imatrix]` byte for byte.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .. import model, names
 from ..errors import MxError
 from ..io.ggml_blocks import SUPPORTED
 from ..transforms import hf_to_meta_rope, rope_heads
-from .gguf_gptq import GGUFQuant, quantize_matrix
+from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
 from .gptq import GPTQError, Hessian
 from .gptq_pipeline import QUANTIZED_KINDS
 
@@ -41,8 +42,9 @@ class MatrixQuantizer:
         kind, layer, _ = names.parse(name)
         return self.policy(kind.key, layer, tuple(names.expected_shape(name, self.spec)))
 
-    def __call__(self, name: str, w: torch.Tensor, hess, method: str, min_tokens: int):
+    def __call__(self, name: str, w: torch.Tensor, hess, method: str, min_tokens: int, damp: float | None = None):
         qtype, n = self.qtype(name), (hess.n_tokens if hess is not None else 0)
+        damp = self.damp if damp is None else damp
         imat = self.imatrix.get(name)
         if qtype not in SUPPORTED:
             return _float_result(w, qtype), {"method": "copy", "type": qtype.name, "tokens": n}
@@ -52,12 +54,12 @@ class MatrixQuantizer:
         elif method == "gptq":
             h = hess.matrix()
         try:
-            res = quantize_matrix(w, qtype, h, imat, self.damp, feedback=h is not None)
+            res = quantize_matrix(w, qtype, h, imat, damp, feedback=h is not None)
         except GPTQError as exc:  # Cholesky failed at every damping: round this one to nearest
             entry["fallback"] = f"gptq failed: {exc}"
             res = quantize_matrix(w, qtype, None, imat)
         entry.update(method=res.method, loss=res.loss, damp=res.damp)
-        if res.damp is not None and res.damp > self.damp:
+        if res.damp is not None and res.damp > damp:
             entry["damp_raised"] = True
         return _Taken(res), entry
 
@@ -83,9 +85,11 @@ def _float_result(w: torch.Tensor, qtype: T) -> GGUFQuant:
 
 class LayerBytes:
     """The GGUF writer's `encoded` hook: pulls layers from the QuantStream as the writer reaches them and gives
-    each quantized Linear's bytes in GGUF row order (q/k rotary-permuted). The output matrix, which the writer
-    reaches after the last layer, gets GPTQ too, its Hessian from the final normed hidden states of the quantized
-    model; None for every other tensor (embeddings, norms, router: encoded as `convert` does)."""
+    each quantized Linear's bytes in GGUF row order (q/k rotary-permuted). The token embedding, which the writer
+    reaches first, gets GPTQ along its rows with `embedding_hessian` (damping EMBED_DAMP), and the quantized
+    stream then starts from its dequantized table; the output matrix, which the writer reaches after the last
+    layer, gets GPTQ too, its Hessian from the final normed hidden states of the quantized model; None for every
+    other tensor (norms, router: encoded as `convert` does)."""
 
     def __init__(self, stream, hook: MatrixQuantizer):
         self.stream, self.hook, self.spec = stream, hook, hook.spec
@@ -95,6 +99,8 @@ class LayerBytes:
         kind, layer, _ = names.parse(t.name)
         if kind.key == "output":
             return self._output(t.name, qtype)
+        if kind.key == "token_embd":
+            return self._token_embd(t.name, qtype)
         if kind.key not in QUANTIZED_KINDS:
             return None
         while self.current is None or self.current.index < layer:
@@ -105,6 +111,21 @@ class LayerBytes:
                           f"the writer wants {qtype.name} in layer {layer}")
         heads = rope_heads(kind.key, self.spec)
         return res.data if not heads else hf_to_meta_rope(torch.from_numpy(res.data), heads).numpy()
+
+    def _token_embd(self, name: str, qtype: T):
+        """GPTQ of the token embedding table before the first layer; None without calibration (RTN) or for a type
+        the mix keeps in float."""
+        run, samples = self.stream.run, self.stream.samples
+        if run.method != "gptq" or samples is None or qtype not in SUPPORTED or self.current is not None:
+            return None
+        hess = embedding_hessian(run.ckpt, samples, run.dev)
+        w = model.load_weight(run.ckpt, name, run.dev, torch.float32)
+        res, entry = self.hook(name, w, hess, run.method, run.min_tokens, damp=EMBED_DAMP)
+        self.stream.report["token_embd"] = entry
+        if res.res.qtype != qtype:
+            raise MxError(f"internal: {name} came out as {res.res.qtype.name}, the writer wants {qtype.name}")
+        self.stream.embedding = res.dequantize()  # the layers are calibrated on what the quantized table gives
+        return res.res.data
 
     def _output(self, name: str, qtype: T):
         """GPTQ of the output matrix on rms_norm(final hidden state); None without calibration (RTN) or when the

@@ -336,6 +336,10 @@ class QuantStream:
                  progress: Progress | None):
         self.ckpt, self.samples, self.run, self.progress = ckpt, samples, run, progress or (lambda *a: None)
         self.hidden = self.hidden_fp = None
+        # The token embedding table the quantized stream starts from (a quantizer that quantizes it sets its
+        # dequantized table here before the first layer); None: the checkpoint's. The unquantized stream of the
+        # asymmetric objective always starts from the checkpoint's.
+        self.embedding: torch.Tensor | None = None
         self.timings: dict = {"layers_s": []}
         cfg = run.cfg
         self.report = {
@@ -347,8 +351,8 @@ class QuantStream:
 
     def __iter__(self) -> Iterator[LayerQuant]:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
-        h = self._embed() if self.run.method == "gptq" else None
-        hf = h.clone() if h is not None and self.run.cross else None  # the unquantized stream
+        h = self._embed(self.embedding) if self.run.method == "gptq" else None
+        hf = self._embed(None) if h is not None and self.run.cross else None  # the unquantized stream
         for i in range(n_layers):
             t = time.perf_counter()
             self.run.results = {}
@@ -366,12 +370,14 @@ class QuantStream:
         self.report["totals"] = totals(self.report["layers"])
         self.timings["time_s"] = round(time.perf_counter() - t0, 3)
 
-    def _embed(self) -> torch.Tensor:
+    def _embed(self, table: torch.Tensor | None) -> torch.Tensor:
+        """The calibration samples' embeddings from `table` (None: the checkpoint's)."""
         run, spec = self.run, self.ckpt.spec
         toks = model.as_tokens(self.samples, spec, "cpu")
         run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
-        table = model.load_weight(self.ckpt, weight_name("token_embd"), run.store, run.dtype)
-        return F.embedding(toks.to(run.store), table)
+        if table is None:
+            table = model.load_weight(self.ckpt, weight_name("token_embd"), run.store, run.dtype)
+        return F.embedding(toks.to(run.store), table.to(run.store, run.dtype))
 
 
 def totals(layers: list[dict]) -> dict:
