@@ -5,7 +5,7 @@ Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) wit
   actually reads from the checkpoint, and `QuantResult.dequantize()` equals the loader's weight bit for bit.
 - Symmetric mode always uses the range [-absmax, absmax]. The reference keeps xmin = 0 for an all-positive row,
   which with the fixed zero 2^(bits-1) clips the row at about half its maximum; we do not reproduce that quirk.
-- Asymmetric zeros are kept >= 1 because v1 checkpoints store zero - 1 (see `_range_params`).
+- Asymmetric zeros are kept >= 1 because v1 checkpoints store zero - 1 (see gptq_grid, the quantization grid).
 - A group's scale/zero is found from the columns' current (error-updated) values. The reference reads the
   block-start values when a group starts in the middle of a 128-column block (group sizes below 128).
 - A Hessian without any live column (no calibration tokens) falls back to round-to-nearest: the reference would
@@ -15,30 +15,25 @@ Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) wit
 
 Quality levers beyond the reference (QuantConfig; their measured effects are in docs/BENCHMARKS.md, issue 12):
 group-aware column order (act_group_aware, as GPTQModel), a range search per group that minimises the rounding
-error weighted by GPTQ's own column costs (search="hessian"), and a least-squares re-fit of each row's group
-scales after the loop, codes kept (refit). The output format is unchanged (GPTQ v1; g_idx stays i // g unless
-act_order).
+error weighted by GPTQ's own column costs (search="hessian"), a least-squares re-fit of each row's group
+scales after the loop, codes kept (refit), and coordinate-descent sweeps over the codes, scales kept, each
+followed by a re-fit (sweeps). `asym_target` turns the asymmetric objective (GPTAQ: quantize towards the
+unquantized model's outputs) into the weight that plain GPTQ then approximates. The output format is unchanged
+(GPTQ v1; g_idx stays i // g unless act_order).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import MxError, ShapeError
+from .gptq_grid import FP16_MAX, FP16_TINY, SEARCHES, _codes, _fp16_round, find_params
 
 BLOCK_SIZE = 128  # columns per lazy-batch block, as in the reference
 SUPPORTED_BITS = (2, 4, 8)  # widths that pack whole codes into an int32 (v1 packing of 3 bits is not done)
-FP16_MAX = 65504.0
-FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal: a scale below it would round to 0
 DAMP_RETRIES = 12  # 0.01 doubled 12 times is ~41x mean(diag(H)): past that H is not a Hessian
-MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # the reference's shrink search settings
-# The weighted search's range factors (1 is the min/max range): shrinking clips outliers, growing past 1 lets the
-# symmetric grid [-8s, 7s] reach a positive maximum.
-SEARCHES = ("minmax", "hessian")  # how a group's range is chosen (the `mse` flag is the reference's search)
-SEARCH_RANGE = tuple(round(1.15 - 0.01 * i, 2) for i in range(46) if i != 15)
 
 
 class GPTQError(MxError):
@@ -190,87 +185,6 @@ def asym_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, alpha: float 
     corr = torch.linalg.solve(hd, d.T @ w.T).T
     out = w + alpha * corr
     return out if bool(torch.isfinite(out).all()) else w
-
-
-# ---------------------------------------------------------------- quantizer (per output row of a group)
-
-def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
-    """Round to the fp16 value a checkpoint stores, never to 0 or inf (that would divide by zero)."""
-    return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16).float()
-
-
-def _range_params(xmin, xmax, cfg: QuantConfig):
-    """(scale, zero) per row for the range [xmin, xmax] (xmin <= 0 <= xmax, not both 0)."""
-    scale = _fp16_round((xmax - xmin) / cfg.maxq)
-    if cfg.sym:
-        return scale, torch.full_like(scale, (cfg.maxq + 1) // 2)
-    zero = torch.round(-xmin / scale).clamp(0, cfg.maxq)
-    # v1 stores zero - 1, so a zero of 0 cannot be saved. Use zero 1 and widen the step so the grid
-    # [-scale, (maxq-1)*scale] still reaches xmax (xmin is above -scale/2 here, so it stays covered).
-    low = zero == 0
-    if bool(low.any()):
-        scale = torch.where(low, _fp16_round(xmax / (cfg.maxq - 1)), scale)
-        zero = torch.where(low, torch.ones_like(zero), zero)
-    return scale, zero
-
-
-def _codes(x, scale, zero, maxq):
-    """Integer codes (as float) of x for scale/zero broadcast against it (one pair per quantizer row)."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-
-
-def find_params(x: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None = None):
-    """Per-row (scale, zero), each [rows] float32, for the columns x [rows, k] of one group.
-
-    weight [k]: how much an error in each column costs (GPTQ passes 1 / Hinv[c, c]^2), for the "hessian" search.
-    """
-    zero_ = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xmin = torch.minimum(x.amin(1), zero_)  # the range always includes 0
-    xmax = torch.maximum(x.amax(1), zero_)
-    if cfg.sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)  # all-zero row: any nonzero scale works, avoid dividing by 0
-    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    if cfg.search == "hessian":
-        return _weighted_params(x, xmin, xmax, cfg, weight)
-    if cfg.mse:
-        return _mse_params(x, xmin, xmax, cfg)
-    return _range_params(xmin, xmax, cfg)
-
-
-def _weighted_params(x, xmin, xmax, cfg: QuantConfig, weight):
-    """Try ranges p*[xmin, xmax] for p in SEARCH_RANGE, keep the lowest weighted squared error per row."""
-    wt = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
-    best_scale, best_zero = _range_params(xmin, xmax, cfg)
-    s, z = best_scale[:, None], best_zero[:, None]
-    best = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
-    for p in SEARCH_RANGE:
-        scale, zero = _range_params(p * xmin, p * xmax, cfg)
-        s, z = scale[:, None], zero[:, None]
-        err = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
-def _mse_params(x, xmin, xmax, cfg: QuantConfig):
-    """The reference's shrink search: try ranges p*[xmin, xmax], keep the lowest sum |err|^2.4 per row."""
-    best_scale, best_zero = _range_params(xmin, xmax, cfg)
-    best = torch.full_like(xmin, math.inf)
-    for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
-        p = 1 - i / MSE_GRID
-        scale, zero = _range_params(p * xmin, p * xmax, cfg)
-        s, z = scale[:, None], zero[:, None]
-        err = (s * (_codes(x, s, z, cfg.maxq) - z) - x).abs_().pow_(MSE_NORM).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
 
 
 # ---------------------------------------------------------------- round to nearest
