@@ -7,7 +7,8 @@ chunks of CTX tokens (BOS first), scoring the second half of each chunk as llama
 divergence to the reference (with its standard error over chunks), perplexity ratio, same top token, bits per
 weight. Prints one JSON line per file and a Markdown table; writes bench/out/gguf_gptq.json.
 
-    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64]
+    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64] [--asym 1]
+                              [--threads 2]
 
 `--speed TYPES` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2 4096 x 14336;
 random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type beside the int4 g128 GPTQ core,
@@ -117,7 +118,11 @@ def main():
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
+    ap.add_argument("--asym", default="", help="also GPTQ with the asymmetric objective at these scales (e.g. 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(THREADS)
     if args.speed:
         OUT.mkdir(parents=True, exist_ok=True)
@@ -133,15 +138,17 @@ def main():
         files[f"{mix} plain"] = convert(MODEL, "gguf", out / f"{mix}-plain.gguf", mix, force=True)
         files[f"{mix} imatrix"] = convert(MODEL, "gguf", out / f"{mix}-imatrix.gguf", mix, force=True,
                                           imatrix_path=imat)
-        runs = [("gptq", None)] + ([("gptq+imatrix", imat)] if args.gptq_imatrix else [])
-        for label, im in runs:
+        runs = [("gptq", None, {})] + ([("gptq+imatrix", imat, {})] if args.gptq_imatrix else [])
+        runs += [(f"gptq asym={a}", None, {"asym": float(a)}) for a in args.asym.split(",") if a]
+        for label, im, extra in runs:
             t = time.time()
-            report = run_quantize_gguf(MODEL, out / f"{mix}-{label}.gguf", mix, calib_text_path=CALIB,
+            path = out / f"{mix}-{label.replace(' ', '-')}.gguf"
+            report = run_quantize_gguf(MODEL, path, mix, calib_text_path=CALIB,
                                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
-                                       imatrix_path=im, device="cpu", force=True)
+                                       imatrix_path=im, device="cpu", force=True, **extra)
             times[f"{mix} {label}"] = {"wall_s": round(time.time() - t, 1), "layers_s": report["timings"]["layers_s"],
                                        "fallbacks": len(report["totals"]["fallbacks"])}
-            files[f"{mix} {label}"] = out / f"{mix}-{label}.gguf"
+            files[f"{mix} {label}"] = path
             print(json.dumps({f"{mix} {label}": times[f"{mix} {label}"]}), flush=True)
     tokens = Tokenizer.default().encode(EVAL.read_text(encoding="utf-8"), bos=False)
     res = evaluate(files, ref, tokens, args.chunks)
