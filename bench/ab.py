@@ -1,9 +1,9 @@
 """Side by side: the same conversion and quantization jobs with this checkout and with another commit, in one run.
 
-    python bench/ab.py --base REV [--reps 3] [--jobs f16,q8_0,q4_k_m,mistral,gptq]
+    python bench/ab.py --base REV [--head REV] [--reps 3] [--jobs f16,q8_0,q4_k_m,mistral,gptq]
 
-REV is checked out in a temporary git worktree (its native kernels are this checkout's build, copied; REV must
-share their C sources, which the script checks). Jobs alternate base, head, base, head... so a noisy machine
+Each REV is checked out in a temporary git worktree (its native kernels are this checkout's build, copied; REV
+must share their C sources, which the script checks); without --head the head side is this working tree. Jobs alternate base, head, base, head... so a noisy machine
 slows both sides alike; the table gives each side's median wall time and peak RSS and the ratio head / base.
 Conversions read `synth --preset 8x7b --layers 2` (6.3 GB bf16, bench/out); quantization is GPTQ int4 of the
 bundled model with the base's default recipe on both sides and a small calibration (32 x 512 tokens).
@@ -49,6 +49,7 @@ def _jobs(tree: Path, src: Path, out: Path, recipe: Path) -> dict[str, list]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
+    ap.add_argument("--head", help="a commit instead of this working tree")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--jobs", default="f16,q8_0,q4_k_m,mistral,gptq")
     args = ap.parse_args()
@@ -57,9 +58,10 @@ def main():
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         tmp = Path(tmp)
         base = _worktree(args.base, tmp / "base")
+        head = _worktree(args.head, tmp / "head") if args.head else ROOT
         try:
             recipe = base / "mxtools" / "recipes" / "gptq-int4-g128.yaml"
-            sides = {"base": _jobs(base, src, tmp / "out-base", recipe), "head": _jobs(ROOT, src, tmp / "out-head",
+            sides = {"base": _jobs(base, src, tmp / "out-base", recipe), "head": _jobs(head, src, tmp / "out-head",
                                                                                        recipe)}
             for side in sides:
                 (tmp / f"out-{side}").mkdir()
@@ -69,7 +71,8 @@ def main():
                     for side in ("base", "head"):
                         runs[job][side].append(timed(sides[side][job]))
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+            for tree in {base, head} - {ROOT}:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     rows = []
     for job, r in runs.items():
         med = {s: statistics.median(x["wall_s"] for x in r[s]) for s in r}
@@ -77,8 +80,10 @@ def main():
         rows.append({"job": job, "base_s": round(med["base"], 2), "head_s": round(med["head"], 2),
                      "ratio": round(med["head"] / med["base"], 3), "base_rss_mb": round(rss["base"]),
                      "head_rss_mb": round(rss["head"]), "runs": r})
-    (OUT / "ab.json").write_text(json.dumps({"base": args.base, "reps": args.reps, "rows": rows}, indent=2))
-    print(f"| job | base {args.base} median wall s | head median wall s | head / base | base peak RSS MB | "
+    head_name = args.head or "working tree"
+    (OUT / "ab.json").write_text(json.dumps({"base": args.base, "head": head_name, "reps": args.reps, "rows": rows},
+                                            indent=2))
+    print(f"| job | base {args.base} median wall s | head {head_name} median wall s | head / base | base peak RSS MB | "
           "head peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
