@@ -9,10 +9,11 @@ fed the very token ids our pipeline calibrates on (mxtools.quant.gptq_pipeline.m
 attention_mask, batch 1; its settings are recorded in the JSON. Its outputs are renamed to our tensor names
 (bytes untouched) and every output is checked by `mxtools verify` on eval.txt (every 512-token chunk) against
 the bf16 reference's log-probs, saved once (`--save-base`) and reused for every row. Both sides run with
-2 threads. Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be run apart, --rows)
+--threads threads (default 2; the quantized bytes, hence the KLDs, depend on it through float summation order,
+so compare rows run at the same count). Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be run apart, --rows)
 and the table of all kept rows is written to bench/out/gptqmodel_compare.json.
 
-    python bench/gptqmodel_compare.py [--rows NAME,...] [--nsamples N --seqlen L]   # small N, L: a smoke run
+    python bench/gptqmodel_compare.py [--rows NAME,...] [--threads T] [--nsamples N --seqlen L]   # small N, L: smoke
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ GPTQMODEL_SCRIPT = """
 import json, sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
 import gptqmodel
-torch.set_num_threads(2)
-src, samples, out, info, extra = sys.argv[1:6]
+src, samples, out, info, extra, threads = sys.argv[1:7]
+torch.set_num_threads(int(threads))
 ids = torch.load(samples)
 calib = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
 qc = QuantizeConfig(sym=True, desc_act=False, **json.loads(extra))
@@ -91,8 +92,10 @@ def gptqmodel_quantize(samples: Path, raw: Path, **settings) -> dict:
     whole child, plus the seconds of its quantize() call alone."""
     shutil.rmtree(raw, ignore_errors=True)
     info = WORK / f"{raw.name}-run.json"
-    t = timed([PY, "-c", GPTQMODEL_SCRIPT, MODEL, samples, raw, info, json.dumps(settings)],
-              {**THREADS, "GPTQMODEL_CPU_WORKERS": "2"})
+    n = THREADS["OMP_NUM_THREADS"]
+    workers = str(max(2, int(n)))  # GPTQModel 7.6 refuses fewer than 2 CPU workers (its model loader pool wants 2)
+    t = timed([PY, "-c", GPTQMODEL_SCRIPT, MODEL, samples, raw, info, json.dumps(settings), n],
+              {**THREADS, "GPTQMODEL_CPU_WORKERS": workers})
     return {**t, **json.loads(info.read_text())}
 
 
@@ -170,6 +173,10 @@ ROWS = {
                            ["--recipe", "gptq-int4-g128-plain"]),
     "ours-int4-g128-actorder": ("mxtools GPTQ int4 g128 (the defaults with act-order)", "ours",
                                 ["--recipe", "gptq-int4-g128-actorder"]),
+    "ours-int4-g128-nosweep": ("mxtools GPTQ int4 g128 (the defaults without the coordinate-descent sweep)", "ours",
+                               ["--recipe", "gptq-int4-g128-nosweep"]),
+    "ours-int4-g128-gptaq": ("mxtools GPTQ int4 g128 (the defaults with the asymmetric objective, alpha 0.25)", "ours",
+                             ["--recipe", "gptq-int4-g128-gptaq"]),
     "ours-rtn": ("mxtools RTN int4 g128", "ours", ["--recipe", "rtn-int4-g128"]),
     "gptqmodel-int4-g128": ("GPTQModel GPTQ int4 g128 (its defaults)", "gptqmodel", {"bits": 4, "group_size": 128}),
     "ours-int8-g128": ("mxtools GPTQ int8 g128 (defaults)", "ours", ["--bits", "8"]),
@@ -201,7 +208,12 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--reuse", action="store_true", help="verify a row's kept quantization again, do not redo it")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every quantizer and verify process")
     args = ap.parse_args()
+    THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    global WORK
+    if args.threads != 2:  # other thread counts keep their rows apart (bench/out/gptqmodel_compare-tN)
+        WORK = OUT / f"gptqmodel_compare-t{args.threads}"
     (WORK / "rows").mkdir(parents=True, exist_ok=True)
     calibration = calibration_samples(args.nsamples, args.seqlen, WORK / "calib_samples.pt")
     base = WORK / "eval-base.bin"
@@ -214,12 +226,12 @@ def main():
             done.write_text(json.dumps([timing, log], default=str))
         save_base(base)
         result = {**row(ROWS[name][0], verify(path, WORK / f"verify-{name}.json", base), timing),
-                  "row": name, "quantize_log": log, "calibration": calibration}
+                  "row": name, "threads": args.threads, "quantize_log": log, "calibration": calibration}
         (WORK / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
         print(json.dumps({k: v for k, v in result.items() if k != "quantize_log"}, default=str), flush=True)
     rows = [json.loads((WORK / "rows" / f"{n}.json").read_text()) for n in ROWS
             if (WORK / "rows" / f"{n}.json").exists()]
-    (OUT / "gptqmodel_compare.json").write_text(json.dumps({"model": str(MODEL), "eval": str(EVAL), "rows": rows},
+    (WORK.parent / f"{WORK.name}.json").write_text(json.dumps({"model": str(MODEL), "eval": str(EVAL), "rows": rows},
                                                            indent=2, default=str))
     print(table(rows))
 

@@ -31,7 +31,8 @@ from .tokenizer import Tokenizer
 # ---------------------------------------------------------------- recipes and defaults
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit")
+               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "sweeps", "asym",
+               "asym_ridge")
 
 
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
@@ -77,10 +78,12 @@ def _check_setting(key: str, value, path) -> None:
 
 
 # The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
-# Hessian-weighted range search and the scale re-fit; each lever's measured effect is in docs/BENCHMARKS.md.
+# Hessian-weighted range search, the scale re-fit and one coordinate-descent sweep over the codes (each followed
+# by a re-fit); each lever's measured effect is in docs/BENCHMARKS.md. asym (the asymmetric objective, GPTAQ)
+# is off: it did not help on the bundled model.
 DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
                 seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
-                search="hessian", refit=True)
+                search="hessian", refit=True, sweeps=1, asym=0.0, asym_ridge=0.05)
 
 
 def resolve_settings(recipe=None, **given) -> dict:
@@ -129,7 +132,7 @@ def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, grou
     with open_checkpoint(src) as ckpt:
         tokens = calibration_tokens(ckpt, calib_text_path or CALIB) if s["method"] == "gptq" else None
         stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
-                                     device, s["min_tokens"], progress)
+                                     device, s["min_tokens"], progress, asym=s["asym"], asym_ridge=s["asym_ridge"])
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(recipe) if recipe else None
         with atomic_output(Path(out), directory=True, force=force) as tmp:
@@ -141,13 +144,14 @@ def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, grou
 
 def run_quantize_gguf(src, out, outtype: str, *, method=None, calib_text_path=None, nsamples=None, seqlen=None,
                       experts=None, damp=None, imatrix_path=None, device="auto", force: bool = False,
-                      min_tokens: int | None = None, progress: Progress | None = None) -> dict:
+                      min_tokens: int | None = None, progress: Progress | None = None, asym=None,
+                      asym_ridge=None) -> dict:
     """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids (quant/gguf_quantize); write one
     GGUF at out atomically. Options left None take DEFAULTS. Returns the pipeline's report with "timings"."""
     if outtype not in MIXES:
         raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
     s = resolve_settings(None, method=method, nsamples=nsamples, seqlen=seqlen, experts=experts, damp=damp,
-                         min_tokens=min_tokens)
+                         min_tokens=min_tokens, asym=asym, asym_ridge=asym_ridge)
     method, experts, damp = s["method"], s["experts"], s["damp"]
     cfg = quant_config({"damp": damp})  # its checks are the option's
     calib = Path(calib_text_path or CALIB)
@@ -157,7 +161,8 @@ def run_quantize_gguf(src, out, outtype: str, *, method=None, calib_text_path=No
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"], device,
-                                     s["min_tokens"], progress=progress, quantizer=hook)
+                                     s["min_tokens"], progress=progress, quantizer=hook, asym=s["asym"],
+                                     asym_ridge=s["asym_ridge"])
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)

@@ -3,7 +3,7 @@ sweeps over the codes: their algebra on one matrix, and the pipeline's unquantiz
 from __future__ import annotations
 
 import torch
-from conftest import small_spec
+from conftest import small_spec, write_synth
 
 from mxtools import model
 from mxtools.bundled import CALIB
@@ -44,7 +44,7 @@ def test_cross_hessian_and_asym_target_solve_the_asymmetric_least_squares():
 
 
 def test_coordinate_descent_sweeps_only_lower_the_objective_and_keep_the_grid():
-    x_fp, x = _inputs(n=800, d=256)
+    _, x = _inputs(n=800, d=256)
     h = 2 * x.T @ x / x.shape[0]
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
     losses = []
@@ -94,3 +94,18 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
         ref, _ = model.layer_forward(ref, model.load_layer(ckpt, i, "cpu", torch.float32), spec, rope)
     torch.testing.assert_close(stream.hidden_fp, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(stream.hidden, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_recipes_name_the_sweep_and_gptaq_settings(tmp_path):
+    from mxtools.quantize import load_recipe, resolve_settings, run_quantize
+    assert resolve_settings()["sweeps"] == 1 and resolve_settings()["asym"] == 0.0
+    assert resolve_settings("gptq-int4-g128-nosweep")["sweeps"] == 0
+    r = load_recipe("gptq-int4-g128-gptaq")
+    assert (r["asym"], r["asym_ridge"], r["sweeps"]) == (0.25, 0.05, 1)
+    src = write_synth(tmp_path / "src", "hf", "f32", spec=small_spec())
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB.read_text(encoding="utf-8")[:8000], encoding="utf-8")
+    report = run_quantize(src, tmp_path / "q", calib_text_path=calib, recipe="gptq-int4-g128-gptaq", nsamples=2,
+                          seqlen=64, group_size=32, device="cpu")
+    assert (report["asym"], report["asym_ridge"], report["sweeps"]) == (0.25, 0.05, 1)
+    assert report["totals"]["gptq"] == report["totals"]["linears"]
