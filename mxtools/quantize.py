@@ -31,8 +31,8 @@ from .tokenizer import Tokenizer
 # ---------------------------------------------------------------- recipes and defaults
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "sweeps", "asym",
-               "asym_ridge")
+               "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "repass", "sweeps",
+               "asym", "asym_ridge")
 
 
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
@@ -78,12 +78,12 @@ def _check_setting(key: str, value, path) -> None:
 
 
 # The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
-# Hessian-weighted range search, the scale re-fit and one coordinate-descent sweep over the codes (each followed
-# by a re-fit); each lever's measured effect is in docs/BENCHMARKS.md. asym (the asymmetric objective, GPTAQ)
+# Hessian-weighted range search, the scale re-fit, a second GPTQ pass on the re-fitted scales (re-fitted again)
+# and one coordinate-descent sweep over the codes (followed by a re-fit); each lever's measured effect is in docs/BENCHMARKS.md. asym (the asymmetric objective, GPTAQ)
 # is off: it did not help on the bundled model.
 DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
                 seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
-                search="hessian", refit=True, sweeps=1, asym=0.0, asym_ridge=0.05)
+                search="hessian", refit=True, repass=True, sweeps=1, asym=0.0, asym_ridge=0.05)
 
 
 def resolve_settings(recipe=None, **given) -> dict:

@@ -57,6 +57,12 @@ def test_coordinate_descent_sweeps_only_lower_the_objective_and_keep_the_grid():
         again = gptq_quantize(w, h, cfg)  # deterministic
         assert torch.equal(again.q, res.q) and torch.equal(again.scales, res.scales)
     assert losses[1] < losses[0] and losses[2] <= losses[1] * 1.0001 and losses[3] <= losses[2] * 1.0001
+    # the second GPTQ pass on the re-fitted scales: same grid and groups, deterministic
+    cfg = QuantConfig(damp=0.05, act_group_aware=True, search="hessian", refit=True, repass=True, sweeps=1)
+    res, again = gptq_quantize(w, h, cfg), gptq_quantize(w, h, cfg)
+    assert torch.equal(res.q, again.q) and torch.equal(res.scales, again.scales)
+    assert int(res.q.max()) <= 15 and torch.equal(res.g_idx, (torch.arange(256) // 128).to(torch.int32))
+    assert objective(w, res.dequantize(), h) < losses[0]
 
 
 def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
@@ -98,8 +104,9 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
 
 def test_recipes_name_the_sweep_and_gptaq_settings(tmp_path):
     from mxtools.quantize import load_recipe, resolve_settings, run_quantize
-    assert resolve_settings()["sweeps"] == 1 and resolve_settings()["asym"] == 0.0
+    assert resolve_settings()["sweeps"] == 1 and resolve_settings()["repass"] and resolve_settings()["asym"] == 0.0
     assert resolve_settings("gptq-int4-g128-nosweep")["sweeps"] == 0
+    assert not resolve_settings("gptq-int4-g128-nosweep")["repass"]
     r = load_recipe("gptq-int4-g128-gptaq")
     assert (r["asym"], r["asym_ridge"], r["sweeps"]) == (0.25, 0.05, 1)
     src = write_synth(tmp_path / "src", "hf", "f32", spec=small_spec())

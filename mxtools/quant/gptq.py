@@ -16,8 +16,9 @@ Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) wit
 Quality levers beyond the reference (QuantConfig; their measured effects are in docs/BENCHMARKS.md, issue 12):
 group-aware column order (act_group_aware, as GPTQModel), a range search per group that minimises the rounding
 error weighted by GPTQ's own column costs (search="hessian"), a least-squares re-fit of each row's group
-scales after the loop, codes kept (refit), and coordinate-descent sweeps over the codes, scales kept, each
-followed by a re-fit (sweeps). `asym_target` turns the asymmetric objective (GPTAQ: quantize towards the
+scales after the loop, codes kept (refit), a second GPTQ pass on the re-fitted scales kept fixed, then
+re-fitted again (repass), and coordinate-descent sweeps over the codes, scales kept, each followed by a re-fit
+(sweeps). `asym_target` turns the asymmetric objective (GPTAQ: quantize towards the
 unquantized model's outputs) into the weight that plain GPTQ then approximates. The output format is unchanged
 (GPTQ v1; g_idx stays i // g unless act_order).
 """
@@ -49,7 +50,10 @@ class QuantConfig:
     i // g); ignored with act_order. mse: the reference's |err|^2.4 shrink search of each group's range.
     search "hessian": each group's range factor chosen to minimise the GPTQ-weighted squared rounding error
     (weights 1 / Hinv[c, c]^2, the cost GPTQ charges for column c). refit: after the loop, each output row's
-    group scales re-chosen by least squares against tr((W - Q) H (W - Q)^T) with the codes kept.
+    group scales re-chosen by least squares against tr((W - Q) H (W - Q)^T) with the codes kept. repass (with
+    refit, without act_order): GPTQ's loop once more with the re-fitted scales fixed, then a re-fit. sweeps: that
+    many coordinate-descent sweeps over the codes (each code to the grid point nearest its exact minimiser), each
+    followed by a re-fit.
     """
 
     bits: int = 4
@@ -63,6 +67,7 @@ class QuantConfig:
     search: str = "minmax"
     refit: bool = False
     sweeps: int = 0
+    repass: bool = False
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -245,6 +250,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
     res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp)
     if cfg.refit:
         res.scales = _refit_scales(w, h, res, damp)
+        if cfg.repass and not cfg.act_order:  # GPTQ again on the re-fitted scales, kept fixed; re-fit again
+            res = _gptq_pass(w, hinv, cfg, g, perm, col_group, (res.scales.clone(), res.zeros.float()), blocksize,
+                             damp)
+            res.scales = _refit_scales(w, h, res, damp)
     if cfg.sweeps:
         hd = _damped(h, damp)
         for _ in range(cfg.sweeps):

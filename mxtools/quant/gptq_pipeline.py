@@ -345,8 +345,9 @@ class QuantStream:
         self.report = {
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
-            "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "sweeps": cfg.sweeps,
-            "asym": run.asym, "asym_ridge": run.asym_ridge, "min_tokens": run.min_tokens, "device": str(run.dev), "calibration": sample_info, "layers": [],
+            "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "repass": cfg.repass,
+            "sweeps": cfg.sweeps, "asym": run.asym, "asym_ridge": run.asym_ridge, "min_tokens": run.min_tokens,
+            "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
     def __iter__(self) -> Iterator[LayerQuant]:
