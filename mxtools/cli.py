@@ -242,6 +242,10 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
               help="each expert's Hessian from its routed tokens (default) or from every token")
 @click.option("--min-tokens", type=int, help="an expert matrix with fewer calibration tokens falls back to RTN "
               "(default: 10% of its input width)")
+@click.option("--gptaq", type=float, metavar="ALPHA",
+              help="the asymmetric objective (GPTAQ): layers also correct the error of the quantized layers before "
+                   "them, ALPHA of the least-squares correction (0 off, the default; 1 whole). Costs a second, "
+                   "unquantized forward stream; on the bundled model it helps --to gguf's low-bit mixes most")
 @click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
 @click.option("--names", default="vllm", show_default=True, type=click.Choice(list(NAMINGS)),
               help="tensor names: vLLM's (block_sparse_moe.experts.E.w1) or transformers 5's, which GPTQModel "
@@ -251,12 +255,12 @@ def imatrix(model_path, text, ctx, chunks, device, out, force):
 @click.option("--force", is_flag=True)
 @handled
 def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen,
-             experts, min_tokens, recipe, names, device, out, force):
+             experts, min_tokens, gptaq, recipe, names, device, out, force):
     """GPTQ (or RTN) of every Linear, layer by layer; writes a GPTQ v1 checkpoint (HF layout), or with --to gguf
     a GGUF in a llama.cpp mix."""
     if target == "gguf":
         return _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens,
-                              device, out, force, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                              gptaq, device, out, force, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                               recipe=recipe)
     if outtype or imatrix:
         raise MxError("--outtype and --imatrix apply to --to gguf")
@@ -264,7 +268,7 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
     from .quantize import run_quantize, summary
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
-                                     experts=experts, min_tokens=min_tokens).items() if v is not None}
+                                     experts=experts, min_tokens=min_tokens, asym=gptaq).items() if v is not None}
     report = run_quantize(src, out, calib_text_path=calib or CALIB, device=device, recipe=recipe, force=force, names=names,
                           **options)
     click.echo(summary(report))
@@ -294,8 +298,8 @@ def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device)
     click.echo(render(result))
 
 
-def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens, device, out,
-                   force, **int_only):
+def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens, gptaq, device,
+                   out, force, **int_only):
     from .quantize import run_quantize_gguf, summary
     given = sorted(k.replace("_", "-") for k, v in int_only.items() if v is not None)
     if given:
@@ -303,7 +307,7 @@ def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen,
     if not outtype:
         raise MxError("--to gguf needs --outtype (a llama.cpp mix such as q4_k_m)")
     options = {k: v for k, v in dict(method=method, damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts,
-                                     min_tokens=min_tokens).items() if v is not None}
+                                     min_tokens=min_tokens, asym=gptaq).items() if v is not None}
     report = run_quantize_gguf(src, out, outtype.lower(), calib_text_path=calib, imatrix_path=imatrix,
                                device=device, force=force, **options)
     click.echo(summary(report))

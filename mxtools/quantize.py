@@ -118,7 +118,7 @@ def calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
 def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
                  act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
                  recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
-                 names: str = "vllm") -> dict:
+                 names: str = "vllm", asym=None) -> dict:
     """Open src, calibrate on the text file, write a GPTQ v1 directory at out atomically, its tensors named for
     `names` (layouts.gptq.NAMINGS: "vllm" or "transformers").
 
@@ -126,7 +126,8 @@ def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, grou
     out/quantize_report.json) with "timings". The calibration text defaults to the bundled one.
     """
     s = resolve_settings(recipe, bits=bits, method=method, group_size=group_size, sym=sym, act_order=act_order,
-                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens)
+                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens,
+                         asym=asym)
     cfg = quant_config(s)
     check_output(Path(out), [Path(src)], force)
     with open_checkpoint(src) as ckpt:
@@ -166,7 +167,7 @@ def run_quantize_gguf(src, out, outtype: str, *, method=None, calib_text_path=No
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
-        extra = metadata(method, calib, stream.report["calibration"], damp, experts)
+        extra = metadata(method, calib, stream.report["calibration"], damp, experts, s["asym"])
         extra += raw.quantize_metadata(imatrix_path) if raw else []
         source = LayerBytes(stream, hook)
         write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,

@@ -165,6 +165,19 @@ def test_cli_quantize_to_gguf(model, tmp_path):
         assert not bad.exists()
 
 
+def test_cli_gptaq_is_used_and_recorded(model, tmp_path):
+    """--gptaq A: the asymmetric objective changes the quantized bytes (same types) and the GGUF records it."""
+    outs = {}
+    for a in ("0", "1"):
+        outs[a] = tmp_path / f"g{a}.gguf"
+        r = CliRunner().invoke(main, ["quantize", str(model["hf"]), "--to", "gguf", "--outtype", "q4_k_m",
+                                      "--nsamples", "4", "--seqlen", "64", "--gptaq", a, "-o", str(outs[a])])
+        assert r.exit_code == 0, r.output
+    (m0, t0), (m1, t1) = gguf_tensors(outs["0"]), gguf_tensors(outs["1"])
+    assert META_PREFIX + "gptaq" not in m0 and m1[META_PREFIX + "gptaq"] == 1.0
+    assert _types(outs["0"]) == _types(outs["1"]) and any(t0[n][2] != t1[n][2] for n in t0 if n.startswith("blk."))
+
+
 def test_starved_matrices_fall_back_to_llama_cpps_rounding(model, tmp_path):
     """Below min_tokens every matrix (experts, attention, output) is rounded as llama.cpp rounds it, reported."""
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q4_k_m")

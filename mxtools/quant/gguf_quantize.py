@@ -150,9 +150,12 @@ class LayerBytes:
             raise MxError("internal: the writer finished before the quantizer")
 
 
-def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: str) -> list:
-    """Our keys: what was done, on which calibration text (name and SHA-256), how much of it."""
+def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: str, gptaq: float = 0.0) -> list:
+    """Our keys: what was done, on which calibration text (name and SHA-256), how much of it; `gptaq` (the
+    asymmetric objective's share) only when it was used."""
     rows = [("method", V.STRING, method), ("experts", V.STRING, experts), ("damp", V.FLOAT32, float(damp))]
+    if method == "gptq" and gptaq:
+        rows.append(("gptaq", V.FLOAT32, float(gptaq)))
     if method == "gptq" and calib is not None:
         rows += [("calibration.name", V.STRING, Path(calib).name),
                  ("calibration.sha256", V.STRING, hashlib.sha256(Path(calib).read_bytes()).hexdigest()),
