@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import OUT, PY, ROOT, synth_8x7b_2layers, timed
+from common import OUT, PY, ROOT, print_table, synth_8x7b_2layers, timed
 
 from mxtools.bundled import CALIB, MODEL
 
@@ -83,12 +83,9 @@ def main():
     head_name = args.head or "working tree"
     (OUT / "ab.json").write_text(json.dumps({"base": args.base, "head": head_name, "reps": args.reps, "rows": rows},
                                             indent=2))
-    print(f"| job | base {args.base} median wall s | head {head_name} median wall s | head / base | base peak RSS MB | "
-          "head peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['job']} | {r['base_s']} | {r['head_s']} | {r['ratio']} | {r['base_rss_mb']} | "
-              f"{r['head_rss_mb']} |")
+    print_table(["job", f"base {args.base} median wall s", f"head {head_name} median wall s", "head / base",
+                 "base peak RSS MB", "head peak RSS MB"],
+                [[r[k] for k in ("job", "base_s", "head_s", "ratio", "base_rss_mb", "head_rss_mb")] for r in rows])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,11 @@ def synth_8x7b_2layers() -> Path:
     if not path.exists():
         subprocess.run([PY, "-m", "mxtools.cli", "synth", str(path), "--preset", "8x7b", "--layers", "2"], check=True)
     return path
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A markdown table, as docs/BENCHMARKS.md holds them."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")

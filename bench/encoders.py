@@ -11,7 +11,7 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would count as CPU time
 
 import numpy as np
-from common import OUT, ROOT
+from common import OUT, ROOT, print_table
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -49,11 +49,9 @@ def main():
                          "mxtools_MB_per_cpu_s": round(mb / ours_s), "llama_cpp_MB_per_cpu_s": round(mb / theirs_s),
                          "speedup": round(theirs_s / ours_s, 2)})
     (OUT / "encoders.json").write_text(json.dumps(rows, indent=2))
-    print("| type | imatrix | mxtools MB/CPU-s | llama.cpp MB/CPU-s | speedup | bytes identical |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['type']} | {r['imatrix']} | {r['mxtools_MB_per_cpu_s']} | {r['llama_cpp_MB_per_cpu_s']} | "
-              f"{r['speedup']} | {r['identical']} |")
+    print_table(["type", "imatrix", "mxtools MB/CPU-s", "llama.cpp MB/CPU-s", "speedup", "bytes identical"],
+                [[r[k] for k in ("type", "imatrix", "mxtools_MB_per_cpu_s", "llama_cpp_MB_per_cpu_s", "speedup",
+                                 "identical")] for r in rows])
 
 
 if __name__ == "__main__":
