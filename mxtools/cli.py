@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -27,18 +29,31 @@ def _size(text: str) -> int:
         raise click.BadParameter(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled or timed out), handled as Ctrl-C is: outputs in progress are removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def handled(fn):
-    """Turn library errors, Ctrl-C and OS errors into one line on stderr and exit code 2."""
+    """Turn library errors, Ctrl-C, SIGTERM and OS errors into one line on stderr and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except MxError as exc:
             _fail(exc.line())
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was left behind")
+        except KeyboardInterrupt as exc:
+            _fail(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; nothing was left behind")
         except OSError as exc:
             _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 

@@ -126,6 +126,28 @@ def test_existing_output_and_input_are_protected(tmp_path, synth_dir):
     assert (src / "model.safetensors").read_bytes() == before and not (src / "inside.gguf").exists()
 
 
+def test_sigterm_leaves_nothing(tmp_path, synth_dir, monkeypatch):
+    """SIGTERM in the middle of writing (a cancelled CI job) is handled as Ctrl-C: exit 2, one line, no output."""
+    import os
+    import signal
+
+    from mxtools.io import gguf_writer
+    calls = {"n": 0}
+    real = gguf_writer.GGUFStreamWriter.write
+
+    def signalled(self, data):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, data)
+    monkeypatch.setattr(gguf_writer.GGUFStreamWriter, "write", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = run("convert", synth_dir("hf", "f32"), "--to", "gguf", "-o", tmp_path / "o.gguf")
+    one_line_error(code, err, "terminated")
+    assert_clean(tmp_path / "o.gguf")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+
+
 @pytest.mark.parametrize("exc,text", [(KeyboardInterrupt(), "interrupted"),
                                       (OSError(errno.ENOSPC, "No space left on device"), "no space left")])
 def test_interrupt_and_full_disk_leave_nothing(tmp_path, synth_dir, monkeypatch, exc, text):
