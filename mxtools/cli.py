@@ -293,7 +293,7 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
 @click.option("--formats", "fmts", metavar="F1,F2,...",
-              help=f"candidate formats (default {','.join(DEFAULT_FORMATS)}); also every GGUF mix (+imatrix), "
+              help=f"candidate formats (default {','.join(DEFAULT_FORMATS)}); also every GGUF mix (+imatrix, +gptq), "
                    "gptq-int8, rtn-int8, bnb-fp4")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="calibration text for GPTQ and the imatrix (default: the bundled calibration text)")

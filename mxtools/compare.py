@@ -85,6 +85,15 @@ def _gguf(mix: str, imatrix: bool):
     return build
 
 
+def _gguf_gptq(mix: str):
+    def build(job: Job, out: Path) -> Path:
+        from .quantize import run_quantize_gguf
+        path = out.with_suffix(".gguf")
+        run_quantize_gguf(job.model, path, mix, calib_text_path=job.calib, device=job.device)
+        return path
+    return build
+
+
 def _gptq(method: str, bits: int):
     def build(job: Job, out: Path) -> Path:
         from .quantize import run_quantize
@@ -143,12 +152,14 @@ def bnb_bytes(shape: tuple, kind: str) -> int:
 
 
 def formats() -> dict[str, Format]:
-    """Every format compare can build: the GGUF mixes (each also +imatrix), GPTQ and RTN int4/int8, bnb."""
+    """Every format compare can build: the GGUF mixes (each also +imatrix, and +gptq: `quantize --to gguf`),
+    GPTQ and RTN int4/int8, bnb."""
     from .quant.mixes import MIXES
     out = {}
     for mix in MIXES:
         out[mix] = Format(mix, mix, _gguf(mix, False))
         out[f"{mix}+imatrix"] = Format(f"{mix}+imatrix", mix, _gguf(mix, True))
+        out[f"{mix}+gptq"] = Format(f"{mix}+gptq", mix, _gguf_gptq(mix))
     for method in ("gptq", "rtn"):
         for bits in (4, 8):
             out[f"{method}-int{bits}"] = Format(f"{method}-int{bits}", f"gptq-int{bits}", _gptq(method, bits))

@@ -132,3 +132,12 @@ def test_missing_bitsandbytes_and_unknown_formats_are_one_line_errors(src, tmp_p
 def test_default_formats_are_all_known():
     from mxtools.compare import formats
     assert set(DEFAULT_FORMATS) <= set(formats())
+
+
+def test_gguf_gptq_rows_are_the_mix_at_the_same_size(src, tmp_path_factory):
+    """MIX+gptq (quantize --to gguf) is a candidate: a GGUF of the mix's own size, verified like the others."""
+    text = text_head(tmp_path_factory, EVAL, 8000)
+    result = run_compare(src, fmts="q4_0,q4_0+gptq", text=text, chunks=1, device="cpu")
+    by = {r["format"]: r for r in result["rows"]}
+    assert set(by) == {"q4_0", "q4_0+gptq"} and by["q4_0+gptq"]["bytes"] == by["q4_0"]["bytes"]
+    assert by["q4_0+gptq"]["kld_mean"] > 0 and by["q4_0+gptq"]["outtype"] == by["q4_0"]["outtype"] == "q4_0"
