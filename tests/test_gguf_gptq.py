@@ -198,11 +198,11 @@ def test_embedding_gptq_lowers_first_layer_error():
     calib, held = text(CALIB, 16), text(EVAL, 4)
     with open_checkpoint(MODEL) as ckpt:
         spec = ckpt.spec
-        hess = embedding_hessian(ckpt, calib, "cpu")
-        assert hess.n_tokens == calib.numel() and torch.equal(hess.matrix(), embedding_hessian(ckpt, calib, "cpu").matrix())
+        table = model_lib.load_weight(ckpt, names.weight_name("token_embd"), "cpu", torch.float32)
+        hess = embedding_hessian(ckpt, calib, table)
+        assert hess.n_tokens == calib.numel() and torch.equal(hess.matrix(), embedding_hessian(ckpt, calib, table).matrix())
         h = hess.matrix()
         assert torch.equal(h, h.T) and float(torch.linalg.eigvalsh(h.double()).min()) > -1e-6 * float(h.diag().max())
-        table = model_lib.load_weight(ckpt, names.weight_name("token_embd"), "cpu", torch.float32)
         layer = model_lib.load_layer(ckpt, 0, "cpu", torch.float32)
         rope = model_lib.rope_tables(spec, held.shape[1], "cpu", torch.float32)
 

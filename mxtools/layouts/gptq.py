@@ -66,11 +66,8 @@ DEFAULT_NAMES = "vllm"
 
 # ---------------------------------------------------------------- detection and config
 
-quant_config = gptq_quant_config  # the config that makes a directory a GPTQ checkpoint (io/hf_dir.py)
-
-
 def is_gptq(path: Path) -> bool:
-    return quant_config(Path(path)) is not None
+    return gptq_quant_config(Path(path)) is not None
 
 
 def stored_name(canonical: str, naming: str) -> str:
@@ -174,7 +171,7 @@ def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
 
 
 def read(path: Path) -> Checkpoint:
-    qc = quant_config(path)
+    qc = gptq_quant_config(path)
     settings = _settings(qc, path / "config.json")
     spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
     files = shard_files(path)
@@ -292,7 +289,7 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
     finally:
         for f in opened:
             f.close()
-    qc = {**quant_config(src)}
+    qc = {**gptq_quant_config(src)}
     qc["meta"] = {**(qc.get("meta") if isinstance(qc.get("meta"), dict) else {}), "tensor_names": naming}
     write_json(out / "config.json", {**read_json(src / "config.json"), "quantization_config": qc})
     write_json(out / QUANT_CONFIG_FILE, qc)

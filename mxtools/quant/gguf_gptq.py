@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
-from .. import model, names, native
+from .. import model, native
 from ..errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
 from .gptq import BLOCK_SIZE, GPTQError, Hessian, _inverse_cholesky, _one_cpu_thread
@@ -359,7 +359,7 @@ def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, flo
 
 # ---------------------------------------------------------------- the token embedding's Hessian
 
-def embedding_hessian(ckpt, samples: torch.Tensor, device, seed: int = 0) -> Hessian:
+def embedding_hessian(ckpt, samples: torch.Tensor, table: torch.Tensor, seed: int = 0) -> Hessian:
     """A [hidden, hidden] Hessian for GPTQ of the token embedding table along its rows: E[J^T J] over the
     calibration tokens, J the Jacobian of the first decoder layer's output with respect to its input (the
     embedding output) at each token, from the unquantized model.
@@ -367,11 +367,10 @@ def embedding_hessian(ckpt, samples: torch.Tensor, device, seed: int = 0) -> Hes
     Estimated as Hutchinson does: one seeded standard normal probe u per token at the layer's output, backpropagated
     through the layer (attention mixes positions, so each token's g = sum over later positions of J^T u), and
     E[g g^T] accumulated. Costs one forward and backward pass of layer 0 over the calibration samples, one
-    sequence at a time (its activations, not the whole batch's, are held for the backward pass)."""
-    spec = ckpt.spec
-    dtype = torch.float32
+    sequence at a time (its activations, not the whole batch's, are held for the backward pass). `table`: the
+    unquantized embedding table (float32), on the device to run on."""
+    spec, device, dtype = ckpt.spec, table.device, torch.float32
     layer = model.load_layer(ckpt, 0, device, dtype)
-    table = model.load_weight(ckpt, names.weight_name("token_embd"), device, dtype)
     rope = model.rope_tables(spec, samples.shape[1], device, dtype)
     gen = torch.Generator().manual_seed(seed)
     hess = Hessian(spec.dim, device)

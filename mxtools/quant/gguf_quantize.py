@@ -118,8 +118,8 @@ class LayerBytes:
         run, samples = self.stream.run, self.stream.samples
         if run.method != "gptq" or samples is None or qtype not in SUPPORTED or self.current is not None:
             return None
-        hess = embedding_hessian(run.ckpt, samples, run.dev)
         w = model.load_weight(run.ckpt, name, run.dev, torch.float32)
+        hess = embedding_hessian(run.ckpt, samples, w)
         res, entry = self.hook(name, w, hess, run.method, run.min_tokens, damp=EMBED_DAMP)
         self.stream.report["token_embd"] = entry
         if res.res.qtype != qtype:

@@ -276,16 +276,10 @@ def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int, fw: 
     out = torch.zeros_like(xn)
     reports = [_expert(run, w, e, i, xn, top_w, top_i, out, fw, xn_f) for e in range(spec.n_experts)]
     nxt_f = None
-    if mid_f is not None:  # the unquantized layer's output, with its own routing
-        top_w, top_i = _route(run, xn_f, fw.router)
-        out_f = torch.zeros_like(xn_f)
-        for e in range(spec.n_experts):
-            rows, slot = model.routed_tokens(top_i, e)
-            for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
-                r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
-                y = model.expert_forward(xn_f[r.to(xn_f.device)].to(run.dev), *fw.experts[e]) * top_w[r, sl, None]
-                out_f.index_add_(0, r.to(out_f.device), y.to(out_f.dtype).to(out_f.device))
-        nxt_f = mid_f + out_f.view_as(mid_f)
+    if mid_f is not None:  # the unquantized layer's output, as the reference forward computes it
+        nxt_f = torch.empty_like(mid_f)
+        for s, hb in _batches(mid_f, run.dev):
+            nxt_f[s:s + hb.shape[0]] = (hb + model.moe_block(hb, fw, spec)[0]).to(run.store)
     return mid + out.view_as(mid), nxt_f, reports
 
 
