@@ -243,25 +243,24 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
     hp = h if perm is None else h[perm][:, perm]
     hinv, damp = _inverse_cholesky(hp, cfg.damp)
     del hp
-    if not (cfg.refit or cfg.sweeps):
-        h = None  # only the re-fit needs H after the inverse: free [in, in] floats during the loop
+    # Only the re-fit and the sweeps need H after the inverse, damped as the loop's: keep that one copy.
+    hd = _damped(h, damp) if cfg.refit or cfg.sweeps else None
+    del h
     base = torch.arange(cols, device=w.device) // g
     col_group = base if perm is None or (cfg.act_order and static is None) else base[perm]
     res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp)
     if cfg.refit:
-        res.scales = _refit_scales(w, h, res, damp)
+        res.scales = _refit_scales(w, hd, res)
         if cfg.repass and not cfg.act_order:  # GPTQ again on the re-fitted scales, kept fixed; re-fit again
             res = _gptq_pass(w, hinv, cfg, g, perm, col_group, (res.scales.clone(), res.zeros.float()), blocksize,
                              damp)
-            res.scales = _refit_scales(w, h, res, damp)
-    if cfg.sweeps:
-        hd = _damped(h, damp)
-        for _ in range(cfg.sweeps):
-            res.q = _descend_codes(w, hd, res, blocksize)
-            if cfg.refit:
-                res.scales = _refit_scales(w, h, res, damp)
-    if cfg.refit or cfg.sweeps:
-        res.loss = objective(w, res.dequantize(), _damped(h, damp))
+            res.scales = _refit_scales(w, hd, res)
+    for _ in range(cfg.sweeps):
+        res.q = _descend_codes(w, hd, res, blocksize)
+        if cfg.refit:
+            res.scales = _refit_scales(w, hd, res)
+    if hd is not None:
+        res.loss = objective(w, res.dequantize(), hd)
     return res
 
 
@@ -327,10 +326,10 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return out
 
 
-def _refit_scales(w: torch.Tensor, h: torch.Tensor, res: QuantResult, damp: float) -> torch.Tensor:
-    """Scales [n_groups, out] that minimise tr((W - Q) H_damped (W - Q)^T) with the codes kept: per output row,
-    a least-squares problem in its n_groups scales (normal equations A s = b, A = C^T H C, b = C^T H w)."""
-    hd = _damped(h, damp)
+def _refit_scales(w: torch.Tensor, hd: torch.Tensor, res: QuantResult) -> torch.Tensor:
+    """Scales [n_groups, out] that minimise tr((W - Q) Hd (W - Q)^T), Hd the damped Hessian, with the codes kept:
+    per output row, a least-squares problem in its n_groups scales (normal equations A s = b, A = C^T Hd C,
+    b = C^T Hd w)."""
     gi = res.g_idx.long()
     n = res.n_groups
     c = res.q.float() - res.zeros.float()[gi].T  # [out, in]: centred codes, W ~ scale[g_idx] * c
