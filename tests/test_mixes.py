@@ -339,3 +339,18 @@ def cli_convert(src: Path, out: Path, mix: str, *options: str) -> Path:
     result = CliRunner().invoke(main, ["convert", str(src), "--to", "gguf", "--outtype", mix, *options, "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.mark.parametrize("option,message", [(("--tensor-type", "blk.[0=q8_0"), "not a regular expression"),
+                                            (("--tensor-type", "attn_q=q9_k"), "unknown GGML type"),
+                                            (("--tensor-type", "noequals"), "wants PATTERN=TYPE"),
+                                            (("--output-tensor-type", "nope"), "unknown GGML type")])
+def test_bad_override_options_are_one_line_errors(model, tmp_path, option, message):
+    from click.testing import CliRunner
+
+    from mxtools.cli import main
+    out = tmp_path / "o.gguf"
+    r = CliRunner().invoke(main, ["convert", str(model["gguf"]), "--to", "gguf", "--outtype", "q4_k_m", *option,
+                                  "-o", str(out)])
+    assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf.tmp-*"))

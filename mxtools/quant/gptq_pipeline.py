@@ -418,7 +418,8 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     """
     if not (isinstance(asym, (int, float)) and 0 <= asym <= 1 and isinstance(asym_ridge, (int, float))
             and 0 <= asym_ridge < 1):
-        raise MxError(f"asym={asym!r} must be in [0, 1] and asym_ridge={asym_ridge!r} in [0, 1)")
+        raise MxError(f"the asymmetric objective's share (--gptaq, recipe key asym) {asym!r} must be in [0, 1] "
+                      f"and asym_ridge {asym_ridge!r} in [0, 1)")
     if method not in METHODS:
         raise MxError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if experts not in EXPERT_MODES:

@@ -137,6 +137,10 @@ def parse_tensor_type(arg: str) -> tuple[str, Q]:
     pattern, sep, name = arg.partition("=")
     if not sep or not pattern or not name:
         raise MxError(f"--tensor-type wants PATTERN=TYPE, got {arg!r}")
+    try:
+        re.compile(pattern.lower())
+    except re.error as exc:
+        raise MxError(f"--tensor-type pattern {pattern!r} is not a regular expression: {exc}") from None
     return pattern.lower(), qtype_named(name, "--tensor-type")
 
 
