@@ -68,20 +68,21 @@ def _tokens(path: Path) -> list[int]:
 
 def _hessians(tokens, nsamples: int, keep_weights: bool) -> dict:
     """{weight name: (W or None, H)} from one pipeline run (old default settings) on `tokens`."""
-    seen, original = {}, gp.quantize_weight
+    seen, original = {}, gp.quantize_weights
 
-    def recording(w, hess, cfg, method, min_tokens):
-        res, entry = original(w, hess, cfg, method, min_tokens)
-        seen[len(seen)] = (w.detach().cpu().clone() if keep_weights else None, hess.matrix().cpu())
-        return res, entry
+    def recording(jobs, cfg, method, min_tokens):  # in the order the pipeline stores the results
+        for hess, ws in jobs:
+            for w in ws:
+                seen[len(seen)] = (w.detach().cpu().clone() if keep_weights else None, hess.matrix().cpu())
+        return original(jobs, cfg, method, min_tokens)
 
-    gp.quantize_weight = recording
+    gp.quantize_weights = recording
     try:
         with open_checkpoint(MODEL) as ckpt:
             stream = gp.quantize_checkpoint(ckpt, tokens, config("base"), nsamples=nsamples, device="cpu")
             names = [name for layer in stream for name in layer.results]
     finally:
-        gp.quantize_weight = original
+        gp.quantize_weights = original
     return {name: seen[k] for k, name in enumerate(names)}
 
 

@@ -11,11 +11,11 @@ from mxtools.bundled import CALIB
 from mxtools.errors import MxError
 from mxtools.names import weight_name
 from mxtools.quant.gptq import QuantConfig
+from mxtools.quant.gptq_groups import quantize_weights
 from mxtools.quant.gptq_pipeline import (
     QUANTIZED_KINDS,
     make_samples,
     quantize_checkpoint,
-    quantize_weight,
 )
 from mxtools.quantize import load_recipe, resolve_settings
 from mxtools.synth import synth_checkpoint
@@ -140,10 +140,10 @@ def test_failed_cholesky_raises_damping_or_falls_back_and_is_reported():
     w = torch.randn(16, 64)
     h = torch.eye(64)
     h[5, 5] = -0.015  # indefinite: damping 0.01 x mean(diag) ~ 0.01 is not enough, 0.02 is
-    res, entry = quantize_weight(w, FixedHessian(h), CFG, "gptq", min_tokens=10)
+    res, entry = quantize_weights([(FixedHessian(h), [w])], CFG, "gptq", min_tokens=10)[0][0]
     assert res.method == "gptq" and entry["damp_raised"] and entry["damp"] > CFG.damp
     h[5, 5] = float("nan")  # no damping helps: round to nearest, reported, weight kept
-    res, entry = quantize_weight(w, FixedHessian(h), CFG, "gptq", min_tokens=10)
+    res, entry = quantize_weights([(FixedHessian(h), [w])], CFG, "gptq", min_tokens=10)[0][0]
     assert res.method == "rtn" and entry["fallback"].startswith("gptq failed") and entry["loss"] is None
     assert (res.dequantize() - w).abs().max() < w.abs().max() / 7
 

@@ -30,7 +30,8 @@ from gguf import GGMLQuantizationType as T
 from .. import model, native
 from ..errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
-from .gptq import BLOCK_SIZE, GPTQError, Hessian, _inverse_cholesky, _one_cpu_thread
+from .gptq import BLOCK_SIZE, GPTQError, Hessian, _inverse_cholesky
+from .gptq_refine import _one_cpu_thread
 
 _LIB = native.LIB
 _LIB.mx_quantize_grid.restype = ctypes.c_int64

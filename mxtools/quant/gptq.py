@@ -1,4 +1,6 @@
-"""GPTQ (Frantar et al., 2022) and round-to-nearest for one Linear weight, in fp32 torch (CPU or CUDA).
+"""GPTQ (Frantar et al., 2022) and round-to-nearest for one Linear weight, in fp32 torch (CPU or CUDA); GPTQ also for
+a batch of weights of one shape with their own Hessians, in one set of column loops (gptq_quantize_batch: every
+step of a loop runs once for the batch, which on a GPU costs about what one weight does).
 
 Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) with these deliberate choices:
 - Scales are rounded to fp16 *before* the codes are chosen, so the codes are optimal for the scale a loader
@@ -24,15 +26,14 @@ unquantized model's outputs) into the weight that plain GPTQ then approximates. 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import MxError, ShapeError
-from .gptq_grid import FP16_MAX, FP16_TINY, SEARCHES, _codes, _fp16_round, find_params
+from .gptq_grid import SEARCHES, _codes, find_params
+from .gptq_refine import BLOCK_SIZE, _Batch, _descend_codes, _one_cpu_thread, _refit_scales
 
-BLOCK_SIZE = 128  # columns per lazy-batch block, as in the reference
 SUPPORTED_BITS = (2, 4, 8)  # widths that pack whole codes into an int32 (v1 packing of 3 bits is not done)
 DAMP_RETRIES = 12  # 0.01 doubled 12 times is ~41x mean(diag(H)): past that H is not a Hessian
 
@@ -107,6 +108,7 @@ class QuantResult:
     damp: float | None  # fraction of mean(diag(H)) added to the diagonal (None for RTN)
     method: str  # "gptq" or "rtn"
     cfg: QuantConfig
+    row_loss: torch.Tensor | None = None  # [out] float64: each row's share of `loss` (GPTQ only)
 
     @property
     def bits(self) -> int:
@@ -214,8 +216,13 @@ def rtn_quantize(w: torch.Tensor, cfg: QuantConfig, h: torch.Tensor | None = Non
 
 def objective(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """0.5 * tr((W - Q) H (W - Q)^T): the GPTQ loss (proportional to the output error on the calibration data)."""
+    return float(row_objective(w, q, h).sum())
+
+
+def row_objective(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each output row's share of the GPTQ loss, [..., out] float64 (w, q [..., out, in], h [..., in, in])."""
     d = (w - q).float()
-    return 0.5 * float(((d @ h) * d).sum())
+    return 0.5 * (torch.matmul(d, h) * d).sum(-1, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- GPTQ
@@ -223,129 +230,118 @@ def objective(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig,
                   blocksize: int = BLOCK_SIZE) -> QuantResult:
     """GPTQ-quantize weight w [out, in] given the Hessian h [in, in] of its inputs."""
-    _check_weight(w)
-    cols = w.shape[1]
+    return gptq_quantize_batch([w], [h], cfg, blocksize)[0]
+
+
+def gptq_quantize_batch(ws: list[torch.Tensor], hs: list, cfg: QuantConfig,
+                        blocksize: int = BLOCK_SIZE) -> list[QuantResult]:
+    """GPTQ of several weights of one shape, each with its own Hessian ([in, in] tensors, or callables giving one,
+    called one at a time), in one set of column loops: each step of a loop runs once for the whole batch. On a GPU
+    the loops cost kernel launches per column rather than arithmetic, so a layer's experts cost about what one
+    does. Every result is what the weight alone gets, up to float summation order; each result's `row_loss`
+    holds its rows' shares of the loss (to split a weight made of several stacked along the rows)."""
+    if not ws or len(ws) != len(hs):
+        raise ValueError("gptq_quantize_batch needs one Hessian per weight, and at least one weight")
+    for w in ws:
+        _check_weight(w)
+    if len({tuple(w.shape) for w in ws}) > 1:
+        raise ShapeError(f"a GPTQ batch needs weights of one shape, got {sorted({tuple(w.shape) for w in ws})}")
+    cols = ws[0].shape[1]
     g = cfg.group_len(cols)
-    if tuple(h.shape) != (cols, cols):
-        raise ShapeError(f"Hessian shape {tuple(h.shape)} does not fit a weight with {cols} input columns")
-    w = w.detach().to(torch.float32, copy=True)
-    h = h.detach().to(device=w.device, dtype=torch.float32, copy=True)
-    if not bool(torch.isfinite(h).all()):
-        raise GPTQError("Hessian has NaN or infinite values")
-    dead = torch.diagonal(h) == 0
-    if bool(dead.all()):  # no calibration signal at all: GPTQ would zero the whole matrix
-        return rtn_quantize(w, cfg)
+    h = _stacked_hessians(hs, cols, ws[0].device)
+    dead = torch.diagonal(h, dim1=1, dim2=2) == 0
+    if bool(dead.all(1).any()):  # a weight without any calibration signal: GPTQ would zero it, round it instead
+        del h
+        return _without_signal(ws, hs, dead.all(1).tolist(), cfg, blocksize)
+    w = torch.stack([x.detach().to(torch.float32) for x in ws])  # [B, out, in], a copy
     # A column that never saw a nonzero input cannot affect the output: drop it, keep H invertible.
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    perm = _processing_order(torch.diagonal(h), g, cfg)
+    torch.diagonal(h, dim1=1, dim2=2)[dead] = 1
+    w.masked_fill_(dead.unsqueeze(1), 0)
+    perm = _processing_order(torch.diagonal(h, dim1=1, dim2=2), g, cfg)
     static = _static_params(w, g, cfg) if cfg.static_groups else None
-    hp = h if perm is None else h[perm][:, perm]
-    hinv, damp = _inverse_cholesky(hp, cfg.damp)
-    del hp
-    # Only the re-fit and the sweeps need H after the inverse, damped as the loop's: keep that one copy.
-    hd = _damped(h, damp) if cfg.refit or cfg.sweeps else None
+    hinv, damp = _inverse_cholesky_batch(h, cfg.damp, perm)
+    # Only the re-fit and the sweeps need H after the inverse, damped as the loop's: that one copy, made in place.
+    hd = _damp_(h, damp) if cfg.refit or cfg.sweeps else None
     del h
-    base = torch.arange(cols, device=w.device) // g
-    col_group = base if perm is None or (cfg.act_order and static is None) else base[perm]
-    res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp)
+    whd = torch.bmm(w, hd) if cfg.refit else None  # W Hd, the same for every re-fit
+    base = torch.arange(cols, device=w.device).expand(len(ws), cols) // g
+    col_group = base if perm is None or (cfg.act_order and static is None) else base.gather(1, perm)
+    res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize)
     if cfg.refit:
-        res.scales = _refit_scales(w, hd, res)
+        res.scales = _refit_scales(whd, hd, res)
         if cfg.repass and not cfg.act_order:  # GPTQ again on the re-fitted scales, kept fixed; re-fit again
-            res = _gptq_pass(w, hinv, cfg, g, perm, col_group, (res.scales.clone(), res.zeros.float()), blocksize,
-                             damp)
-            res.scales = _refit_scales(w, hd, res)
+            res = _gptq_pass(w, hinv, cfg, g, perm, col_group, (res.scales.clone(), res.zeros.float()), blocksize)
+            res.scales = _refit_scales(whd, hd, res)
     for _ in range(cfg.sweeps):
-        res.q = _descend_codes(w, hd, res, blocksize)
+        res.q = _descend_codes(w, hd, res, cfg.maxq, blocksize)
         if cfg.refit:
-            res.scales = _refit_scales(w, hd, res)
+            res.scales = _refit_scales(whd, hd, res)
     if hd is not None:
-        res.loss = objective(w, res.dequantize(), hd)
-    return res
+        res.row_loss = row_objective(w, res.dequantize(), hd)
+    return [QuantResult(res.q[b], res.scales[b], res.zeros[b], res.g_idx[b], float(res.row_loss[b].sum()),
+                        damp[b], "gptq", cfg, res.row_loss[b]) for b in range(len(ws))]
 
 
-def _descend_codes(w: torch.Tensor, hd: torch.Tensor, res: QuantResult, blocksize: int = BLOCK_SIZE):
-    """One cyclic coordinate-descent sweep over the codes (scales and zeros kept) on tr((W - Q) Hd (W - Q)^T):
-    column j of every row moves to the grid point nearest its exact minimiser Q_j + G_j / Hd_jj, G = (W - Q) Hd
-    (QuantEase, Behdin et al. 2023). Each step can only lower the objective. Returns the new codes [out, in]."""
-    gi = res.g_idx.long()
-    scale_t = res.scales.to(torch.float16).float()[gi].contiguous()  # [in, out], as the loader reads it
-    zero_t = res.zeros.float()[gi].contiguous()
-    codes_t = res.q.T.float().contiguous()
-    q_t = scale_t * (codes_t - zero_t)
-    grad_t = (hd @ (w.T - q_t)).contiguous()  # G^T = Hd (W - Q)^T, rows are columns of W
-    diag = hd.diagonal()
-    maxq = res.cfg.maxq
-    cols = codes_t.shape[0]
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        dq = torch.zeros(i2 - i1, codes_t.shape[1], dtype=q_t.dtype, device=q_t.device)
-        with _one_cpu_thread(w.device):
-            for j in range(i1, i2):
-                target = q_t[j] + grad_t[j] / diag[j]
-                c = torch.clamp(torch.round(target / scale_t[j]) + zero_t[j], 0, maxq)
-                new = scale_t[j] * (c - zero_t[j])
-                d = new - q_t[j]
-                codes_t[j], q_t[j], dq[j - i1] = c, new, d
-                grad_t[j + 1:i2].addr_(hd[j + 1:i2, j], d, alpha=-1)
-        grad_t[i2:].addmm_(hd[i2:, i1:i2], dq, alpha=-1)
-    return codes_t.T.to(torch.uint8).contiguous()
+def _stacked_hessians(hs: list, cols: int, device) -> torch.Tensor:
+    """The Hessians as one [B, in, in] float32 tensor, each made (when callable) and copied in turn."""
+    h = torch.empty(len(hs), cols, cols, dtype=torch.float32, device=device)
+    for b, x in enumerate(hs):
+        x = x() if callable(x) else x
+        if tuple(x.shape) != (cols, cols):
+            raise ShapeError(f"Hessian shape {tuple(x.shape)} does not fit a weight with {cols} input columns")
+        h[b] = x.detach()
+        del x
+        if not bool(torch.isfinite(h[b]).all()):
+            raise GPTQError("Hessian has NaN or infinite values")
+    return h
+
+
+def _without_signal(ws, hs, none: list, cfg, blocksize) -> list[QuantResult]:
+    """Round the weights whose Hessian is all zeros, GPTQ the others."""
+    live = [(w, h) for w, h, n in zip(ws, hs, none) if not n]
+    done = iter(gptq_quantize_batch(*map(list, zip(*live)), cfg, blocksize) if live else ())
+    return [rtn_quantize(w, cfg) if n else next(done) for w, n in zip(ws, none)]
+
+
 
 
 def _processing_order(diag: torch.Tensor, g: int, cfg: QuantConfig) -> torch.Tensor | None:
-    """The column order of the loop: None (natural), act-order (descending diag(H)), or group-aware.
+    """The column order of the loop [B, in] from diag(H) [B, in]: None (natural), act-order (descending
+    diag(H)), or group-aware.
 
     Group-aware (GPTQModel's act_group_aware, after Gafni et al. 2025): groups by descending largest diag(H),
     each group's columns by descending diag(H); groups stay whole, so g_idx stays i // g.
     """
     if cfg.act_order:
-        return torch.argsort(diag, descending=True, stable=True)
+        return torch.argsort(diag, dim=1, descending=True, stable=True)
     if not cfg.act_group_aware:
         return None
-    values, local = torch.sort(diag.view(-1, g), dim=1, descending=True, stable=True)
-    groups = torch.argsort(values[:, 0], descending=True, stable=True)
-    return (local + g * torch.arange(local.shape[0], device=diag.device)[:, None])[groups].reshape(-1)
+    values, local = torch.sort(diag.view(diag.shape[0], -1, g), dim=2, descending=True, stable=True)
+    groups = torch.argsort(values[:, :, 0], dim=1, descending=True, stable=True)
+    local = local + g * torch.arange(local.shape[1], device=diag.device)[:, None]
+    return local.gather(1, groups.unsqueeze(-1).expand(-1, -1, g)).reshape(diag.shape[0], -1)
 
 
-def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize, damp) -> QuantResult:
-    """One GPTQ column loop over w [out, in] in `perm` order; the result in the weight's own column order."""
+def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize) -> _Batch:
+    """One GPTQ column loop over w [B, out, in] in `perm` order; the results in the weights' own column order."""
     # The loop works on W^T [in, out]: each column becomes a contiguous row (2-3x faster updates on CPU).
-    wt = (w.T if perm is None else w.T[perm]).contiguous()
-    codes_t, scales, zeros, loss = _gptq_loop(wt, hinv, cfg, g, col_group, static, blocksize)
+    wt = w.transpose(1, 2)
+    wt = (wt if perm is None else wt.gather(1, perm.unsqueeze(-1).expand(-1, -1, wt.shape[2]))).contiguous()
+    codes_t, scales, zeros, row_loss = _gptq_loop(wt, hinv, cfg, g, col_group, static, blocksize)
     g_idx = col_group
-    if perm is not None:  # back to the weight's own column order
-        inv = torch.argsort(perm)
-        codes_t, g_idx = codes_t[inv], col_group[inv]
-    return QuantResult(codes_t.T.contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32), loss, damp,
-                       "gptq", cfg)
+    if perm is not None:  # back to the weights' own column order
+        inv = torch.argsort(perm, dim=1)
+        codes_t = codes_t.gather(1, inv.unsqueeze(-1).expand(-1, -1, codes_t.shape[2]))
+        g_idx = col_group.gather(1, inv)
+    return _Batch(codes_t.transpose(1, 2).contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
+                  row_loss)
 
 
-def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    out = h.clone()
-    out.diagonal().add_(damp * float(torch.diagonal(h).mean()))
-    return out
-
-
-def _refit_scales(w: torch.Tensor, hd: torch.Tensor, res: QuantResult) -> torch.Tensor:
-    """Scales [n_groups, out] that minimise tr((W - Q) Hd (W - Q)^T), Hd the damped Hessian, with the codes kept:
-    per output row, a least-squares problem in its n_groups scales (normal equations A s = b, A = C^T Hd C,
-    b = C^T Hd w)."""
-    gi = res.g_idx.long()
-    n = res.n_groups
-    c = res.q.float() - res.zeros.float()[gi].T  # [out, in]: centred codes, W ~ scale[g_idx] * c
-    onehot = torch.nn.functional.one_hot(gi, n).to(c.dtype)  # [in, n]
-    b = (c * (w @ hd)) @ onehot  # [out, n]
-    a = torch.empty(c.shape[0], n, n, dtype=c.dtype, device=c.device)
-    for k in range(n):
-        cols = (gi == k).nonzero().squeeze(1)
-        a[:, :, k] = (c * (c[:, cols] @ hd[cols])) @ onehot
-    old = res.scales.T  # [out, n]
-    empty = torch.diagonal(a, dim1=1, dim2=2) <= 0  # a group whose codes are all at the zero point
-    a = a + torch.diag_embed(empty.to(a.dtype))
-    b = torch.where(empty, old, b)
-    new = torch.linalg.solve(a, b)
-    ok = torch.isfinite(new) & (new > FP16_TINY) & (new < FP16_MAX)
-    return _fp16_round(torch.where(ok, new, old)).T.contiguous()
+def _damp_(h: torch.Tensor, damp: list[float]) -> torch.Tensor:
+    """H [B, in, in] plus each one's damping fraction of its mean diagonal, in place."""
+    add = torch.tensor(damp, dtype=torch.float64, device=h.device) * torch.diagonal(h, dim1=1, dim2=2).mean(1)
+    h.diagonal(dim1=1, dim2=2).add_(add.float().unsqueeze(1))
+    return h
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -356,13 +352,28 @@ def _check_weight(w: torch.Tensor) -> None:
 
 
 def _static_params(w, g, cfg):
-    """All groups' (scales, zeros) [n_groups, out] from the original weight, in column order."""
-    params = [find_params(w[:, c:c + g], cfg) for c in range(0, w.shape[1], g)]
-    return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
+    """All groups' (scales, zeros) [B, n_groups, out] from the original weights, in column order."""
+    params = [find_params(w[:, :, c:c + g], cfg) for c in range(0, w.shape[2], g)]
+    return torch.stack([p[0] for p in params], 1), torch.stack([p[1] for p in params], 1)
+
+
+def _inverse_cholesky_batch(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None):
+    """_inverse_cholesky of each H [B, in, in] (rows and columns in its `perm` order when given): the factors
+    [B, in, in] and each one's damping. One at a time: the factorizations are arithmetic-bound (a batch gains
+    nothing) and their temporary copies stay those of one H."""
+    upper = torch.empty_like(h)
+    used = []
+    for b in range(h.shape[0]):
+        hb = h[b] if perm is None else h[b][perm[b]][:, perm[b]]
+        upper[b], damp_b = _inverse_cholesky(hb, damp)
+        used.append(damp_b)
+        del hb
+    return upper, used
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float):
-    """Upper Cholesky factor U of (H + damp*mean(diag) I)^-1, doubling the damping while the Cholesky fails."""
+    """Upper Cholesky factor U of (H + damp*mean(diag) I)^-1 for one H [in, in], doubling the damping while the
+    Cholesky fails; (U, the damping used)."""
     mean_diag = float(torch.diagonal(h).mean())
     for _ in range(DAMP_RETRIES + 1):
         upper = _upper_inverse_factor(h, damp * mean_diag)
@@ -391,82 +402,92 @@ def _upper_inverse_factor(h: torch.Tensor, add: float) -> torch.Tensor | None:
     return upper if bool(torch.isfinite(upper).all()) else None
 
 
-@dataclass
 class _Groups:
-    """Per-group parameters filled during the loop, and which group each processed column belongs to."""
+    """Per-group parameters [B, n_groups, out] filled or read during the loop, and the current column's (scale,
+    zero, lowest and highest code less the zero) [B, out] for the whole batch."""
 
-    scales: torch.Tensor  # [n_groups, out]
-    zeros: torch.Tensor  # [n_groups, out]
-    of_column: list  # group of each processed column position
-    size: int
-    dynamic: bool  # found when the loop reaches a group's first column (not static)
+    def __init__(self, static, col_group: torch.Tensor, size: int, rows: int, maxq: int):
+        bsz, cols = col_group.shape
+        self.dynamic = static is None
+        if self.dynamic:
+            shape = (bsz, cols // size, rows)
+            static = (torch.zeros(shape, device=col_group.device), torch.zeros(shape, device=col_group.device))
+        self.scales, self.zeros = static
+        self.col_group, self.size = col_group, size
+        # Positions where some weight of the batch moves to another group: only there is (scale, zero) re-read.
+        moved = torch.ones(cols, dtype=torch.bool, device=col_group.device)
+        moved[1:] = (col_group[:, 1:] != col_group[:, :-1]).any(0)
+        self.starts = set(moved.nonzero().squeeze(1).tolist())
+        self.batch = torch.arange(bsz, device=col_group.device)
+        self.maxq, self.current = maxq, None
+
+    def at(self, col: int, find) -> tuple[torch.Tensor, ...]:
+        """(scale, zero, -zero, maxq - zero) [B, out] for processed column `col`; `find()` gives a new group's
+        (scale, zero) from current values."""
+        if self.dynamic and col % self.size == 0:
+            k = self.col_group[:, col]
+            s, z = find()
+            self.scales[self.batch, k], self.zeros[self.batch, k] = s, z
+        elif col in self.starts:
+            k = self.col_group[:, col]
+            s, z = self.scales[self.batch, k], self.zeros[self.batch, k]
+        else:
+            return self.current
+        self.current = s, z, -z, self.maxq - z
+        return self.current
 
 
 def _gptq_loop(wt, hinv, cfg, g, col_group, static, blocksize):
-    """The column loop in blocks with lazy batch updates on wt = W^T [in, out] (updated in place).
+    """The column loop in blocks with lazy batch updates on wt = W^T [B, in, out] (updated in place).
 
-    Returns codes^T [in, out], scales and zeros [n_groups, out], and the loss.
+    Returns codes^T [B, in, out], scales and zeros [B, n_groups, out], and each row's loss [B, out].
     """
-    cols, rows = wt.shape
-    dynamic = static is None
-    if dynamic:
-        static = (torch.zeros(cols // g, rows, device=wt.device), torch.zeros(cols // g, rows, device=wt.device))
-    groups = _Groups(*static, col_group.tolist(), g, dynamic)
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=wt.device)
-    loss = torch.zeros((), dtype=torch.float64, device=wt.device)  # a tensor: no device sync per column
+    bsz, cols, rows = wt.shape
+    groups = _Groups(static, col_group, g, rows, cfg.maxq)
+    codes_t = torch.empty(bsz, cols, rows, dtype=torch.uint8, device=wt.device)
+    row_loss = torch.zeros(bsz, rows, dtype=torch.float64, device=wt.device)  # no device sync per column
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = wt[:, i1:i2].clone()
+        err1, codes1 = torch.zeros_like(w1), torch.empty_like(w1)
         with _one_cpu_thread(wt.device):
-            _quantize_block(wt, w1, err1, hinv, i1, codes_t, groups, cfg)
+            _quantize_block(wt, w1, err1, codes1, hinv, i1, groups, cfg)
+        codes_t[:, i1:i2] = codes1
         # The whole block's update of the trailing columns in one matmul.
-        wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
-        loss += 0.5 * err1.double().square().sum()
-    return codes_t, groups.scales, groups.zeros, float(loss)
+        wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1)
+        row_loss += 0.5 * err1.double().square().sum(1)
+    return codes_t, groups.scales, groups.zeros, row_loss
 
 
-def _quantize_block(wt, w1, err1, hinv, i1, codes_t, groups: _Groups, cfg):
-    """Quantize the block's columns (rows of w1) one by one, updating the rest of the block, recording errors."""
-    hinv1 = hinv[i1:i1 + w1.shape[0], i1:i1 + w1.shape[0]]
-    for i in range(w1.shape[0]):
+def _quantize_block(wt, w1, err1, codes1, hinv, i1, groups: _Groups, cfg):
+    """Quantize the block's columns (w1[:, i]) one by one, updating the rest of the block, recording errors and
+    codes (err1, codes1). Eight kernels a column: on a GPU the loop's cost is their launches, not arithmetic."""
+    n = w1.shape[1]
+    hinv1 = hinv[:, i1:i1 + n, i1:i1 + n]
+    d = hinv1.diagonal(dim1=1, dim2=2).unsqueeze(-1)  # [B, n, 1]
+
+    def find(i, col):  # a group starts: its range from the columns' current values
+        cur = _current_columns(wt, w1, err1, hinv, i1, i, groups.size)  # [B, g, out]
+        cost = hinv.diagonal(dim1=1, dim2=2)[:, col:col + groups.size] ** -2 if cfg.search == "hessian" else None
+        return find_params(cur.transpose(1, 2), cfg, None if cost is None else cost.unsqueeze(1))
+
+    for i in range(n):
         col = i1 + i
-        k = groups.of_column[col]
-        if groups.dynamic and col % groups.size == 0:  # a new group starts: its range from current values
-            cur = _current_columns(wt, w1, err1, hinv, i1, i, groups.size)
-            cost = hinv.diagonal()[col:col + groups.size] ** -2 if cfg.search == "hessian" else None
-            groups.scales[k], groups.zeros[k] = find_params(cur.T, cfg, cost)
-        s, z = groups.scales[k], groups.zeros[k]
-        x = w1[i]
-        code = _codes(x, s, z, cfg.maxq)
-        e = (x - s * (code - z)) / hinv1[i, i]
-        codes_t[col] = code.to(torch.uint8)
-        w1[i:].addr_(hinv1[i, i:], e, alpha=-1)  # OBS update of the rest of the block
-        err1[i] = e
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run the per-column ops on one CPU thread: on [out, <=128] tensors OpenMP's fork/join costs more than the
-    work (measured 100x slower per op with 2 threads when other processes share the cores)."""
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+        s, z, low, high = groups.at(col, lambda i=i, col=col: find(i, col))
+        x = w1[:, i]
+        r = torch.round(x / s).clamp_(low, high)  # the code less the zero: exactly gptq_grid._codes(x) - z
+        torch.add(r, z, out=codes1[:, i])
+        e = torch.sub(x, s * r, out=err1[:, i]).div_(d[:, i])
+        w1[:, i:].addcmul_(hinv1[:, i, i:, None], e.unsqueeze(1), value=-1)  # OBS update of the rest of the block
 
 
 def _current_columns(wt, w1, err1, hinv, i1, i, g):
-    """Up-to-date values [g, out] of the g columns from block position i, with block updates not yet applied."""
-    inside = w1[i:i + g]
-    need = g - inside.shape[0]
+    """Up-to-date values [B, g, out] of the g columns from block position i, block updates not yet applied."""
+    inside = w1[:, i:i + g]
+    need = g - inside.shape[1]
     if need <= 0:
         return inside
-    i2 = i1 + w1.shape[0]
+    i2 = i1 + w1.shape[1]
     # Columns past the block still lack this block's updates from its first i columns.
-    rest = wt[i2:i2 + need] - hinv[i1:i1 + i, i2:i2 + need].T @ err1[:i]
-    return torch.cat([inside, rest], dim=0)
+    rest = wt[:, i2:i2 + need] - torch.bmm(hinv[:, i1:i1 + i, i2:i2 + need].transpose(1, 2), err1[:, :i])
+    return torch.cat([inside, rest], dim=1)

@@ -18,6 +18,9 @@ MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # the reference's shrink sear
 # symmetric grid [-8s, 7s] reach a positive maximum.
 SEARCHES = ("minmax", "hessian")  # how a group's range is chosen (the `mse` flag is the reference's search)
 SEARCH_RANGE = tuple(round(1.15 - 0.01 * i, 2) for i in range(46) if i != 15)
+# Values of x x candidates evaluated at once by the "hessian" search, per device type (a few temporaries of this
+# many float32 live at once: 128 MB each on a CPU, 1 GB on an accelerator).
+SEARCH_ELEMENTS = {"cpu": 2 ** 25, "cuda": 2 ** 28}
 
 
 def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
@@ -46,13 +49,14 @@ def _codes(x, scale, zero, maxq):
 
 
 def find_params(x: torch.Tensor, cfg, weight: torch.Tensor | None = None):
-    """Per-row (scale, zero), each [rows] float32, for the columns x [rows, k] of one group.
+    """Per-row (scale, zero), each x.shape[:-1] float32, for the columns x [..., rows, k] of one group.
 
-    weight [k]: how much an error in each column costs (GPTQ passes 1 / Hinv[c, c]^2), for the "hessian" search.
+    weight (broadcasts against x; [k] or [..., 1, k]): how much an error in each column costs (GPTQ passes
+    1 / Hinv[c, c]^2), for the "hessian" search.
     """
-    zero_ = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xmin = torch.minimum(x.amin(1), zero_)  # the range always includes 0
-    xmax = torch.maximum(x.amax(1), zero_)
+    zero_ = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.amin(-1), zero_)  # the range always includes 0
+    xmax = torch.maximum(x.amax(-1), zero_)
     if cfg.sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -67,20 +71,24 @@ def find_params(x: torch.Tensor, cfg, weight: torch.Tensor | None = None):
 
 
 def _weighted_params(x, xmin, xmax, cfg, weight):
-    """Try ranges p*[xmin, xmax] for p in SEARCH_RANGE, keep the lowest weighted squared error per row."""
-    wt = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
-    best_scale, best_zero = _range_params(xmin, xmax, cfg)
-    s, z = best_scale[:, None], best_zero[:, None]
-    best = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
-    for p in SEARCH_RANGE:
-        scale, zero = _range_params(p * xmin, p * xmax, cfg)
-        s, z = scale[:, None], zero[:, None]
-        err = ((s * (_codes(x, s, z, cfg.maxq) - z) - x).square_() * wt).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    """Try ranges p*[xmin, xmax] for p in 1 and SEARCH_RANGE, keep the lowest weighted squared error per row (the
+    first such p on a tie). The candidates are tried together, SEARCH_ELEMENTS values at a time: a handful of
+    kernels per group instead of a loop of them per candidate."""
+    wt = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    wt, xc = wt.unsqueeze(-2), x.unsqueeze(-2)  # [..., 1, k]: a candidate axis before the columns
+    factors = (1.0, *SEARCH_RANGE)
+    per = max(1, SEARCH_ELEMENTS.get(x.device.type, SEARCH_ELEMENTS["cpu"]) // max(x.numel(), 1))
+    best = None
+    for c in range(0, len(factors), per):
+        p = torch.tensor(factors[c:c + per], dtype=x.dtype, device=x.device)
+        scale, zero = _range_params(xmin.unsqueeze(-1) * p, xmax.unsqueeze(-1) * p, cfg)  # [..., rows, P]
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        err = ((s * (_codes(xc, s, z, cfg.maxq) - z) - xc).square_() * wt).sum(-1)
+        low, at = err.min(-1, keepdim=True)  # the first minimum: an earlier factor wins a tie
+        found = (low.squeeze(-1), scale.gather(-1, at).squeeze(-1), zero.gather(-1, at).squeeze(-1))
+        better = found[0] < best[0] if best is not None else None
+        best = found if best is None else tuple(torch.where(better, n, o) for n, o in zip(found, best))
+    return best[1], best[2]
 
 
 def _mse_params(x, xmin, xmax, cfg):
@@ -90,8 +98,8 @@ def _mse_params(x, xmin, xmax, cfg):
     for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID
         scale, zero = _range_params(p * xmin, p * xmax, cfg)
-        s, z = scale[:, None], zero[:, None]
-        err = (s * (_codes(x, s, z, cfg.maxq) - z) - x).abs_().pow_(MSE_NORM).sum(1)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        err = (s * (_codes(x, s, z, cfg.maxq) - z) - x).abs_().pow_(MSE_NORM).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, scale, best_scale)

@@ -7,6 +7,11 @@ the quantized earlier groups (docs/QUALITY.md, section 4):
   [o]         from the attention output before o_proj, computed with the quantized q/k/v
   [w1, w3]    of expert e, from the tokens the (unquantized) router sends to e; experts="all": from every token
   [w2]        of expert e, from its intermediate activations computed with its quantized w1/w3
+The Linears of a bracket share one Hessian and are quantized as one problem, stacked along the rows; the experts
+go in batches (as many as EXPERT_BATCH_FRACTION of an accelerator's free memory holds, all 8 on a 141 GB GPU; one
+8x7B expert at a time on a CPU), every [w1, w3] of a batch in one GPTQ batch and then every [w2] in another
+(quant/gptq_groups.py): on a GPU GPTQ's column loops cost kernel launches, so a batch costs about what one expert
+does (bench/gptq_launches.py). The results are those of one Linear at a time.
 The layer output always uses the normal routing and the quantized weights, so layer i+1 is calibrated on what the
 quantized layer i really produces. Only one layer's weights are loaded at a time; the calibration hidden states
 of all samples stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU).
@@ -39,15 +44,8 @@ from .. import model, names
 from ..errors import MxError
 from ..names import weight_name
 from ..tensors import Checkpoint, LazyTensor, require_finite
-from .gptq import (
-    GPTQError,
-    Hessian,
-    QuantConfig,
-    QuantResult,
-    asym_target,
-    gptq_quantize,
-    rtn_quantize,
-)
+from .gptq import Hessian, QuantConfig, asym_target
+from .gptq_groups import quantize_weights
 
 # The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
 QUANTIZED_KINDS = names.GPTQ_KINDS
@@ -55,6 +53,10 @@ MIN_TOKEN_FRACTION = 0.1  # default min_tokens = this x hidden size (see the mod
 METHODS = ("gptq", "rtn")
 EXPERT_MODES = ("routed", "all")
 HIDDEN_ON_DEVICE_FRACTION = 0.25  # keep calibration activations on an accelerator when they fit in this share
+# Experts quantized together in one GPTQ batch: as many as fit in this share of an accelerator's free memory; on a
+# CPU only while their working set stays under EXPERT_BATCH_CPU_BYTES (for 8x7B: one expert at a time).
+EXPERT_BATCH_FRACTION = 0.5
+EXPERT_BATCH_CPU_BYTES = 2 ** 30
 
 Progress = Callable[[int, int, str], None]  # (layer, n_layers, stage)
 
@@ -88,35 +90,6 @@ def make_samples(tokens_or_chunks, nsamples: int = 128, seqlen: int = 2048, bos_
                      "short": n < nsamples}
 
 
-# ---------------------------------------------------------------- one Linear
-
-def quantize_weight(w: torch.Tensor, hess: Hessian | None, cfg: QuantConfig, method: str,
-                    min_tokens: int) -> tuple[QuantResult, dict]:
-    """Quantize one weight; GPTQ when asked and its Hessian saw >= min_tokens tokens, else RTN. (result, entry)."""
-    n = hess.n_tokens if hess is not None else 0
-    res, reason, h = None, None, None
-    if method == "gptq" and n < max(min_tokens, 1):
-        reason = f"{n} calibration tokens < min_tokens {min_tokens}"
-        h = hess.matrix() if n else None  # still gives the RTN result a comparable loss
-    elif method == "gptq":
-        try:
-            res = gptq_quantize(w, hess.matrix(), cfg)
-        except GPTQError as exc:  # Cholesky failed at every damping: keep the weight, round it
-            reason = f"gptq failed: {exc}"
-    res = res or rtn_quantize(w, cfg, h)
-    entry = {"method": res.method, "tokens": n, "loss": res.loss, "damp": res.damp}
-    if reason:
-        entry["fallback"] = reason
-    if res.damp is not None and res.damp > cfg.damp:
-        entry["damp_raised"] = True
-    return _to_cpu(res), entry
-
-
-def _to_cpu(res: QuantResult) -> QuantResult:
-    res.q, res.scales, res.zeros, res.g_idx = (t.cpu() for t in (res.q, res.scales, res.zeros, res.g_idx))
-    return res
-
-
 # ---------------------------------------------------------------- one layer
 
 @dataclass
@@ -143,7 +116,7 @@ class _Run:
     rope: tuple | None = None
     results: dict = field(default_factory=dict)
     # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another
-    # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weight with cfg
+    # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weights with cfg
     quantizer: Callable | None = None
     asym: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
     asym_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
@@ -153,19 +126,30 @@ class _Run:
         """Whether Hessians also accumulate the unquantized stream's cross-covariance."""
         return self.asym > 0 and self.method == "gptq"
 
-    def quantize(self, key, i, e, w, hess) -> tuple[torch.Tensor, dict]:
-        """Quantize one Linear, keep its result, return (dequantized weight on the device, report entry).
-        With the asymmetric objective on, the quantizer gets W' (gptq.asym_target) instead of W."""
-        name = weight_name(key, i, e)
+    def quantize(self, i: int, jobs: list) -> list[list[tuple[torch.Tensor, dict]]]:
+        """Quantize groups of Linears of layer i, each group (Hessian or None, [(key, expert, w), ...]) sharing one
+        Hessian; keep the results, return per Linear (dequantized weight on the device, report entry). With the
+        asymmetric objective on, the quantizer gets W' (gptq.asym_target) instead of W."""
+        jobs = [(hess, [(key, e, self._target(w, hess)) for key, e, w in mats]) for hess, mats in jobs]
+        if self.quantizer is None:
+            done = quantize_weights([(hess, [w for *_, w in mats]) for hess, mats in jobs], self.cfg, self.method,
+                                    self.min_tokens)
+        else:
+            done = [[self.quantizer(weight_name(key, i, e), w, hess, self.method, self.min_tokens)
+                     for key, e, w in mats] for hess, mats in jobs]
+        out = []
+        for (_, mats), results in zip(jobs, done):
+            out.append([])
+            for (key, e, _), (res, entry) in zip(mats, results):
+                self.results[weight_name(key, i, e)] = res
+                out[-1].append((res.dequantize().to(self.dev, self.dtype), entry))
+        return out
+
+    def _target(self, w: torch.Tensor, hess: Hessian | None) -> torch.Tensor:
         if (hess is not None and hess.n_tokens >= max(self.min_tokens, 1) and hess.cross_matrix() is not None
                 and self.method == "gptq"):
-            w = asym_target(w, hess.matrix(), hess.cross_matrix(), self.asym, self.asym_ridge)
-        if self.quantizer is None:
-            res, entry = quantize_weight(w, hess, self.cfg, self.method, self.min_tokens)
-        else:
-            res, entry = self.quantizer(name, w, hess, self.method, self.min_tokens)
-        self.results[name] = res
-        return res.dequantize().to(self.dev, self.dtype), entry
+            return asym_target(w, hess.matrix(), hess.cross_matrix(), self.asym, self.asym_ridge)
+        return w
 
 
 def _batches(h: torch.Tensor, dev) -> Iterator[tuple[int, torch.Tensor]]:
@@ -186,10 +170,10 @@ def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int, 
     hess = Hessian(spec.dim, run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
         hess.add(model.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(hf, s, hb.shape[0]))
-    for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
-        new, report[attr] = run.quantize(key, i, None, getattr(w, attr), hess)
+    qkv = [(key, None, getattr(w, attr)) for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"))]
+    for attr, (new, report[attr]) in zip("qkv", run.quantize(i, [(hess, qkv)])[0]):
         setattr(w, attr, new)
-    del hess
+    del hess, qkv
     att = torch.empty(h.shape[:2] + (spec.n_heads * spec.head_dim,), dtype=h.dtype, device=run.store)
     att_f = torch.empty_like(att) if cross else None
     hess_o = Hessian(att.shape[-1], run.dev, cross=cross)
@@ -200,7 +184,7 @@ def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int, 
         att[s:s + out.shape[0]] = out.to(run.store)
         if cross:
             att_f[s:s + out.shape[0]] = out_f.to(run.store)
-    w.o, report["o"] = run.quantize("attn_output", i, None, w.o, hess_o)
+    (w.o, report["o"]), = run.quantize(i, [(hess_o, [("attn_output", None, w.o)])])[0]
     del hess_o
     return _residual(run, h, att, w.o), _residual(run, hf, att_f, fw.o) if cross else None, report
 
@@ -220,39 +204,71 @@ def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Te
         yield r, x[r.to(x.device)].to(dev)
 
 
-def _expert(run: _Run, w, e: int, i: int, xn, top_w, top_i, out, fw=None, xn_f=None) -> dict:
-    """Quantize expert e's [w1, w3] then [w2], and add its routed output (quantized weights) to `out`.
-    xn_f: the unquantized stream's normed input (fw: the layer's float weights) for the cross-covariances."""
-    rows, slot = model.routed_tokens(top_i, e)
-    calib = torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else rows
-    w1, w2, w3 = w.experts[e]
+def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, fw=None, xn_f=None) -> list[dict]:
+    """Quantize the experts in `chunk` together, every [w1, w3] in one GPTQ batch then every [w2] in another, and
+    add their routed outputs (quantized weights) to `out`. xn_f: the unquantized stream's normed input (fw: the
+    layer's float weights) for the cross-covariances."""
     cross = xn_f is not None
-    report = {"expert": e, "tokens": int(rows.numel()), "hessian_tokens": int(calib.numel())}
+    routed = {e: model.routed_tokens(top_i, e) for e in chunk}
+    calib = {e: torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else routed[e][0]
+             for e in chunk}
+    reports = {e: {"expert": e, "tokens": int(routed[e][0].numel()), "hessian_tokens": int(calib[e].numel())}
+               for e in chunk}
 
     def unquantized(r):  # the unquantized stream's inputs of rows r, or None
         return xn_f[r.to(xn_f.device)].to(run.dev) if cross else None
 
-    h13 = Hessian(xn.shape[1], run.dev, cross=cross)
-    for r, x in _pieces(xn, calib, run.dev):
-        h13.add(x, unquantized(r))
-    w1, report["w1"] = run.quantize("ffn_gate", i, e, w1, h13)
-    w3, report["w3"] = run.quantize("ffn_up", i, e, w3, h13)
+    def hessian(e, width, inputs):  # expert e's Hessian of `inputs(x, x_f)` over its calibration tokens
+        hess = Hessian(width, run.dev, cross=cross)
+        for r, x in _pieces(xn, calib[e], run.dev):
+            hess.add(*inputs(x, unquantized(r)))
+        return hess
+
+    h13 = [hessian(e, xn.shape[1], lambda x, x_f: (x, x_f)) for e in chunk]
+    done = run.quantize(i, [(h, [("ffn_gate", e, w.experts[e][0]), ("ffn_up", e, w.experts[e][2])])
+                            for h, e in zip(h13, chunk)])
     del h13
-    h2 = Hessian(w1.shape[0], run.dev, cross=cross)
-    for r, x in _pieces(xn, calib, run.dev):
-        x_f = unquantized(r)
-        h2.add(F.silu(F.linear(x, w1)) * F.linear(x, w3),
-               F.silu(F.linear(x_f, fw.experts[e][0])) * F.linear(x_f, fw.experts[e][2]) if cross else None)
-    w2, report["w2"] = run.quantize("ffn_down", i, e, w2, h2)
+    quantized = {e: [w1, None, w3] for e, ((w1, reports[e]["w1"]), (w3, reports[e]["w3"])) in zip(chunk, done)}
+
+    def mid(e, x, x_f):  # w2's inputs: quantized w1/w3 on the quantized stream, float ones on the other
+        w1, _, w3 = quantized[e]
+        f1, _, f3 = fw.experts[e] if cross else (None, None, None)
+        return F.silu(F.linear(x, w1)) * F.linear(x, w3), F.silu(F.linear(x_f, f1)) * F.linear(x_f, f3) if cross else None
+
+    h2 = [hessian(e, w.experts[e][0].shape[0], lambda x, x_f, e=e: mid(e, x, x_f)) for e in chunk]
+    done = run.quantize(i, [(h, [("ffn_down", e, w.experts[e][1])]) for h, e in zip(h2, chunk)])
     del h2
-    # The layer output, exactly as model.moe computes it (same pieces, fp32 routing weight product).
-    for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
-        r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
-        y = model.expert_forward(xn[r.to(xn.device)].to(run.dev), w1, w2, w3) * top_w[r, sl, None]
-        out.index_add_(0, r.to(out.device), y.to(out.dtype).to(out.device))
-    report["method"] = _summary_method(report)
-    w.experts[e] = None  # free the float weights of this expert
-    return report
+    for e, ((quantized[e][1], reports[e]["w2"]),) in zip(chunk, done):
+        rows, slot = routed[e]
+        w1, w2, w3 = quantized.pop(e)
+        # The layer output, exactly as model.moe computes it (same pieces, fp32 routing weight product).
+        for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
+            r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
+            y = model.expert_forward(xn[r.to(xn.device)].to(run.dev), w1, w2, w3) * top_w[r, sl, None]
+            out.index_add_(0, r.to(out.device), y.to(out.dtype).to(out.device))
+        reports[e]["method"] = _summary_method(reports[e])
+        w.experts[e] = None  # free the float weights of this expert
+    return [reports[e] for e in chunk]
+
+
+def _expert_chunks(run: _Run) -> list[list[int]]:
+    """The layer's experts in the batches they are quantized in (equal sizes): as many as fit in the budget
+    (EXPERT_BATCH_FRACTION of an accelerator's free memory, EXPERT_BATCH_CPU_BYTES on a CPU); one at a time for a
+    per-matrix quantizer. Measured on the CPU (gptq_quantize_batch, float32): each weight of a batch holds about
+    four [in, in] matrices (its Hessian's sum, H, its inverse factor, the damped H) and ten [rows, in] ones (the
+    weight, its transpose, W Hd, the sweep's codes, grid values and gradient, ...); the factorizations, one at a
+    time, add five [in, in] more. The widest group decides: [w2] (in = FFN width) or the stacked [w1, w3]."""
+    spec = run.ckpt.spec
+    n, size = spec.n_experts, 1
+    if run.quantizer is None and run.method == "gptq":
+        d, f = spec.dim, spec.hidden_dim
+        per = 4 * max(4 * f * f + 10 * d * f, 4 * d * d + 20 * d * f)
+        fixed = 4 * 5 * max(d, f) ** 2
+        budget = (EXPERT_BATCH_FRACTION * torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda"
+                  else EXPERT_BATCH_CPU_BYTES)
+        size = max(1, min(n, int((budget - fixed) // per)))
+    size = math.ceil(n / math.ceil(n / size))
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
 def _summary_method(report: dict) -> str:
@@ -274,7 +290,7 @@ def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int, fw: 
     xn_f = normed(mid_f) if mid_f is not None else None
     top_w, top_i = _route(run, xn, w.router)
     out = torch.zeros_like(xn)
-    reports = [_expert(run, w, e, i, xn, top_w, top_i, out, fw, xn_f) for e in range(spec.n_experts)]
+    reports = [r for chunk in _expert_chunks(run) for r in _experts(run, w, chunk, i, xn, top_w, top_i, out, fw, xn_f)]
     nxt_f = None
     if mid_f is not None:  # the unquantized layer's output, as the reference forward computes it
         nxt_f = torch.empty_like(mid_f)
@@ -295,12 +311,12 @@ def _rtn_layer(run: _Run, i: int) -> dict:
     spec, report = run.ckpt.spec, {"attention": {}, "experts": []}
     for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o")):
         w = model.load_weight(run.ckpt, weight_name(key, i), run.dev, run.dtype)
-        report["attention"][attr] = run.quantize(key, i, None, w, None)[1]
+        report["attention"][attr] = run.quantize(i, [(None, [(key, None, w)])])[0][0][1]
     for e in range(spec.n_experts):
         entry = {"expert": e, "tokens": None, "hessian_tokens": 0}
         for key, short in (("ffn_gate", "w1"), ("ffn_up", "w3"), ("ffn_down", "w2")):
             w = model.load_weight(run.ckpt, weight_name(key, i, e), run.dev, run.dtype)
-            entry[short] = run.quantize(key, i, e, w, None)[1]
+            entry[short] = run.quantize(i, [(None, [(key, e, w)])])[0][0][1]
         entry["method"] = "rtn"
         report["experts"].append(entry)
     return report
