@@ -15,8 +15,13 @@ TorchDispatchMode (every aten call; "kernels" leaves out the pure views), for a 
 Then the projection: the measured layer (43.0 s, of which 24.9 s GPTQ) with the GPTQ part scaled by the ratio of
 operations, and the measured tree's count as the reference.
 
+`--validate C1,C2` checks the premise where it can be checked without a GPU: a CPU is also bound by dispatching
+operations when the weights have few rows (32 here), so it times the column loops alone (cProfile; the
+factorizations are arithmetic-bound on a CPU, not on a GPU) for batches of 1, 4 and 8 weights of C columns.
+
     python bench/gptq_launches.py --tree /path/to/old/checkout --recipe plain    # the measured code
     python bench/gptq_launches.py --recipe default --experts-per-batch 4          # this tree
+    python bench/gptq_launches.py --validate 1024,1792                            # timed on this CPU
 """
 from __future__ import annotations
 
@@ -91,14 +96,50 @@ def layer_calls(batched: bool, experts_per_batch: int) -> list[int]:
     return [DIM, DIM] + [DIM, FFN] * batches
 
 
+def validate(widths: list[int], rows: int = 32) -> dict:
+    """Seconds of the column loops (GPTQ's two passes and the sweep, from cProfile) for a batch of 1, 4 and 8
+    weights of `rows` rows with the defaults, on this CPU, one thread; the factorizations and matrix products,
+    arithmetic-bound here but not on a GPU, are left out."""
+    import cProfile
+    import pstats
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from mxtools.quant.gptq import QuantConfig, gptq_quantize_batch
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    cfg = QuantConfig(**RECIPES["default"])
+    result = {"rows": rows}
+    for cols in widths:
+        hs = []
+        for _ in range(8):
+            x = torch.randn(cols + 256, cols, generator=gen)
+            hs.append(x.T @ x / x.shape[0])
+        ws = [torch.randn(rows, cols, generator=gen) for _ in range(8)]
+        for n in (1, 4, 8):
+            prof = cProfile.Profile()
+            prof.enable()
+            gptq_quantize_batch(ws[:n], hs[:n], cfg)
+            prof.disable()
+            loops = sum(v[3] for f, v in pstats.Stats(prof).stats.items() if f[2] in ("_gptq_loop", "_descend_codes"))
+            result[f"{cols}_columns_batch_{n}_loops_s"] = round(loops, 3)
+        result[f"{cols}_columns_per_weight_8_vs_1"] = round(result[f"{cols}_columns_batch_8_loops_s"] / 8
+                                                            / result[f"{cols}_columns_batch_1_loops_s"], 3)
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--validate", help="C1,C2: time the column loops at these widths on this CPU (see above)")
     ap.add_argument("--tree", type=Path, default=ROOT, help="source tree to count (default: this one)")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="default")
     ap.add_argument("--experts-per-batch", type=int, default=0, help="0: the tree quantizes one matrix per call")
     ap.add_argument("--reference", type=Path, help="JSON of the measured tree's run (this script's --json output)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.validate:
+        print(json.dumps(validate([int(c) for c in args.validate.split(",")]), indent=2))
+        return
     fit, raw = per_call(args.tree, args.recipe)
     calls = layer_calls(args.experts_per_batch > 0, args.experts_per_batch)
     layer = {m: round(sum(a + b * c for c in calls)) for m, (a, b) in fit.items()}

@@ -1,6 +1,7 @@
 """`make gpu-check`: on a CUDA machine, (1) the harness on CUDA against CPU for the bundled tiny model,
 (2) a timed layer-streamed perplexity pass over `synth --preset 8x7b --layers 2` (tokens/s, peak GPU memory),
-(3) GPTQ timings on CUDA: one full-size expert matrix, and one layer of the 8x7B synth model.
+(3) GPTQ timings on CUDA: one full-size expert matrix, and one layer of the 8x7B synth model (plain GPTQ one matrix
+at a time, the defaults in expert batches of 8 and 4, and the whole `quantize` pipeline with its defaults).
 Prints one JSON document (also written to $OUT/gpu_check.json when OUT is set)."""
 from __future__ import annotations
 
@@ -126,12 +127,30 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
         for e, (w1, w2, w3) in enumerate(w.experts):
             mats += [(w1, "ffn_gate", e), (w3, "ffn_gate", e), (w2, "ffn_down", e)]
         tokens_per_expert = {e: hess[("ffn_gate", e)].n_tokens for e in range(spec.n_experts) if ("ffn_gate", e) in hess}
-        for mat, kind, e in mats:
+        for mat, kind, e in mats:  # plain GPTQ, one matrix at a time: the reference of bench/gptq_launches.py
             gptq_quantize(mat, hess[(kind, e)].matrix(), cfg)
         torch.cuda.synchronize()
         t2 = time.time()
+        # The defaults as the pipeline runs them: shared Hessians stacked, experts in batches of `per`.
+        from mxtools.quant.gptq_groups import quantize_weights
+        from mxtools.quantize import DEFAULTS
+        defaults = QuantConfig(**{k: v for k, v in DEFAULTS.items() if k in QuantConfig.__dataclass_fields__})
+        batched = {}
+        for per in (8, 4):
+            torch.cuda.synchronize()
+            t = time.time()
+            quantize_weights([(hess[("attn_q", None)], [w.q, w.k, w.v]), (hess[("attn_output", None)], [w.o])],
+                             defaults, "gptq", 0)
+            for s in range(0, spec.n_experts, per):
+                chunk = range(s, min(s + per, spec.n_experts))
+                quantize_weights([(hess[("ffn_gate", e)], [w.experts[e][0], w.experts[e][2]]) for e in chunk],
+                                 defaults, "gptq", 0)
+                quantize_weights([(hess[("ffn_down", e)], [w.experts[e][1]]) for e in chunk], defaults, "gptq", 0)
+            torch.cuda.synchronize()
+            batched[f"defaults_{per}_experts_per_batch_s"] = round(time.time() - t, 2)
     return {"nsamples": nsamples, "seqlen": seqlen, "forward_hessians_s": round(t1 - t0, 2),
             "gptq_all_matrices_s": round(t2 - t1, 2), "matrices": len(mats), "tokens_per_expert": tokens_per_expert,
+            **batched,
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
