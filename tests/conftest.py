@@ -16,6 +16,16 @@ from mxtools.synth import synth_checkpoint, synth_spec
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+class FixedHessian:
+    """A stand-in for gptq.Hessian: a given matrix and token count (to force a failing Cholesky, a starved one)."""
+
+    def __init__(self, h, n_tokens=1000):
+        self.h, self.n_tokens = h, n_tokens
+
+    def matrix(self):
+        return self.h.clone()
+
+
 def small_spec(**kw):
     """A Mixtral small enough for every test (real 32000-piece vocabulary)."""
     base = dict(n_layers=2, dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,

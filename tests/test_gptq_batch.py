@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import small_spec
+from conftest import FixedHessian, small_spec
 
 from mxtools.quant import gptq_pipeline
 from mxtools.quant.gptq import GPTQError, QuantConfig, gptq_quantize, gptq_quantize_batch
@@ -83,22 +83,12 @@ def test_batches_refuse_mixed_shapes_and_missing_hessians():
         gptq_quantize_batch([w, v], [h, h], DEFAULTS)
 
 
-class Fixed:
-    """A Hessian stand-in: a given matrix and token count."""
-
-    def __init__(self, h, n_tokens=1000):
-        self.h, self.n_tokens = h, n_tokens
-
-    def matrix(self):
-        return self.h.clone()
-
-
 def test_quantize_weights_splits_groups_and_isolates_a_failing_one():
     (w1, h1), (w2, h2), (w3, h3) = (problem(s, out=32) for s in range(3))
     bad = h3.clone()
     bad[5, 5] = float("nan")
-    starved = Fixed(h2, n_tokens=3)
-    jobs = [(Fixed(h1), [w1, w2]), (Fixed(h2), [w2, w3]), (Fixed(bad), [w3, w1]), (starved, [w1])]
+    starved = FixedHessian(h2, n_tokens=3)
+    jobs = [(FixedHessian(h1), [w1, w2]), (FixedHessian(h2), [w2, w3]), (FixedHessian(bad), [w3, w1]), (starved, [w1])]
     done = quantize_weights(jobs, DEFAULTS, "gptq", min_tokens=10)
     assert [[e["method"] for _, e in group] for group in done] == [["gptq"] * 2, ["gptq"] * 2, ["rtn"] * 2, ["rtn"]]
     assert done[2][0][1]["fallback"].startswith("gptq failed") and done[2][0][1]["loss"] is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_spec
+from conftest import FixedHessian, small_spec
 
 from mxtools import model, names
 from mxtools.bundled import CALIB
@@ -124,16 +124,6 @@ def test_starved_experts_fall_back_below_min_tokens(tokens):
         assert x["method"] == ("rtn" if x["tokens"] < threshold else "gptq"), x
     assert stream.report["totals"]["experts_rtn"]  # at least the least-routed expert
     assert stream.report["totals"]["rtn"] == 3 * len(stream.report["totals"]["experts_rtn"])
-
-
-class FixedHessian:
-    """A Hessian stand-in returning a given matrix (to force a failing Cholesky)."""
-
-    def __init__(self, h, n_tokens=1000):
-        self.h, self.n_tokens = h, n_tokens
-
-    def matrix(self):
-        return self.h.clone()
 
 
 def test_failed_cholesky_raises_damping_or_falls_back_and_is_reported():

@@ -26,12 +26,12 @@ def quantize_weights(jobs: list, cfg: QuantConfig, method: str, min_tokens: int)
             done[j] = _rounded(hess, ws, cfg, f"{n} calibration tokens < min_tokens {min_tokens}"
                                if method == "gptq" else None)
     for idx in batches.values():
-        for j, results in zip(idx, _gptq_groups([jobs[j] for j in idx], cfg, min_tokens)):
+        for j, results in zip(idx, _gptq_groups([jobs[j] for j in idx], cfg)):
             done[j] = results
     return done
 
 
-def _gptq_groups(jobs: list, cfg: QuantConfig, min_tokens: int) -> list[list]:
+def _gptq_groups(jobs: list, cfg: QuantConfig) -> list[list]:
     """GPTQ of groups of one stacked shape in one batch; when it fails, each group alone (a failing one rounded)."""
     try:
         stacked = [torch.cat(ws) if len(ws) > 1 else ws[0] for _, ws in jobs]
@@ -39,7 +39,7 @@ def _gptq_groups(jobs: list, cfg: QuantConfig, min_tokens: int) -> list[list]:
         del stacked
     except GPTQError as exc:  # Cholesky failed at every damping, or non-finite input: find which group
         if len(jobs) > 1:
-            return [_gptq_groups([job], cfg, min_tokens)[0] for job in jobs]
+            return [_gptq_groups([job], cfg)[0] for job in jobs]
         return [_rounded(jobs[0][0], jobs[0][1], cfg, f"gptq failed: {exc}", loss=False)]
     return [_split(res, ws, hess.n_tokens, cfg) for res, (hess, ws) in zip(results, jobs)]
 
