@@ -2,9 +2,11 @@
 Hessian stacked along the rows, and the pipeline's expert batches. Each must give what the weight gets alone.
 
 Exactness: every step is row-wise or a per-weight matrix product, so the results are the same up to float
-summation order inside the matrix products, which a BLAS may choose by shape. On the machines measured they are
-bit-identical; the assertions allow a code in a thousand to differ (one flipped code changes the error feedback
-of the rest of its row in GPTQ, so a row can differ in a few codes), and losses within 1e-4 relative.
+summation order inside the matrix products, which a BLAS may choose by shape and CPU. On this machine they are
+bit-identical, but GPTQ's rounding is chaotic near ties: perturbing these weights by 1e-6 (relative) moves up to
+1.9e-3 of the loss and 1.25% of the codes (int8 asym), while quantizing with another weight's Hessian, the
+mistake a batch could make, moves the loss by 1.3x or more. So the comparisons allow 2% of the loss and 10% of
+the codes, and identical members of one batch must come out bit-identical.
 """
 from __future__ import annotations
 
@@ -41,12 +43,11 @@ def problem(seed: int, out: int = 48, cols: int = 192, dead: int | None = 7):
 
 def assert_same(a, b, *, rows=slice(None)):
     assert a.method == b.method and a.damp == b.damp
-    assert (a.q[rows] == b.q).float().mean() >= 0.999
-    assert torch.equal(a.g_idx, b.g_idx)
-    assert (a.scales[:, rows] == b.scales).float().mean() >= 0.99
+    assert torch.equal(a.g_idx, b.g_idx) and a.scales[:, rows].shape == b.scales.shape
+    assert (a.q[rows] == b.q).float().mean() >= 0.9
     if b.loss is not None:
         loss = a.loss if a.row_loss is None else float(a.row_loss[rows].sum())
-        assert loss == pytest.approx(b.loss, rel=1e-4)
+        assert loss == pytest.approx(b.loss, rel=0.02)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

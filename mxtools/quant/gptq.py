@@ -303,8 +303,6 @@ def _without_signal(ws, hs, none: list, cfg, blocksize) -> list[QuantResult]:
     return [rtn_quantize(w, cfg) if n else next(done) for w, n in zip(ws, none)]
 
 
-
-
 def _processing_order(diag: torch.Tensor, g: int, cfg: QuantConfig) -> torch.Tensor | None:
     """The column order of the loop [B, in] from diag(H) [B, in]: None (natural), act-order (descending
     diag(H)), or group-aware.
