@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import OUT, PY, ROOT, print_table, synth_8x7b_2layers, timed
 
-from mxtools.bundled import CALIB, MODEL
+from mxtools.core.bundled import CALIB, MODEL
 
 
 def _worktree(rev: str, where: Path) -> Path:

@@ -18,17 +18,17 @@ import sys
 from pathlib import Path
 
 JOBS = [
-    ["example", "{o}/ex"],
-    ["convert", "{o}/ex/model", "--to", "gguf", "--outtype", "f16", "-o", "{o}/f16.gguf"],
-    ["convert", "{o}/ex/model", "--to", "gguf", "--outtype", "q8_0", "-o", "{o}/q8_0.gguf"],
-    ["convert", "{o}/ex/model", "--to", "gguf", "--outtype", "q4_k_m", "-o", "{o}/q4_k_m.gguf"],
-    ["convert", "{o}/ex/model", "--to", "mistral", "-o", "{o}/mistral"],
-    ["convert", "{o}/mistral", "--to", "hf", "-o", "{o}/hf"],
-    ["imatrix", "{o}/ex/model", "--chunks", "4", "-o", "{o}/imatrix.gguf"],
-    ["convert", "{o}/ex/model", "--to", "gguf", "--outtype", "q4_k_m", "--imatrix", "{o}/imatrix.gguf",
-     "-o", "{o}/q4_k_m-imatrix.gguf"],
-    ["quantize", "{o}/ex/model", "--nsamples", "16", "-o", "{o}/gptq"],
-    ["quantize", "{o}/ex/model", "--to", "gguf", "--outtype", "q3_k_m", "--nsamples", "16", "-o", "{o}/gguf-gptq.gguf"],
+    ["example", "ex"],
+    ["convert", "ex/model", "--to", "gguf", "--outtype", "f16", "-o", "f16.gguf"],
+    ["convert", "ex/model", "--to", "gguf", "--outtype", "q8_0", "-o", "q8_0.gguf"],
+    ["convert", "ex/model", "--to", "gguf", "--outtype", "q4_k_m", "-o", "q4_k_m.gguf"],
+    ["convert", "ex/model", "--to", "mistral", "-o", "mistral"],
+    ["convert", "mistral", "--to", "hf", "-o", "hf"],
+    ["imatrix", "ex/model", "--chunks", "4", "-o", "imatrix.gguf"],
+    ["convert", "ex/model", "--to", "gguf", "--outtype", "q4_k_m", "--imatrix", "imatrix.gguf",
+     "-o", "q4_k_m-imatrix.gguf"],
+    ["quantize", "ex/model", "--nsamples", "16", "-o", "gptq"],
+    ["quantize", "ex/model", "--to", "gguf", "--outtype", "q3_k_m", "--nsamples", "16", "-o", "gguf-gptq.gguf"],
 ]
 SKIP = {"quantize_report.json"}
 
@@ -48,8 +48,9 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     for job in JOBS:
-        cmd = [args.mxtools] + [a.format(o=args.out) for a in job]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # run inside OUT with relative paths: outputs record their sources' paths, which then match across runs
+        subprocess.run([args.mxtools, *job], check=True, cwd=args.out, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         print(" ".join(job[:2]), file=sys.stderr)
     json.dump(digests(args.out), sys.stdout, indent=1)
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from common import OUT
 
-from mxtools.bundled import CALIB, EVAL, MODEL
-from mxtools.convert import convert
-from mxtools.imatrix_cli import imatrix_from_text
+from mxtools.commands.convert import convert
+from mxtools.commands.imatrix import imatrix_from_text
+from mxtools.commands.quantize import run_quantize_gguf
+from mxtools.core.bundled import CALIB, EVAL, MODEL
+from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
-from mxtools.quantize import run_quantize_gguf
-from mxtools.tokenizer import Tokenizer
 
 CTX, THREADS = 512, 2
 

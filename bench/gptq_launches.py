@@ -121,7 +121,7 @@ def validate(widths: list[int], rows: int = 32) -> dict:
             prof.enable()
             gptq_quantize_batch(ws[:n], hs[:n], cfg)
             prof.disable()
-            loops = sum(v[3] for f, v in pstats.Stats(prof).stats.items() if f[2] in ("_gptq_loop", "_descend_codes"))
+            loops = sum(v[3] for f, v in pstats.Stats(prof).stats.items() if f[2] in ("_gptq_loop", "descend_codes"))
             result[f"{cols}_columns_batch_{n}_loops_s"] = round(loops, 3)
         result[f"{cols}_columns_per_weight_8_vs_1"] = round(result[f"{cols}_columns_batch_8_loops_s"] / 8
                                                             / result[f"{cols}_columns_batch_1_loops_s"], 3)

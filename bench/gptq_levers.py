@@ -28,7 +28,7 @@ import torch
 from common import OUT, ROOT
 
 sys.path.insert(0, str(ROOT))
-from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
 from mxtools.quant import gptq_pipeline as gp
 from mxtools.quant.gptq import QuantConfig, gptq_quantize

@@ -32,7 +32,7 @@ import torch
 from common import OUT, PY, ROOT, timed
 
 sys.path.insert(0, str(ROOT))
-from mxtools.bundled import CALIB, EVAL, MODEL
+from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
 from mxtools.quant.gptq_pipeline import make_samples
 

@@ -16,11 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mxtools import chunking, model
-from mxtools.bundled import CALIB, EVAL, MODEL
-from mxtools.convert import write_checkpoint
+from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.synth import synth_checkpoint, synth_spec
+from mxtools.core import chunking
+from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
-from mxtools.synth import synth_checkpoint, synth_spec
+from mxtools.model import forward
 from mxtools.verify import verify
 
 RESULTS: dict = {}
@@ -53,8 +54,8 @@ def tiny_cuda_vs_cpu(path: Path):
     with open_checkpoint(path) as ck:
         tokens = chunking.tokenize_file(ck.tokenizer, EVAL)
         fed = chunking.with_bos(chunking.chunk_tokens(tokens, 512, 2))
-        cpu = model.logits(ck, fed, "cpu", torch.float32)
-        gpu = model.logits(ck, fed, "cuda", torch.float32).cpu()
+        cpu = forward.logits(ck, fed, "cpu", torch.float32)
+        gpu = forward.logits(ck, fed, "cuda", torch.float32).cpu()
         r_cpu = verify(ck, None, tokens, ctx=512, chunks=16, device="cpu", dtype=torch.float32)
         r_gpu = verify(ck, None, tokens, ctx=512, chunks=16, device="cuda", dtype=torch.float32)
         r_bf16 = verify(ck, ck, tokens, ctx=512, chunks=16, device="cuda", dtype=torch.bfloat16, outtype="bf16")
@@ -108,8 +109,8 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
     with open_checkpoint(path) as ck:
         spec = ck.spec
         tokens = torch.randint(3, spec.vocab_size, (nsamples, seqlen))
-        h = model.embed(ck, model.as_tokens(tokens, spec, dev), dev, torch.float32)
-        w = model.load_layer(ck, 0, dev, torch.float32)
+        h = forward.embed(ck, forward.as_tokens(tokens, spec, dev), dev, torch.float32)
+        w = forward.load_layer(ck, 0, dev, torch.float32)
         hess: dict = {}
 
         def observe(kind, x, expert):
@@ -119,7 +120,7 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
             hess[key].add(x.reshape(-1, x.shape[-1]).float())
         torch.cuda.synchronize()
         t0 = time.time()
-        model.layer_forward(h, w, spec, model.rope_tables(spec, seqlen, dev, torch.float32), observe)
+        forward.layer_forward(h, w, spec, forward.rope_tables(spec, seqlen, dev, torch.float32), observe)
         torch.cuda.synchronize()
         t1 = time.time()
         cfg = QuantConfig(bits=4, group_size=128)
@@ -132,8 +133,8 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
         torch.cuda.synchronize()
         t2 = time.time()
         # The defaults as the pipeline runs them: shared Hessians stacked, experts in batches of `per`.
+        from mxtools.commands.quantize import DEFAULTS
         from mxtools.quant.gptq_groups import quantize_weights
-        from mxtools.quantize import DEFAULTS
         defaults = QuantConfig(**{k: v for k, v in DEFAULTS.items() if k in QuantConfig.__dataclass_fields__})
         batched = {}
         for per in (8, 4):
@@ -156,7 +157,7 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
 
 @step("gptq_8x7b_layer")
 def gptq_layer(path: Path, root: Path):
-    from mxtools.quantize import run_quantize
+    from mxtools.commands.quantize import run_quantize
     calib = root / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()

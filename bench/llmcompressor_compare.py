@@ -46,7 +46,7 @@ from common import OUT, PY, ROOT, timed
 from gptqmodel_compare import calibration_samples, row, save_base, table
 
 sys.path.insert(0, str(ROOT))
-from mxtools.bundled import MODEL
+from mxtools.core.bundled import MODEL
 
 LLMC_PY = "/work/venvs/llmc/bin/python"
 IGNORE = ["lm_head", "re:.*mlp.gate$"]  # transformers 5 Mixtral: the router is model.layers.i.mlp.gate
@@ -254,7 +254,7 @@ def verify(cand: Path, json_path: Path, base: Path, threads: int, outtype: str) 
     """`mxtools verify CAND --base BASE` on eval.txt (all 512-token chunks), niced; the report, pass or fail.
     `outtype` picks the thresholds (gptq-int4 / gptq-int8, as the GPTQModel rows get; a float32 directory would
     otherwise be held to the f32 ones); the measurements do not depend on it."""
-    from mxtools.bundled import EVAL
+    from mxtools.core.bundled import EVAL
     json_path.unlink(missing_ok=True)
     p = subprocess.run(nice([PY, "-m", "mxtools.cli", "verify", cand, "--base", base, "--text", EVAL,
                              "--device", "cpu", "--outtype", outtype, "--json", json_path]), check=False,

@@ -10,9 +10,9 @@ import time
 import torch
 from common import OUT, PY, ROOT, synth_8x7b_2layers, timed
 
-from mxtools import chunking
-from mxtools.bundled import EVAL, MODEL
-from mxtools.convert import convert
+from mxtools.commands.convert import convert
+from mxtools.core import chunking
+from mxtools.core.bundled import EVAL, MODEL
 from mxtools.layouts import open_checkpoint
 from mxtools.verify import verify
 

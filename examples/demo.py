@@ -10,11 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from mxtools.bundled import CALIB, EVAL, MODEL, write_example
-from mxtools.convert import convert, write_checkpoint
-from mxtools.quantize import run_quantize
-from mxtools.synth import synth_checkpoint, synth_spec
-from mxtools.verify_cli import run_verify
+from mxtools.commands.convert import convert, write_checkpoint
+from mxtools.commands.example import write_example
+from mxtools.commands.quantize import run_quantize
+from mxtools.commands.synth import synth_checkpoint, synth_spec
+from mxtools.commands.verify import run_verify
+from mxtools.core.bundled import CALIB, EVAL, MODEL
 
 ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"),
              ("gguf", "q4_k_m", "model-q4_k_m.gguf"), ("mistral", "bf16", "mistral"), ("gptq", "int4", "gptq-int4-g128")]

@@ -408,8 +408,8 @@ def classic_state_dict(model) -> dict:
 def check_names(state: dict, config) -> None:
     """The written names and shapes must be exactly the canonical ones mxtools expects."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mxtools.names import canonical_names, expected_shape
-    from mxtools.spec import ModelSpec
+    from mxtools.core.names import canonical_names, expected_shape
+    from mxtools.core.spec import ModelSpec
     spec = ModelSpec(dim=config.hidden_size, n_layers=config.num_hidden_layers,
                      n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
                      head_dim=config.head_dim, hidden_dim=config.intermediate_size,

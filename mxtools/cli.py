@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from . import convert as conv
-from .compare import DEFAULT_FORMATS
-from .errors import MxError
+from .commands import convert as conv
+from .commands.compare import DEFAULT_FORMATS
+from .core.errors import MxError
 from .layouts import open_checkpoint, writable
 from .layouts.gptq import NAMINGS
 
@@ -101,7 +101,7 @@ def main():
 def convert(src, layout, outtype, imatrix, tensor_types, output_tensor_type, token_embedding_type, pure, shard_size,
             names, chat_template, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
-    from .chat import set_chat_template
+    from .core.chat import set_chat_template
     with open_checkpoint(src) as ckpt:
         note = set_chat_template(ckpt, chat_template) if layout != "mistral" else None  # params.json has none
         resolved = conv.resolve_outtype(ckpt, outtype)
@@ -143,7 +143,7 @@ def _names(names, layout, ckpt, outtype) -> dict:
 @handled
 def inspect(path, as_json, scan):
     """Layout, config, tensor count, dtypes, sizes, and any problems found (exit 2 when there are any)."""
-    from .inspect import describe, render
+    from .commands.inspect import describe, render
     report = describe(path, scan)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
     problems = report["problems"]
@@ -170,8 +170,8 @@ def inspect(path, as_json, scan):
 def synth(out, layout, preset, layers, hidden, intermediate, heads, kv_heads, head_dim, experts, experts_per_tok,
           dtype, seed, force):
     """Write a random-weight Mixtral with the real Mistral v1 tokenizer, for pipeline tests."""
-    from .synth import synth_checkpoint, synth_spec
-    from .tensors import FLOAT_DTYPES
+    from .commands.synth import synth_checkpoint, synth_spec
+    from .core.tensors import FLOAT_DTYPES
     spec = synth_spec(preset, n_layers=layers, dim=hidden, hidden_dim=intermediate, n_heads=heads,
                       n_kv_heads=kv_heads, head_dim=head_dim or (hidden // heads if hidden and heads else None),
                       n_experts=experts, n_experts_per_tok=experts_per_tok)
@@ -202,7 +202,7 @@ def synth(out, layout, preset, layers, hidden, intermediate, heads, kv_heads, he
 def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, min_same_top, max_ppl_ratio,
            save_base, base, device, dtype, plot):
     """Check CANDIDATE against a reference: perplexity, KL divergence, per-layer parity. Exit 0 pass, 1 fail."""
-    from .verify_cli import run_verify
+    from .commands.verify import run_verify
     overrides = {k: v for k, v in (("max_kld_mean", max_kld), ("min_same_top_p", min_same_top),
                                    ("max_ppl_ratio", max_ppl_ratio)) if v is not None}
     report = run_verify(candidate, reference, text=text, ctx=ctx, chunks=chunks, outtype=outtype,
@@ -227,8 +227,8 @@ def verify(candidate, reference, text, ctx, chunks, json_out, outtype, max_kld, 
 def imatrix(model_path, text, ctx, chunks, device, out, force):
     """Importance matrix (mean squared input activation per column, per expert over its routed tokens), in the
     GGUF imatrix format current llama.cpp reads."""
-    from .bundled import CALIB
-    from .imatrix_cli import imatrix_from_text
+    from .commands.imatrix import imatrix_from_text
+    from .core.bundled import CALIB
     imatrix_from_text(model_path, text or CALIB, out, ctx=ctx, chunks=chunks, device=device, force=force)
     click.echo(f"wrote {out}")
 
@@ -279,8 +279,8 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
                               recipe=recipe)
     if outtype or imatrix:
         raise MxError("--outtype and --imatrix apply to --to gguf")
-    from .bundled import CALIB
-    from .quantize import run_quantize, summary
+    from .commands.quantize import run_quantize, summary
+    from .core.bundled import CALIB
     options = {k: v for k, v in dict(bits=int(bits) if bits else None, method=method, group_size=group_size,
                                      sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
                                      experts=experts, min_tokens=min_tokens, asym=gptaq).items() if v is not None}
@@ -307,7 +307,7 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
 @handled
 def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device):
     """Build every candidate format from MODEL, verify each against MODEL, print one table sorted by size."""
-    from .compare import render, run_compare
+    from .commands.compare import render, run_compare
     result = run_compare(model_path, fmts=fmts, calib=calib, text=text, chunks=chunks, device=device, keep=keep,
                          json_out=json_out, plot=plot, progress=lambda msg: click.echo(msg, err=True))
     click.echo(render(result))
@@ -315,7 +315,7 @@ def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device)
 
 def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen, experts, min_tokens, gptaq, device,
                    out, force, **int_only):
-    from .quantize import run_quantize_gguf, summary
+    from .commands.quantize import run_quantize_gguf, summary
     given = sorted(k.replace("_", "-") for k, v in int_only.items() if v is not None)
     if given:
         raise MxError(f"--{', --'.join(given)} apply to --to gptq; --to gguf takes the mix's own grids (--outtype)")
@@ -335,7 +335,7 @@ def _quantize_gguf(src, outtype, imatrix, method, damp, calib, nsamples, seqlen,
 @handled
 def example(out, force):
     """Write the bundled tiny trained Mixtral to OUT/model with OUT/calib.txt and OUT/eval.txt."""
-    from .bundled import write_example
+    from .commands.example import write_example
     write_example(out, force)
     click.echo(f"wrote {out}/model, {out}/calib.txt, {out}/eval.txt")
 

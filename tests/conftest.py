@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mxtools.convert import write_checkpoint
-from mxtools.synth import synth_checkpoint, synth_spec
+from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.synth import synth_checkpoint, synth_spec
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -35,7 +35,7 @@ def small_spec(**kw):
 
 
 def write_synth(out: Path, layout: str, dtype: str = "f32", spec=None, seed: int = 0) -> Path:
-    from mxtools.tensors import FLOAT_DTYPES
+    from mxtools.core.tensors import FLOAT_DTYPES
     ckpt = synth_checkpoint(spec or small_spec(), seed, FLOAT_DTYPES[dtype])
     return write_checkpoint(ckpt, layout, out, dtype)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mxtools import names
-from mxtools.spec import ModelSpec
-from mxtools.tensors import Checkpoint, LazyTensor
+from mxtools.core import names
+from mxtools.core.spec import ModelSpec
+from mxtools.core.tensors import Checkpoint, LazyTensor
 
 
 def tiny_hf_model(n_layers=2, n_experts=8, seed=0, init=0.1, vocab=300):

@@ -13,14 +13,14 @@ import mxtools
 ROOT = Path(mxtools.__file__).parent
 MAX_LINES = 500
 
-# Lowest first. A unit is a top-level module or a subpackage of mxtools.
+# Lowest first. Every layer is a folder of mxtools (the command line sits on top as cli.py).
 LAYERS = [
-    ("foundations", {"errors", "spec", "names", "tensors", "transforms", "tokenizer", "chunking", "chat", "native",
-                     "recipes"}),
+    ("foundations", {"core", "native", "recipes"}),  # errors, the model's spec and names, lazy tensors, tokenizer,
+                                                    # texts; the C kernels; the recipes (data)
     ("io", {"io"}),  # bytes, buffers, file formats (safetensors, GGUF, GGML blocks, GPTQ packing, HF directories)
     ("layouts", {"layouts"}),  # one module per layout: name table, reader, writer
-    ("algorithms", {"quant", "model", "verify"}),  # on lazy tensors and the reference model; never a layout
-    ("verbs", {"convert", "quantize", "imatrix_cli", "verify_cli", "inspect", "compare", "bundled", "synth"}),
+    ("algorithms", {"model", "quant", "verify"}),  # the reference forward, the quantizers, the verification harness
+    ("commands", {"commands"}),  # one module per verb, named as the verb
     ("cli", {"cli"}),
 ]
 LAYER_OF = {unit: n for n, (_, units) in enumerate(LAYERS) for unit in units}
@@ -118,3 +118,40 @@ def test_layouts_do_not_import_each_other():
 def test_module_size(path):
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines; split it by concern"
+
+
+def test_layers_are_folders():
+    """Only the package marker and the command line sit at the top; everything else lives in its layer's folder."""
+    loose = sorted(p.name for p in ROOT.glob("*.py"))
+    assert loose == ["__init__.py", "cli.py"], f"move these into a layer folder: {loose}"
+    folders = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert folders == set(LAYER_OF) - {"cli"}, f"folders without a layer, or layers without a folder: {folders}"
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`from other_module import _name` and `other_module._name` for mxtools modules other than `path`'s own."""
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module_aliases, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if target.split(".")[0] != "mxtools":
+                continue
+            for a in node.names:
+                if _is_module(f"{target}.{a.name}"):
+                    module_aliases[a.asname or a.name] = f"{target}.{a.name}"
+                elif a.name.startswith("_") and target != own:
+                    found.append(f"{own}:{node.lineno} imports {target}.{a.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{own}:{node.lineno} uses {module_aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    found = [f for path in MODULES for f in _private_uses(path)]
+    assert not found, "\n".join(found)

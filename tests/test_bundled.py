@@ -6,11 +6,12 @@ import json
 import pytest
 from conftest import text_head
 
-from mxtools.bundled import CALIB, EVAL, MODEL, write_example
-from mxtools.convert import convert
-from mxtools.imatrix_cli import imatrix_from_text
+from mxtools.commands.convert import convert
+from mxtools.commands.example import write_example
+from mxtools.commands.imatrix import imatrix_from_text
+from mxtools.commands.verify import run_verify
+from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
-from mxtools.verify_cli import run_verify
 
 CHUNKS = 8
 

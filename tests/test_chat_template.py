@@ -9,9 +9,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from mxtools import chat
-from mxtools.bundled import MODEL
 from mxtools.cli import main
+from mxtools.core import chat
+from mxtools.core.bundled import MODEL
 from mxtools.layouts import open_checkpoint
 
 ORIGINAL = json.loads((MODEL / "tokenizer_config.json").read_text())["chat_template"]  # Mixtral-Instruct's own
@@ -206,7 +206,7 @@ def test_a_bad_template_file_is_an_input_error(instruct_src, tmp_path, text, mes
 
 def test_mistral_common_template_on_many_generated_conversations():
     """Our template through the checker on more random conversations than the judges see (fast: no judge)."""
-    from mxtools.tokenizer import Tokenizer
+    from mxtools.core.tokenizer import Tokenizer
     tok = Tokenizer.default()
     for seed in range(3):
         assert chat.first_difference(chat.MISTRAL_COMMON_TEMPLATE, tok,

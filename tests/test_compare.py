@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from conftest import small_spec, text_head, write_synth
 
-from mxtools import names
-from mxtools.bundled import EVAL
 from mxtools.cli import main
-from mxtools.compare import BNB_KINDS, DEFAULT_FORMATS, render, run_compare
+from mxtools.commands.compare import BNB_KINDS, DEFAULT_FORMATS, render, run_compare
+from mxtools.core import names
+from mxtools.core.bundled import EVAL
 from mxtools.layouts import open_checkpoint
 
 SPEC = small_spec(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32)
@@ -130,7 +130,7 @@ def test_missing_bitsandbytes_and_unknown_formats_are_one_line_errors(src, tmp_p
 
 
 def test_default_formats_are_all_known():
-    from mxtools.compare import formats
+    from mxtools.commands.compare import formats
     assert set(DEFAULT_FORMATS) <= set(formats())
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import small_spec
 
-from mxtools import names
-from mxtools.convert import convert
+from mxtools.commands.convert import convert
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core import names
+from mxtools.core.tensors import FLOAT_DTYPES
 from mxtools.layouts import open_checkpoint, writable
-from mxtools.synth import synth_checkpoint
-from mxtools.tensors import FLOAT_DTYPES
 
 LAYOUTS = ["hf", "mistral", "gguf"]
 WEIGHT_FILE = {"hf": "model.safetensors", "mistral": "consolidated.safetensors", "gguf": None}

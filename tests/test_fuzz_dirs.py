@@ -24,10 +24,10 @@ from conftest import small_spec, write_concat
 from fuzzing import mutate, run_isolated
 from safetensors.torch import load_file, save_file
 
-from mxtools import names
-from mxtools.convert import write_checkpoint
+from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core import names
 from mxtools.layouts import paddle
-from mxtools.synth import synth_checkpoint
 
 SEED = 9
 REMOVED = object()
@@ -384,7 +384,7 @@ def _open_fds() -> set[str]:
 @pytest.mark.parametrize("what", ["last shard", "tokenizer_config"])
 def test_a_failed_open_leaves_no_file_open(sources, tmp_path, what):
     """A corrupt later shard (or tokenizer config) closes every shard opened before it, and itself."""
-    from mxtools.errors import FormatError
+    from mxtools.core.errors import FormatError
     from mxtools.layouts import open_checkpoint
     shards = sorted(p.name for p in sources["hf"].glob("*.safetensors"))
     change = {shards[-1]: b"\x02" + b"\x00" * 7 + b"{]"} if what == "last shard" else \

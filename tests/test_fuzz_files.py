@@ -23,14 +23,14 @@ from conftest import small_spec
 from fuzzing import gguf_fields, mutate, mutate_field, run_isolated, set_field
 
 import mxtools.cli  # noqa: F401  (imported before forking: each case starts warm)
-from mxtools.bundled import EVAL
-from mxtools.convert import write_checkpoint
-from mxtools.errors import MxError
+from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core.bundled import EVAL
+from mxtools.core.errors import MxError
+from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.gguf_writer import GGUFStreamWriter
 from mxtools.quant.imatrix import ImatrixStat, save_imatrix
 from mxtools.quant.mixes import Mix, load_mix
-from mxtools.synth import synth_checkpoint
-from mxtools.tokenizer import Tokenizer
 
 SEED = 9
 N_VOCAB = 512  # the first 512 pieces of the v1 vocabulary (control, 256 bytes, merges)

@@ -15,19 +15,19 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from test_mixes import finite_logits, gguf_tensors, random_tokens, synth, write_pair
 
-from mxtools import model as model_lib
-from mxtools import names
-from mxtools.bundled import CALIB, EVAL, MODEL
 from mxtools.cli import main
-from mxtools.convert import convert
+from mxtools.commands.convert import convert
+from mxtools.commands.quantize import run_quantize_gguf
+from mxtools.core import names
+from mxtools.core.bundled import CALIB, EVAL, MODEL
+from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.ggml_blocks import SUPPORTED
 from mxtools.layouts import open_checkpoint
+from mxtools.model import forward
 from mxtools.quant.gguf_gptq import EMBED_DAMP, embedding_hessian, encode_block, pack, quantize_matrix, unpack
 from mxtools.quant.gguf_quantize import META_PREFIX
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.imatrix import compute_imatrix, save_imatrix
-from mxtools.quantize import run_quantize_gguf
-from mxtools.tokenizer import Tokenizer
 
 TYPES = list(SUPPORTED)
 COLS = 1024  # four super-blocks, 32 legacy blocks
@@ -198,16 +198,16 @@ def test_embedding_gptq_lowers_first_layer_error():
     calib, held = text(CALIB, 16), text(EVAL, 4)
     with open_checkpoint(MODEL) as ckpt:
         spec = ckpt.spec
-        table = model_lib.load_weight(ckpt, names.weight_name("token_embd"), "cpu", torch.float32)
+        table = forward.load_weight(ckpt, names.weight_name("token_embd"), "cpu", torch.float32)
         hess = embedding_hessian(ckpt, calib, table)
         assert hess.n_tokens == calib.numel() and torch.equal(hess.matrix(), embedding_hessian(ckpt, calib, table).matrix())
         h = hess.matrix()
         assert torch.equal(h, h.T) and float(torch.linalg.eigvalsh(h.double()).min()) > -1e-6 * float(h.diag().max())
-        layer = model_lib.load_layer(ckpt, 0, "cpu", torch.float32)
-        rope = model_lib.rope_tables(spec, held.shape[1], "cpu", torch.float32)
+        layer = forward.load_layer(ckpt, 0, "cpu", torch.float32)
+        rope = forward.rope_tables(spec, held.shape[1], "cpu", torch.float32)
 
         def first_layer(t):
-            return model_lib.layer_forward(torch.nn.functional.embedding(held, t), layer, spec, rope)[0]
+            return forward.layer_forward(torch.nn.functional.embedding(held, t), layer, spec, rope)[0]
 
         ref = first_layer(table)
         gptq = quantize_matrix(table, Q.Q3_K, h, damp=EMBED_DAMP)

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from gguf import GGUFWriter
 
-from mxtools.errors import OutputError
+from mxtools.core.errors import OutputError
 from mxtools.io.gguf_writer import GGUFStreamWriter
 
 A = np.arange(3 * 64, dtype=np.float32).reshape(3, 64) / 7

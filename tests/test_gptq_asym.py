@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from conftest import small_spec, write_synth
 
-from mxtools import model
-from mxtools.bundled import CALIB
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core.bundled import CALIB
+from mxtools.core.tokenizer import Tokenizer
+from mxtools.model import forward
 from mxtools.quant.gptq import Hessian, QuantConfig, asym_target, gptq_quantize, objective
 from mxtools.quant.gptq_pipeline import make_samples, quantize_checkpoint
-from mxtools.synth import synth_checkpoint
-from mxtools.tokenizer import Tokenizer
 
 
 def _inputs(n=600, d=48, seed=0):
@@ -94,16 +94,16 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
     later = [n for n in plain[-1].results if not torch.equal(plain[-1].results[n].q, asym[-1].results[n].q)]
     assert later
     # and the unquantized stream ends at the float model's hidden state
-    ref = model.embed(ckpt, samples, "cpu", torch.float32)
-    rope = model.rope_tables(spec, samples.shape[1], "cpu", torch.float32)
+    ref = forward.embed(ckpt, samples, "cpu", torch.float32)
+    rope = forward.rope_tables(spec, samples.shape[1], "cpu", torch.float32)
     for i in range(spec.n_layers):
-        ref, _ = model.layer_forward(ref, model.load_layer(ckpt, i, "cpu", torch.float32), spec, rope)
+        ref, _ = forward.layer_forward(ref, forward.load_layer(ckpt, i, "cpu", torch.float32), spec, rope)
     torch.testing.assert_close(stream.hidden_fp, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(stream.hidden, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_recipes_name_the_sweep_and_gptaq_settings(tmp_path):
-    from mxtools.quantize import load_recipe, resolve_settings, run_quantize
+    from mxtools.commands.quantize import load_recipe, resolve_settings, run_quantize
     assert resolve_settings()["sweeps"] == 1 and resolve_settings()["repass"] and resolve_settings()["asym"] == 0.0
     assert resolve_settings("gptq-int4-g128-nosweep")["sweeps"] == 0
     assert not resolve_settings("gptq-int4-g128-nosweep")["repass"]

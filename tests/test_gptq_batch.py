@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import FixedHessian, small_spec
 
+from mxtools.commands.synth import synth_checkpoint
 from mxtools.quant import gptq_pipeline
 from mxtools.quant.gptq import GPTQError, QuantConfig, gptq_quantize, gptq_quantize_batch
 from mxtools.quant.gptq_groups import quantize_weights
-from mxtools.synth import synth_checkpoint
 
 DEFAULTS = QuantConfig(bits=4, group_size=64, damp=0.05, act_group_aware=True, search="hessian", refit=True,
                        repass=True, sweeps=1)
@@ -115,8 +115,8 @@ def test_expert_batches_follow_the_memory_budget(monkeypatch):
 
 
 def test_the_pipeline_gives_the_same_weights_in_any_expert_batching(monkeypatch):
-    from mxtools.bundled import CALIB
-    from mxtools.tokenizer import Tokenizer
+    from mxtools.core.bundled import CALIB
+    from mxtools.core.tokenizer import Tokenizer
     tokens = Tokenizer.default().encode(CALIB.read_text(encoding="utf-8")[:20000], bos=False)
     spec = small_spec(n_layers=2)
 

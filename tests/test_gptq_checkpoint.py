@@ -14,17 +14,18 @@ from conftest import small_spec, write_synth
 from judges import require_installed
 from safetensors import safe_open
 
-from mxtools import model, names
-from mxtools.bundled import CALIB, EVAL
-from mxtools.convert import convert
+from mxtools.commands.convert import convert
+from mxtools.commands.quantize import run_quantize
+from mxtools.commands.verify import run_verify
+from mxtools.core import names
+from mxtools.core.bundled import CALIB, EVAL
+from mxtools.core.names import is_gptq_quantized as is_quantized
 from mxtools.io.atomic import atomic_output
 from mxtools.layouts import detect, hf, open_checkpoint
 from mxtools.layouts.gptq import write_quantized
-from mxtools.names import is_gptq_quantized as is_quantized
+from mxtools.model import forward
 from mxtools.quant.gptq import QuantConfig
 from mxtools.quant.gptq_pipeline import quantize_checkpoint
-from mxtools.quantize import run_quantize
-from mxtools.verify_cli import run_verify
 
 # dims that are multiples of 128, so the real group size 128 is used (o_proj and w1/w3 have one group, w2 two)
 SPEC = small_spec(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32)
@@ -225,8 +226,8 @@ def test_gptqmodel_loads_it_with_the_same_logits(int4, src, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = torch.load(tmp_path / "logits.pt")
     with open_checkpoint(out) as ckpt, open_checkpoint(src) as source:
-        ours = model.logits(ckpt, tokens, "cpu")
-        quant_effect = (model.logits(source, tokens, "cpu") - ours).abs().max()
+        ours = forward.logits(ckpt, tokens, "cpu")
+        quant_effect = (forward.logits(source, tokens, "cpu") - ours).abs().max()
     diff = (theirs - ours).abs().max()
     print(f"GPTQModel fp16 vs mxtools fp32 logits: max abs diff {float(diff):.4g} "
           f"(quantization itself moves them by {float(quant_effect):.3g})")

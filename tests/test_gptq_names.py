@@ -14,8 +14,8 @@ from conftest import small_spec, write_synth
 from safetensors import safe_open
 
 from mxtools.cli import main
+from mxtools.commands.quantize import run_quantize
 from mxtools.layouts import open_checkpoint
-from mxtools.quantize import run_quantize
 
 # hidden and intermediate multiples of 128 and attention outputs multiples of 64: what Marlin needs
 SPEC = small_spec(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32)

@@ -6,10 +6,15 @@ import pytest
 import torch
 from conftest import FixedHessian, small_spec
 
-from mxtools import model, names
-from mxtools.bundled import CALIB
-from mxtools.errors import MxError
-from mxtools.names import weight_name
+from mxtools.commands.quantize import load_recipe, resolve_settings
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core import names
+from mxtools.core.bundled import CALIB
+from mxtools.core.errors import MxError
+from mxtools.core.names import weight_name
+from mxtools.core.tensors import Checkpoint, LazyTensor
+from mxtools.core.tokenizer import Tokenizer
+from mxtools.model import forward
 from mxtools.quant.gptq import QuantConfig
 from mxtools.quant.gptq_groups import quantize_weights
 from mxtools.quant.gptq_pipeline import (
@@ -17,10 +22,6 @@ from mxtools.quant.gptq_pipeline import (
     make_samples,
     quantize_checkpoint,
 )
-from mxtools.quantize import load_recipe, resolve_settings
-from mxtools.synth import synth_checkpoint
-from mxtools.tensors import Checkpoint, LazyTensor
-from mxtools.tokenizer import Tokenizer
 
 CFG = QuantConfig(bits=4, group_size=32)  # small_spec: dim 64, hidden 128
 
@@ -71,7 +72,7 @@ def test_layer_by_layer_every_linear_quantized_on_quantized_inputs(tokens):
     assert [names.parse(n)[1] for n in layer_names] == sorted(names.parse(n)[1] for n in layer_names)
     # Layer i's output (the input of layer i+1) is the quantized model's, not the float model's.
     fake = fake_quantized(ckpt, results)
-    pairs = zip(model.iter_layers(fake, samples, "cpu"), model.iter_layers(ckpt, samples, "cpu"))
+    pairs = zip(forward.iter_layers(fake, samples, "cpu"), forward.iter_layers(ckpt, samples, "cpu"))
     for (i, h_q, _), (_, h_f, _) in pairs:
         assert torch.allclose(hidden[i], h_q, atol=1e-5, rtol=0)
         assert (hidden[i] - h_f).abs().max() > 100 * (hidden[i] - h_q).abs().max() + 1e-3
@@ -99,7 +100,7 @@ def test_never_routed_expert_falls_back_to_rtn_and_all_mode_calibrates_it(tokens
         w1 = results[weight_name("ffn_gate", 0, 3)]
         assert w1.dequantize().abs().sum() > 0  # never zeroed
         fake = fake_quantized(ckpt, results)
-        assert torch.allclose(stream.hidden, model.last_hidden(fake, samples, "cpu"), atol=1e-5, rtol=0)
+        assert torch.allclose(stream.hidden, forward.last_hidden(fake, samples, "cpu"), atol=1e-5, rtol=0)
         if experts == "routed":
             assert x3["method"] == "rtn" and "0 calibration tokens" in x3["w1"]["fallback"]
             assert stream.report["totals"]["experts_rtn"] == ["layer 0 expert 3 (0 tokens)"]
@@ -141,11 +142,11 @@ def test_failed_cholesky_raises_damping_or_falls_back_and_is_reported():
 def test_gptq_has_lower_layer_output_error_than_rtn(tokens):
     ckpt = synth(small_spec(n_layers=1))
     samples, _ = make_samples(tokens, 4, 64)
-    ref = model.last_hidden(ckpt, samples, "cpu")
+    ref = forward.last_hidden(ckpt, samples, "cpu")
     err = {}
     for method in ("gptq", "rtn"):
         results = {k: v for lq in quantize_checkpoint(ckpt, samples, CFG, method) for k, v in lq.results.items()}
-        err[method] = float((model.last_hidden(fake_quantized(ckpt, results), samples, "cpu") - ref).pow(2).mean())
+        err[method] = float((forward.last_hidden(fake_quantized(ckpt, results), samples, "cpu") - ref).pow(2).mean())
     assert err["gptq"] < 0.8 * err["rtn"], err
 
 

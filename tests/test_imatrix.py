@@ -19,9 +19,10 @@ from test_mixes import (
     synth,
 )
 
-from mxtools.chunking import chunk_tokens, with_bos
-from mxtools.convert import write_checkpoint
-from mxtools.errors import FormatError, ShapeError
+from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.synth import synth_spec
+from mxtools.core.chunking import chunk_tokens, with_bos
+from mxtools.core.errors import FormatError, ShapeError
 from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
 from mxtools.layouts import open_checkpoint
@@ -34,7 +35,6 @@ from mxtools.quant.imatrix import (
     read_imatrix,
     save_imatrix,
 )
-from mxtools.synth import synth_spec
 
 CTX, CHUNKS = 64, 4
 STARVED = 7  # the expert no token reaches
@@ -202,6 +202,6 @@ def test_compute_counts_match_routing():
 
 def test_observed_kinds_are_the_imatrix_policy():
     """The forward-pass observation points cover exactly the kinds names.py says an importance matrix takes."""
-    from mxtools import names
+    from mxtools.core import names
     from mxtools.quant.imatrix import OBSERVED
     assert {k for kinds in OBSERVED.values() for k in kinds} == {k.key for k in names.KINDS if k.imatrix}

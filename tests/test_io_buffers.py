@@ -91,7 +91,7 @@ def _tree_bytes(path):
 def test_pooled_buffers_do_not_change_outputs(tmp_path, synth_dir, monkeypatch, layout, outtype):
     """With every read pooled (the small synth tensors are below the pool's size floor otherwise), buffers are
     reused, cast in place and given back across tensors: the output must equal the unpooled one byte for byte."""
-    from mxtools.convert import convert
+    from mxtools.commands.convert import convert
     from mxtools.io import buffers
     src = synth_dir("hf", "bf16")
     suffix = ".gguf" if layout == "gguf" else ""

@@ -5,8 +5,8 @@ import pytest
 import torch
 from judges import hf_logits, kld, llama_cpp_logits, llama_cpp_model
 
-from mxtools.convert import convert
-from mxtools.tokenizer import Tokenizer
+from mxtools.commands.convert import convert
+from mxtools.core.tokenizer import Tokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1923, the river froze\tand\nthe town moved east."
 TEXTS = ["Hello world", "  leading spaces and  double  spaces", "tabs\tand\nnewlines\n\n", "digits 1234567890 3.14",

@@ -13,12 +13,12 @@ import torch
 from conftest import small_spec, write_concat
 from safetensors.torch import save_file
 
-from mxtools import names
+from mxtools.commands.synth import synth_checkpoint
+from mxtools.core import names
+from mxtools.core.tokenizer import Tokenizer
+from mxtools.core.transforms import hf_to_meta_rope, meta_to_hf_rope, rope_heads
 from mxtools.layouts import detect, hf, mistral, open_checkpoint, paddle
 from mxtools.layouts import gguf as gguf_layout
-from mxtools.synth import synth_checkpoint
-from mxtools.tokenizer import Tokenizer
-from mxtools.transforms import hf_to_meta_rope, meta_to_hf_rope, rope_heads
 
 SPEC = small_spec()
 
@@ -39,7 +39,7 @@ def assert_matches(path, ref, layout=None, tol=0.0):
 
 
 def meta_permute(w, n_head):
-    """llama.cpp's LlamaModel.permute, written out independently of mxtools.transforms."""
+    """llama.cpp's LlamaModel.permute, written out independently of mxtools.core.transforms."""
     w = np.asarray(w)
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

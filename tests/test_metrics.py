@@ -13,8 +13,9 @@ from hf_tiny import (
     tiny_hf_model,
 )
 
-from mxtools import chunking, model, names, transforms
-from mxtools.errors import FormatError
+from mxtools.core import chunking, names, transforms
+from mxtools.core.errors import FormatError
+from mxtools.model import forward
 from mxtools.verify import (
     BaseMismatchError,
     load_base,
@@ -188,7 +189,7 @@ def test_unpermuted_k_projection_in_layer_0_is_located(tiny, tokens):
 
 def test_swapped_experts_in_layer_1_are_located(tiny, tokens):
     fed = chunking.with_bos(chunking.chunk_tokens(tokens, 40))
-    top = [t for i, _, t in model.iter_layers(tiny, fed, "cpu")][1]
+    top = [t for i, _, t in forward.iter_layers(tiny, fed, "cpu")][1]
     counts = torch.bincount(top.reshape(-1), minlength=8)
     a, b = counts.argsort(descending=True)[:2].tolist()  # the two busiest experts of layer 1
     assert counts[b] > 10

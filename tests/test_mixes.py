@@ -17,9 +17,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from judges import LazyJudge, llama_tool
 
-from mxtools import names
-from mxtools.convert import convert, write_checkpoint
-from mxtools.errors import MxError
+from mxtools.commands.convert import convert, write_checkpoint
+from mxtools.commands.synth import synth_checkpoint, synth_spec
+from mxtools.core import names
+from mxtools.core.errors import MxError
+from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
 from mxtools.layouts import open_checkpoint
@@ -34,8 +36,6 @@ from mxtools.quant.mixes import (
     parse_tensor_type,
     row_fallback,
 )
-from mxtools.synth import synth_checkpoint, synth_spec
-from mxtools.tokenizer import Tokenizer
 
 llama_cpp = LazyJudge("llama_cpp")
 N_VOCAB = 1024  # the first 1024 pieces of the v1 vocabulary: keeps embedding and output tables small

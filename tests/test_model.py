@@ -7,8 +7,8 @@ from hf_tiny import (
     tiny_hf_model,
 )
 
-from mxtools import model
-from mxtools.errors import ShapeError, TensorSetError
+from mxtools.core.errors import ShapeError, TensorSetError
+from mxtools.model import forward
 
 
 def _tokens(vocab=300, seed=1):
@@ -26,7 +26,7 @@ def test_logits_match_transformers_fp32(hf):
     toks = _tokens()
     with torch.no_grad():
         want = hf(toks).logits.float()
-    got = model.logits(ckpt, toks, device="cpu")
+    got = forward.logits(ckpt, toks, device="cpu")
     rel = (got - want).norm() / want.norm()
     assert rel < 1e-5, rel
     assert want.std() > 0.1  # the comparison is not between near-zero outputs
@@ -35,9 +35,9 @@ def test_logits_match_transformers_fp32(hf):
 def test_final_logprobs_are_log_softmax_of_logits(hf):
     ckpt = checkpoint_from_hf(hf)
     toks = _tokens(seed=2)
-    h = model.last_hidden(ckpt, toks, "cpu")
-    lp = model.final_logprobs(ckpt, h, slice(5, 9), "cpu")
-    want = torch.log_softmax(model.logits(ckpt, toks, "cpu")[:, 5:9], -1)
+    h = forward.last_hidden(ckpt, toks, "cpu")
+    lp = forward.final_logprobs(ckpt, h, slice(5, 9), "cpu")
+    want = torch.log_softmax(forward.logits(ckpt, toks, "cpu")[:, 5:9], -1)
     assert lp.shape == (2, 4, 300)
     torch.testing.assert_close(lp, want)
 
@@ -46,8 +46,8 @@ def test_bf16_tracks_transformers_bf16():
     hf = tiny_hf_model(n_layers=3)
     ckpt = checkpoint_from_hf(hf)
     toks = _tokens()
-    fp32 = model.logits(ckpt, toks, "cpu", torch.float32)
-    ours = model.logits(ckpt, toks, "cpu", torch.bfloat16)
+    fp32 = forward.logits(ckpt, toks, "cpu", torch.float32)
+    ours = forward.logits(ckpt, toks, "cpu", torch.bfloat16)
     with torch.no_grad():
         theirs = hf.to(torch.bfloat16)(toks).logits.float()
     assert ours.dtype == torch.float32
@@ -66,7 +66,7 @@ def _counting(ckpt, log):
 def test_layers_are_loaded_one_at_a_time_and_once(hf):
     log = []
     ckpt = _counting(checkpoint_from_hf(hf), log)
-    gen = model.iter_layers(ckpt, _tokens(), "cpu")
+    gen = forward.iter_layers(ckpt, _tokens(), "cpu")
     i, h, top = next(gen)
     assert i == 0 and h.shape == (2, 40, 64) and top.shape == (80, 2)
     assert not any(n.startswith("model.layers.1.") for n in log)  # layer 1 not touched yet
@@ -85,7 +85,7 @@ def test_observer_sees_every_linear_input(hf):
         seen.setdefault((key, expert), 0)
         seen[(key, expert)] += x.reshape(-1, x.shape[-1]).shape[0]
 
-    for _ in model.iter_layers(ckpt, _tokens(), "cpu", observer=observer):
+    for _ in forward.iter_layers(ckpt, _tokens(), "cpu", observer=observer):
         pass
     n_tok, layers = 80, 3
     assert seen[("attn_q", None)] == seen[("attn_output", None)] == seen[("ffn_gate_inp", None)] == n_tok * layers
@@ -97,7 +97,7 @@ def test_observer_sees_every_linear_input(hf):
 def test_missing_weight_and_bad_tokens_raise(hf):
     ckpt = checkpoint_from_hf(hf)
     with pytest.raises(ShapeError, match="token ids"):
-        model.logits(ckpt, [[0, 1, 300]], "cpu")
+        forward.logits(ckpt, [[0, 1, 300]], "cpu")
     del ckpt.tensors["model.layers.1.self_attn.v_proj.weight"]
     with pytest.raises(TensorSetError, match="v_proj"):
-        model.logits(ckpt, [[0, 1, 2]], "cpu")
+        forward.logits(ckpt, [[0, 1, 2]], "cpu")

@@ -36,7 +36,7 @@ def test_software_f16_path_matches_torch():
     """The fallback used on CPUs without F16C gives the same bits."""
     x = torch.cat([_f32_edges(), _all_bf16().float()])
     out = torch.empty(x.shape, dtype=torch.float16)
-    native.LIB.mx_f32_to_f16_soft(x.data_ptr(), out.data_ptr(), x.numel())
+    native.lib().mx_f32_to_f16_soft(x.data_ptr(), out.data_ptr(), x.numel())
     assert torch.equal(out.view(torch.int16), x.to(torch.float16).view(torch.int16))
 
 

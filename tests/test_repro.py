@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from mxtools.cli import main
-from mxtools.errors import OutputError
+from mxtools.core.errors import OutputError
 from mxtools.io import buffers, direct
 from mxtools.io.atomic import atomic_output
 

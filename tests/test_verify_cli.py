@@ -14,18 +14,18 @@ from conftest import text_head
 from judges import llama_cpp_model, llama_cpp_perplexity, llama_tool
 from safetensors.torch import load_file, save_file
 
-from mxtools import chunking
 from mxtools.cli import main
-from mxtools.convert import convert
+from mxtools.commands.convert import convert
+from mxtools.core import chunking
+from mxtools.core.transforms import hf_to_meta_rope
 from mxtools.layouts import open_checkpoint
-from mxtools.transforms import hf_to_meta_rope
 
 CTX = 128
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    from mxtools.bundled import EVAL
+    from mxtools.core.bundled import EVAL
     return text_head(tmp_path_factory, EVAL, 20000)
 
 

@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..errors import OutputError
+from ..core.errors import OutputError
 
 #: how deep an input directory is searched for symlinks whose targets also count as inputs (HF cache snapshots)
 _SYMLINK_SCAN_LIMIT = 10_000

@@ -15,8 +15,8 @@ import weakref
 import numpy as np
 import torch
 
-from .. import names
-from ..transforms import hf_to_meta_rope, rope_heads
+from ..core import names
+from ..core.transforms import hf_to_meta_rope, rope_heads
 
 MIN_POOLED = 1 << 20  # smaller requests are plain allocations
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import FormatError
+from ..core.errors import FormatError
 from .buffers import POOL
 
 

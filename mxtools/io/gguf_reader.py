@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import FormatError, OutputError
+from ..core.errors import FormatError, OutputError
 from .files import RawFile
 from .gguf_writer import tensor_nbytes
 

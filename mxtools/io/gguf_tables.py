@@ -9,7 +9,7 @@ import torch
 from gguf import MODEL_TENSOR as M
 from gguf import GGMLQuantizationType as Q
 
-from ..names import NameTable
+from ..core.names import NameTable
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama": llama.cpp runs Mixtral as llama with experts
 

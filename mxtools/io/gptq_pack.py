@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import ShapeError
+from ..core.errors import ShapeError
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 

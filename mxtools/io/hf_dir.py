@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MxError, NotMixtralError
-from ..names import NameTable
-from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
-from ..tensors import Checkpoint
-from ..tokenizer import Tokenizer
+from ..core.errors import FormatError, MxError, NotMixtralError
+from ..core.names import NameTable
+from ..core.spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
+from ..core.tensors import Checkpoint
+from ..core.tokenizer import Tokenizer
 from .buffers import POOL
 from .safetensors import SafetensorsFile, SafetensorsWriter
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, OutputError
-from ..tensors import LazyTensor
+from ..core.errors import FormatError, OutputError
+from ..core.tensors import LazyTensor
 from .direct import DirectFile
 from .files import RawFile
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import LayoutError
-from ..tensors import Checkpoint
+from ..core.errors import LayoutError
+from ..core.tensors import Checkpoint
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # HF-style shards, as transformers' save_pretrained
 

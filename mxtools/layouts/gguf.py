@@ -15,8 +15,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
-from .. import names
-from ..errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
+from ..core import names
+from ..core.errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
+from ..core.spec import ModelSpec
+from ..core.tensors import Checkpoint, LazyTensor, require_finite
+from ..core.tokenizer import Tokenizer
+from ..core.transforms import meta_to_hf_rope, rope_heads
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
 from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
@@ -29,12 +33,8 @@ from ..io.gguf_tables import (
     key,
 )
 from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
-from ..io.pipeline import prefetched
+from ..io.overlap import prefetched
 from ..native import NonFiniteRow
-from ..spec import ModelSpec
-from ..tensors import Checkpoint, LazyTensor, require_finite
-from ..tokenizer import Tokenizer
-from ..transforms import meta_to_hf_rope, rope_heads
 from . import Layout, WriteOptions, register
 
 # ---- reading ----

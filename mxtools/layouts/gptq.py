@@ -22,8 +22,12 @@ from typing import Protocol
 
 import torch
 
-from .. import names
-from ..errors import FormatError, MxError
+from ..core import names
+from ..core.errors import FormatError, MxError
+from ..core.names import CANONICAL_TABLE, NameTable
+from ..core.names import is_gptq_quantized as is_quantized
+from ..core.spec import MAX_DIM
+from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..io.gptq_pack import SUFFIXES, dequantize, pack
 from ..io.hf_dir import (
     QUANT_CONFIG_FILE,
@@ -38,10 +42,6 @@ from ..io.hf_dir import (
     write_shards,
     write_tokenizer,
 )
-from ..names import CANONICAL_TABLE, NameTable
-from ..names import is_gptq_quantized as is_quantized
-from ..spec import MAX_DIM
-from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from . import DEFAULT_SHARD_BYTES, Layout, WriteOptions, register
 
 REPORT_FILE = "quantize_report.json"

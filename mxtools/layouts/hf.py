@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.names import CANONICAL_TABLE
+from ..core.tensors import FLOAT_DTYPES, Checkpoint
 from ..io.buffers import cast_for_write
 from ..io.hf_dir import (
     config_from_spec,
@@ -14,9 +16,7 @@ from ..io.hf_dir import (
     write_shards,
     write_tokenizer,
 )
-from ..io.pipeline import prefetched
-from ..names import CANONICAL_TABLE
-from ..tensors import FLOAT_DTYPES, Checkpoint
+from ..io.overlap import prefetched
 from . import Layout, WriteOptions, register
 
 # transformers' MixtralForCausalLM state dict names (docs/FORMATS.md, section 1): the canonical naming itself.

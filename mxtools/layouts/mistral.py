@@ -10,18 +10,18 @@ from pathlib import Path
 
 import torch
 
-from .. import names
-from ..errors import FormatError, ShapeError, UnsafePickleError
+from ..core import names
+from ..core.errors import FormatError, ShapeError, UnsafePickleError
+from ..core.names import NameTable
+from ..core.spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
+from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
+from ..core.tokenizer import Tokenizer
+from ..core.transforms import meta_to_hf_rope, rope_heads, transpose
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import release_pages
 from ..io.hf_dir import read_json, read_tensors, spec_from_config, write_json
-from ..io.pipeline import prefetched
+from ..io.overlap import prefetched
 from ..io.safetensors import SafetensorsWriter
-from ..names import NameTable
-from ..spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
-from ..tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
-from ..tokenizer import Tokenizer
-from ..transforms import meta_to_hf_rope, rope_heads, transpose
 from . import Layout, WriteOptions, register
 
 # mistral-inference's names (docs/FORMATS.md, section 2).

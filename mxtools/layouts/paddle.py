@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import names
+from ..core import names
+from ..core.names import NameTable
+from ..core.transforms import transpose
 from ..io.hf_dir import first_shard_keys, read_dir
-from ..names import NameTable
-from ..transforms import transpose
 from . import Layout, register
 
 # PaddleNLP's Mixtral names (docs/FORMATS.md, section 3): HF's with `mixtral.` for `model.`; lm_head unchanged.

@@ -6,32 +6,42 @@ threads that call these functions on different rows run in parallel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 
 import numpy as np
 import torch
 
-from ..errors import MxError
+from ..core.errors import MxError
 
-_c_void_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_ptr, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+# Every C entry point: name -> (restype, argtypes). The one place the library's signatures are declared.
+SIGNATURES = {
+    "mx_quantize_rows": (_i64, [_int, _int, _ptr, _ptr, _i64, _i64, _ptr, ctypes.POINTER(_i64)]),
+    "mx_quantize_grid": (_i64, [_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr]),
+    "mx_mean_squares": (None, [_ptr, _i64, _i64, _ptr]),
+    **{name: (None, [_ptr, _ptr, _i64]) for name in ("mx_bf16_to_f16", "mx_f32_to_f16", "mx_bf16_to_f32",
+                                                     "mx_f32_to_f16_soft")},
+}
 
 
-def _load() -> ctypes.CDLL:
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """The shared object, loaded on first use with every signature of SIGNATURES declared."""
     spec = importlib.util.find_spec("mxtools.native._lib")
     if spec is None or spec.origin is None:
-        raise MxError("mxtools' native kernels are not built; run `pip install -e .` (or `make install`)")
-    lib = ctypes.CDLL(spec.origin)
-    lib.mx_quantize_rows.restype = _i64
-    lib.mx_quantize_rows.argtypes = [_int, _int, _c_void_p, _c_void_p, _i64, _i64, _c_void_p,
-                                     ctypes.POINTER(_i64)]
-    for name in ("mx_bf16_to_f16", "mx_f32_to_f16", "mx_bf16_to_f32", "mx_f32_to_f16_soft"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [_c_void_p, _c_void_p, _i64]
-    return lib
-
-
-LIB = _load()
+        raise MxError("mxtools' native kernels are not built; rebuild them with `pip install -e .` in the "
+                      "checkout (or reinstall mxtools)")
+    try:
+        loaded = ctypes.CDLL(spec.origin)
+        for name, (restype, argtypes) in SIGNATURES.items():
+            fn = getattr(loaded, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except (OSError, AttributeError) as exc:
+        raise MxError(f"mxtools' native kernels cannot be loaded ({exc}); rebuild them with `pip install -e .` "
+                      "in the checkout (or reinstall mxtools)", file=spec.origin) from None
+    return loaded
 
 
 class NonFiniteRow(ValueError):
@@ -51,7 +61,7 @@ def quantize_rows(type_id: int, x: np.ndarray, src: str, out: np.ndarray, imatri
     rows, n = x.shape
     bad = _i64(-1)
     qw = None if imatrix is None else imatrix.ctypes.data
-    done = LIB.mx_quantize_rows(type_id, SOURCE_TYPES[src], x.ctypes.data, out.ctypes.data, rows, n, qw,
+    done = lib().mx_quantize_rows(type_id, SOURCE_TYPES[src], x.ctypes.data, out.ctypes.data, rows, n, qw,
                                 ctypes.byref(bad))
     if done == -2:
         raise NonFiniteRow(bad.value)
@@ -81,5 +91,19 @@ def cast_tensor(t: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = 
     if fn is None or t.device.type != "cpu":
         return out.copy_(t)
     src = t.contiguous()
-    getattr(LIB, fn)(src.data_ptr(), out.data_ptr(), src.numel())
+    getattr(lib(), fn)(src.data_ptr(), out.data_ptr(), src.numel())
     return out
+
+
+def quantize_grid(type_id: int, x: np.ndarray, y: np.ndarray, block: int, weights: np.ndarray | None,
+                  sigma2: np.ndarray | None, par: np.ndarray) -> int:
+    """ggml's encoding of one block per row of x (float32 [rows, block]) into y (uint8 [rows, type size]); each
+    row's grid parameters go to par (float32 [rows, 3]). Returns the bytes written."""
+    ptr = lambda a: None if a is None else a.ctypes.data
+    return lib().mx_quantize_grid(type_id, x.ctypes.data, y.ctypes.data, x.shape[0], block, ptr(weights),
+                                  ptr(sigma2), par.ctypes.data)
+
+
+def mean_squares(x: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = the mean square of row r of x (float32 [rows, n], C-contiguous), in ggml's summation order."""
+    lib().mx_mean_squares(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data)

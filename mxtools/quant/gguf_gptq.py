@@ -19,7 +19,6 @@ drop the error's component along the row itself and scale the rest by the gains 
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,18 +26,12 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
-from .. import model, native
-from ..errors import ShapeError
+from .. import native
+from ..core.errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
-from .gptq import BLOCK_SIZE, GPTQError, Hessian, _inverse_cholesky
-from .gptq_refine import _one_cpu_thread
-
-_LIB = native.LIB
-_LIB.mx_quantize_grid.restype = ctypes.c_int64
-_LIB.mx_quantize_grid.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-_LIB.mx_mean_squares.restype = None
-_LIB.mx_mean_squares.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+from ..model import forward
+from .gptq import BLOCK_SIZE, GPTQError, Hessian, inverse_cholesky
+from .gptq_refine import one_cpu_thread
 
 # The token embedding's GPTQ damping (a fraction of mean(diag(H)), as `damp`), higher than the Linears': on the
 # bundled model's q3_k_m 0.05 gave 0.47x the imatrix file's mean KLD, 0.3 gave 0.40x (docs/BENCHMARKS.md).
@@ -254,9 +247,7 @@ def encode_block(qtype: T, x: np.ndarray, weights: np.ndarray | None, sigma2: np
     rows = x.shape[0]
     y = np.empty((rows, size), np.uint8)
     par = np.zeros((rows, 3), np.float32)
-    ptr = lambda a: None if a is None else a.ctypes.data
-    done = _LIB.mx_quantize_grid(int(qtype), x.ctypes.data, y.ctypes.data, rows, block, ptr(weights), ptr(sigma2),
-                                 par.ctypes.data)
+    done = native.quantize_grid(int(qtype), x, y, block, weights, sigma2, par)
     if done != y.size:
         raise ShapeError(f"mx_quantize_grid wrote {done} bytes for {qtype.name}, expected {y.size}")
     return y, par
@@ -266,7 +257,7 @@ def mean_squares(w: torch.Tensor) -> np.ndarray:
     """Each row's mean square as ggml computes it (the sigma2 of the legacy types' importance weights)."""
     x = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy())
     out = np.empty(x.shape[0], np.float32)
-    _LIB.mx_mean_squares(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data)
+    native.mean_squares(x, out)
     return out
 
 
@@ -312,7 +303,7 @@ def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, we
         if feedback:
             dead = diag == 0
             h[dead, dead] = 1  # a column without input: no feedback through it
-            hinv, used_damp = _inverse_cholesky(h, damp)
+            hinv, used_damp = inverse_cholesky(h, damp)
         del h, diag
     qw = None if weights is None else np.ascontiguousarray(torch.as_tensor(weights).float().cpu().numpy())
     if qw is not None and qw.shape != (cols,):
@@ -334,7 +325,7 @@ def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, flo
         i2 = min(i1 + step, cols)
         w1 = wt[i1:i2]
         err1 = torch.zeros_like(w1) if hinv is not None else None
-        with _one_cpu_thread(wt.device):
+        with one_cpu_thread(wt.device):
             for g0 in range(0, i2 - i1, block):
                 c0 = i1 + g0
                 x = np.ascontiguousarray(w1[g0:g0 + block].T.to("cpu").numpy())
@@ -371,14 +362,14 @@ def embedding_hessian(ckpt, samples: torch.Tensor, table: torch.Tensor, seed: in
     sequence at a time (its activations, not the whole batch's, are held for the backward pass). `table`: the
     unquantized embedding table (float32), on the device to run on."""
     spec, device, dtype = ckpt.spec, table.device, torch.float32
-    layer = model.load_layer(ckpt, 0, device, dtype)
-    rope = model.rope_tables(spec, samples.shape[1], device, dtype)
+    layer = forward.load_layer(ckpt, 0, device, dtype)
+    rope = forward.rope_tables(spec, samples.shape[1], device, dtype)
     gen = torch.Generator().manual_seed(seed)
     hess = Hessian(spec.dim, device)
     for s in range(samples.shape[0]):
         x0 = F.embedding(samples[s:s + 1].to(device), table).requires_grad_()
         with torch.enable_grad():
-            out, _ = model.layer_forward(x0, layer, spec, rope)
+            out, _ = forward.layer_forward(x0, layer, spec, rope)
             probe = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
             g, = torch.autograd.grad(out, x0, grad_outputs=probe)
         hess.add(g)

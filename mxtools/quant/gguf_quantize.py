@@ -17,10 +17,11 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from .. import model, names
-from ..errors import MxError
+from ..core import names
+from ..core.errors import MxError
+from ..core.transforms import hf_to_meta_rope, rope_heads
 from ..io.ggml_blocks import SUPPORTED
-from ..transforms import hf_to_meta_rope, rope_heads
+from ..model import forward
 from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
 from .gptq import GPTQError, Hessian
 from .gptq_pipeline import QUANTIZED_KINDS
@@ -118,7 +119,7 @@ class LayerBytes:
         run, samples = self.stream.run, self.stream.samples
         if run.method != "gptq" or samples is None or qtype not in SUPPORTED or self.current is not None:
             return None
-        w = model.load_weight(run.ckpt, name, run.dev, torch.float32)
+        w = forward.load_weight(run.ckpt, name, run.dev, torch.float32)
         hess = embedding_hessian(run.ckpt, samples, w)
         res, entry = self.hook(name, w, hess, run.method, run.min_tokens, damp=EMBED_DAMP)
         self.stream.report["token_embd"] = entry
@@ -133,11 +134,11 @@ class LayerBytes:
         run, h = self.stream.run, self.stream.hidden
         if h is None or self.current is None or self.current.index != self.spec.n_layers - 1:
             return None
-        norm = model.load_weight(run.ckpt, names.weight_name("output_norm"), run.dev, run.dtype)
+        norm = forward.load_weight(run.ckpt, names.weight_name("output_norm"), run.dev, run.dtype)
         hess = Hessian(self.spec.dim, run.dev)
-        for s in range(0, h.shape[0], model.SEQS_PER_ATTENTION):
-            hess.add(model.rms_norm(h[s:s + model.SEQS_PER_ATTENTION].to(run.dev), norm, self.spec.norm_eps))
-        w = model.load_weight(run.ckpt, name, run.dev, run.dtype)
+        for s in range(0, h.shape[0], forward.SEQS_PER_ATTENTION):
+            hess.add(forward.rms_norm(h[s:s + forward.SEQS_PER_ATTENTION].to(run.dev), norm, self.spec.norm_eps))
+        w = forward.load_weight(run.ckpt, name, run.dev, run.dtype)
         res, entry = self.hook(name, w, hess, run.method, run.min_tokens)
         self.stream.report["output"] = entry
         if res.res.qtype != qtype:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MxError, ShapeError
-from .gptq_grid import SEARCHES, _codes, find_params
-from .gptq_refine import BLOCK_SIZE, _Batch, _descend_codes, _one_cpu_thread, _refit_scales
+from ..core.errors import MxError, ShapeError
+from .gptq_grid import SEARCHES, find_params, grid_codes
+from .gptq_refine import BLOCK_SIZE, ResultBatch, descend_codes, one_cpu_thread, refit_scales
 
 SUPPORTED_BITS = (2, 4, 8)  # widths that pack whole codes into an int32 (v1 packing of 3 bits is not done)
 DAMP_RETRIES = 12  # 0.01 doubled 12 times is ~41x mean(diag(H)): past that H is not a Hessian
@@ -205,7 +205,7 @@ def rtn_quantize(w: torch.Tensor, cfg: QuantConfig, h: torch.Tensor | None = Non
     # Every (row, group) pair at once: quantizer rows are [g]-long slices of the weight.
     scale, zero = find_params(w.view(rows * (cols // g), g), cfg)
     scale, zero = scale.view(rows, cols // g, 1), zero.view(rows, cols // g, 1)
-    codes = _codes(w.view(rows, cols // g, g), scale, zero, cfg.maxq).to(torch.uint8).view(rows, cols)
+    codes = grid_codes(w.view(rows, cols // g, g), scale, zero, cfg.maxq).to(torch.uint8).view(rows, cols)
     g_idx = (torch.arange(cols, device=w.device) // g).to(torch.int32)
     res = QuantResult(codes, scale[..., 0].T.contiguous(), zero[..., 0].T.to(torch.int32).contiguous(), g_idx,
                       None, None, "rtn", cfg)
@@ -268,14 +268,14 @@ def gptq_quantize_batch(ws: list[torch.Tensor], hs: list, cfg: QuantConfig,
     col_group = base if perm is None or (cfg.act_order and static is None) else base.gather(1, perm)
     res = _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize)
     if cfg.refit:
-        res.scales = _refit_scales(whd, hd, res)
+        res.scales = refit_scales(whd, hd, res)
         if cfg.repass and not cfg.act_order:  # GPTQ again on the re-fitted scales, kept fixed; re-fit again
             res = _gptq_pass(w, hinv, cfg, g, perm, col_group, (res.scales.clone(), res.zeros.float()), blocksize)
-            res.scales = _refit_scales(whd, hd, res)
+            res.scales = refit_scales(whd, hd, res)
     for _ in range(cfg.sweeps):
-        res.q = _descend_codes(w, hd, res, cfg.maxq, blocksize)
+        res.q = descend_codes(w, hd, res, cfg.maxq, blocksize)
         if cfg.refit:
-            res.scales = _refit_scales(whd, hd, res)
+            res.scales = refit_scales(whd, hd, res)
     if hd is not None:
         res.row_loss = row_objective(w, res.dequantize(), hd)
     return [QuantResult(res.q[b], res.scales[b], res.zeros[b], res.g_idx[b], float(res.row_loss[b].sum()),
@@ -320,7 +320,7 @@ def _processing_order(diag: torch.Tensor, g: int, cfg: QuantConfig) -> torch.Ten
     return local.gather(1, groups.unsqueeze(-1).expand(-1, -1, g)).reshape(diag.shape[0], -1)
 
 
-def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize) -> _Batch:
+def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize) -> ResultBatch:
     """One GPTQ column loop over w [B, out, in] in `perm` order; the results in the weights' own column order."""
     # The loop works on W^T [in, out]: each column becomes a contiguous row (2-3x faster updates on CPU).
     wt = w.transpose(1, 2)
@@ -331,7 +331,7 @@ def _gptq_pass(w, hinv, cfg, g, perm, col_group, static, blocksize) -> _Batch:
         inv = torch.argsort(perm, dim=1)
         codes_t = codes_t.gather(1, inv.unsqueeze(-1).expand(-1, -1, codes_t.shape[2]))
         g_idx = col_group.gather(1, inv)
-    return _Batch(codes_t.transpose(1, 2).contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
+    return ResultBatch(codes_t.transpose(1, 2).contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
                   row_loss)
 
 
@@ -356,20 +356,20 @@ def _static_params(w, g, cfg):
 
 
 def _inverse_cholesky_batch(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None):
-    """_inverse_cholesky of each H [B, in, in] (rows and columns in its `perm` order when given): the factors
+    """inverse_cholesky of each H [B, in, in] (rows and columns in its `perm` order when given): the factors
     [B, in, in] and each one's damping. One at a time: the factorizations are arithmetic-bound (a batch gains
     nothing) and their temporary copies stay those of one H."""
     upper = torch.empty_like(h)
     used = []
     for b in range(h.shape[0]):
         hb = h[b] if perm is None else h[b][perm[b]][:, perm[b]]
-        upper[b], damp_b = _inverse_cholesky(hb, damp)
+        upper[b], damp_b = inverse_cholesky(hb, damp)
         used.append(damp_b)
         del hb
     return upper, used
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float):
+def inverse_cholesky(h: torch.Tensor, damp: float):
     """Upper Cholesky factor U of (H + damp*mean(diag) I)^-1 for one H [in, in], doubling the damping while the
     Cholesky fails; (U, the damping used)."""
     mean_diag = float(torch.diagonal(h).mean())
@@ -448,7 +448,7 @@ def _gptq_loop(wt, hinv, cfg, g, col_group, static, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = wt[:, i1:i2].clone()
         err1, codes1 = torch.zeros_like(w1), torch.empty_like(w1)
-        with _one_cpu_thread(wt.device):
+        with one_cpu_thread(wt.device):
             _quantize_block(wt, w1, err1, codes1, hinv, i1, groups, cfg)
         codes_t[:, i1:i2] = codes1
         # The whole block's update of the trailing columns in one matmul.
@@ -473,7 +473,7 @@ def _quantize_block(wt, w1, err1, codes1, hinv, i1, groups: _Groups, cfg):
         col = i1 + i
         s, z, low, high = groups.at(col, lambda i=i, col=col: find(i, col))
         x = w1[:, i]
-        r = torch.round(x / s).clamp_(low, high)  # the code less the zero: exactly gptq_grid._codes(x) - z
+        r = torch.round(x / s).clamp_(low, high)  # the code less the zero: exactly gptq_grid.grid_codes(x) - z
         torch.add(r, z, out=codes1[:, i])
         e = torch.sub(x, s * r, out=err1[:, i]).div_(d[:, i])
         w1[:, i:].addcmul_(hinv1[:, i, i:, None], e.unsqueeze(1), value=-1)  # OBS update of the rest of the block

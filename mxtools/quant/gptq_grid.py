@@ -24,14 +24,14 @@ SEARCH_RANGE = tuple(round(1.15 - 0.01 * i, 2) for i in range(46) if i != 15)
 SEARCH_ELEMENTS = {"cpu": 2 ** 20, "cuda": 2 ** 28}
 
 
-def _fp16_round(scale: torch.Tensor) -> torch.Tensor:
+def fp16_round(scale: torch.Tensor) -> torch.Tensor:
     """Round to the fp16 value a checkpoint stores, never to 0 or inf (that would divide by zero)."""
     return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16).float()
 
 
 def _range_params(xmin, xmax, cfg):
     """(scale, zero) per row for the range [xmin, xmax] (xmin <= 0 <= xmax, not both 0)."""
-    scale = _fp16_round((xmax - xmin) / cfg.maxq)
+    scale = fp16_round((xmax - xmin) / cfg.maxq)
     if cfg.sym:
         return scale, torch.full_like(scale, (cfg.maxq + 1) // 2)
     zero = torch.round(-xmin / scale).clamp(0, cfg.maxq)
@@ -39,12 +39,12 @@ def _range_params(xmin, xmax, cfg):
     # [-scale, (maxq-1)*scale] still reaches xmax (xmin is above -scale/2 here, so it stays covered).
     low = zero == 0
     if bool(low.any()):
-        scale = torch.where(low, _fp16_round(xmax / (cfg.maxq - 1)), scale)
+        scale = torch.where(low, fp16_round(xmax / (cfg.maxq - 1)), scale)
         zero = torch.where(low, torch.ones_like(zero), zero)
     return scale, zero
 
 
-def _codes(x, scale, zero, maxq):
+def grid_codes(x, scale, zero, maxq):
     """Integer codes (as float) of x for scale/zero broadcast against it (one pair per quantizer row)."""
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
@@ -84,7 +84,7 @@ def _weighted_params(x, xmin, xmax, cfg, weight):
         p = torch.tensor(factors[c:c + per], dtype=x.dtype, device=x.device)
         scale, zero = _range_params(xmin.unsqueeze(-1) * p, xmax.unsqueeze(-1) * p, cfg)  # [..., rows, P]
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        err = ((s * (_codes(xc, s, z, cfg.maxq) - z) - xc).square_() * wt).sum(-1)
+        err = ((s * (grid_codes(xc, s, z, cfg.maxq) - z) - xc).square_() * wt).sum(-1)
         low, at = err.min(-1, keepdim=True)  # the first minimum: an earlier factor wins a tie
         found = (low.squeeze(-1), scale.gather(-1, at).squeeze(-1), zero.gather(-1, at).squeeze(-1))
         better = found[0] < best[0] if best is not None else None
@@ -100,7 +100,7 @@ def _mse_params(x, xmin, xmax, cfg):
         p = 1 - i / MSE_GRID
         scale, zero = _range_params(p * xmin, p * xmax, cfg)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        err = (s * (_codes(x, s, z, cfg.maxq) - z) - x).abs_().pow_(MSE_NORM).sum(-1)
+        err = (s * (grid_codes(x, s, z, cfg.maxq) - z) - x).abs_().pow_(MSE_NORM).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, scale, best_scale)

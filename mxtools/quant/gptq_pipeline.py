@@ -1,6 +1,6 @@
 """GPTQ (or round-to-nearest) for a whole Mixtral, one decoder layer at a time, through the real router.
 
-The calibration samples run through the reference forward pass (mxtools.model) layer by layer. Inside a layer the
+The calibration samples run through the reference forward pass (mxtools.model.forward) layer by layer. Inside a layer the
 Linears are quantized in GPTQ's sequential order, each group's Hessian built from inputs that already went through
 the quantized earlier groups (docs/QUALITY.md, section 4):
   [q, k, v]   from the normed attention input
@@ -40,10 +40,11 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .. import model, names
-from ..errors import MxError
-from ..names import weight_name
-from ..tensors import Checkpoint, LazyTensor, require_finite
+from ..core import names
+from ..core.errors import MxError
+from ..core.names import weight_name
+from ..core.tensors import Checkpoint, LazyTensor, require_finite
+from ..model import forward
 from .gptq import Hessian, QuantConfig, asym_target
 from .gptq_groups import quantize_weights
 
@@ -153,23 +154,23 @@ class _Run:
 
 
 def _batches(h: torch.Tensor, dev) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first sample, samples on the device) in groups of model.SEQS_PER_ATTENTION sequences."""
-    for s in range(0, h.shape[0], model.SEQS_PER_ATTENTION):
-        yield s, h[s:s + model.SEQS_PER_ATTENTION].to(dev)
+    """(first sample, samples on the device) in groups of forward.SEQS_PER_ATTENTION sequences."""
+    for s in range(0, h.shape[0], forward.SEQS_PER_ATTENTION):
+        yield s, h[s:s + forward.SEQS_PER_ATTENTION].to(dev)
 
 
-def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int, fw: model.LayerWeights | None = None,
+def _attention_stage(run: _Run, w: forward.LayerWeights, h: torch.Tensor, i: int, fw: forward.LayerWeights | None = None,
                      hf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Quantize [q, k, v] then [o]; return the hidden state after the attention residual (and the unquantized
     stream's, when hf, the unquantized stream's layer input, and fw, the layer's float weights, are given)."""
     spec, report, cross = run.ckpt.spec, {}, hf is not None
 
     def normed(x, s, n):  # the unquantized stream's normed input of samples s..s+n, or None
-        return model.rms_norm(x[s:s + n].to(run.dev), fw.attn_norm, spec.norm_eps) if cross else None
+        return forward.rms_norm(x[s:s + n].to(run.dev), fw.attn_norm, spec.norm_eps) if cross else None
 
     hess = Hessian(spec.dim, run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
-        hess.add(model.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(hf, s, hb.shape[0]))
+        hess.add(forward.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(hf, s, hb.shape[0]))
     qkv = [(key, None, getattr(w, attr)) for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"))]
     for attr, (new, report[attr]) in zip("qkv", run.quantize(i, [(hess, qkv)])[0]):
         setattr(w, attr, new)
@@ -178,8 +179,8 @@ def _attention_stage(run: _Run, w: model.LayerWeights, h: torch.Tensor, i: int, 
     att_f = torch.empty_like(att) if cross else None
     hess_o = Hessian(att.shape[-1], run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
-        out = model._attend(model.rms_norm(hb, w.attn_norm, spec.norm_eps), w, spec, run.rope)
-        out_f = model._attend(normed(hf, s, hb.shape[0]), fw, spec, run.rope) if cross else None
+        out = forward.attention_heads(forward.rms_norm(hb, w.attn_norm, spec.norm_eps), w, spec, run.rope)
+        out_f = forward.attention_heads(normed(hf, s, hb.shape[0]), fw, spec, run.rope) if cross else None
         hess_o.add(out, out_f)
         att[s:s + out.shape[0]] = out.to(run.store)
         if cross:
@@ -198,9 +199,9 @@ def _residual(run: _Run, h: torch.Tensor, att: torch.Tensor, o: torch.Tensor) ->
 
 
 def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(row indices, x[rows] on the device) in pieces of model.TOKENS_PER_STEP rows."""
-    for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
-        r = rows[s:s + model.TOKENS_PER_STEP]
+    """(row indices, x[rows] on the device) in pieces of forward.TOKENS_PER_STEP rows."""
+    for s in range(0, rows.numel(), forward.TOKENS_PER_STEP):
+        r = rows[s:s + forward.TOKENS_PER_STEP]
         yield r, x[r.to(x.device)].to(dev)
 
 
@@ -209,7 +210,7 @@ def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, fw=N
     add their routed outputs (quantized weights) to `out`. xn_f: the unquantized stream's normed input (fw: the
     layer's float weights) for the cross-covariances."""
     cross = xn_f is not None
-    routed = {e: model.routed_tokens(top_i, e) for e in chunk}
+    routed = {e: forward.routed_tokens(top_i, e) for e in chunk}
     calib = {e: torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else routed[e][0]
              for e in chunk}
     reports = {e: {"expert": e, "tokens": int(routed[e][0].numel()), "hessian_tokens": int(calib[e].numel())}
@@ -241,10 +242,10 @@ def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, fw=N
     for e, ((quantized[e][1], reports[e]["w2"]),) in zip(chunk, done):
         rows, slot = routed[e]
         w1, w2, w3 = quantized.pop(e)
-        # The layer output, exactly as model.moe computes it (same pieces, fp32 routing weight product).
-        for s in range(0, rows.numel(), model.TOKENS_PER_STEP):
-            r, sl = rows[s:s + model.TOKENS_PER_STEP], slot[s:s + model.TOKENS_PER_STEP]
-            y = model.expert_forward(xn[r.to(xn.device)].to(run.dev), w1, w2, w3) * top_w[r, sl, None]
+        # The layer output, exactly as forward.moe computes it (same pieces, fp32 routing weight product).
+        for s in range(0, rows.numel(), forward.TOKENS_PER_STEP):
+            r, sl = rows[s:s + forward.TOKENS_PER_STEP], slot[s:s + forward.TOKENS_PER_STEP]
+            y = forward.expert_forward(xn[r.to(xn.device)].to(run.dev), w1, w2, w3) * top_w[r, sl, None]
             out.index_add_(0, r.to(out.device), y.to(out.dtype).to(out.device))
         reports[e]["method"] = _summary_method(reports[e])
         w.experts[e] = None  # free the float weights of this expert
@@ -276,14 +277,14 @@ def _summary_method(report: dict) -> str:
     return used.pop() if len(used) == 1 else "mixed"
 
 
-def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int, fw: model.LayerWeights | None = None,
+def _moe_stage(run: _Run, w: forward.LayerWeights, mid: torch.Tensor, i: int, fw: forward.LayerWeights | None = None,
                mid_f: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     """Quantize every expert of the layer; return the layer output hidden state (and the unquantized stream's,
     when mid_f and fw are given) and the experts' reports."""
     spec = run.ckpt.spec
 
     def normed(m):
-        return torch.cat([model.rms_norm(hb, w.ffn_norm, spec.norm_eps).reshape(-1, spec.dim).to(run.store)
+        return torch.cat([forward.rms_norm(hb, w.ffn_norm, spec.norm_eps).reshape(-1, spec.dim).to(run.store)
                           for _, hb in _batches(m, run.dev)])
 
     xn = normed(mid)
@@ -295,14 +296,14 @@ def _moe_stage(run: _Run, w: model.LayerWeights, mid: torch.Tensor, i: int, fw: 
     if mid_f is not None:  # the unquantized layer's output, as the reference forward computes it
         nxt_f = torch.empty_like(mid_f)
         for s, hb in _batches(mid_f, run.dev):
-            nxt_f[s:s + hb.shape[0]] = (hb + model.moe_block(hb, fw, spec)[0]).to(run.store)
+            nxt_f[s:s + hb.shape[0]] = (hb + forward.moe_block(hb, fw, spec)[0]).to(run.store)
     return mid + out.view_as(mid), nxt_f, reports
 
 
 def _route(run: _Run, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k weights, expert ids) of every token of xn, in pieces of model.TOKENS_PER_STEP."""
-    routing = [model.route(xn[s:s + model.TOKENS_PER_STEP].to(run.dev), router, run.ckpt.spec.n_experts_per_tok)
-               for s in range(0, xn.shape[0], model.TOKENS_PER_STEP)]
+    """(top-k weights, expert ids) of every token of xn, in pieces of forward.TOKENS_PER_STEP."""
+    routing = [forward.route(xn[s:s + forward.TOKENS_PER_STEP].to(run.dev), router, run.ckpt.spec.n_experts_per_tok)
+               for s in range(0, xn.shape[0], forward.TOKENS_PER_STEP)]
     return torch.cat([r[0] for r in routing]), torch.cat([r[1] for r in routing])
 
 
@@ -310,12 +311,12 @@ def _rtn_layer(run: _Run, i: int) -> dict:
     """Round-to-nearest for every quantized Linear of layer i, loading one weight at a time (no forward pass)."""
     spec, report = run.ckpt.spec, {"attention": {}, "experts": []}
     for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o")):
-        w = model.load_weight(run.ckpt, weight_name(key, i), run.dev, run.dtype)
+        w = forward.load_weight(run.ckpt, weight_name(key, i), run.dev, run.dtype)
         report["attention"][attr] = run.quantize(i, [(None, [(key, None, w)])])[0][0][1]
     for e in range(spec.n_experts):
         entry = {"expert": e, "tokens": None, "hessian_tokens": 0}
         for key, short in (("ffn_gate", "w1"), ("ffn_up", "w3"), ("ffn_down", "w2")):
-            w = model.load_weight(run.ckpt, weight_name(key, i, e), run.dev, run.dtype)
+            w = forward.load_weight(run.ckpt, weight_name(key, i, e), run.dev, run.dtype)
             entry[short] = run.quantize(i, [(None, [(key, e, w)])])[0][0][1]
         entry["method"] = "rtn"
         report["experts"].append(entry)
@@ -325,7 +326,7 @@ def _rtn_layer(run: _Run, i: int) -> dict:
 def _gptq_layer(run: _Run, i: int, h: torch.Tensor, hf: torch.Tensor | None = None):
     """Quantize layer i on the calibration hidden states h (and hf, the unquantized stream's, for the asymmetric
     objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
-    w = model.load_layer(run.ckpt, i, run.dev, run.dtype)
+    w = forward.load_layer(run.ckpt, i, run.dev, run.dtype)
     fw = replace(w, experts=list(w.experts)) if hf is not None else None  # the float weights, kept
     mid, mid_f, attn_report = _attention_stage(run, w, h, i, fw, hf)
     del h, hf
@@ -384,10 +385,10 @@ class QuantStream:
     def _embed(self, table: torch.Tensor | None) -> torch.Tensor:
         """The calibration samples' embeddings from `table` (None: the checkpoint's)."""
         run, spec = self.run, self.ckpt.spec
-        toks = model.as_tokens(self.samples, spec, "cpu")
-        run.rope = model.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
+        toks = forward.as_tokens(self.samples, spec, "cpu")
+        run.rope = forward.rope_tables(spec, toks.shape[1], run.dev, run.dtype)
         if table is None:
-            table = model.load_weight(self.ckpt, weight_name("token_embd"), run.store, run.dtype)
+            table = forward.load_weight(self.ckpt, weight_name("token_embd"), run.store, run.dtype)
         return F.embedding(toks.to(run.store), table.to(run.store, run.dtype))
 
 
@@ -445,7 +446,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     _refuse_non_finite(ckpt)
     samples, info = (make_samples(tokens_or_chunks, nsamples, seqlen, _bos(ckpt)) if method == "gptq"
                      else (None, {"samples": 0}))
-    dev = model.resolve_device(device)
+    dev = forward.resolve_device(device)
     spec = ckpt.spec
     nbytes = samples.numel() * spec.dim * dtype.itemsize if samples is not None else 0
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .gptq_grid import FP16_MAX, FP16_TINY, _fp16_round
+from .gptq_grid import FP16_MAX, FP16_TINY, fp16_round
 
 BLOCK_SIZE = 128  # columns per lazy-batch block, as in the reference GPTQ
 
 
 @dataclass
-class _Batch:
+class ResultBatch:
     """A batch of results in the weights' own column order: q [B, out, in] uint8, scales/zeros [B, n_groups, out],
     g_idx [B, in], row_loss [B, out] float64."""
 
@@ -34,7 +34,7 @@ class _Batch:
 
 
 
-def _refit_scales(whd: torch.Tensor, hd: torch.Tensor, res: _Batch) -> torch.Tensor:
+def refit_scales(whd: torch.Tensor, hd: torch.Tensor, res: ResultBatch) -> torch.Tensor:
     """Scales [B, n_groups, out] that minimise tr((W - Q) Hd (W - Q)^T), Hd the damped Hessian, with the codes
     kept (whd = W Hd): per output row, a least-squares problem in its n_groups scales (normal equations A s = b,
     A = C^T Hd C, b = C^T Hd w)."""
@@ -57,10 +57,10 @@ def _refit_scales(whd: torch.Tensor, hd: torch.Tensor, res: _Batch) -> torch.Ten
     b = torch.where(empty, old, b)
     new = torch.linalg.solve(a, b)
     ok = torch.isfinite(new) & (new > FP16_TINY) & (new < FP16_MAX)
-    return _fp16_round(torch.where(ok, new, old)).transpose(1, 2).contiguous()
+    return fp16_round(torch.where(ok, new, old)).transpose(1, 2).contiguous()
 
 
-def _descend_codes(w: torch.Tensor, hd: torch.Tensor, res: _Batch, maxq: int, blocksize: int = BLOCK_SIZE):
+def descend_codes(w: torch.Tensor, hd: torch.Tensor, res: ResultBatch, maxq: int, blocksize: int = BLOCK_SIZE):
     """One cyclic coordinate-descent sweep over the codes (scales and zeros kept) on tr((W - Q) Hd (W - Q)^T):
     column j of every row moves to the grid point nearest its exact minimiser Q_j + G_j / Hd_jj, G = (W - Q) Hd
     (QuantEase, Behdin et al. 2023). Each step can only lower the objective. Returns the new codes [B, out, in]."""
@@ -75,7 +75,7 @@ def _descend_codes(w: torch.Tensor, hd: torch.Tensor, res: _Batch, maxq: int, bl
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         dq = torch.zeros_like(q_t[:, i1:i2])
-        with _one_cpu_thread(w.device):  # nine kernels a column
+        with one_cpu_thread(w.device):  # nine kernels a column
             for j in range(i1, i2):
                 target = q_t[:, j] + grad_t[:, j] / diag[:, j]
                 r = torch.round(target / scale_t[:, j], out=r_t[:, j]).clamp_(low_t[:, j], high_t[:, j])
@@ -87,7 +87,7 @@ def _descend_codes(w: torch.Tensor, hd: torch.Tensor, res: _Batch, maxq: int, bl
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device):
+def one_cpu_thread(device: torch.device):
     """Run the per-column ops on one CPU thread: on [out, <=128] tensors OpenMP's fork/join costs more than the
     work (measured 100x slower per op with 2 threads when other processes share the cores)."""
     if device.type != "cpu":

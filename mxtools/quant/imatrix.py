@@ -1,7 +1,7 @@
 """Importance matrices: per input column, the mean squared activation a Linear sees, as llama.cpp's imatrix.
 
-`compute_imatrix` runs the reference forward pass (mxtools.model) over llama-imatrix's chunks
-(mxtools/chunking.py, shared with `verify`) and sums x^2 per input column for every
+`compute_imatrix` runs the reference forward pass (mxtools.model.forward) over llama-imatrix's chunks
+(mxtools/core/chunking.py, shared with `verify`) and sums x^2 per input column for every
 matrix llama-imatrix collects: attention q/k/v/o, the router, and each expert's w1/w3/w2 over only the tokens
 routed to it (a token routed to two experts counts once for each).
 
@@ -30,9 +30,11 @@ from gguf import GGUFValueType as V
 
 IM = gguf.Keys.IMatrix
 
-from .. import names
-from ..chunking import chunk_tokens, with_bos
-from ..errors import FormatError, ShapeError, reading
+from ..core import names
+from ..core.chunking import chunk_tokens, with_bos
+from ..core.errors import FormatError, ShapeError, reading
+from ..core.spec import ModelSpec
+from ..core.tensors import Checkpoint
 from ..io.atomic import atomic_output
 from ..io.files import RawFile
 from ..io.gguf_reader import meta_value, read_header
@@ -45,9 +47,7 @@ from ..io.gguf_tables import (
     TABLE,
 )
 from ..io.gguf_writer import GGUFStreamWriter
-from ..model import iter_layers, resolve_device
-from ..spec import ModelSpec
-from ..tensors import Checkpoint
+from ..model.forward import iter_layers, resolve_device
 
 CHUNKS_PER_PASS = 32  # chunks run through a layer together: each layer is read once per pass
 

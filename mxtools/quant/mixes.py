@@ -1,7 +1,7 @@
 """llama.cpp's quantization mixes (q4_k_m, q5_k_s, ...) as data: recipes/gguf/<mix>.yaml, interpreted here.
 
 A mix file names its `file_type` (general.file_type), a `default` GGML type, and per tensor kind (the kind
-keys of mxtools.names) an ordered list of rules `{when: {condition: value, ...}, type: T}`; the first rule
+keys of mxtools.core.names) an ordered list of rules `{when: {condition: value, ...}, type: T}`; the first rule
 whose conditions all hold gives the type. Condition words (each mirrors a test in llama.cpp's
 src/llama-quant.cpp, `llama_tensor_get_type_impl`):
   n_experts: N        the model has N experts ("hparams.n_expert == 8")
@@ -31,10 +31,10 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from .. import recipes
-from ..errors import MxError
+from ..core.errors import MxError
+from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY
+from ..core.spec import PRESETS, ModelSpec
 from ..io.gguf_tables import TABLE
-from ..names import GGUF_F32_KINDS, KIND_BY_KEY
-from ..spec import PRESETS, ModelSpec
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.

@@ -3,7 +3,7 @@
     report = verify(candidate, reference, chunking.tokenize_file(tokenizer, "eval.txt"), ctx=512)
     print(render_text(report)); report["passed"]
 
-Chunks: mxtools/chunking.py (llama.cpp's). Statistics: metrics.py (llama.cpp's perplexity tool). Per-layer
+Chunks: mxtools/core/chunking.py (llama.cpp's). Statistics: metrics.py (llama.cpp's perplexity tool). Per-layer
 comparison and the `first_divergent_layer` rule: lockstep.py. Report layout and default thresholds per outtype:
 report.py.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .. import chunking, model
-from ..tensors import Checkpoint
+from ..core import chunking
+from ..core.tensors import Checkpoint
+from ..model import forward
 from . import lockstep, metrics
 from . import report as report_mod
 from .metrics import BaseMismatchError, load_base  # noqa: F401 (public API)
@@ -56,7 +57,7 @@ def verify(candidate: Checkpoint, reference: Checkpoint | None, tokens: list[int
     sums = state["sums"]
     layers = sums.layers() if sums else []
     divergent = lockstep.first_divergent_layer(layers, limits["max_layer_error"], limits["max_routing"])
-    meta = {"n_ctx": ctx, "n_chunks": int(table.shape[0]), "device": str(model.resolve_device(device)),
+    meta = {"n_ctx": ctx, "n_chunks": int(table.shape[0]), "device": str(forward.resolve_device(device)),
             "dtype": str(dtype).replace("torch.", ""), "base": str(getattr(saved, "path", "")) or None,
             "reference": str(reference.path) if reference is not None else None}
     return report_mod.build(acc.result(), layers, limits, outtype, divergent,
@@ -67,13 +68,13 @@ def _logprob_pairs(candidate, reference, group, device, dtype, state):
     """Yield (chunk in group, candidate log-probs, reference log-probs or None) at the scored positions."""
     fed, pos = chunking.with_bos(group), chunking.scored_positions(group.shape[1])
     if reference is None:
-        h_c = model.last_hidden(candidate, fed, device, dtype)
-        for b, lp in model.iter_logprobs(candidate, h_c, pos, device, dtype):
+        h_c = forward.last_hidden(candidate, fed, device, dtype)
+        for b, lp in forward.iter_logprobs(candidate, h_c, pos, device, dtype):
             yield b, lp, None
         return
     h_c, h_r, state["sums"] = lockstep.run(candidate, reference, fed, device, dtype, state["sums"])
-    pairs = zip(model.iter_logprobs(candidate, h_c, pos, device, dtype),
-                model.iter_logprobs(reference, h_r, pos, device, dtype))
+    pairs = zip(forward.iter_logprobs(candidate, h_c, pos, device, dtype),
+                forward.iter_logprobs(reference, h_r, pos, device, dtype))
     for (b, lp_c), (_, lp_r) in pairs:
         yield b, lp_c, lp_r
 

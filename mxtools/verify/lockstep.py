@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import model
-from ..errors import ShapeError
-from ..tensors import Checkpoint
+from ..core.errors import ShapeError
+from ..core.tensors import Checkpoint
+from ..model import forward
 
 _SUMS = ("d2", "r2", "cos", "n", "route", "attn_d2", "attn_r2", "moe_d2", "moe_r2", "local_route")
 
@@ -92,13 +92,13 @@ def _finish(i: int, s: dict) -> dict:
 
 def _local_step(h_r, w_c, w_r, spec, rope, sums: LayerSums, i: int) -> torch.Tensor:
     """Reference layer, plus the candidate's sublayers on the reference's inputs; returns (new h_r, its ids)."""
-    a_r = model.attn_block(h_r, w_r, spec, rope)
-    a_c = model.attn_block(h_r, w_c, spec, rope)
+    a_r = forward.attn_block(h_r, w_r, spec, rope)
+    a_c = forward.attn_block(h_r, w_c, spec, rope)
     sums.add(i, attn_d2=_sq(a_c - a_r), attn_r2=_sq(a_r))
     del a_c
     mid = h_r + a_r
-    m_r, idx_r = model.moe_block(mid, w_r, spec)
-    m_c, idx_c = model.moe_block(mid, w_c, spec)
+    m_r, idx_r = forward.moe_block(mid, w_r, spec)
+    m_c, idx_c = forward.moe_block(mid, w_c, spec)
     sums.add(i, moe_d2=_sq(m_c - m_r), moe_r2=_sq(m_r), local_route=float(set_differs(idx_c, idx_r).sum()))
     return mid + m_r, idx_r
 
@@ -110,16 +110,16 @@ def run(candidate: Checkpoint, reference: Checkpoint, tokens, device="auto", dty
     `sums` accumulates across calls (one call per group of chunks); pass None to start fresh.
     """
     check_same_shape(candidate, reference)
-    spec, dev = reference.spec, model.resolve_device(device)
+    spec, dev = reference.spec, forward.resolve_device(device)
     sums = sums or LayerSums(spec.n_layers)
-    toks = model.as_tokens(tokens, spec, dev)
-    h_c, h_r = model.embed(candidate, toks, dev, dtype), model.embed(reference, toks, dev, dtype)
+    toks = forward.as_tokens(tokens, spec, dev)
+    h_c, h_r = forward.embed(candidate, toks, dev, dtype), forward.embed(reference, toks, dev, dtype)
     sums.embed[0] += _sq(h_c - h_r)
     sums.embed[1] += _sq(h_r)
-    rope = model.rope_tables(spec, toks.shape[1], dev, dtype)
+    rope = forward.rope_tables(spec, toks.shape[1], dev, dtype)
     for i in range(spec.n_layers):
-        w_r, w_c = model.load_layer(reference, i, dev, dtype), model.load_layer(candidate, i, dev, dtype)
-        h_c, idx_c = model.layer_forward(h_c, w_c, spec, rope)
+        w_r, w_c = forward.load_layer(reference, i, dev, dtype), forward.load_layer(candidate, i, dev, dtype)
+        h_c, idx_c = forward.layer_forward(h_c, w_c, spec, rope)
         h_r, idx_r = _local_step(h_r, w_c, w_r, spec, rope, sums, i)
         del w_r, w_c
         sums.add(i, d2=_sq(h_c - h_r), r2=_sq(h_r), cos=_cos_sum(h_c, h_r), n=float(idx_r.shape[0]),

@@ -1,7 +1,7 @@
 """Perplexity and KL-divergence statistics, mirroring llama.cpp's tools/perplexity/perplexity.cpp.
 
 Protocol: llama.cpp's chunks of the token stream (BOS first), each fed with BOS in its first position, the
-second half scored: mxtools/chunking.py.
+second half scored: mxtools/core/chunking.py.
 
 Statistics are those of llama.cpp's `kl_divergence()`: sums accumulated per token, `mean_and_uncertainty`
 (standard error only when more than 10 values), the covariance of the two NLLs, linearly interpolated
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..chunking import BOS_ID, n_scored
-from ..errors import FormatError, MxError, ShapeError
+from ..core.chunking import BOS_ID, n_scored
+from ..core.errors import FormatError, MxError, ShapeError
 from ..io.atomic import atomic_output
 
 KLD_QUANTILES = [("max", 1.0), ("99.9", 0.999), ("99", 0.99), ("95", 0.95), ("90", 0.90), ("median", 0.5),

@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import math
 
+from ..core.tensors import Checkpoint
 from ..io.gguf_tables import OUTTYPE_FILE_TYPE
 from ..quant.mixes import MIXES, load_mix
-from ..tensors import Checkpoint
 
 _COLS = ("max_ppl_ratio", "max_kld_mean", "min_same_top_p", "max_layer_error", "max_routing")
 _ROWS = {

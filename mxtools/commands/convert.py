@@ -6,16 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import MxError
-from .io.atomic import atomic_output, check_output
-from .layouts import (
-    DEFAULT_SHARD_BYTES,
-    REGISTRY,
-    WriteOptions,
-    no_progress,
-    open_checkpoint,
-)
-from .tensors import FLOAT_DTYPES, Checkpoint
+from ..core.errors import MxError
+from ..core.tensors import FLOAT_DTYPES, Checkpoint
+from ..io.atomic import atomic_output, check_output
+from ..layouts import DEFAULT_SHARD_BYTES, REGISTRY, WriteOptions, no_progress, open_checkpoint
 
 GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
@@ -32,19 +26,19 @@ def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
 
 def outtypes(layout: str) -> tuple[str, ...]:
     """Float types everywhere; in GGUF also every llama.cpp mix in recipes/gguf (q8_0, q4_k_m, ...)."""
-    from .quant.mixes import MIXES
+    from ..quant.mixes import MIXES
     return GGUF_FLOAT_OUTTYPES + tuple(MIXES) if layout == "gguf" else tuple(FLOAT_DTYPES)
 
 
 def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None, overrides=None) -> dict:
     """Writer options (per-tensor type policy, file type, importance matrix, its metadata) for a GGUF mix,
     with llama-quantize's manual `overrides` (quant.mixes.Overrides); {} for floats."""
-    from .quant.mixes import MIXES, gguf_options
+    from ..quant.mixes import MIXES, gguf_options
     if outtype not in MIXES:
         if imatrix or overrides:
             raise MxError(f"--imatrix and the tensor type options apply to block-quantized outtypes, not {outtype}")
         return {}
-    from .quant.imatrix import imatrix_for_writer, read_imatrix
+    from ..quant.imatrix import imatrix_for_writer, read_imatrix
     if not imatrix:
         return gguf_options(outtype, ckpt.spec, None, overrides)
     raw = read_imatrix(imatrix)
@@ -55,8 +49,8 @@ def gguf_mix_options(ckpt: Checkpoint, outtype: str, imatrix=None, overrides=Non
 def rtn_gptq_options(ckpt: Checkpoint) -> dict:
     """GPTQ writer options that round every Linear of a float checkpoint to nearest, int4 g128 (calibrated GPTQ
     is `mxtools quantize`)."""
-    from .quant.gptq import QuantConfig
-    from .quant.gptq_pipeline import quantize_checkpoint
+    from ..quant.gptq import QuantConfig
+    from ..quant.gptq_pipeline import quantize_checkpoint
     cfg = QuantConfig()
     return {"stream": quantize_checkpoint(ckpt, None, cfg, "rtn"), "settings": cfg}
 

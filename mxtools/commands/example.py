@@ -1,16 +1,12 @@
-"""The bundled tiny trained Mixtral and its calibration / held-out evaluation text."""
+"""`mxtools example DIR`: the bundled tiny trained Mixtral and its texts, copied out ready for the demo pipeline."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from .errors import OutputError
-from .io.hf_dir import read_tokenizer, write_tokenizer_json
-
-ASSETS = Path(__file__).parent / "assets"
-MODEL = ASSETS / "tiny-mixtral"
-CALIB = ASSETS / "text" / "calib.txt"
-EVAL = ASSETS / "text" / "eval.txt"
+from ..core.bundled import CALIB, EVAL, MODEL
+from ..core.errors import OutputError
+from ..io.hf_dir import read_tokenizer, write_tokenizer_json
 
 
 def write_example(out: Path, force: bool = False) -> Path:

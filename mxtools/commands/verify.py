@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bundled import EVAL
-from .chunking import tokenize_file
-from .errors import MxError
-from .io.atomic import atomic_output
-from .layouts import open_checkpoint
-from .tensors import FLOAT_DTYPES
-from .verify import render_text, verify
+from ..core.bundled import EVAL
+from ..core.chunking import tokenize_file
+from ..core.errors import MxError
+from ..core.tensors import FLOAT_DTYPES
+from ..io.atomic import atomic_output
+from ..layouts import open_checkpoint
+from ..verify import render_text, verify
 
 
 def run_verify(candidate, reference=None, *, text=None, ctx: int = 512, chunks: int | None = None,
@@ -42,7 +42,7 @@ def run_verify(candidate, reference=None, *, text=None, ctx: int = 512, chunks: 
         with atomic_output(Path(json_out), directory=False) as tmp:
             tmp.write_text(json.dumps(report, indent=2, default=str))
     if plot:
-        from .verify.report import plot as draw
+        from ..verify.report import plot as draw
         draw(report, plot)
     report["_text"] = render_text(report)
     return report

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import names
-from .errors import ShapeError, TensorSetError
-from .spec import ModelSpec
-from .tensors import Checkpoint
+from ..core import names
+from ..core.errors import ShapeError, TensorSetError
+from ..core.spec import ModelSpec
+from ..core.tensors import Checkpoint
 
 # Work is cut into pieces so activations stay bounded at 8x7B scale (32000-wide logits, 14336-wide experts).
 TOKENS_PER_STEP = 4096  # rows per expert matmul piece
@@ -105,14 +105,14 @@ def attention(x: torch.Tensor, w: LayerWeights, spec: ModelSpec, rope, observer:
     """Causal GQA self-attention update for normalised input x [B, T, D] (no residual)."""
     if observer:
         observer("attn_q", x, None)  # also the input of k_proj and v_proj
-    pieces = [_attend(x[s:s + SEQS_PER_ATTENTION], w, spec, rope) for s in range(0, x.shape[0], SEQS_PER_ATTENTION)]
+    pieces = [attention_heads(x[s:s + SEQS_PER_ATTENTION], w, spec, rope) for s in range(0, x.shape[0], SEQS_PER_ATTENTION)]
     out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     if observer:
         observer("attn_output", out, None)
     return F.linear(out, w.o)
 
 
-def _attend(x, w: LayerWeights, spec: ModelSpec, rope) -> torch.Tensor:
+def attention_heads(x, w: LayerWeights, spec: ModelSpec, rope) -> torch.Tensor:
     """Attention output before o_proj, [B, T, H*hd]."""
     B, T, _ = x.shape
     hd, H, Hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads

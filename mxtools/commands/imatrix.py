@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .chunking import tokenize_file
-from .io.atomic import check_output
-from .layouts import open_checkpoint
-from .quant.imatrix import compute_imatrix, save_imatrix
-from .tokenizer import Tokenizer
+from ..core.chunking import tokenize_file
+from ..core.tokenizer import Tokenizer
+from ..io.atomic import check_output
+from ..layouts import open_checkpoint
+from ..quant.imatrix import compute_imatrix, save_imatrix
 
 
 def imatrix_from_text(model, text_file, out, *, ctx: int = 512, chunks: int | None = None, device="auto",

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from . import names
-from .errors import MxError, OutputError
-from .io.buffers import give_source
-from .tensors import LazyTensor
-from .verify.report import DEFAULT_THRESHOLDS, check, thresholds_for
+from ..core import names
+from ..core.errors import MxError, OutputError
+from ..core.tensors import LazyTensor
+from ..io.buffers import give_source
+from ..verify.report import DEFAULT_THRESHOLDS, check, thresholds_for
 
 DEFAULT_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_m+imatrix", "gptq-int4", "rtn-int4", "bnb-nf4",
                    "bnb-int8")
@@ -69,7 +69,7 @@ class Job:
     def imatrix(self) -> Path:
         """The model's importance matrix over the first IMATRIX_CHUNKS chunks of the calibration text, once."""
         if self._imatrix is None:
-            from .imatrix_cli import imatrix_from_text
+            from .imatrix import imatrix_from_text
             self._imatrix = imatrix_from_text(self.model, self.calib, self.scratch / "imatrix.gguf",
                                               chunks=IMATRIX_CHUNKS, device=self.device)
         return self._imatrix
@@ -104,8 +104,8 @@ def _gptq(method: str, bits: int):
 
 def _bnb(kind: str):
     def build(job: Job, out: Path) -> Path:
+        from ..layouts import open_checkpoint
         from .convert import write_checkpoint
-        from .layouts import open_checkpoint
         with open_checkpoint(job.model) as ckpt:
             sim = dataclasses.replace(ckpt, tensors={n: _bnb_tensor(t, kind) for n, t in ckpt.tensors.items()},
                                       closers=[])
@@ -154,7 +154,7 @@ def bnb_bytes(shape: tuple, kind: str) -> int:
 def formats() -> dict[str, Format]:
     """Every format compare can build: the GGUF mixes (each also +imatrix, and +gptq: `quantize --to gguf`),
     GPTQ and RTN int4/int8, bnb."""
-    from .quant.mixes import MIXES
+    from ..quant.mixes import MIXES
     out = {}
     for mix in MIXES:
         out[mix] = Format(mix, mix, _gguf(mix, False))
@@ -202,7 +202,7 @@ def stored_bytes(path: Path, model: Path, fmt: Format) -> tuple[int, int]:
         from gguf import GGUFReader
         sizes = [(t.name, int(t.n_bytes)) for t in GGUFReader(path).tensors]
         return sum(n for _, n in sizes), sum(n for name, n in sizes if name.startswith("blk."))
-    from .io.safetensors import SafetensorsFile
+    from ..io.safetensors import SafetensorsFile
     total = layers = 0
     for f in path.glob("*.safetensors"):
         st = SafetensorsFile(f)
@@ -215,7 +215,7 @@ def stored_bytes(path: Path, model: Path, fmt: Format) -> tuple[int, int]:
 
 
 def _bnb_sizes(model: Path, kind: str) -> tuple[int, int]:
-    from .layouts import open_checkpoint
+    from ..layouts import open_checkpoint
     total = layers = 0
     with open_checkpoint(model) as ckpt:
         for name, t in ckpt.tensors.items():
@@ -237,9 +237,9 @@ def param_counts(spec) -> tuple[int, int]:
 def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks: int | None = None,
                 device: str = "auto", keep=None, json_out=None, plot=None, progress=lambda msg: None) -> dict:
     """`mxtools compare`: build, verify and tabulate every format; returns {"rows": [...], ...} (rows by size)."""
-    from .bundled import CALIB, EVAL
-    from .io.atomic import check_output
-    from .layouts import open_checkpoint
+    from ..core.bundled import CALIB, EVAL
+    from ..io.atomic import check_output
+    from ..layouts import open_checkpoint
     chosen = parse_formats(fmts)
     if keep is not None:
         check_output(Path(keep), [Path(model)], force=True)  # never inside the model
@@ -266,7 +266,7 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
 
 
 def _verify(job: Job, candidate: Path, outtype: str | None, save_base=None, base=None) -> dict:
-    from .verify_cli import run_verify
+    from .verify import run_verify
     return run_verify(candidate, None, text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype, overrides=None,
                       save_base=save_base, base=base, device=job.device, dtype="f32")
 
@@ -326,7 +326,7 @@ def _mb(n: int) -> str:
 def _write_outputs(result: dict, json_out, plot) -> None:
     import json
 
-    from .io.atomic import atomic_output
+    from ..io.atomic import atomic_output
     if json_out:
         with atomic_output(Path(json_out), directory=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -340,7 +340,7 @@ def draw(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io.atomic import atomic_output
+    from ..io.atomic import atomic_output
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"bnb": "tab:red", "gptq": "tab:blue", "rtn": "tab:blue"}
     for r in result["rows"]:

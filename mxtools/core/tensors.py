@@ -84,7 +84,7 @@ class Checkpoint:
     tensors: dict[str, LazyTensor]
     layout: str
     path: Path
-    tokenizer: object | None = None  # mxtools.tokenizer.Tokenizer
+    tokenizer: object | None = None  # mxtools.core.tokenizer.Tokenizer
     info: dict = field(default_factory=dict)  # layout-specific extras (e.g. GGUF file type, GPTQ config)
     closers: list = field(default_factory=list)
 

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import recipes
-from .bundled import CALIB
+from .. import recipes
+from ..core.bundled import CALIB
+from ..core.errors import MxError
+from ..core.tensors import Checkpoint
+from ..core.tokenizer import Tokenizer
+from ..io.atomic import atomic_output, check_output
+from ..layouts import open_checkpoint
+from ..layouts.gptq import write_quantized
+from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
+from ..quant.gptq import QuantConfig
+from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
+from ..quant.imatrix import imatrix_for_writer, read_imatrix
+from ..quant.mixes import MIXES, gguf_options, read_yaml
 from .convert import write_checkpoint
-from .errors import MxError
-from .io.atomic import atomic_output, check_output
-from .layouts import open_checkpoint
-from .layouts.gptq import write_quantized
-from .quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
-from .quant.gptq import QuantConfig
-from .quant.gptq_pipeline import Progress, quantize_checkpoint, totals
-from .quant.imatrix import imatrix_for_writer, read_imatrix
-from .quant.mixes import MIXES, gguf_options, read_yaml
-from .tensors import Checkpoint
-from .tokenizer import Tokenizer
 
 # ---------------------------------------------------------------- recipes and defaults
 

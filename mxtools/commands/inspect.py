@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .chat import describe_difference
-from .chat import report as chat_report
-from .errors import MxError, NonFiniteError, reading
-from .io.buffers import POOL
-from .layouts import detect
-from .tensors import first_non_finite
+from ..core.chat import describe_difference
+from ..core.chat import report as chat_report
+from ..core.errors import MxError, NonFiniteError, reading
+from ..core.tensors import first_non_finite
+from ..io.buffers import POOL
+from ..layouts import detect
 
 
 def describe(path: Path, scan: bool = True) -> dict:

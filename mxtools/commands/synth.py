@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import names
-from .spec import PRESETS, ModelSpec
-from .tensors import Checkpoint, LazyTensor
-from .tokenizer import Tokenizer
+from ..core import names
+from ..core.spec import PRESETS, ModelSpec
+from ..core.tensors import Checkpoint, LazyTensor
+from ..core.tokenizer import Tokenizer
 
 
 def synth_spec(preset: str = "tiny", **overrides) -> ModelSpec:
