@@ -5,7 +5,8 @@ and compare, to show that a change which should not alter any output does not.
 
 Covers: convert to GGUF f16 / q8_0 / q4_k_m (with and without an importance matrix), to the Mistral layout and
 back to HF, a GPTQ quantize, a quantize --to gguf and an imatrix, all from the bundled model. Reports with
-timings in them (quantize_report.json) are left out; everything else is hashed byte for byte.
+timings in them (quantize_report.json) are left out; everything else is hashed byte for byte. Every path is
+relative to OUTDIR (outputs record their sources' paths), so two checkouts in different folders compare equal.
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ JOBS = [
     ["convert", "ex/model", "--to", "gguf", "--outtype", "q4_k_m", "-o", "q4_k_m.gguf"],
     ["convert", "ex/model", "--to", "mistral", "-o", "mistral"],
     ["convert", "mistral", "--to", "hf", "-o", "hf"],
-    ["imatrix", "ex/model", "--chunks", "4", "-o", "imatrix.gguf"],
+    ["imatrix", "ex/model", "--text", "ex/calib.txt", "--chunks", "4", "-o", "imatrix.gguf"],
     ["convert", "ex/model", "--to", "gguf", "--outtype", "q4_k_m", "--imatrix", "imatrix.gguf",
      "-o", "q4_k_m-imatrix.gguf"],
-    ["quantize", "ex/model", "--nsamples", "16", "-o", "gptq"],
-    ["quantize", "ex/model", "--to", "gguf", "--outtype", "q3_k_m", "--nsamples", "16", "-o", "gguf-gptq.gguf"],
+    ["quantize", "ex/model", "--calib", "ex/calib.txt", "--nsamples", "16", "-o", "gptq"],
+    ["quantize", "ex/model", "--to", "gguf", "--outtype", "q3_k_m", "--calib", "ex/calib.txt", "--nsamples", "16",
+     "-o", "gguf-gptq.gguf"],
 ]
 SKIP = {"quantize_report.json"}
 
