@@ -27,7 +27,7 @@ from common import OUT
 
 from mxtools.commands.convert import convert
 from mxtools.commands.imatrix import imatrix_from_text
-from mxtools.commands.quantize import run_quantize_gguf
+from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.files import RawFile
@@ -143,9 +143,7 @@ def main():
         for label, im, extra in runs:
             t = time.time()
             path = out / f"{mix}-{label.replace(' ', '-')}.gguf"
-            report = run_quantize_gguf(MODEL, path, mix, calib_text_path=CALIB,
-                                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
-                                       imatrix_path=im, device="cpu", force=True, **extra)
+            report = run_quantize_gguf(MODEL, path, mix, QuantizeSettings(calib=CALIB, nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, device="cpu", force=True), imatrix_path=im)
             times[f"{mix} {label}"] = {"wall_s": round(time.time() - t, 1), "layers_s": report["timings"]["layers_s"],
                                        "fallbacks": len(report["totals"]["fallbacks"])}
             files[f"{mix} {label}"] = path

@@ -157,12 +157,11 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
 
 @step("gptq_8x7b_layer")
 def gptq_layer(path: Path, root: Path):
-    from mxtools.commands.quantize import run_quantize
+    from mxtools.commands.quantize import QuantizeSettings, run_quantize
     calib = root / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()
-    report = run_quantize(path, root / "gptq", calib_text_path=calib, bits=4, method="gptq", group_size=128, nsamples=32,
-                          seqlen=2048, device="cuda")
+    report = run_quantize(path, root / "gptq", QuantizeSettings(calib=calib, bits=4, method="gptq", group_size=128, nsamples=32, seqlen=2048, device="cuda"))
     return {"wall_s": round(time.time() - t, 2), "layers": 2, "nsamples": 32, "seqlen": 2048,
             "time_s": report["timings"]["time_s"], "per_layer_s": report["timings"]["layers_s"],
             "totals": report.get("totals"), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from mxtools.commands.convert import convert, write_checkpoint
 from mxtools.commands.example import write_example
-from mxtools.commands.quantize import run_quantize
+from mxtools.commands.quantize import QuantizeSettings, run_quantize
 from mxtools.commands.synth import synth_checkpoint, synth_spec
-from mxtools.commands.verify import run_verify
+from mxtools.commands.verify import VerifySettings, run_verify
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 
 ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"),
@@ -23,7 +23,7 @@ ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.ggu
 
 def make(ref: Path, layout: str, outtype: str, out: Path) -> Path:
     if layout == "gptq":  # calibrated on the held-out text's sibling, the bundled calibration text
-        run_quantize(ref, out, calib_text_path=CALIB, bits=4, group_size=128, nsamples=16, seqlen=2048, force=True)
+        run_quantize(ref, out, QuantizeSettings(calib=CALIB, bits=4, group_size=128, nsamples=16, seqlen=2048, force=True))
         return out
     return convert(ref, layout, out, outtype, force=True)
 
@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     rows = []
     for i, (layout, outtype, name) in enumerate(ARTIFACTS):
         out = make(ref, layout, outtype, args.out / name)
-        against = dict(reference=ref, save_base=base) if i == 0 else dict(base=base)
-        r = run_verify(out, text=args.out / "eval.txt", ctx=512, chunks=args.chunks, **against)
+        reference, against = (ref, dict(save_base=base)) if i == 0 else (None, dict(base=base))
+        r = run_verify(out, reference, VerifySettings(text=args.out / "eval.txt", ctx=512, chunks=args.chunks,
+                                                      **against))
         rows.append((name, size(out), r))
         print(f"verified {name}: {'PASSED' if r['passed'] else 'FAILED ' + ', '.join(r['failures'])}",
               file=sys.stderr)

@@ -9,7 +9,7 @@ from conftest import text_head
 from mxtools.commands.convert import convert
 from mxtools.commands.example import write_example
 from mxtools.commands.imatrix import imatrix_from_text
-from mxtools.commands.verify import run_verify
+from mxtools.commands.verify import VerifySettings, run_verify
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
 
@@ -22,7 +22,7 @@ def calib_part(tmp_path_factory):
 
 
 def kld(candidate):
-    return run_verify(candidate, MODEL, text=EVAL, ctx=512, chunks=CHUNKS, device="cpu")
+    return run_verify(candidate, MODEL, VerifySettings(text=EVAL, ctx=512, chunks=CHUNKS, device="cpu"))
 
 
 def test_bundled_model_is_trained():

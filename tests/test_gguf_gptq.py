@@ -17,7 +17,7 @@ from test_mixes import finite_logits, gguf_tensors, random_tokens, synth, write_
 
 from mxtools.cli import main
 from mxtools.commands.convert import convert
-from mxtools.commands.quantize import run_quantize_gguf
+from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
 from mxtools.core import names
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.core.tokenizer import Tokenizer
@@ -126,7 +126,7 @@ def _types(path):
 @pytest.mark.parametrize("mix", ["q4_k_m", "q3_k_m", "q2_k"])
 def test_gptq_file_has_llama_cpps_tensors_and_loads(model, tmp_path, mix):
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", mix)
-    report = run_quantize_gguf(model["hf"], tmp_path / "gptq.gguf", mix, nsamples=8, seqlen=64, min_tokens=16)
+    report = run_quantize_gguf(model["hf"], tmp_path / "gptq.gguf", mix, QuantizeSettings(nsamples=8, seqlen=64, min_tokens=16))
     meta, ours = gguf_tensors(tmp_path / "gptq.gguf")
     assert _types(tmp_path / "gptq.gguf") == _types(ref)
     changed = [n for n, (_, _, data) in ours.items() if data != gguf_tensors(ref)[1][n][2]]
@@ -145,7 +145,7 @@ def test_rtn_equals_convert(model, tmp_path, imatrix):
     """--method rtn rounds every matrix as llama.cpp does: the tensors of `convert --outtype q3_k_s`."""
     imat = model["imatrix"] if imatrix else None
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q3_k_s", imatrix_path=imat)
-    run_quantize_gguf(model["gguf"], tmp_path / "rtn.gguf", "q3_k_s", method="rtn", imatrix_path=imat)
+    run_quantize_gguf(model["gguf"], tmp_path / "rtn.gguf", "q3_k_s", QuantizeSettings(method="rtn"), imatrix_path=imat)
     meta, ours = gguf_tensors(tmp_path / "rtn.gguf")
     assert ours == gguf_tensors(ref)[1]
     assert (meta.get("quantize.imatrix.file") is not None) == imatrix and meta[META_PREFIX + "method"] == "rtn"
@@ -181,8 +181,7 @@ def test_cli_gptaq_is_used_and_recorded(model, tmp_path):
 def test_starved_matrices_fall_back_to_llama_cpps_rounding(model, tmp_path):
     """Below min_tokens every matrix (experts, attention, output) is rounded as llama.cpp rounds it, reported."""
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q4_k_m")
-    report = run_quantize_gguf(model["hf"], tmp_path / "starved.gguf", "q4_k_m", nsamples=4, seqlen=64,
-                               min_tokens=10 ** 6)
+    report = run_quantize_gguf(model["hf"], tmp_path / "starved.gguf", "q4_k_m", QuantizeSettings(nsamples=4, seqlen=64, min_tokens=10 ** 6))
     assert gguf_tensors(tmp_path / "starved.gguf")[1] == gguf_tensors(ref)[1]
     t = report["totals"]
     assert t["gptq"] == 0 and len(t["fallbacks"]) == t["linears"] > 0 and "fallback" in report["output"]

@@ -15,8 +15,8 @@ from judges import require_installed
 from safetensors import safe_open
 
 from mxtools.commands.convert import convert
-from mxtools.commands.quantize import run_quantize
-from mxtools.commands.verify import run_verify
+from mxtools.commands.quantize import QuantizeSettings, run_quantize
+from mxtools.commands.verify import VerifySettings, run_verify
 from mxtools.core import names
 from mxtools.core.bundled import CALIB, EVAL
 from mxtools.core.names import is_gptq_quantized as is_quantized
@@ -164,13 +164,12 @@ def _g_idx(out, base):
 
 
 def test_run_quantize_and_convert_to_gptq(src, calib, tmp_path):
-    report = run_quantize(src, tmp_path / "q", calib_text_path=calib, recipe="rtn-int4-g128", nsamples=2, seqlen=64)
+    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="rtn-int4-g128", nsamples=2, seqlen=64))
     assert report["method"] == "rtn" and report["totals"]["rtn"] == report["totals"]["linears"]
     assert detect(tmp_path / "q").name == "gptq"
     with pytest.raises(Exception, match="exists"):
-        run_quantize(src, tmp_path / "q", calib_text_path=calib, method="rtn")
-    report = run_quantize(src, tmp_path / "q", calib_text_path=calib, group_size=64, nsamples=2, seqlen=64,
-                          force=True)
+        run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, method="rtn"))
+    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, group_size=64, nsamples=2, seqlen=64, force=True))
     assert report["method"] == "gptq" and report["group_size"] == 64 and report["calibration"]["samples"] == 2
     assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["group_size"] == 64
     out = convert(src, "gptq", tmp_path / "c", "f16")  # the layout writer: round to nearest, int4 g128
@@ -182,7 +181,7 @@ def test_run_quantize_and_convert_to_gptq(src, calib, tmp_path):
 def test_verify_on_a_gptq_dir_passes_against_its_source(int8, src, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text(EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    r = run_verify(int8[0], src, text=text, ctx=128, chunks=4, device="cpu")
+    r = run_verify(int8[0], src, VerifySettings(text=text, ctx=128, chunks=4, device="cpu"))
     assert r["passed"], r["failures"]
     assert r["outtype"] == "gptq-int8" and r["kld_mean"] < 1e-3
 
@@ -191,7 +190,7 @@ def test_verify_int4_reports_gptq_and_small_kld(int4, src, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text(EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     # Random synth logits are nearly flat (ppl ~ vocab size), so top-1 agreement says little: relax only it.
-    r = run_verify(int4[0], src, text=text, ctx=128, chunks=4, overrides={"min_same_top_p": 0.5}, device="cpu")
+    r = run_verify(int4[0], src, VerifySettings(text=text, ctx=128, chunks=4, overrides={"min_same_top_p": 0.5}, device="cpu"))
     assert r["passed"], r["failures"]
     assert r["outtype"] == "gptq-int4" and r["kld_mean"] < 0.07 and r["first_divergent_layer"] is None
 

@@ -14,7 +14,7 @@ from conftest import small_spec, write_synth
 from safetensors import safe_open
 
 from mxtools.cli import main
-from mxtools.commands.quantize import run_quantize
+from mxtools.commands.quantize import QuantizeSettings, run_quantize
 from mxtools.layouts import open_checkpoint
 
 # hidden and intermediate multiples of 128 and attention outputs multiples of 64: what Marlin needs
@@ -30,7 +30,7 @@ def src(tmp_path_factory):
 def quantized(src, tmp_path_factory):
     """RTN int4 g128 (the names do not depend on the method) under each naming."""
     root = tmp_path_factory.mktemp("q")
-    run_quantize(src, root / "vllm", method="rtn")  # the default naming
+    run_quantize(src, root / "vllm", QuantizeSettings(method="rtn"))  # the default naming
     r = CliRunner().invoke(main, ["quantize", str(src), "--method", "rtn", "--names", "transformers",
                                   "-o", str(root / "transformers")])
     assert r.exit_code == 0, r.output
@@ -194,16 +194,16 @@ def _linear_problems(base, t, bits, group, desc_act) -> list[str]:
 def test_our_default_output_passes_vllms_marlin_checks(quantized, src, tmp_path):
     assert marlin_problems(quantized / "vllm") == []
     act = tmp_path / "act"
-    run_quantize(src, act, group_size=64, act_order=True, nsamples=2, seqlen=64)
+    run_quantize(src, act, QuantizeSettings(group_size=64, act_order=True, nsamples=2, seqlen=64))
     assert marlin_problems(act) == []
     int8 = tmp_path / "int8"
-    run_quantize(src, int8, method="rtn", bits=8, group_size=-1)
+    run_quantize(src, int8, QuantizeSettings(method="rtn", bits=8, group_size=-1))
     assert marlin_problems(int8) == []
 
 
 def test_the_marlin_checks_can_fail(quantized, src, tmp_path):
     assert any("no such parameter" in p for p in marlin_problems(quantized / "transformers"))
     asym = tmp_path / "asym"
-    run_quantize(src, asym, method="rtn", sym=False)
+    run_quantize(src, asym, QuantizeSettings(method="rtn", sym=False))
     assert [p for p in marlin_problems(asym) if "no Marlin kernel" in p] == \
         ["bits 4 sym False group_size 128: no Marlin kernel"]

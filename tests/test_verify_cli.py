@@ -30,7 +30,7 @@ def text(tmp_path_factory):
 
 
 def verify(*args):
-    r = CliRunner().invoke(main, ["verify", *map(str, args), "--ctx", CTX, "--chunks", 4])
+    r = CliRunner().invoke(main, ["verify", *map(str, args), "--ctx", CTX, "--chunks", 4, "--force"])  # reports reused
     return r.exit_code, r.stdout, r.stderr
 
 

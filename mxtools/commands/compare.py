@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from ..core import names
+from ..core.defaults import COMPARE_FORMATS
 from ..core.errors import MxError, OutputError
 from ..core.tensors import LazyTensor
 from ..io.buffers import give_source
 from ..verify.report import DEFAULT_THRESHOLDS, check, thresholds_for
 
-DEFAULT_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_m+imatrix", "gptq-int4", "rtn-int4", "bnb-nf4",
-                   "bnb-int8")
+DEFAULT_FORMATS = COMPARE_FORMATS
 BNB_KINDS = tuple(k.key for k in names.KINDS if k.linear and k.key != "output")  # every Linear but lm_head
 BNB_HINT = "bitsandbytes is not installed: pip install 'mxtools[bnb]' (bitsandbytes>=0.50)"
 BNB_BLOCK = 64  # Params4bit's default blocksize, which transformers keeps
@@ -87,17 +87,17 @@ def _gguf(mix: str, imatrix: bool):
 
 def _gguf_gptq(mix: str):
     def build(job: Job, out: Path) -> Path:
-        from .quantize import run_quantize_gguf
+        from .quantize import QuantizeSettings, run_quantize_gguf
         path = out.with_suffix(".gguf")
-        run_quantize_gguf(job.model, path, mix, calib_text_path=job.calib, device=job.device)
+        run_quantize_gguf(job.model, path, mix, QuantizeSettings(calib=job.calib, device=job.device))
         return path
     return build
 
 
 def _gptq(method: str, bits: int):
     def build(job: Job, out: Path) -> Path:
-        from .quantize import run_quantize
-        run_quantize(job.model, out, calib_text_path=job.calib, bits=bits, method=method, device=job.device)
+        from .quantize import QuantizeSettings, run_quantize
+        run_quantize(job.model, out, QuantizeSettings(calib=job.calib, bits=bits, method=method, device=job.device))
         return out
     return build
 
@@ -235,7 +235,7 @@ def param_counts(spec) -> tuple[int, int]:
 # ---------------------------------------------------------------- the run
 
 def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks: int | None = None,
-                device: str = "auto", keep=None, json_out=None, plot=None, progress=lambda msg: None) -> dict:
+                device: str = "auto", keep=None, plot=None, progress=lambda msg: None) -> dict:
     """`mxtools compare`: build, verify and tabulate every format; returns {"rows": [...], ...} (rows by size)."""
     from ..core.bundled import CALIB, EVAL
     from ..io.atomic import check_output
@@ -261,14 +261,14 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
             shutil.rmtree(scratch, ignore_errors=True)
     result = {"model": str(model), "text": str(job.text), "calib": str(job.calib), "chunks": chunks,
               "rows": sorted(rows, key=lambda r: (r["bytes"], r["format"]))}
-    _write_outputs(result, json_out, plot)
+    if plot:
+        draw(result, Path(plot))
     return result
 
 
 def _verify(job: Job, candidate: Path, outtype: str | None, save_base=None, base=None) -> dict:
-    from .verify import run_verify
-    return run_verify(candidate, None, text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype, overrides=None,
-                      save_base=save_base, base=base, device=job.device, dtype="f32")
+    from .verify import VerifySettings, run_verify
+    return run_verify(candidate, None, VerifySettings(text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype, save_base=save_base, base=base, device=job.device, dtype="f32"))
 
 
 def _candidate(job: Job, fmt: Format, base: Path, params: tuple[int, int], progress, keep: bool) -> dict:
@@ -321,17 +321,6 @@ def render(result: dict) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
-
-
-def _write_outputs(result: dict, json_out, plot) -> None:
-    import json
-
-    from ..io.atomic import atomic_output
-    if json_out:
-        with atomic_output(Path(json_out), directory=False) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-    if plot:
-        draw(result, Path(plot))
 
 
 def draw(result: dict, path: Path) -> None:

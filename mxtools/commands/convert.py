@@ -1,15 +1,17 @@
 """convert: any readable layout -> any writable layout, streamed, written atomically."""
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..core.defaults import SHARD_BYTES
 from ..core.errors import MxError
 from ..core.tensors import FLOAT_DTYPES, Checkpoint
 from ..io.atomic import atomic_output, check_output
-from ..layouts import DEFAULT_SHARD_BYTES, REGISTRY, WriteOptions, no_progress, open_checkpoint
+from ..layouts import REGISTRY, WriteOptions, no_progress, open_checkpoint
 
 GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
@@ -56,7 +58,7 @@ def rtn_gptq_options(ckpt: Checkpoint) -> dict:
 
 
 def write_checkpoint(ckpt: Checkpoint, layout: str, out: Path, outtype: str, *, inputs=(), force=False,
-                     progress=no_progress, shard_bytes: int = DEFAULT_SHARD_BYTES, imatrix_path=None,
+                     progress=no_progress, shard_bytes: int = SHARD_BYTES, imatrix_path=None,
                      names: str | None = None, overrides=None, policy=None, file_type: int | None = None,
                      imatrix: dict | None = None, extra_metadata=(), encoded=None) -> Path:
     """Write `ckpt` in `layout` under a temporary name, renamed to `out` only when complete. `inputs`: the files
@@ -98,3 +100,69 @@ def estimate_bytes(ckpt: Checkpoint, outtype: str) -> int:
     """Rough output size, for progress bars."""
     per = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype, 0.7)
     return int(sum(torch.Size(t.shape).numel() for t in ckpt.tensors.values()) * per)
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """`mxtools convert`'s options, as the command line gives them."""
+
+    layout: str  # --to
+    outtype: str = "auto"
+    imatrix: Path | None = None
+    tensor_types: tuple[str, ...] = ()  # llama-quantize's --tensor-type REGEX=TYPE
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    shard_bytes: int = SHARD_BYTES
+    names: str | None = None  # --to gptq: the tensor naming
+    chat_template: str = "auto"
+    force: bool = False
+
+
+def run_convert(src, out, s: ConvertSettings, progress_bar: Callable | None = None) -> list[str]:
+    """`mxtools convert`: open src, write it in `s.layout` at out; returns the notes for the user (a replaced chat
+    template). `progress_bar(total_bytes, label)` gives a context manager with `update(n)`."""
+    from ..core.chat import set_chat_template
+    with open_checkpoint(src) as ckpt:
+        note = set_chat_template(ckpt, s.chat_template) if s.layout != "mistral" else None  # params.json has none
+        resolved = resolve_outtype(ckpt, s.outtype)
+        overrides = _overrides(s)
+        names = _names(s, ckpt)
+        bar = progress_bar(estimate_bytes(ckpt, resolved), f"{s.layout} {resolved}") if progress_bar else None
+        with bar or _NoBar() as b:
+            write_checkpoint(ckpt, s.layout, Path(out), s.outtype, inputs=[Path(src)], force=s.force,
+                             progress=b.update, shard_bytes=s.shard_bytes, imatrix_path=s.imatrix,
+                             overrides=overrides, **names)
+    return [note] if note else []
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _overrides(s: ConvertSettings):
+    """llama-quantize's manual type choices as quant.mixes.Overrides, or None when none is given."""
+    if not (s.tensor_types or s.output_tensor_type or s.token_embedding_type or s.pure):
+        return None
+    from ..quant.mixes import Overrides, parse_tensor_type, qtype_named
+    return Overrides(tuple(parse_tensor_type(t) for t in s.tensor_types),
+                     qtype_named(s.output_tensor_type, "--output-tensor-type") if s.output_tensor_type else None,
+                     qtype_named(s.token_embedding_type, "--token-embedding-type") if s.token_embedding_type else None,
+                     s.pure)
+
+
+def _names(s: ConvertSettings, ckpt: Checkpoint) -> dict:
+    """convert's --names option for the GPTQ writer; a GPTQ re-export keeps every stored dtype."""
+    if s.layout == "gptq" and ckpt.layout == "gptq" and s.outtype != "auto":
+        raise MxError(f"a GPTQ source is re-exported with every tensor as stored: --outtype {s.outtype} does not "
+                      "apply (leave it auto)", file=ckpt.path)
+    if s.names and s.layout != "gptq":
+        raise MxError("--names applies to --to gptq only")
+    return {"names": s.names} if s.names else {}

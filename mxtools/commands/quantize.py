@@ -9,17 +9,16 @@ quant/gguf_quantize's hooks) inside one atomic output.
 from __future__ import annotations
 
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import recipes
-from ..core.bundled import CALIB
+from ..core.defaults import CALIB, GPTQ_NAMINGS, QUANTIZE
 from ..core.errors import MxError
 from ..core.tensors import Checkpoint
-from ..core.tokenizer import Tokenizer
 from ..io.atomic import atomic_output, check_output
-from ..layouts import open_checkpoint
 from ..layouts.gptq import write_quantized
 from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
 from ..quant.gptq import QuantConfig
@@ -27,6 +26,7 @@ from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
 from ..quant.imatrix import imatrix_for_writer, read_imatrix
 from ..quant.mixes import MIXES, gguf_options, read_yaml
 from .convert import write_checkpoint
+from .inputs import open_model
 
 # ---------------------------------------------------------------- recipes and defaults
 
@@ -77,13 +77,7 @@ def _check_setting(key: str, value, path) -> None:
         raise MxError(f"recipe value {key}: {value!r} is not one of {', '.join(RECIPE_CHOICES[key])}", file=path)
 
 
-# The defaults of `mxtools quantize` (= recipes/gptq-int4-g128.yaml): damping 0.05, group-aware order, the
-# Hessian-weighted range search, the scale re-fit, a second GPTQ pass on the re-fitted scales (re-fitted again)
-# and one coordinate-descent sweep over the codes (followed by a re-fit); each lever's measured effect is in docs/BENCHMARKS.md. asym (the asymmetric objective, GPTAQ)
-# is off: it did not help on the bundled model.
-DEFAULTS = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
-                seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
-                search="hessian", refit=True, repass=True, sweeps=1, asym=0.0, asym_ridge=0.05)
+DEFAULTS = QUANTIZE
 
 
 def resolve_settings(recipe=None, **given) -> dict:
@@ -103,74 +97,103 @@ def quant_config(settings: dict) -> QuantConfig:
         raise MxError(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """`mxtools quantize`'s options. The algorithm's settings left None come from the recipe (if any), else
+    core.defaults.QUANTIZE; `asym` is the asymmetric objective's share (--gptaq)."""
+
+    recipe: str | None = None
+    calib: Path | None = None  # the calibration text (default: the bundled one)
+    tokenizer: Path | None = None  # for a checkpoint without one (default: the Mixtral v1 tokenizer)
+    device: str = "auto"
+    force: bool = False
+    names: str = GPTQ_NAMINGS[0]  # --to gptq: the tensor naming
+    bits: int | None = None
+    method: str | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    act_order: bool | None = None
+    damp: float | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    experts: str | None = None
+    min_tokens: int | None = None
+    asym: float | None = None
+    asym_ridge: float | None = None
+
+    def resolved(self) -> dict:
+        return resolve_settings(self.recipe, **{k: getattr(self, k) for k in GIVEN_KEYS})
+
+
+GIVEN_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
+              "min_tokens", "asym", "asym_ridge")
+GPTQ_ONLY_KEYS = ("bits", "group_size", "sym", "act_order", "recipe")  # the int grid's; --to gguf has the mix's
+
+
 def calibration_tokens(ckpt: Checkpoint, path) -> list[int]:
-    """The calibration text tokenized with the checkpoint's tokenizer (the bundled one when it has none), no BOS."""
-    tok = ckpt.tokenizer or Tokenizer.default()
+    """The calibration text tokenized with the checkpoint's tokenizer, no BOS."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MxError(f"cannot read the calibration text: {exc}", file=path) from None
-    return tok.encode(text, bos=False)
+    return ckpt.tokenizer.encode(text, bos=False)
 
 
 # ---------------------------------------------------------------- --to gptq
 
-def run_quantize(src, out, *, calib_text_path=None, bits=None, method=None, group_size=None, sym=None,
-                 act_order=None, damp=None, nsamples=None, seqlen=None, experts=None, device="auto",
-                 recipe=None, force=False, min_tokens=None, progress: Progress | None = None,
-                 names: str = "vllm", asym=None) -> dict:
-    """Open src, calibrate on the text file, write a GPTQ v1 directory at out atomically, its tensors named for
-    `names` (layouts.gptq.NAMINGS: "vllm" or "transformers").
-
-    Options left None come from the recipe (if any), else DEFAULTS. Returns the report (also written to
-    out/quantize_report.json) with "timings". The calibration text defaults to the bundled one.
-    """
-    s = resolve_settings(recipe, bits=bits, method=method, group_size=group_size, sym=sym, act_order=act_order,
-                         damp=damp, nsamples=nsamples, seqlen=seqlen, experts=experts, min_tokens=min_tokens,
-                         asym=asym)
+def run_quantize(src, out, settings: QuantizeSettings = QuantizeSettings(),
+                 progress: Progress | None = None) -> dict:
+    """Open src, calibrate on the text, write a GPTQ v1 directory at out atomically, its tensors named for
+    `settings.names` (layouts.gptq.NAMINGS). Returns the report (also written to out/quantize_report.json) with
+    "timings"."""
+    s = settings.resolved()
     cfg = quant_config(s)
-    check_output(Path(out), [Path(src)], force)
-    with open_checkpoint(src) as ckpt:
-        tokens = calibration_tokens(ckpt, calib_text_path or CALIB) if s["method"] == "gptq" else None
+    check_output(Path(out), [Path(src)], settings.force)
+    with open_model(src, settings.tokenizer) as ckpt:
+        tokens = calibration_tokens(ckpt, settings.calib or CALIB) if s["method"] == "gptq" else None
         stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
-                                     device, s["min_tokens"], progress, asym=s["asym"], asym_ridge=s["asym_ridge"])
+                                     settings.device, s["min_tokens"], progress, asym=s["asym"],
+                                     asym_ridge=s["asym_ridge"])
         stream.report["source"] = str(src)
-        stream.report["recipe"] = str(recipe) if recipe else None
-        with atomic_output(Path(out), directory=True, force=force) as tmp:
-            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=names)
+        stream.report["recipe"] = str(settings.recipe) if settings.recipe else None
+        with atomic_output(Path(out), directory=True, force=settings.force) as tmp:
+            write_quantized(ckpt, tmp, stream, cfg, source_name=str(src), names=settings.names)
     return {**stream.report, "timings": stream.timings}
 
 
 # ---------------------------------------------------------------- --to gguf
 
-def run_quantize_gguf(src, out, outtype: str, *, method=None, calib_text_path=None, nsamples=None, seqlen=None,
-                      experts=None, damp=None, imatrix_path=None, device="auto", force: bool = False,
-                      min_tokens: int | None = None, progress: Progress | None = None, asym=None,
-                      asym_ridge=None) -> dict:
+def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings = QuantizeSettings(),
+                      imatrix_path=None, progress: Progress | None = None) -> dict:
     """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids (quant/gguf_quantize); write one
-    GGUF at out atomically. Options left None take DEFAULTS. Returns the pipeline's report with "timings"."""
+    GGUF at out atomically. Returns the pipeline's report with "timings"."""
+    given = sorted(k.replace("_", "-") for k in GPTQ_ONLY_KEYS if getattr(settings, k) is not None)
+    if given:
+        raise MxError(f"--{', --'.join(given)} apply to --to gptq; --to gguf takes the mix's own grids (--outtype)")
+    if not outtype:
+        raise MxError("--to gguf needs --outtype (a llama.cpp mix such as q4_k_m)")
+    outtype = outtype.lower()
     if outtype not in MIXES:
         raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
-    s = resolve_settings(None, method=method, nsamples=nsamples, seqlen=seqlen, experts=experts, damp=damp,
-                         min_tokens=min_tokens, asym=asym, asym_ridge=asym_ridge)
+    s = settings.resolved()
     method, experts, damp = s["method"], s["experts"], s["damp"]
     cfg = quant_config({"damp": damp})  # its checks are the option's
-    calib = Path(calib_text_path or CALIB)
-    with open_checkpoint(src) as ckpt:
+    calib = Path(settings.calib or CALIB)
+    with open_model(src, settings.tokenizer) as ckpt:
         raw = read_imatrix(imatrix_path) if imatrix_path else None
         opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
-        stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"], device,
-                                     s["min_tokens"], progress=progress, quantizer=hook, asym=s["asym"],
-                                     asym_ridge=s["asym_ridge"])
+        stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
+                                     settings.device, s["min_tokens"], progress=progress, quantizer=hook,
+                                     asym=s["asym"], asym_ridge=s["asym_ridge"])
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
         extra = metadata(method, calib, stream.report["calibration"], damp, experts, s["asym"])
         extra += raw.quantize_metadata(imatrix_path) if raw else []
         source = LayerBytes(stream, hook)
-        write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=force, **opts,
+        write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=settings.force, **opts,
                          extra_metadata=extra, encoded=source)
         source.finish()
     return {**stream.report, "timings": stream.timings}

@@ -32,6 +32,27 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
         raise OutputError("output exists (use --force to replace it)", file=out)
 
 
+def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path], force: bool) -> None:
+    """The check every output of a command passes before any work starts. `outputs` and `inputs` map an option's
+    name (as the user typed it: "-o", "--json", "SRC") to its path. An output that is an input, a link to one, or
+    inside an input directory is refused, as is one that is, holds or sits inside another output; each error
+    names both options. An existing output is refused unless `force`."""
+    outs = [(name, Path(path), Path(path).resolve()) for name, path in outputs.items()]
+    for name, path, out in outs:
+        for in_name, src_path in inputs.items():
+            for src in _input_paths([src_path]):
+                if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+                    raise OutputError(f"{name} would overwrite or sit inside the input {in_name} ({src_path})",
+                                      file=path)
+    for k, (name, path, out) in enumerate(outs):
+        for other, other_path, resolved in outs[k + 1:]:
+            if out == resolved or out.is_relative_to(resolved) or resolved.is_relative_to(out):
+                raise OutputError(f"{name} and {other} would write to the same place ({other_path})", file=path)
+    for name, path, out in outs:
+        if out.exists() and not force:
+            raise OutputError(f"{name}: output exists (use --force to replace it)", file=path)
+
+
 def _input_paths(inputs: list[Path]) -> list[Path]:
     paths = []
     for src in map(Path, inputs):

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..core.defaults import SHARD_BYTES, WRITABLE_LAYOUTS
 from ..core.errors import LayoutError
 from ..core.tensors import Checkpoint
-
-DEFAULT_SHARD_BYTES = 5 * 10**9  # HF-style shards, as transformers' save_pretrained
 
 
 def no_progress(n: int) -> None:
@@ -24,7 +23,7 @@ class WriteOptions:
 
     outtype: str  # f32 | f16 | bf16, or a llama.cpp mix for gguf
     progress: Callable[[int], None] = no_progress  # called with the bytes of each tensor written
-    shard_bytes: int = DEFAULT_SHARD_BYTES  # hf, gptq: the largest shard
+    shard_bytes: int = SHARD_BYTES  # hf, gptq: the largest shard
     # gguf
     policy: Callable | None = None  # (kind key, layer, numpy shape) -> GGML type; None: every weight in outtype
     file_type: int | None = None  # general.file_type; None: the float outtype's
@@ -88,3 +87,6 @@ def open_checkpoint(path, validate: bool = True) -> Checkpoint:
 
 
 from . import gguf, hf, gptq, mistral, paddle  # noqa: F401, I001  (registration, in the order `--to` lists them)
+
+if tuple(writable()) != WRITABLE_LAYOUTS:  # the command line offers core.defaults' list without importing this
+    raise ImportError(f"core.defaults.WRITABLE_LAYOUTS is {WRITABLE_LAYOUTS}, the registry has {tuple(writable())}")

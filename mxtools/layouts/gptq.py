@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from ..core import names
+from ..core.defaults import GPTQ_NAMINGS, SHARD_BYTES
 from ..core.errors import FormatError, MxError
 from ..core.names import CANONICAL_TABLE, NameTable
 from ..core.names import is_gptq_quantized as is_quantized
@@ -42,7 +43,7 @@ from ..io.hf_dir import (
     write_shards,
     write_tokenizer,
 )
-from . import DEFAULT_SHARD_BYTES, Layout, WriteOptions, register
+from . import Layout, WriteOptions, register
 
 REPORT_FILE = "quantize_report.json"
 V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero - 1 (v1); missing means v1
@@ -56,12 +57,11 @@ TOOL = "mxtools"
 #   for the quantized tensors under these names before any renaming.
 _TRANSFORMERS_ROWS = {"ffn_gate_inp": "mlp.gate", "ffn_gate": "mlp.experts.{e}.gate_proj",
                       "ffn_up": "mlp.experts.{e}.up_proj", "ffn_down": "mlp.experts.{e}.down_proj"}
-NAMINGS = {
-    "vllm": CANONICAL_TABLE,
-    "transformers": NameTable({**CANONICAL_TABLE.rows,
-                               **{k: f"model.layers.{{i}}.{v}.weight" for k, v in _TRANSFORMERS_ROWS.items()}}),
-}
-DEFAULT_NAMES = "vllm"
+NAMINGS = dict(zip(GPTQ_NAMINGS, (  # the names the command line offers (core.defaults), in its order
+    CANONICAL_TABLE,
+    NameTable({**CANONICAL_TABLE.rows, **{k: f"model.layers.{{i}}.{v}.weight" for k, v in _TRANSFORMERS_ROWS.items()}}),
+), strict=True))
+DEFAULT_NAMES = GPTQ_NAMINGS[0]
 
 
 # ---------------------------------------------------------------- detection and config
@@ -239,7 +239,7 @@ def _tensors(ckpt: Checkpoint, stream, float_dtype):
 
 
 def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: Settings, outtype: str = "f16",
-                    progress=lambda n: None, shard_bytes: int = DEFAULT_SHARD_BYTES, source_name: str | None = None,
+                    progress=lambda n: None, shard_bytes: int = SHARD_BYTES, source_name: str | None = None,
                     names: str = DEFAULT_NAMES) -> None:
     """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`,
     its tensors under the `names` naming (NAMINGS)."""
@@ -270,7 +270,7 @@ def write(ckpt: Checkpoint, out: Path, opts: WriteOptions) -> None:
 
 # ---------------------------------------------------------------- lossless re-export under other names
 
-def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, shard_bytes: int = DEFAULT_SHARD_BYTES):
+def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, shard_bytes: int = SHARD_BYTES):
     """Every stored tensor of the GPTQ checkpoint `ckpt` byte for byte, in canonical order, under `naming`'s
     names; the two configs record the naming; every other file of the directory is copied as it is."""
     src = Path(ckpt.path)

@@ -41,6 +41,7 @@ tokens and are compared as they are.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from ..core.tensors import Checkpoint
 from ..io.gguf_tables import OUTTYPE_FILE_TYPE
@@ -200,5 +201,7 @@ def plot(report: dict, path) -> None:
         ax2.set(xscale="log")
     ax2.set(xlabel="KLD per token", ylabel="tokens", title=f"KLD (zeros: {hist.get('zeros', 0)})")
     fig.tight_layout()
-    fig.savefig(path)
+    from ..io.atomic import atomic_output
+    with atomic_output(Path(path), directory=False) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
