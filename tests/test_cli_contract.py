@@ -54,7 +54,7 @@ def inputs(tmp_path_factory):
 
 # Every verb's inputs: argument or option spelling -> which input. A verb's every InputPath must be here (checked).
 INPUTS = {
-    "convert": {"src": "model", "--imatrix": "imatrix"},
+    "convert": {"src": "model", "--imatrix": "imatrix", "--tokenizer": "tokenizer"},
     "quantize": {"src": "model", "--imatrix": "imatrix", "--calib": "text", "--tokenizer": "tokenizer"},
     "imatrix": {"model_path": "model", "--calib": "text", "--text": "other", "--tokenizer": "tokenizer"},
     "verify": {"candidate": "model", "--reference": "model", "--text": "text", "--base": "base",

@@ -41,14 +41,15 @@ from .params import (
                    "re-exported byte for byte under them")
 @click.option("--chat-template", default="auto", show_default=True, metavar="auto|keep|mistral-common|FILE",
               help="auto: mistral-common's template where the source's is known to give other token ids")
+@tokenizer_option()
 @output_option(required=True, help="the output file (gguf) or directory")
 @force_option()
 def convert(src, layout, outtype, imatrix, tensor_types, output_tensor_type, token_embedding_type, pure, shard_size,
-            names, chat_template, out, force):
+            names, chat_template, tokenizer, out, force):
     """Convert SRC (any layout) to another layout, streaming one tensor at a time."""
     from ..commands.convert import ConvertSettings, run_convert
     settings = ConvertSettings(layout, outtype, imatrix, tensor_types, output_tensor_type, token_embedding_type,
-                               pure, parse_size(shard_size), names, chat_template, force)
+                               pure, parse_size(shard_size), names, chat_template, force, tokenizer)
     for note in run_convert(src, out, settings, progress_bar):
         click.echo(note, err=True)
     click.echo(f"wrote {out}")

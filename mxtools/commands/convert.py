@@ -117,13 +117,15 @@ class ConvertSettings:
     names: str | None = None  # --to gptq: the tensor naming
     chat_template: str = "auto"
     force: bool = False
+    tokenizer: Path | None = None  # for a source without one (default: the Mixtral v1 tokenizer, said)
 
 
 def run_convert(src, out, s: ConvertSettings, progress_bar: Callable | None = None) -> list[str]:
     """`mxtools convert`: open src, write it in `s.layout` at out; returns the notes for the user (a replaced chat
     template). `progress_bar(total_bytes, label)` gives a context manager with `update(n)`."""
     from ..core.chat import set_chat_template
-    with open_checkpoint(src) as ckpt:
+    from .inputs import open_model
+    with open_model(src, s.tokenizer) as ckpt:
         note = set_chat_template(ckpt, s.chat_template) if s.layout != "mistral" else None  # params.json has none
         resolved = resolve_outtype(ckpt, s.outtype)
         overrides = _overrides(s)
