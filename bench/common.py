@@ -47,7 +47,8 @@ def synth_8x7b_2layers() -> Path:
     """`mxtools synth --preset 8x7b --layers 2`: real per-layer dimensions, about 6.3 GB in bf16."""
     path = OUT / "synth-8x7b-2L"
     if not path.exists():
-        subprocess.run([PY, "-m", "mxtools.cli", "synth", str(path), "--preset", "8x7b", "--layers", "2"], check=True)
+        subprocess.run([PY, "-m", "mxtools.cli", "synth", "--preset", "8x7b", "--layers", "2", "-o", str(path)],
+                       check=True)
     return path
 
 

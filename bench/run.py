@@ -8,7 +8,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-for name in sys.argv[1:] or ["encoders", "convert", "perplexity", "quantize", "gptq_expert", "gguf_gptq",
+for name in sys.argv[1:] or ["encoders", "convert", "perplexity", "quantize", "iquants", "gptq_expert", "gguf_gptq",
                              "gptqmodel_compare", "fuzz"]:
     script = HERE / f"{name}.py"
     if script.exists():
