@@ -17,6 +17,7 @@ time and memory. Nothing is traversed recursively (deep nesting costs nothing).
 """
 from __future__ import annotations
 
+import codecs
 import os
 import struct
 from dataclasses import dataclass
@@ -64,7 +65,11 @@ class ArrayStub:
 
 
 def _show(x) -> str:
-    return repr(x)[:80] if isinstance(x, str) else type(x).__name__
+    """A value in an error line: a short printable string as it is, else its repr (never a newline), else its
+    type."""
+    if isinstance(x, str):
+        return x if x.isprintable() and len(x) <= 80 else repr(x)[:80]
+    return type(x).__name__
 
 
 class _Input:
@@ -94,15 +99,15 @@ class _Input:
         at, self.pos = self.pos, self.pos + n
         return at
 
-    def line(self) -> str:
-        """A GLOBAL operand: text up to a newline, at most 256 bytes."""
-        out = b""
+    def line(self, limit: int = 256) -> bytes:
+        """A text operand (protocol 0 and 1, GLOBAL): bytes up to a newline, at most `limit` of them."""
+        out = bytearray()
         while not out.endswith(b"\n"):
-            if len(out) > 256:
-                raise FormatError(f"corrupt pickle: a GLOBAL name without its newline at byte {self.pos}",
-                                  file=self.path)
-            out += self.read(1, "a GLOBAL name")
-        return out[:-1].decode("utf-8", "replace")
+            if len(out) > limit:
+                raise FormatError(f"corrupt pickle: a text operand over {limit} bytes, or without its newline, at "
+                                  f"byte {self.pos}", file=self.path)
+            out += self.read(1, "a text operand")
+        return bytes(out[:-1])
 
 
 class Machine:
@@ -305,7 +310,7 @@ def _long(m: Machine, n: int):
 
 
 def _global(m: Machine):
-    module, name = m.inp.line(), m.inp.line()
+    module, name = m.inp.line().decode("utf-8", "replace"), m.inp.line().decode("utf-8", "replace")
     if (module, name) == ("_codecs", "encode"):
         raise FormatError("a protocol 2 pickle (bytes stored as text through _codecs.encode), which mxtools does "
                           "not read: save it again with paddle.save(..., protocol=4)", file=m.path)
@@ -346,6 +351,35 @@ def _dict(m: Machine):
     m.set_items(items)
 
 
+def _text_value(m: Machine, kind: str):
+    """Protocol 0's values written as a line of text: INT, LONG, FLOAT, STRING (quoted), UNICODE."""
+    raw = m.inp.line(MAX_TEXT)
+    try:
+        if kind == "int":  # protocol 0 writes booleans as INT 01 / 00
+            return raw == b"01" if raw in (b"00", b"01") else int(raw.rstrip(b"L"))
+        if kind == "float":
+            return float(raw)
+        if kind == "unicode":
+            return raw.decode("raw_unicode_escape")
+        if len(raw) < 2 or raw[:1] != raw[-1:] or raw[:1] not in b"'\"":
+            raise ValueError("a STRING operand without its quotes")
+        return codecs.escape_decode(raw[1:-1])[0].decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"corrupt pickle: a {kind} text operand that does not parse, before byte {m.inp.pos}",
+                          file=m.path) from None
+
+
+def _text_op(kind: str):
+    return lambda m: m.push(_text_value(m, kind))
+
+
+def _line_index(m: Machine) -> int:
+    raw = m.inp.line()
+    if not raw.isdigit():
+        raise FormatError(f"corrupt pickle: a memo index that is no number, before byte {m.inp.pos}", file=m.path)
+    return int(raw)
+
+
 def _sized(make, width: int):
     """An opcode whose operand is a `width`-byte length followed by that many bytes, made into a value by
     `make(machine, length)`."""
@@ -375,6 +409,10 @@ _OPS = {
     ord("c"): _global, 0x93: _stack_global, ord("R"): Machine.reduce, ord("b"): Machine.build,
     ord("q"): _memo(Machine.memo_put, 1), ord("r"): _memo(Machine.memo_put, 4), 0x94: lambda m: m.memo_put(len(m.memo)),
     ord("h"): _memo(Machine.memo_get, 1), ord("j"): _memo(Machine.memo_get, 4),
+    # protocol 0 and 1 (Python's own fallback; Paddle writes protocol 4)
+    ord("I"): _text_op("int"), ord("L"): _text_op("int"), ord("F"): _text_op("float"), ord("S"): _text_op("string"),
+    ord("V"): _text_op("unicode"), ord("p"): lambda m: m.memo_put(_line_index(m)),
+    ord("g"): lambda m: m.memo_get(_line_index(m)),
 }
 
 # opcodes that build arbitrary objects or reach outside the pickle: refused as unsafe, not merely unsupported
