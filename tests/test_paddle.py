@@ -22,7 +22,7 @@ from fuzzing import run_isolated
 from safetensors.torch import load_file
 
 from mxtools.cli import main
-from mxtools.errors import FormatError, UnsafePickleError
+from mxtools.errors import UnsafePickleError
 from mxtools.io.pdparams import PdparamsFile
 
 FIX = Path(__file__).parent / "fixtures" / "paddle"
@@ -216,8 +216,8 @@ def test_the_payloads_are_real(tmp_path, case):
     marker = tmp_path / "marker"
     (tmp_path / "p").write_bytes(_evil_pickles(marker)[case][0])
     import subprocess
-    subprocess.run([sys.executable, "-c", f"import pickle; pickle.loads(open({str(tmp_path / 'p')!r}, 'rb').read())"],
-                   capture_output=True, timeout=60)
+    code = f"import pickle; pickle.loads(open({str(tmp_path / 'p')!r}, 'rb').read())"
+    subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, timeout=60)
     assert marker.exists()
 
 
@@ -237,3 +237,96 @@ def test_pickle_with_code_is_refused_and_runs_nothing(tmp_path, case):
         PdparamsFile(src / "model_state.pdparams")
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "generation_config.json", "model_state.pdparams"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ---------------------------------------------------------------- damaged pickles and pickle bombs
+
+def _bombs() -> dict[str, tuple[bytes, str]]:
+    """name -> (pickle bytes, what the one-line error must say). Each is bounded by the machine's limits (stack,
+    memo, objects, lengths against the file) long before it could cost time or memory."""
+    p4 = b"\x80\x04"
+    return {
+        "deep marks": (p4 + b"(" * 300_000 + b".", "nests too deeply"),
+        "deep tuples": (p4 + b"N" + b"\x85" * 500_000 + b".", "holds a tuple"),
+        "deep lists": (p4 + b"]" * 200_000 + b"a" * 199_999 + b".", "holds a list"),
+        "self-appending list": (p4 + b"]\x94" + b"h\x00a" * 300_000 + b".", "holds a list"),
+        "deep stack": (p4 + b"N" * 300_000 + b".", "stack over 262144"),
+        "many objects": (p4 + b"N0" * 600_000 + b"}.", "over 1048576 opcodes"),
+        "many frames": (p4 + (b"\x95" + struct.pack("<Q", 9)) * 1_100_000 + b"}.", "over 1048576 opcodes"),
+        "memo flood": (p4 + b"N" + b"r" + b"".join(struct.pack("<I", i) + b"r" for i in range(300_000))[:-1] + b".",
+                       "memo over 262144"),
+        "BINBYTES8 2**62": (p4 + b"}" + _text("w") + b"\x8e" + struct.pack("<Q", 2**62) + b"x" * 64, "runs past"),
+        "BINUNICODE8 2**40": (p4 + b"\x8d" + struct.pack("<Q", 2**40) + b"abc", "over 1048576"),
+        "BINUNICODE 2**32-1": (p4 + b"X" + struct.pack("<I", 2**32 - 1) + b"abc", "over 1048576"),
+        "BINBYTES past the end": (p4 + b"B" + struct.pack("<I", 1 << 20) + b"x" * 1000, "runs past"),
+        "LONG4 2**31": (p4 + b"\x8b" + struct.pack("<I", 2**31) + b"\x01" * 16, "over 64"),
+        "FRAME 2**63": (p4 + b"\x95" + struct.pack("<Q", 2**63) + b"}.", "runs past"),
+        "memo index never written": (p4 + b"j" + struct.pack("<I", 2**32 - 1) + b".", "memo entry"),
+        "no STOP": (p4 + b"}" + _text("w") + b"N" + b"s", "truncated"),
+        "empty": (b"", "too short"),
+        "protocol 9": (b"\x80\x09}.", "protocol"),
+        "not a pickle": (b"PK\x03\x04" + b"\x00" * 60, "opcode"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bombs()))
+def test_damaged_pickles_and_bombs_exit_2_in_bounded_time_and_memory(tmp_path, case):
+    """Through the CLI in a forked child with the fuzz suites' time and memory limits (tests/fuzzing.py)."""
+    data, says = _bombs()[case]
+    src = tmp_path / "src"
+    shutil.copytree(FIX / "mixtral-pdparams", src)
+    (src / "model_state.pdparams").write_bytes(data)
+    res = run_isolated(["convert", src, "--to", "hf", "-o", tmp_path / "o"])
+    assert res.problem() is None and res.code == 2, (res.problem(), res.stderr)
+    assert str(src / "model_state.pdparams") in res.stderr and says in res.stderr, res.stderr
+    assert_clean(tmp_path / "o")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 11, 200, 5000, 100_000, 382_000, 382_947])
+def test_truncated_pdparams(tmp_path, cut):
+    src = tmp_path / "src"
+    shutil.copytree(FIX / "mixtral-pdparams", src)
+    data = (src / "model_state.pdparams").read_bytes()
+    (src / "model_state.pdparams").write_bytes(data[:cut])
+    code, err = run("convert", src, "--to", "hf", "-o", tmp_path / "o")
+    one_line_error(code, err, str(src / "model_state.pdparams"), "truncated" if cut >= 2 else "too short")
+    assert_clean(tmp_path / "o")
+
+
+class BadArray:
+    """An ndarray's pickle with a chosen state: (shape, numpy dtype, Fortran order, raw bytes)."""
+
+    def __init__(self, shape, dtype, data, fortran=False):
+        self.state = (1, shape, dtype, fortran, data)
+
+    def __reduce__(self):
+        return np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+def _changed(sd: dict, key: str, value) -> bytes:
+    return pickle.dumps({**sd, key: value}, protocol=4)
+
+
+def test_tensors_that_do_not_fit_the_config_or_the_format(tmp_path):
+    """Shapes against the config, dtypes that are no float, dtypes Paddle never writes, data of the wrong size,
+    entries that are no array: each one line naming file and tensor."""
+    sd = _numpy_state_dict()
+    key = "mixtral.layers.1.self_attn.k_proj.weight"
+    w = sd[key]
+    cases = {
+        "shape": (_changed(sd, key, np.zeros((64, 16), np.uint16)), "does not match the config"),
+        "int32": (_changed(sd, key, w.astype(np.int32)), "no float type"),
+        "complex": (_changed(sd, key, w.astype(np.complex64)), "not one Paddle writes"),
+        "big-endian": (_changed(sd, key, w.astype(">f4")), "not one Paddle writes"),
+        "data size": (_changed(sd, key, BadArray((64, 32), np.dtype("f4"), b"\0" * 300)), "does not match shape"),
+        "string entry": (_changed(sd, key, "weights"), "not a numpy array"),
+        "missing": (pickle.dumps({k: v for k, v in sd.items() if k != key}, protocol=4), "missing 1 tensor"),
+    }
+    for label, (data, says) in cases.items():
+        src = tmp_path / label
+        shutil.copytree(FIX / "mixtral-pdparams", src)
+        (src / "model_state.pdparams").write_bytes(data)
+        code, err = run("convert", src, "--to", "hf", "-o", tmp_path / "o")
+        one_line_error(code, err, says, "model_state.pdparams" if label != "missing" else str(src))
+        assert "k_proj" in err, (label, err)
+        assert_clean(tmp_path / "o")

@@ -12,7 +12,7 @@ buffers).
 Bytes objects longer than EAGER_BYTES are not read: they become a `Blob` (offset and length in the file), so a
 tensor's data stays on disk until it is loaded, and parsing a shard costs memory in its opcodes, not its data.
 Every length is checked against the bytes left in the file before anything is read, and the stack, the memo
-and the number of objects made are bounded, so a damaged or hostile pickle ends in a FormatError within bounded
+and the number of opcodes are bounded, so a damaged or hostile pickle ends in a FormatError within bounded
 time and memory. Nothing is traversed recursively (deep nesting costs nothing).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ..errors import FormatError, UnsafePickleError
 
 EAGER_BYTES = 256  # bytes objects up to this long are read; longer ones stay in the file as a Blob
 MAX_TEXT = 1 << 20  # a string (a tensor name) of at most 1 MiB
-MAX_STACK = 1 << 20  # stack entries, marks and memo entries, each
-MAX_OBJECTS = 1 << 22  # values pushed over the whole pickle (a Mixtral-8x7B state dict needs about 30 per tensor)
+MAX_STACK = 1 << 18  # stack entries, marks and memo entries, each (Mixtral-8x7B's 995 tensors: about 15k memo)
+MAX_OPS = 1 << 20  # opcodes in one pickle (Mixtral-8x7B's whole state dict: about 50k); bounds the time
 _CHUNK = 1 << 16
 
 ALLOWED = {("numpy.core.multiarray", "_reconstruct"): "reconstruct",
@@ -119,11 +119,10 @@ class Machine:
         self.stack: list = []
         self.marks: list[int] = []
         self.memo: dict[int, object] = {}
-        self.made = 0
 
     def run(self):
         ops = _OPS
-        while True:
+        for _ in range(MAX_OPS):
             at = self.inp.pos
             code = self.inp.read(1, "an opcode")[0]
             op = ops.get(code)
@@ -131,6 +130,8 @@ class Machine:
                 raise self._bad_opcode(code, at)
             if op(self) is _STOP:
                 return self._result()
+        raise FormatError(f"pickle has over {MAX_OPS} opcodes (a state dict of arrays needs a few per tensor)",
+                          file=self.path)
 
     def _bad_opcode(self, code: int, at: int) -> Exception:
         if code in _UNSAFE:
@@ -146,10 +147,8 @@ class Machine:
 
     # ---- the stack
     def push(self, value) -> None:
-        self.made += 1
-        if len(self.stack) >= MAX_STACK or self.made > MAX_OBJECTS:
-            raise FormatError(f"pickle makes too many objects (over {MAX_OBJECTS}, or a stack over {MAX_STACK})",
-                              file=self.path)
+        if len(self.stack) >= MAX_STACK:
+            raise FormatError(f"pickle stack over {MAX_STACK} values", file=self.path)
         self.stack.append(value)
 
     def pop(self):
