@@ -1,4 +1,5 @@
-"""A restricted pickle machine: it interprets the opcodes of a pickle itself (protocols 2 to 4) and never calls
+"""A restricted pickle machine: it interprets the opcodes of a pickle itself (those of protocols 0 to 4 that a
+state dict uses; tensor data needs protocol 3 or 4, whose bytes opcodes carry it raw) and never calls
 Python's unpickler, so no global it meets is imported and no code in the file runs.
 
 It knows six globals, each replaced by an inert marker: numpy's array reconstruction (`_reconstruct` under both
@@ -311,8 +312,8 @@ def _long(m: Machine, n: int):
 def _global(m: Machine):
     module, name = m.inp.line().decode("utf-8", "replace"), m.inp.line().decode("utf-8", "replace")
     if (module, name) == ("_codecs", "encode"):
-        raise FormatError("a protocol 2 pickle (bytes stored as text through _codecs.encode), which mxtools does "
-                          "not read: save it again with paddle.save(..., protocol=4)", file=m.path)
+        raise FormatError("a pickle of protocol 2 or older (bytes stored as text through _codecs.encode), which "
+                          "mxtools does not read: save it again with paddle.save(..., protocol=4)", file=m.path)
     m.push(m.global_(module, name))
 
 
