@@ -101,14 +101,17 @@ class _Input:
         return at
 
     def line(self, limit: int = 256) -> bytes:
-        """A text operand (protocol 0 and 1, GLOBAL): bytes up to a newline, at most `limit` of them."""
-        out = bytearray()
-        while not out.endswith(b"\n"):
-            if len(out) > limit:
-                raise FormatError(f"corrupt pickle: a text operand over {limit} bytes, or without its newline, at "
-                                  f"byte {self.pos}", file=self.path)
-            out += self.read(1, "a text operand")
-        return bytes(out[:-1])
+        """A text operand (protocol 0 and 1, GLOBAL): the bytes before the next newline, at most `limit`."""
+        start = self.pos - self.buf_at
+        end = self.buf.find(b"\n", start, start + limit + 1)
+        if end < 0:
+            self.buf, self.buf_at, start = os.pread(self.fd, max(limit + 1, _CHUNK), self.pos), self.pos, 0
+            end = self.buf.find(b"\n", 0, limit + 1)
+        if end < 0:
+            raise FormatError(f"corrupt pickle: a text operand over {limit} bytes, or without its newline, at "
+                              f"byte {self.pos}", file=self.path)
+        self.pos += end + 1 - start
+        return self.buf[start:end]
 
 
 class Machine:
