@@ -60,8 +60,10 @@ def build_sources(root: Path) -> dict[str, Path]:
     out["mistral-pth"] = _pth(out["mistral"], root / "mistral-pth")
     out["concat"] = write_concat(out["mistral"], root / "concat", _spec())
     out["paddle"] = _paddle(out["hf"], root / "paddle")
-    # PaddleNLP's own save_pretrained output (sharded .pdparams pickles + index), as written by Paddle
+    # PaddleNLP's own save_pretrained output (sharded .pdparams pickles + index), as written by Paddle, with the
+    # tokenizer file PaddleNLP's LlamaTokenizer saves beside it (verify needs one)
     out["paddle-pdparams"] = Path(shutil.copytree(PADDLE_FIXTURES / "mixtral-sharded", root / "paddle-pdparams"))
+    shutil.copy(out["hf"] / "tokenizer.model", out["paddle-pdparams"] / "sentencepiece.bpe.model")
     gptq_spec = _spec(dim=128, hidden_dim=256, head_dim=32)
     out["gptq"] = write_checkpoint(synth_checkpoint(gptq_spec, 0, torch.float16), "gptq", root / "gptq", "f16")
     return out
