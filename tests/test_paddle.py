@@ -143,6 +143,19 @@ def test_hf_output_is_paddles_weights_transposed(hf_outputs):
         assert hashlib.sha256(raw_bytes(paddle_t)).hexdigest() == digests[key]["sha256"], name
 
 
+def test_u16_is_bfloat16_only_in_paddles_safetensors(hf_outputs, tmp_path):
+    """PaddleNLP's numpy-format safetensors store bfloat16 as U16; an HF directory's U16 tensor is no float."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_outputs["mixtral-pdparams"], src)
+    data = (src / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    assert data[8:8 + n].count(b'"BF16"') == 41
+    (src / "model.safetensors").write_bytes(data[:8] + data[8:8 + n].replace(b'"BF16"', b'"U16" ') + data[8 + n:])
+    code, err = run("convert", src, "--to", "gguf", "-o", tmp_path / "o.gguf")
+    one_line_error(code, err, "model.safetensors", "dtype uint16 is no float type")
+    assert_clean(tmp_path / "o.gguf")
+
+
 @pytest.mark.parametrize("name,weights", [("mixtral-pdparams", "pdparams"), ("mixtral-sharded", "pdparams"),
                                           ("mixtral-safetensors", "safetensors")])
 def test_inspect_names_the_layout(name, weights):
