@@ -2,9 +2,9 @@
 
 Two parts, each given a share of the time budget:
   1. coverage-guided (atheris / libFuzzer), one subprocess per single-file reader (GGUF, tokenizer.model,
-     imatrix GGUF and .dat, saved base, recipe): the CLI runs in-process on each input libFuzzer derives from
-     the seed file; a broken contract is logged with its input, a hang (-timeout) or runaway memory
-     (-rss_limit_mb) ends the subprocess with libFuzzer's artifact and is counted as a failure;
+     imatrix GGUF and .dat, saved base, recipe, PaddleNLP's .pdparams): the CLI runs in-process on each input
+     libFuzzer derives from the seed file; a broken contract is logged with its input, a hang (-timeout) or
+     runaway memory (-rss_limit_mb) ends the subprocess with libFuzzer's artifact and is counted as a failure;
   2. seeded mutations in forked children (tests/fuzzing.run_isolated), which measure each case's peak RSS:
      the single-file readers (tests/test_fuzz_files.py) and the directory readers (tests/test_fuzz_dirs.py)
      at many more seeds than `make test` runs.
@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # reader -> (seed file key in build_files, feed name in test_fuzz_files.feeds)
 COVERAGE_TARGETS = {"gguf": ("gguf", "inspect"), "tokenizer": (None, "tokenizer"), "imatrix": ("imatrix", "imatrix"),
-                    "dat": ("dat", "dat"), "base": ("base", "base"), "recipe": ("recipe", "recipe")}
+                    "dat": ("dat", "dat"), "base": ("base", "base"), "recipe": ("recipe", "recipe"),
+                    "pdparams": ("pdparams", "pdparams")}
 
 
 def main(minutes: float = 12.0, coverage_share: float = 0.5) -> dict:
@@ -155,6 +156,7 @@ def _forked_run(ff, seeds: dict, seconds: float) -> dict:
         "dat": lambda: ff.byte_mutations(seeds["dat"], 1, rng),
         "base": lambda: ff.base_mutations(seeds["base"], 2, rng),
         "recipe": lambda: ff.recipe_mutations(seeds["recipe"], 1, rng),
+        "pdparams": lambda: ff.pdparams_mutations(seeds["pdparams"], 1, rng),
     }
     dirs = fd.build_sources(WORK / "dir-sources")
     dir_cases = list(fd.cases(dirs, seed=rng.randrange(2**32), scale=4.0))

@@ -225,3 +225,31 @@ def check_all(cases: list[tuple[str, list]]) -> tuple[list[str], float]:
         if (why := out.problem()) is not None:
             failures.append(f"{label}: {why}")
     return failures, worst
+
+
+# pickle opcode -> struct format of its operand (a length, an integer, a memo index), for structured mutations
+_PICKLE_OPERANDS = {"SHORT_BINUNICODE": "<B", "SHORT_BINBYTES": "<B", "BININT1": "<B", "BINGET": "<B",
+                    "BINPUT": "<B", "LONG1": "<B", "BININT2": "<H", "BININT": "<I", "BINUNICODE": "<I",
+                    "BINBYTES": "<I", "LONG_BINGET": "<I", "LONG_BINPUT": "<I", "LONG4": "<I", "BINUNICODE8": "<Q",
+                    "BINBYTES8": "<Q", "FRAME": "<Q", "PROTO": "<B"}
+
+
+def pickle_fields(data: bytes) -> list[tuple[str, int, str]]:
+    """The operands of a well-formed pickle's opcodes as (label, byte offset, struct format): every length,
+    integer and memo index (pickletools only lists the opcodes; nothing in the pickle is run)."""
+    import pickletools
+    return [(f"{op.name}@{pos}", pos + 1, _PICKLE_OPERANDS[op.name]) for op, _, pos in pickletools.genops(data)
+            if op.name in _PICKLE_OPERANDS]
+
+
+def pickle_spans(data: bytes, eager: int = 256) -> list[tuple[int, int]]:
+    """The parts of a pickle that are not tensor data: every opcode with its operand, except the payload of a
+    bytes object longer than `eager` (a tensor's raw data), of which only the opcode and its length count."""
+    import pickletools
+    ops = list(pickletools.genops(data))
+    spans = []
+    for (op, arg, pos), (_, _, nxt) in zip(ops, ops[1:] + [(None, None, len(data))]):
+        if op.name in ("BINBYTES", "BINBYTES8", "SHORT_BINBYTES") and len(arg) > eager:
+            nxt = pos + 1 + struct.calcsize(_PICKLE_OPERANDS[op.name])
+        spans.append((pos, nxt))
+    return spans

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_spec, write_concat
-from fuzzing import mutate, run_isolated
+from fuzzing import mutate, mutate_field, pickle_fields, pickle_spans, run_isolated
 from safetensors.torch import load_file, save_file
 
 from mxtools.commands.convert import write_checkpoint
@@ -30,6 +30,7 @@ from mxtools.core import names
 from mxtools.layouts import paddle
 
 SEED = 9
+PADDLE_FIXTURES = Path(__file__).parent / "fixtures" / "paddle"
 REMOVED = object()
 # what every config field is replaced by (the issue's list): a word, a float, null, an array, an object, zero,
 # negative, 2**40, beyond uint64, and the key removed; also int32's maximum, the largest count a config may
@@ -51,7 +52,7 @@ def _spec(vocab=512, **kw):
 
 def build_sources(root: Path) -> dict[str, Path]:
     """One synthetic checkpoint per reader under root: hf (three shards + index), mistral (safetensors),
-    mistral-pth, concat (two .pt files), paddle, gptq (RTN int4)."""
+    mistral-pth, concat (two .pt files), paddle, paddle-pdparams (PaddleNLP's fixture), gptq (RTN int4)."""
     root.mkdir(parents=True, exist_ok=True)
     ck = synth_checkpoint(_spec(), 0, torch.bfloat16)
     out = {"hf": write_checkpoint(ck, "hf", root / "hf", "bf16", shard_bytes=400_000),
@@ -59,6 +60,10 @@ def build_sources(root: Path) -> dict[str, Path]:
     out["mistral-pth"] = _pth(out["mistral"], root / "mistral-pth")
     out["concat"] = write_concat(out["mistral"], root / "concat", _spec())
     out["paddle"] = _paddle(out["hf"], root / "paddle")
+    # PaddleNLP's own save_pretrained output (sharded .pdparams pickles + index), as written by Paddle, with the
+    # tokenizer file PaddleNLP's LlamaTokenizer saves beside it (verify needs one)
+    out["paddle-pdparams"] = Path(shutil.copytree(PADDLE_FIXTURES / "mixtral-sharded", root / "paddle-pdparams"))
+    shutil.copy(out["hf"] / "tokenizer.model", out["paddle-pdparams"] / "sentencepiece.bpe.model")
     gptq_spec = _spec(dim=128, hidden_dim=256, head_dim=32)
     out["gptq"] = write_checkpoint(synth_checkpoint(gptq_spec, 0, torch.float16), "gptq", root / "gptq", "f16")
     return out
@@ -263,6 +268,8 @@ def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_
     yield from each(pad, "model_state.safetensors", truncation_cases("model_state.safetensors", data, rng, n(5)))
     yield from each(pad, "config.json", byte_cases("config.json", read(pad, "config.json"), rng, n(8)))
 
+    yield from pdparams_cases(sources["paddle-pdparams"], rng, n, each)
+
     gq = sources["gptq"]
     gconfig = json.loads(read(gq, "config.json"))
     qkeys = None if every_key else [("quantization_config",)] + [("quantization_config", k) for k in GPTQ_KEYS]
@@ -276,6 +283,30 @@ def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_
         data = read(gq, shard)
         yield from each(gq, shard, byte_cases(shard, data, rng, n(25), [(0, safetensors_header_end(data))]))
         yield from each(gq, shard, truncation_cases(shard, data, rng, n(5)))
+
+
+def pdparams_cases(pdp: Path, rng: random.Random, n: Callable, each: Callable) -> Iterator[tuple[str, Path, Changes]]:
+    """PaddleNLP's sharded .pdparams: opcode operands of the first shard set to extremes and neighbours,
+    byte mutations of the pickles' opcodes (not the tensor data), truncations, and the index's entries."""
+    index_name = "model_state.pdparams.index.json"
+    shards = sorted(p.name for p in pdp.glob("*.pdparams"))
+    data = (pdp / shards[0]).read_bytes()
+    fields = pickle_fields(data)
+    yield from each(pdp, shards[0], ((f"{shards[0]}:{label}", new) for label, new in (
+        mutate_field(data, field, rng) for field in rng.sample(fields, min(len(fields), n(40))))))
+    for shard in (shards[0], shards[-1]):
+        data = (pdp / shard).read_bytes()
+        yield from each(pdp, shard, byte_cases(shard, data, rng, n(25), pickle_spans(data)))
+        yield from each(pdp, shard, truncation_cases(shard, data, rng, n(5)))
+    index = json.loads((pdp / index_name).read_bytes())
+    first_key = next(iter(index["weight_map"]))
+    yield from each(pdp, index_name, (
+        (f"index:weight_map[{first_key}]={label}",
+         json.dumps(_replaced(index, ("weight_map", first_key), value)).encode())
+        for label, value in STRUCTURED + [("../escape", "../x.pdparams"), ("safetensors", "model.safetensors"),
+                                          ("missing", "nowhere.pdparams")]))
+    yield from each(pdp, index_name, byte_cases("index", (pdp / index_name).read_bytes(), rng, n(8)))
+    yield f"paddle-pdparams/{shards[-1]}:removed", pdp, {shards[-1]: None}
 
 
 def materialize(src: Path, dst: Path, changes: Changes) -> Path:

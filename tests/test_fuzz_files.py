@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import small_spec
-from fuzzing import gguf_fields, mutate, mutate_field, run_isolated, set_field
+from fuzzing import gguf_fields, mutate, mutate_field, pickle_fields, pickle_spans, run_isolated, set_field
 
 import mxtools.cli  # noqa: F401  (imported before forking: each case starts warm)
 from mxtools.commands.convert import write_checkpoint
@@ -33,6 +33,7 @@ from mxtools.quant.imatrix import ImatrixStat, save_imatrix
 from mxtools.quant.mixes import Mix, load_mix
 
 SEED = 9
+PADDLE_DIR = Path(__file__).parent / "fixtures" / "paddle" / "mixtral-pdparams"  # written by PaddleNLP itself
 N_VOCAB = 512  # the first 512 pieces of the v1 vocabulary (control, 256 bytes, merges)
 
 
@@ -65,6 +66,7 @@ def build_files(root: Path) -> dict[str, Path]:
     m["base"] = root / "base.bin"
     out = run_isolated(["verify", m["hf"], "--save-base", m["base"], *base_args(m)])
     assert out.code == 0 and m["base"].is_file(), out.stderr + out.traceback
+    m["pdparams"] = PADDLE_DIR / "model_state.pdparams"
     m["recipe"] = root / "rtn.yaml"
     m["recipe"].write_text(yaml.safe_dump({"name": "fuzz", "method": "rtn", "bits": 4, "group_size": 32,
                                            "sym": True, "damp": 0.01, "nsamples": 4, "seqlen": 64}))
@@ -142,6 +144,20 @@ def byte_mutations(src: Path, n: int, rng: random.Random, header_end: int | None
         yield mutate(data, rng, header_end)
 
 
+def pdparams_mutations(src: Path, n: int, rng: random.Random, structured: float = 0.5):
+    """n mutated copies of a .pdparams pickle: an opcode's operand (a length, integer or memo index) set to an
+    extreme or a neighbour, or byte changes among the opcodes (never inside a tensor's raw data)."""
+    data = src.read_bytes()
+    fields, spans = pickle_fields(data), pickle_spans(data)
+    for _ in range(n):
+        if rng.random() < structured:
+            yield mutate_field(data, rng.choice(fields), rng)
+        else:
+            start, end = rng.choice(spans)
+            kind, new = mutate(data[start:], rng, header_end=end - start)
+            yield f"{kind}@{start}", data[:start] + new
+
+
 def judge(out, target: Path, outputs: Path | None = None, also_named=()) -> str | None:
     """Why one CLI outcome breaks the contract, or None. An error must name `target` (or one of `also_named`:
     an input whose fit with the target's values failed); a failed run leaves no temporary output."""
@@ -171,6 +187,10 @@ def feeds(m: dict, work: Path) -> dict[str, Feed]:
         for f in m["hf"].iterdir():
             if f.name != "tokenizer.model":
                 (hf_copy / f.name).hardlink_to(f)
+    pdp = work / "paddle"
+    if not pdp.exists():  # PaddleNLP's config.json beside the mutated model_state.pdparams
+        pdp.mkdir(parents=True)
+        (pdp / "config.json").hardlink_to(PADDLE_DIR / "config.json")
     gguf, out, out_gguf = work / "m.gguf", work / "out", work / "out.gguf"
     imatrix = ["convert", m["hf"], "--to", "gguf", "--outtype", "q4_k_m", "-o", out_gguf, "--force", "--imatrix"]
     return {
@@ -188,6 +208,7 @@ def feeds(m: dict, work: Path) -> dict[str, Feed]:
         "dat": Feed(target=work / "m.dat", argv=[*imatrix, work / "m.dat"], outputs=out_gguf),
         "base": Feed(target=work / "m.bin", argv=["verify", m["hf"], "--base", work / "m.bin", *base_args(m),
                                                  "--max-kld", 1e9, "--min-same-top", 0, "--max-ppl-ratio", 1e9]),
+        "pdparams": Feed(target=pdp / "model_state.pdparams", argv=["inspect", pdp], also_named=(pdp,)),
         "recipe": Feed(target=work / "r.yaml", outputs=out, also_named=(m["hf"],),
                        argv=["quantize", m["hf"], "--recipe", work / "r.yaml", "--device", "cpu", "-o", out,
                              "--force"]),
@@ -225,7 +246,8 @@ def test_unmutated_files_read_cleanly(models, tmp_path):
     seeds = [("inspect", models[k]) for k in ("gguf", "q8_0", "legacy")] + [
         ("convert", models["gguf"]), ("convert-gguf", models["q8_0"]), ("imatrix-verb", models["gguf"]),
         ("verify-verb", models["gguf"]), ("tokenizer", models["hf"] / "tokenizer.model"),
-        ("imatrix", models["imatrix"]), ("dat", models["dat"]), ("base", models["base"]), ("recipe", models["recipe"])]
+        ("imatrix", models["imatrix"]), ("dat", models["dat"]), ("base", models["base"]), ("recipe", models["recipe"]),
+        ("pdparams", models["pdparams"])]
     for name, seed in seeds:
         out, why = run_case(f[name], seed.read_bytes())
         assert why is None and out.code == 0, (name, out.stderr, out.traceback[-2000:])
@@ -311,6 +333,16 @@ def base_mutations(src: Path, n: int, rng: random.Random):
         value = rng.choice(['"x"', "null", "[]", "{}", "-1", "0", "1e99", "true", "1.5", "99999999999", "[[[[1]]]]"])
         text = ", ".join(f'"{k}": {value if k == key else json.dumps(v)}' for k, v in header.items())
         yield f"{key}={value}", base[:12] + ("{" + text + "}").encode().ljust(length) + base[12 + length:]
+
+
+def test_pdparams_survives_mutation(models, tmp_path):
+    """PaddleNLP's model_state.pdparams (a pickle read by mxtools' own interpreter): operand and opcode-byte
+    mutations and truncations, through `inspect` (which reads every tensor)."""
+    rng = random.Random(f"{SEED}-pdparams")
+    data = models["pdparams"].read_bytes()
+    cases = list(pdparams_mutations(models["pdparams"], 80, rng))
+    cases += [(f"truncate@{cut}", data[:cut]) for cut in sorted(rng.sample(range(len(data)), 10))]
+    assert_clean(run_cases(feeds(models, tmp_path)["pdparams"], cases), len(cases))
 
 
 def test_saved_base_survives_mutation(models, tmp_path):

@@ -58,7 +58,8 @@ def _bytes(path: Path) -> int:
 
 def render(r: dict) -> str:
     c = r["config"]
-    lines = [(f"{r['path']}: {r['layout']} layout, {r['tensors']} tensors, {r['parameters'] / 1e9:.3f} B params, "
+    weights = f" ({r['info']['weights']})" if "weights" in r["info"] else ""  # the files of a multi-format layout
+    lines = [(f"{r['path']}: {r['layout']} layout{weights}, {r['tensors']} tensors, {r['parameters'] / 1e9:.3f} B params, "
               f"{r['file_bytes'] / 2**30:.2f} GiB"),
              (f"  dim {c['dim']}, layers {c['n_layers']}, heads {c['n_heads']}/{c['n_kv_heads']} x {c['head_dim']}, "
               f"experts {c['n_experts']} (top-{c['n_experts_per_tok']}) x ffn {c['hidden_dim']}, vocab "

@@ -43,7 +43,7 @@ class NonFiniteError(MxError):
 
 
 class UnsafePickleError(MxError):
-    """A torch pickle carries code or objects beyond plain tensors."""
+    """A pickle (torch's or Paddle's) carries code or objects beyond plain tensors."""
 
 
 class OutputError(MxError):

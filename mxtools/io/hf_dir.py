@@ -71,23 +71,25 @@ def read_json_object(path, what: str = "file") -> dict:
     return obj
 
 
-def _shard_name(name, index: Path) -> str:
+def _shard_name(name, index: Path, suffix: str) -> str:
     """A weight_map entry must name a file beside the index (no directories, no way out of the checkpoint)."""
-    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name \
+    if not isinstance(name, str) or not name.endswith(suffix) or "/" in name or "\\" in name \
             or name.startswith("."):
-        raise FormatError(f"index weight_map names {str(name)[:80]!r}, not a .safetensors file beside it",
+        raise FormatError(f"index weight_map names {str(name)[:80]!r}, not a {suffix} file beside it",
                           file=index)
     return name
 
 
-def shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+def shard_files(path: Path, index_name: str = "model.safetensors.index.json",
+                suffix: str = ".safetensors") -> list[Path]:
+    """The shards an index names (`index_name`, files ending in `suffix`), else every `*suffix` file."""
+    index = path / index_name
     if index.exists():
         weight_map = read_json_object(index, "index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError("index has no weight_map object, or an empty one", file=index)
-        return [path / f for f in sorted({_shard_name(v, index) for v in weight_map.values()})]
-    return sorted(path.glob("*.safetensors"))
+        return [path / f for f in sorted({_shard_name(v, index, suffix) for v in weight_map.values()})]
+    return sorted(path.glob("*" + suffix))
 
 
 def read_tokenizer(path: Path) -> Tokenizer | None:
@@ -112,13 +114,14 @@ def _read_text(path: Path) -> str:
         raise FormatError(f"cannot read text: {str(exc)[:200]}", file=path) from None
 
 
-def read_tensors(files, table: NameTable, transform=None) -> tuple[dict, list]:
-    """Lazy tensors of every shard mapped to canonical names; unknown keys kept under their own name.
-    A tensor stored twice (in two shards) is an error; on any error every shard opened so far is closed."""
+def read_tensors(files, table: NameTable, transform=None, opener=SafetensorsFile) -> tuple[dict, list]:
+    """Lazy tensors of every shard (opened by `opener`) mapped to canonical names; unknown keys kept under their
+    own name. A tensor stored twice (in two shards) is an error; on any error every shard opened so far is
+    closed."""
     tensors, opened = {}, []
     try:
         for f in files:
-            st = SafetensorsFile(f)
+            st = opener(f)
             opened.append(st)
             for key in st.keys():
                 hit = table.to_canonical(key)
@@ -134,7 +137,7 @@ def read_tensors(files, table: NameTable, transform=None) -> tuple[dict, list]:
     return tensors, opened
 
 
-def first_shard_keys(path: Path) -> set[str] | None:
+def first_shard_keys(path: Path, opener=SafetensorsFile) -> set[str] | None:
     """Tensor names of the first shard of an HF-style directory (None when it is not one)."""
     if not (path.is_dir() and (path / "config.json").exists()):
         return None
@@ -142,7 +145,7 @@ def first_shard_keys(path: Path) -> set[str] | None:
     if not files:
         return None
     try:
-        st = SafetensorsFile(files[0])
+        st = opener(files[0])
     except FormatError:
         return set()  # the reader reports the corrupt shard
     st.close()
@@ -165,15 +168,16 @@ def gptq_quant_config(path: Path) -> dict | None:
     return None
 
 
-def read_dir(path: Path, table: NameTable, layout: str, transform=None) -> Checkpoint:
+def read_dir(path: Path, table: NameTable, layout: str, transform=None, files=None,
+             opener=SafetensorsFile) -> Checkpoint:
     """The checkpoint of an HF-style directory whose tensors `table` names (`transform`: applied to each named
-    lazy tensor), labelled `layout`."""
+    lazy tensor), labelled `layout`; `files` (default: its safetensors shards) opened by `opener`."""
     spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
-    files = shard_files(path)
+    files = shard_files(path) if files is None else files
     if not files:
         raise FormatError("no .safetensors files", file=path)
     tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
-    tensors, opened = read_tensors(files, table, transform)
+    tensors, opened = read_tensors(files, table, transform, opener)
     ckpt = Checkpoint(spec, tensors, layout, path, tok)
     ckpt.closers += [f.close for f in opened]
     return ckpt

@@ -16,7 +16,7 @@ from .files import RawFile
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "U16": torch.uint16, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -24,8 +24,8 @@ MAX_HEADER = 100 * 1024 * 1024
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated up front; tensors read one at a time by offset."""
 
-    def __init__(self, path):
-        self.path = str(path)
+    def __init__(self, path, dtypes: dict = DTYPES):
+        self.path, self.dtypes = str(path), dtypes  # dtypes: the header's dtype names (a layout may add its own)
         self.raw = RawFile(path)
         try:
             self.metadata, self.entries = self._parse()
@@ -55,7 +55,7 @@ class SafetensorsFile:
 
     def _entry(self, name, e, start):
         try:
-            dtype = DTYPES[e["dtype"]]
+            dtype = self.dtypes[e["dtype"]]
             shape, offsets = tuple(e["shape"]), tuple(e["data_offsets"])
         except (KeyError, TypeError):
             raise FormatError("corrupt header entry (dtype, shape, data_offsets)", file=self.path,
