@@ -36,9 +36,12 @@ def src(tmp_path_factory):
 def kept(src, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     text = text_head(tmp_path_factory, EVAL, 8000)
-    result = run_compare(src, fmts=FORMATS, text=text, chunks=1, device="cpu", keep=root / "keep",
-                         json_out=root / "rows.json", plot=root / "plot.png")
-    return result, root
+    r = CliRunner().invoke(main, ["compare", str(src), "--formats", FORMATS, "--text", str(text), "--chunks", "1",
+                                  "--device", "cpu", "--keep", str(root / "keep"), "--json", str(root / "rows.json"),
+                                  "--plot", str(root / "plot.png")])
+    assert r.exit_code == 0, r.output
+    (root / "stdout.txt").write_text(r.stdout)
+    return json.loads((root / "rows.json").read_text()), root  # the JSON report is the result
 
 
 def test_rows_are_sorted_by_size_and_saved(kept):
@@ -55,7 +58,7 @@ def test_rows_are_sorted_by_size_and_saved(kept):
     assert by["bnb-int8"]["kld_mean"] < by["bnb-nf4"]["kld_mean"]
     table = render(result).splitlines()
     assert [line.split()[0] for line in table[2:]] == [r["format"] for r in rows]
-    assert json.loads((root / "rows.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert render(result) in (root / "stdout.txt").read_text()  # the table printed is the report's
     assert (root / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kept_files = sorted(p.name for p in (root / "keep").iterdir())
     assert kept_files == ["base.logprobs", "bnb-int8", "bnb-nf4", "q8_0.gguf", "rtn-int4"]
@@ -126,6 +129,8 @@ def test_missing_bitsandbytes_and_unknown_formats_are_one_line_errors(src, tmp_p
     assert not (tmp_path / "k").exists()
     (tmp_path / "k").mkdir()
     r = runner.invoke(main, ["compare", str(src), "--formats", "q8_0", "--keep", str(tmp_path / "k")])
+    assert r.exit_code == 2 and r.output.endswith("k: --keep: output exists (use --force to replace it)\n"), r.output
+    r = runner.invoke(main, ["compare", str(src), "--formats", "q8_0", "--keep", str(tmp_path / "k"), "--force"])
     assert r.exit_code == 2 and r.output.endswith("k: --keep needs a new directory; this one exists\n"), r.output
 
 
