@@ -293,8 +293,8 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
 @click.option("--formats", "fmts", metavar="F1,F2,...",
-              help=f"candidate formats (default {','.join(DEFAULT_FORMATS)}); also every GGUF mix (+imatrix, +gptq), "
-                   "gptq-int8, rtn-int8, bnb-fp4")
+              help=f"candidate formats (default {','.join(DEFAULT_FORMATS)}); also every GGUF mix (+imatrix, +gptq; "
+                   "the i-quant mixes +imatrix, some also alone), gptq-int8, rtn-int8, bnb-fp4")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="calibration text for GPTQ and the imatrix (default: the bundled calibration text)")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
