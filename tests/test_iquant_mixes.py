@@ -83,20 +83,40 @@ def test_new_condition_words():
         _one_rule("output", {"dim_multiple_of": 0})
 
 
+def refusal(mix: str, spec, imatrix=None, overrides=None) -> str | None:
+    """gguf_options' one-line refusal, None if it builds the writer's options."""
+    try:
+        gguf_options(mix, spec, imatrix, overrides)
+    except MxError as exc:
+        return exc.line()
+    return None
+
+
 def test_refusal_without_an_imatrix_is_by_type():
     """As llama-quantize: any tensor but token_embd and output in IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS."""
     assert NEEDS_IMATRIX == {Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS}
     spec = synth_spec("tiny", n_layers=4)
-    with pytest.raises(MxError, match=r"iq2_xs gives blk\.0\.attn_q\.weight type IQ2_XS.*add --imatrix FILE"):
-        gguf_options("iq2_xs", spec)
-    assert gguf_options("iq2_xs", spec, {"x": 1})["file_type"] == 20  # any imatrix lifts it
-    assert gguf_options("iq3_xs", spec, None, Overrides(pure=True))["file_type"] == 22  # IQ3_S everywhere
-    for mix in ("iq3_s", "iq3_m", "iq4_nl", "iq4_xs"):
-        gguf_options(mix, spec)
-    with pytest.raises(MxError, match=r"q4_k_m gives blk\.0\.ffn_up_exps\.weight type IQ2_XXS"):
-        gguf_options("q4_k_m", spec, None, Overrides(tensor_types=(parse_tensor_type("ffn_up=iq2_xxs"),)))
-    exempt = Overrides(tensor_types=(parse_tensor_type("blk=q4_k"),), output_type=Q.IQ1_S, token_embd_type=Q.IQ2_XS)
-    assert gguf_options("iq2_xxs", spec, None, exempt)["file_type"] == 19
+    assert refusal("iq2_xs", spec) == ("mix iq2_xs gives blk.0.attn_q.weight type IQ2_XS, which llama.cpp writes "
+                                       "only with an importance matrix: add --imatrix FILE (`mxtools imatrix MODEL "
+                                       "-o FILE` makes one)")
+    for mix in IQ_MIXES:
+        needs = "add --imatrix FILE" in (refusal(mix, spec) or "")
+        assert needs == (mix in NEEDS_ONE), mix
+        assert "--imatrix" not in (refusal(mix, spec, {"x": 1}) or "")  # any imatrix lifts it
+    assert "--imatrix" not in (refusal("iq3_xs", spec, None, Overrides(pure=True)) or "")  # IQ3_S everywhere
+    ov = Overrides(tensor_types=(parse_tensor_type("ffn_up=iq2_xxs"),))
+    assert "q4_k_m gives blk.0.ffn_up_exps.weight type IQ2_XXS" in refusal("q4_k_m", spec, None, ov)
+    exempt = Overrides(tensor_types=(parse_tensor_type("blk=q4_k"),), output_type=Q.Q6_K, token_embd_type=Q.Q8_0)
+    assert refusal("iq2_xxs", spec, None, exempt) is None
+    exempt = Overrides(tensor_types=(parse_tensor_type("blk=q4_k"),), output_type=Q.IQ2_XS)
+    assert "--imatrix" not in (refusal("iq2_xxs", spec, None, exempt) or "")
+
+
+def test_types_without_an_encoder_are_refused():
+    spec = synth_spec("tiny", n_layers=2)
+    ov = Overrides(tensor_types=(parse_tensor_type("ffn_up=tq1_0"),))
+    assert refusal("q4_k_m", spec, None, ov).startswith("mix q4_k_m gives blk.0.ffn_up_exps.weight type TQ1_0, "
+                                                        "for which mxtools has no encoder (it writes Q8_0, ")
 
 
 # ---- against llama-quantize ----
@@ -175,24 +195,24 @@ def assert_same_types(ours: dict, theirs: dict, what: str) -> None:
 @pytest.mark.parametrize("mix", IQ_MIXES)
 def test_types_with_imatrix_match_llama_quantize(judged, tmp_path, mix):
     theirs = quantized_types(judged, tmp_path / "llama.gguf", mix, "--imatrix", judged["imatrix"])
-    opts = gguf_options(mix, judged["spec"], judged["vectors"])
-    assert opts["file_type"] == FILE_TYPES[mix]
-    assert_same_types(policy_types(opts["policy"], judged["spec"]), theirs, f"{mix} on {judged['name']}")
+    policy = load_mix(mix).policy(judged["spec"], imatrix=True)
+    assert_same_types(policy_types(policy, judged["spec"]), theirs, f"{mix} on {judged['name']}")
+    assert "--imatrix" not in (refusal(mix, judged["spec"], judged["vectors"]) or "")
     low = {t for t in theirs.values() if t in NEEDS_IMATRIX}
     assert bool(low) == (mix in NEEDS_ONE)  # the refusal below is about real tensors
 
 
-@pytest.mark.parametrize("mix", IQ_MIXES)
+@pytest.mark.parametrize("mix", [*sorted(NEEDS_ONE), "iq4_nl", "iq4_xs"])
 def test_without_imatrix_we_refuse_where_llama_quantize_does(judged, tmp_path, mix):
     run = llama_quantize(judged["gguf"], tmp_path / "llama.gguf", mix)
     if mix in NEEDS_ONE:
         assert run.returncode != 0 and REFUSED in run.stderr, run.stderr[-2000:]
-        with pytest.raises(MxError, match="add --imatrix FILE"):
-            gguf_options(mix, judged["spec"])
+        assert "add --imatrix FILE" in refusal(mix, judged["spec"])
         return
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = file_types(tmp_path / "llama.gguf")
-    assert_same_types(policy_types(gguf_options(mix, judged["spec"])["policy"], judged["spec"]), theirs,
+    assert "--imatrix" not in (refusal(mix, judged["spec"]) or "")
+    assert_same_types(policy_types(load_mix(mix).policy(judged["spec"]), judged["spec"]), theirs,
                       f"{mix} without imatrix on {judged['name']}")
 
 
@@ -205,18 +225,17 @@ MANUAL = ("--tensor-type", "ffn_down=iq3_s", "--tensor-type", r"blk\.1\.attn_q=q
 @pytest.mark.parametrize("judged", ["bundled"], indirect=True)
 def test_manual_options_match_llama_quantize(judged, tmp_path):
     """--tensor-type, --output-tensor-type, --token-embedding-type and --pure go through the same policy."""
-    spec, vectors = judged["spec"], judged["vectors"]
+    spec = judged["spec"]
     ov = Overrides(tensor_types=(parse_tensor_type("ffn_down=iq3_s"), parse_tensor_type(r"blk\.1\.attn_q=q5_k")),
                    output_type=Q.Q4_K, token_embd_type=Q.IQ4_NL)
     theirs = quantized_types(judged, tmp_path / "a.gguf", "iq2_xs", "--imatrix", judged["imatrix"], *MANUAL)
-    ours = policy_types(gguf_options("iq2_xs", spec, vectors, ov)["policy"], spec)
+    ours = policy_types(load_mix("iq2_xs").policy(spec, True, ov), spec)
     assert_same_types(ours, theirs, "iq2_xs with manual types")
     assert theirs["blk.1.attn_q.weight"] == Q.Q5_K and theirs["blk.0.ffn_down_exps.weight"] == Q.IQ3_S
     for mix, imatrix in (("iq2_m", True), ("iq3_xs", False)):  # --pure: IQ3_S everywhere needs no imatrix
         options = ("--pure", "--imatrix", judged["imatrix"]) if imatrix else ("--pure",)
         theirs = quantized_types(judged, tmp_path / "p.gguf", mix, *options)
-        ours = policy_types(gguf_options(mix, spec, vectors if imatrix else None, Overrides(pure=True))["policy"],
-                            spec)
+        ours = policy_types(load_mix(mix).policy(spec, imatrix, Overrides(pure=True)), spec)
         assert_same_types(ours, theirs, f"{mix} --pure")
 
 

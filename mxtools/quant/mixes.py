@@ -156,18 +156,36 @@ class Mix:
         return bool(reachable & NEEDS_IMATRIX)
 
 
-def require_imatrix(mix: str, pick: Policy, spec: ModelSpec) -> None:
-    """MxError if `pick` gives any tensor of a `spec` model but token_embd and output a type llama-quantize
-    writes only with an importance matrix (tensor_requires_imatrix)."""
+def first_tensor_typed(pick: Policy, spec: ModelSpec, types, skip=frozenset()) -> tuple[str, Q] | None:
+    """(GGUF name, type) of the first tensor of a `spec` model, kinds in `skip` left out, to which `pick` gives
+    one of `types`; None if there is none."""
     for kind in KINDS:
-        if kind.key in IMATRIX_EXEMPT:
+        if kind.key in skip:
             continue
         for layer in range(spec.n_layers) if kind.scope != "global" else (None,):
             qtype = pick(kind.key, layer, tuple(kind.shape(spec)))
-            if qtype in NEEDS_IMATRIX:
-                name = TABLE.rows[kind.key].replace("{i}", str(layer))
-                raise MxError(f"mix {mix} gives {name} type {qtype.name}, which llama.cpp writes only with an "
-                              "importance matrix: add --imatrix FILE (`mxtools imatrix MODEL -o FILE` makes one)")
+            if qtype in types:
+                return TABLE.rows[kind.key].replace("{i}", str(layer)), qtype
+    return None
+
+
+def require_imatrix(mix: str, pick: Policy, spec: ModelSpec) -> None:
+    """MxError if `pick` gives any tensor of a `spec` model but token_embd and output a type llama-quantize
+    writes only with an importance matrix (tensor_requires_imatrix)."""
+    hit = first_tensor_typed(pick, spec, NEEDS_IMATRIX, IMATRIX_EXEMPT)
+    if hit:
+        raise MxError(f"mix {mix} gives {hit[0]} type {hit[1].name}, which llama.cpp writes only with an "
+                      "importance matrix: add --imatrix FILE (`mxtools imatrix MODEL -o FILE` makes one)")
+
+
+def require_encoders(mix: str, pick: Policy, spec: ModelSpec) -> None:
+    """MxError if `pick` gives any tensor a type mxtools' encoders (io.ggml_blocks.SUPPORTED) do not write."""
+    from ..io.ggml_blocks import SUPPORTED
+    unwritable = set(Q) - set(SUPPORTED) - {Q.F32, Q.F16, Q.BF16}
+    hit = first_tensor_typed(pick, spec, unwritable)
+    if hit:
+        raise MxError(f"mix {mix} gives {hit[0]} type {hit[1].name}, for which mxtools has no encoder "
+                      f"(it writes {', '.join(t.name for t in SUPPORTED)}, F16, BF16, F32)")
 
 
 def parse_tensor_type(arg: str) -> tuple[str, Q]:
@@ -280,10 +298,12 @@ def gguf_options(name: str, spec: ModelSpec, imatrix: dict | None = None,
     `imatrix`: canonical name -> vector (load_imatrix / imatrix_for_writer); its presence alone changes some
     mixes' choices, as in llama.cpp (an empty one counts as none, as llama-quantize passes none).
     A policy that gives any tensor but token_embd and output a type of NEEDS_IMATRIX is refused without an
-    importance matrix (MxError), as llama-quantize refuses it.
+    importance matrix (MxError), as llama-quantize refuses it; so is one that gives a tensor a type no encoder of
+    mxtools writes.
     """
     mix = load_mix(name)
     policy = mix.policy(spec, bool(imatrix), overrides)
     if not imatrix:
         require_imatrix(mix.name, policy, spec)
+    require_encoders(mix.name, policy, spec)
     return {"policy": policy, "file_type": mix.file_type, "imatrix": imatrix}
