@@ -64,8 +64,8 @@ def verify(candidate, reference, text, ctx, chunks, json_out, thresholds_for, ou
 @main.command(cls=Verb, epilog="Example: mxtools compare ex/model --formats q4_k_m,q4_k_m+gptq,gptq-int4 --plot c.png")
 @click.argument("model_path", metavar="MODEL", type=InputPath())
 @click.option("--formats", "fmts", metavar="F1,F2,...",
-              help=f"candidate formats (default {','.join(COMPARE_FORMATS)}); also every GGUF mix (+imatrix, +gptq), "
-                   "gptq-int8, rtn-int8, bnb-fp4")
+              help=f"candidate formats (default {','.join(COMPARE_FORMATS)}); also every GGUF mix (+imatrix, +gptq; "
+                   "the i-quant mixes +imatrix, some also alone), gptq-int8, rtn-int8, bnb-fp4")
 @click.option("--calib", type=InputPath(dir_okay=False), metavar="TEXT",
               help="calibration text for GPTQ and the imatrix (default: the bundled calibration text)")
 @click.option("--text", type=InputPath(dir_okay=False), help="evaluation text (default: the bundled held-out text)")

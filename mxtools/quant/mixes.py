@@ -5,19 +5,25 @@ keys of mxtools.core.names) an ordered list of rules `{when: {condition: value, 
 whose conditions all hold gives the type. Condition words (each mirrors a test in llama.cpp's
 src/llama-quant.cpp, `llama_tensor_get_type_impl`):
   n_experts: N        the model has N experts ("hparams.n_expert == 8")
+  experts_at_least: N the model has N experts or more ("hparams.n_expert >= 4")
   model_type: 70B     llama.cpp classes the model LLM_TYPE_70B (80 layers, GQA, not 8 experts)
   more_bits: true     use_more_bits(layer, n_layers): i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2
   first_eighth: true  layer < n_layers / 8 (integer division)
   first_sixteenth: true  layer < n_layers / 16 (integer division)
+  last_eighth: true   layer >= 7 * n_layers / 8 (integer division)
   gqa_at_least: N     n_heads / n_kv_heads >= N (integer division, llama.cpp's n_gqa())
   layer_below: N      layer < N
   imatrix: true       an importance matrix is given (llama.cpp's qs.has_imatrix)
+  dim_multiple_of: N  the model width (n_embd: the row length of output and token_embd) is a multiple of N
 Layer conditions are false for global tensors. For merged-expert tensors llama.cpp parses the layer from the
-tensor name, and its attn_v counter equals the layer because it visits tensors sorted by layer, so both are
-the `layer` argument here.
+tensor name, and its attn_v (and, for the IQ1/IQ2 mixes, ffn_down) counter equals the layer because it visits
+tensors sorted by layer, one tensor per kind and layer, so both are the `layer` argument here.
 
 What is the same for every mix lives in this module as tables: tensors llama.cpp never quantizes (norms,
-router), and the fallback it applies when a row length is no multiple of the chosen type's block.
+router), the fallback it applies when a row length is no multiple of the chosen type's block, and the types it
+refuses to write without an importance matrix (NEEDS_IMATRIX: a policy that gives one of them to any tensor but
+token_embd and output is refused without one in gguf_options, before anything is written, as llama-quantize
+refuses before it writes).
 """
 from __future__ import annotations
 
@@ -32,13 +38,19 @@ from gguf import GGMLQuantizationType as Q
 
 from .. import recipes
 from ..core.errors import MxError
-from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY
+from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY, KINDS
 from ..core.spec import PRESETS, ModelSpec
 from ..io.gguf_tables import TABLE
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+            **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)}}
+
+# tensor_requires_imatrix: llama-quantize writes these types only with an importance matrix (Q2_K joins them in a
+# Q2_K_S file, a mix not shipped here); token_embd and output are exempt.
+NEEDS_IMATRIX = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS})
+IMATRIX_EXEMPT = frozenset({"token_embd", "output"})
 
 Policy = Callable[[str, "int | None", tuple], Q]
 
@@ -70,13 +82,16 @@ _PROBE = ModelSpec(**PRESETS["tiny"])  # a model to try condition values on
 # condition word -> test(value, spec, layer, has_imatrix)
 CONDITIONS = {
     "n_experts": lambda v, s, i, im: s.n_experts == v,
+    "experts_at_least": lambda v, s, i, im: s.n_experts >= v,
     "model_type": lambda v, s, i, im: model_type(s) == str(v),
     "more_bits": lambda v, s, i, im: i is not None and use_more_bits(i, s.n_layers) == v,
     "first_eighth": lambda v, s, i, im: i is not None and (i < s.n_layers // 8) == v,
     "first_sixteenth": lambda v, s, i, im: i is not None and (i < s.n_layers // 16) == v,
+    "last_eighth": lambda v, s, i, im: i is not None and (i >= 7 * s.n_layers // 8) == v,
     "gqa_at_least": lambda v, s, i, im: s.n_kv_heads > 0 and s.n_heads // s.n_kv_heads >= v,
     "layer_below": lambda v, s, i, im: i is not None and i < v,
     "imatrix": lambda v, s, i, im: im == v,
+    "dim_multiple_of": lambda v, s, i, im: s.dim % v == 0,
 }
 
 
@@ -130,6 +145,48 @@ class Mix:
             return row_fallback(qtype, np_shape[-1])
         return pick
 
+    def types(self) -> frozenset:
+        """Every type the mix's rules can name, its default included (before row fallbacks)."""
+        return frozenset({self.default, *(r.qtype for rs in self.rules.values() for r in rs)})
+
+    def may_need_imatrix(self) -> bool:
+        """Whether some model gets a type of NEEDS_IMATRIX from this mix without an importance matrix."""
+        reachable = {self.default} | {r.qtype for k, rs in self.rules.items() if k not in IMATRIX_EXEMPT
+                                      for r in rs if r.when.get("imatrix") is not True}
+        return bool(reachable & NEEDS_IMATRIX)
+
+
+def first_tensor_typed(pick: Policy, spec: ModelSpec, types, skip=frozenset()) -> tuple[str, Q] | None:
+    """(GGUF name, type) of the first tensor of a `spec` model, kinds in `skip` left out, to which `pick` gives
+    one of `types`; None if there is none."""
+    for kind in KINDS:
+        if kind.key in skip:
+            continue
+        for layer in range(spec.n_layers) if kind.scope != "global" else (None,):
+            qtype = pick(kind.key, layer, tuple(kind.shape(spec)))
+            if qtype in types:
+                return TABLE.rows[kind.key].replace("{i}", str(layer)), qtype
+    return None
+
+
+def require_imatrix(mix: str, pick: Policy, spec: ModelSpec) -> None:
+    """MxError if `pick` gives any tensor of a `spec` model but token_embd and output a type llama-quantize
+    writes only with an importance matrix (tensor_requires_imatrix)."""
+    hit = first_tensor_typed(pick, spec, NEEDS_IMATRIX, IMATRIX_EXEMPT)
+    if hit:
+        raise MxError(f"mix {mix} gives {hit[0]} type {hit[1].name}, which llama.cpp writes only with an "
+                      "importance matrix: add --imatrix FILE (`mxtools imatrix MODEL -o FILE` makes one)")
+
+
+def require_encoders(mix: str, pick: Policy, spec: ModelSpec) -> None:
+    """MxError if `pick` gives any tensor a type mxtools' encoders (io.ggml_blocks.SUPPORTED) do not write."""
+    from ..io.ggml_blocks import SUPPORTED
+    unwritable = set(Q) - set(SUPPORTED) - {Q.F32, Q.F16, Q.BF16}
+    hit = first_tensor_typed(pick, spec, unwritable)
+    if hit:
+        raise MxError(f"mix {mix} gives {hit[0]} type {hit[1].name}, for which mxtools has no encoder "
+                      f"(it writes {', '.join(t.name for t in SUPPORTED)}, F16, BF16, F32)")
+
 
 def parse_tensor_type(arg: str) -> tuple[str, Q]:
     """`PATTERN=TYPE` as llama-quantize's --tensor-type reads it (split at the first '=', pattern lowercased,
@@ -180,7 +237,7 @@ def _check_condition(word: str, value, where: str) -> None:
         if not isinstance(value, (bool, int, str)):
             raise TypeError
         CONDITIONS[word](value, _PROBE, 0, False)
-    except TypeError:
+    except (TypeError, ZeroDivisionError):
         raise MxError(f"condition {word}: {reprlib.repr(value)} is not a value it can test", file=where) from None
 
 
@@ -240,7 +297,13 @@ def gguf_options(name: str, spec: ModelSpec, imatrix: dict | None = None,
 
     `imatrix`: canonical name -> vector (load_imatrix / imatrix_for_writer); its presence alone changes some
     mixes' choices, as in llama.cpp (an empty one counts as none, as llama-quantize passes none).
+    A policy that gives any tensor but token_embd and output a type of NEEDS_IMATRIX is refused without an
+    importance matrix (MxError), as llama-quantize refuses it; so is one that gives a tensor a type no encoder of
+    mxtools writes.
     """
     mix = load_mix(name)
-    return {"policy": mix.policy(spec, bool(imatrix), overrides), "file_type": mix.file_type,
-            "imatrix": imatrix}
+    policy = mix.policy(spec, bool(imatrix), overrides)
+    if not imatrix:
+        require_imatrix(mix.name, policy, spec)
+    require_encoders(mix.name, policy, spec)
+    return {"policy": policy, "file_type": mix.file_type, "imatrix": imatrix}
