@@ -15,30 +15,34 @@
 #include "common.h"
 #include "iq34.h"
 #include "iq3_grids.h"
+#include "search.h"
 
 #define MAP_SIZE 4096
 #define XXS_BYTES 98
 #define S_BYTES 110
 #define EPS_XXS 1e-8f
 
-/* The grid as signed bytes, the map from a 12-bit point (three bits per coordinate) to its grid index or, for a
- * point off the grid, to -(1 + offset) of its neighbour list in `neighbours`: a count, then grid indices in
- * (distance, index) order. */
+/* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and its grid index. */
+typedef struct {
+    float coord[4][8];
+    uint16_t index[8];
+} nb_block;
+
+/* The grid as signed bytes, and the map from a 12-bit point (three bits per coordinate) to its grid index or, for
+ * a point off the grid, to -(1 + its first neighbour block); count[u] is the number of its neighbours (those of
+ * the nearest two (IQ3_XXS) or three (IQ3_S) distinct distances, in (distance, index) order). */
+#define MAX_BLOCKS 8192
 typedef struct {
     int8_t grid[512][4];
     int32_t map[MAP_SIZE];
-    uint16_t *neighbours;
+    uint8_t count[MAP_SIZE];
+    nb_block blocks[MAX_BLOCKS];
 } iq3_table;
 
-/* List sizes for the two grids: one count plus the shells' points for each of the 3840 (3584) off-grid points. */
-#define NB_256 22825
-#define NB_512 28317
-static uint16_t neighbours_256[NB_256], neighbours_512[NB_512];
 static iq3_table table_256, table_512;
 static pthread_once_t once_256 = PTHREAD_ONCE_INIT, once_512 = PTHREAD_ONCE_INIT;
 
-/* The points of the nearest `shells` distinct distances from point u, in (distance, index) order, into out (when
- * not NULL); returns how many. */
+/* The points of the nearest `shells` distinct distances from point u, in (distance, index) order (at most 64). */
 static int shell_points(const iq3_table *t, int size, int u, int shells, uint16_t *out) {
     int d2[512], pos[4], n = 0, last = -1;
     for (int i = 0; i < 4; ++i) pos[i] = 2 * ((u >> (3 * i)) & 7) + 1;
@@ -50,17 +54,14 @@ static int shell_points(const iq3_table *t, int size, int u, int shells, uint16_
         int next = 1 << 30;
         for (int j = 0; j < size; ++j)
             if (d2[j] > last && d2[j] < next) next = d2[j];
-        for (int j = 0; j < size; ++j)
-            if (d2[j] == next) {
-                if (out) out[n] = (uint16_t)j;
-                ++n;
-            }
+        for (int j = 0; j < size && n < 64; ++j)
+            if (d2[j] == next) out[n++] = (uint16_t)j;
         last = next;
     }
     return n;
 }
 
-static void build_table(iq3_table *t, const uint16_t *packed, int size, int shells, uint16_t *store, int cap) {
+static void build_table(iq3_table *t, const uint16_t *packed, int size, int shells) {
     for (int k = 0; k < size; ++k)
         for (int i = 0; i < 4; ++i) t->grid[k][i] = (int8_t)(2 * ((packed[k] >> (3 * i)) & 7) + 1);
     for (int u = 0; u < MAP_SIZE; ++u) t->map[u] = -1;
@@ -68,56 +69,90 @@ static void build_table(iq3_table *t, const uint16_t *packed, int size, int shel
     int used = 0;
     for (int u = 0; u < MAP_SIZE; ++u) {
         if (t->map[u] >= 0) continue;
-        const int n = shell_points(t, size, u, shells, 0);
-        if (used + 1 + n > cap) abort();  /* the capacities are the exact totals for these grids */
-        store[used] = (uint16_t)n;
-        shell_points(t, size, u, shells, store + used + 1);
+        uint16_t nb[64];
+        const int n = shell_points(t, size, u, shells, nb);
+        if (used + (n + 7) / 8 > MAX_BLOCKS) abort();  /* these grids need about 6,000 blocks */
         t->map[u] = -(used + 1);
-        used += 1 + n;
+        t->count[u] = (uint8_t)n;
+        for (int j = 0; j < n; ++j) {
+            nb_block *b = &t->blocks[used + j / 8];
+            for (int i = 0; i < 4; ++i) b->coord[i][j % 8] = t->grid[nb[j]][i];
+            b->index[j % 8] = nb[j];
+        }
+        used += (n + 7) / 8;
     }
-    t->neighbours = store;
 }
 
-static void init_256(void) { build_table(&table_256, IQ3_GRID_256, 256, 2, neighbours_256, NB_256); }
-static void init_512(void) { build_table(&table_512, IQ3_GRID_512, 512, 3, neighbours_512, NB_512); }
+static void init_256(void) { build_table(&table_256, IQ3_GRID_256, 256, 2); }
+static void init_512(void) { build_table(&table_512, IQ3_GRID_512, 512, 3); }
 
-/* The neighbour of an off-grid point with the least weighted error sum w (scale g - x)^2 (the first of equal
- * ones); writes its levels to L and returns its grid index. */
-static int best_neighbour(const iq3_table *t, const uint16_t *nb, const float *xv, const float *w, float scale,
-                          int8_t *L) {
-    float best = FLT_MAX;
-    int index = nb[1];
-    for (int j = 1; j <= nb[0]; ++j) {
-        const int8_t *g = t->grid[nb[j]];
-        float d2 = 0;
-        for (int i = 0; i < 4; ++i) {
-            const float diff = scale * g[i] - xv[i];
-            d2 += w[i] * diff * diff;
-        }
-        if (d2 < best) {
-            best = d2;
-            index = nb[j];
-        }
+MX_INLINE vf bcast(const float *v) {
+    vf r;
+    memcpy(&r, v, 4);
+    return __builtin_shuffle(r, splati(0));
+}
+
+MX_INLINE vf load8(const float *v) {
+    vf r;
+    memcpy(&r, v, sizeof r);
+    return r;
+}
+
+/* The neighbour of off-grid point u with the least weighted error sum_i w_i (scale g_i - x_i)^2, summed in
+ * order i = 0..3 as ggml does (the first of equal ones: ggml scans the list with a strict <). Eight neighbours
+ * per step; writes the levels to L. */
+MX_INLINE void best_neighbour(const iq3_table *t, int u, const float *xv, const float *w, float scale, int8_t *L) {
+    const nb_block *b = &t->blocks[-t->map[u] - 1], *b0 = b;
+    const int n = t->count[u];
+    const vi iota = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vf sv = bcast(&scale), x0 = bcast(xv), x1 = bcast(xv + 1), x2 = bcast(xv + 2), x3 = bcast(xv + 3);
+    const vf w0 = bcast(w), w1 = bcast(w + 1), w2 = bcast(w + 2), w3 = bcast(w + 3);
+    vf best = splat(FLT_MAX);
+    vi pos = splati(64);
+    for (int c = 0; c < n; c += 8, ++b) {
+        vf d2 = splat(0), diff;
+        diff = sv * load8(b->coord[0]) - x0;
+        d2 += w0 * diff * diff;
+        diff = sv * load8(b->coord[1]) - x1;
+        d2 += w1 * diff * diff;
+        diff = sv * load8(b->coord[2]) - x2;
+        d2 += w2 * diff * diff;
+        diff = sv * load8(b->coord[3]) - x3;
+        d2 += w3 * diff * diff;
+        const vi better = (iota + c < n) & (d2 < best);
+        best = pick(better, d2, best);
+        pos = picki(better, iota + c, pos);
     }
-    for (int i = 0; i < 4; ++i) L[i] = (int8_t)((t->grid[index][i] - 1) / 2);
-    return index;
+    vf m = best;  /* the least error, in every lane */
+    for (int h = 4; h >= 1; h /= 2) {
+        const vf o = __builtin_shuffle(m, (iota + h) & 7);
+        m = pick(o < m, o, m);
+    }
+    pos = picki(best == m, pos, splati(64));  /* its first position */
+    for (int h = 4; h >= 1; h /= 2) {
+        const vi o = __builtin_shuffle(pos, (iota + h) & 7);
+        pos = picki(o < pos, o, pos);
+    }
+    const int p = pos[0] < n ? pos[0] : 0;  /* no finite error at all: ggml would stop; keep the first neighbour */
+    const int8_t *g = t->grid[b0[p / 8].index[p % 8]];
+    for (int i = 0; i < 4; ++i) L[i] = (int8_t)((g[i] - 1) / 2);
 }
 
 /* Round group k's four magnitudes with inverse scale id onto levels 0..7; off the grid, move to the best
  * neighbour for `scale`. Returns whether the rounded point was on the grid. */
-static int snap_group(const iq3_table *t, const float *xv, const float *waux, float id, float scale, int8_t *L) {
+MX_INLINE int snap_group(const iq3_table *t, const float *xv, const float *waux, float id, float scale, int8_t *L) {
     int u = 0;
     for (int i = 0; i < 4; ++i) {
         L[i] = (int8_t)clampi(nearest_int(0.5f * (id * xv[i] - 1)), 0, 7);
         u |= L[i] << (3 * i);
     }
     if (t->map[u] >= 0) return 1;
-    best_neighbour(t, t->neighbours - t->map[u] - 1, xv, waux, scale, L);
+    best_neighbour(t, u, xv, waux, scale, L);
     return 0;
 }
 
 /* Weighted least squares of xval on the odd levels 2L + 1: sum w x q and sum w q^2. */
-static void level_fit(const float *weight, const float *xval, const int8_t *L, float *sumqx, float *sumq2) {
+MX_INLINE void level_fit(const float *weight, const float *xval, const int8_t *L, float *sumqx, float *sumq2) {
     float sx = 0, s2 = 0;
     for (int i = 0; i < 32; ++i) {
         const float q = 2 * L[i] + 1;
@@ -136,7 +171,7 @@ typedef struct {
 } iq3_sub;
 
 /* The sweep over candidate inverse scales (15 + 0.2 is) / max; keeps the best levels in s->L; returns the scale. */
-static float sweep(const iq3_table *t, iq3_sub *s, float max, int steps, int on_grid_init) {
+MX_INLINE float sweep(const iq3_table *t, iq3_sub *s, float max, int steps, int on_grid_init) {
     float best = 0, scale = max / 15;
     int8_t Laux[32];
     int on_aux[8];
@@ -160,7 +195,7 @@ static float sweep(const iq3_table *t, iq3_sub *s, float max, int steps, int on_
 
 /* With groups off the grid and a positive scale: re-round those groups (IQ3_S: all) with the fitted scale and
  * refit it. */
-static float refit(const iq3_table *t, iq3_sub *s, float scale, int all) {
+MX_INLINE float refit(const iq3_table *t, iq3_sub *s, float scale, int all) {
     int off = 0;
     for (int k = 0; k < 8; ++k) off += !s->on_grid[k];
     if (!off || !(scale > 0)) return scale;
@@ -172,14 +207,14 @@ static float refit(const iq3_table *t, iq3_sub *s, float scale, int all) {
     return sumq2 > 0 ? sumqx / sumq2 : scale;
 }
 
-static void sub_weights(const float *xb, const float *qw, float sigma2, iq3_sub *s) {
+MX_INLINE void sub_weights(const float *xb, const float *qw, float sigma2, iq3_sub *s) {
     for (int i = 0; i < 32; ++i) s->weight[i] = qw ? qw[i] * sqrtf(sigma2 + xb[i] * xb[i]) : xb[i] * xb[i];
     for (int i = 0; i < 32; ++i) s->waux[i] = sqrtf(s->weight[i]);
 }
 
 /* Magnitudes and sign bits of 8 values; IQ3_XXS keeps an even number of negatives by flipping the value of
  * least w x^2 (its magnitude goes negative). */
-static uint8_t split_signs(const float *xb, const float *weight, float *xval, int even) {
+MX_INLINE uint8_t split_signs(const float *xb, const float *weight, float *xval, int even) {
     int flips = 0, s = 0;
     for (int i = 0; i < 8; ++i) {
         xval[i] = xb[i] >= 0 ? xb[i] : -xb[i];
@@ -206,7 +241,7 @@ static uint8_t split_signs(const float *xb, const float *weight, float *xval, in
 
 /* Quantize one 32-value sub-block: grid indices idx[8], sign bytes signs[4]; returns the scale, or -1 for a
  * sub-block ggml skips (largest magnitude below EPS_XXS for IQ3_XXS, zero for IQ3_S). */
-static float sub_block(const iq3_table *t, int xxs, const float *xb, const float *qw, float sigma2, uint16_t *idx,
+MX_INLINE float sub_block(const iq3_table *t, int xxs, const float *xb, const float *qw, float sigma2, uint16_t *idx,
                        uint8_t *signs) {
     iq3_sub s;
     sub_weights(xb, qw, sigma2, &s);
@@ -230,7 +265,7 @@ static float sub_block(const iq3_table *t, int xxs, const float *xb, const float
     return scale;
 }
 
-static float sigma2_of(const float *x) {
+MX_INLINE float sigma2_of(const float *x) {
     float sumx2 = 0;
     for (int i = 0; i < 256; ++i) sumx2 += x[i] * x[i];
     return 2 * sumx2 / 256;

@@ -16,25 +16,38 @@
 #define IQ4_XS_BYTES 136
 #define IQ4_NL_BYTES 18
 
+/* The midpoints and level steps as 8-lane constants. */
+typedef struct {
+    vf mid[15];
+    vi step[15];
+} iq4_consts;
+
+MX_INLINE void iq4_init(iq4_consts *c) {
+    for (int j = 0; j < 15; ++j) {
+        c->mid[j] = splat(IQ4_MIDPOINTS[j]);
+        c->step[j] = splati(IQ4_LEVELS[j + 1] - IQ4_LEVELS[j]);
+    }
+}
+
 /* best_index_int8 on 8 lanes: the number of midpoints at or below x. */
-MX_INLINE vi iq4_index(vf x) {
+MX_INLINE vi iq4_index(const iq4_consts *c, vf x) {
     vi l = splati(0);
-    for (int j = 0; j < 15; ++j) l += (x < splat(IQ4_MIDPOINTS[j])) + 1;
+    for (int j = 0; j < 15; ++j) l += (x < c->mid[j]) + 1;
     return l;
 }
 
 /* The level itself (as a float) of the nearest index: -127 plus the steps of the midpoints passed. */
-MX_INLINE vf iq4_level(vf x) {
+MX_INLINE vf iq4_level(const iq4_consts *c, vf x) {
     vi q = splati(IQ4_LEVELS[0]);
-    for (int j = 0; j < 15; ++j) q += ~(x < splat(IQ4_MIDPOINTS[j])) & splati(IQ4_LEVELS[j + 1] - IQ4_LEVELS[j]);
+    for (int j = 0; j < 15; ++j) q += ~(x < c->mid[j]) & c->step[j];
     return tof(q);
 }
 
 /* One candidate inverse scale id: sum w q x and sum w q^2 over the 32 values of each lane. */
-MX_INLINE void iq4_fit(const vf *x, const vf *w, vf id, vf *sumqx, vf *sumq2) {
+MX_INLINE void iq4_fit(const iq4_consts *c, const vf *x, const vf *w, vf id, vf *sumqx, vf *sumq2) {
     vf sx = splat(0), s2 = splat(0);
     for (int j = 0; j < 32; ++j) {
-        const vf q = iq4_level(id * x[j]);
+        const vf q = iq4_level(c, id * x[j]);
         sx += w[j] * q * x[j];
         s2 += w[j] * q * q;
     }
@@ -43,7 +56,7 @@ MX_INLINE void iq4_fit(const vf *x, const vf *w, vf id, vf *sumqx, vf *sumq2) {
 }
 
 /* The fitted scale of each lane's 32 values (0 for a block whose largest |x| is below GROUP_MAX_EPS). */
-MX_INLINE vf iq4_lane_scales(const vf *x, const vf *w) {
+MX_INLINE vf iq4_lane_scales(const iq4_consts *c, const vf *x, const vf *w) {
     vf amax = splat(0), mx = splat(0), sumqx, sumq2;
     for (int j = 0; j < 32; ++j) {
         const vi bigger = vabs(x[j]) > amax;
@@ -51,11 +64,11 @@ MX_INLINE vf iq4_lane_scales(const vf *x, const vf *w) {
         mx = pick(bigger, x[j], mx);
     }
     vf d = -mx / splat((float)IQ4_LEVELS[0]);
-    iq4_fit(x, w, 1 / d, &sumqx, &sumq2);
+    iq4_fit(c, x, w, 1 / d, &sumqx, &sumq2);
     d = pick(sumq2 > 0, sumqx / sumq2, splat(0));
     vf best = d * sumqx;
     for (int itry = -7; itry <= 7; ++itry) {
-        iq4_fit(x, w, splat((float)(itry + IQ4_LEVELS[0])) / mx, &sumqx, &sumq2);
+        iq4_fit(c, x, w, splat((float)(itry + IQ4_LEVELS[0])) / mx, &sumqx, &sumq2);
         const vi better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2);
         d = pick(better, sumqx / sumq2, d);
         best = pick(better, d * sumqx, best);
@@ -63,19 +76,21 @@ MX_INLINE vf iq4_lane_scales(const vf *x, const vf *w) {
     return pick(amax >= GROUP_MAX_EPS, d, splat(0));
 }
 
-/* Weights of m <= 8 blocks in lanes; sigma2[k] is the sigma^2 of lane k (2 * mean square of its super-block). */
-static void iq4_weights(int m, const vf *xs, const float *qw, const float *sigma2, vf *w) {
-    for (int j = 0; j < 32; ++j) {
-        if (!qw) {
-            w[j] = xs[j] * xs[j];
-            continue;
-        }
-        for (int k = 0; k < NL; ++k) w[j][k] = k < m ? qw[32 * k + j] * sqrtf(sigma2[k] + xs[j][k] * xs[j][k]) : 0.f;
+/* Weights of m <= 8 consecutive blocks x, in lanes; sigma2[k] is the sigma^2 of block k (2 * mean square of its
+ * super-block). Computed in memory order first, so the square roots vectorize. */
+MX_INLINE void iq4_weights(int m, const float *x, const vf *xs, const float *qw, const float *sigma2, vf *w) {
+    if (!qw) {
+        for (int j = 0; j < 32; ++j) w[j] = xs[j] * xs[j];
+        return;
     }
+    float flat[NL * 32];
+    for (int k = 0; k < m; ++k)
+        for (int j = 0; j < 32; ++j) flat[32 * k + j] = qw[32 * k + j] * sqrtf(sigma2[k] + x[32 * k + j] * x[32 * k + j]);
+    to_lanes(32, m, flat, w);
 }
 
 /* 32 indices of one lane into ggml's nibble order: byte j holds values j (low) and j + 16 (high). */
-static void pack_iq4(const vi *L, int k, uint8_t *qs) {
+MX_INLINE void pack_iq4(const vi *L, int k, uint8_t *qs) {
     for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(L[j][k] | (L[j + 16][k] << 4));
 }
 
@@ -83,6 +98,8 @@ MX_CLONES void mx_iq4_nl_row(const float *x, uint8_t *y, int64_t n, const float 
     const int64_t nb = n / 32;
     vf xs[32], w[32];
     vi L[32];
+    iq4_consts c;
+    iq4_init(&c);
     for (int64_t b0 = 0; b0 < nb; b0 += NL) {
         const int m = nb - b0 < NL ? (int)(nb - b0) : NL;
         float sigma2[NL] = {0};
@@ -92,10 +109,10 @@ MX_CLONES void mx_iq4_nl_row(const float *x, uint8_t *y, int64_t n, const float 
             sigma2[k] *= 2.f / 32;
         }
         to_lanes(32, m, x + b0 * 32, xs);
-        iq4_weights(m, xs, qw ? qw + b0 * 32 : 0, sigma2, w);
-        const vf d = iq4_lane_scales(xs, w);
+        iq4_weights(m, x + b0 * 32, xs, qw ? qw + b0 * 32 : 0, sigma2, w);
+        const vf d = iq4_lane_scales(&c, xs, w);
         const vf id = pick(d != 0, 1 / d, splat(0));
-        for (int j = 0; j < 32; ++j) L[j] = iq4_index(id * xs[j]);
+        for (int j = 0; j < 32; ++j) L[j] = iq4_index(&c, id * xs[j]);
         for (int k = 0; k < m; ++k) {
             uint8_t *yb = y + (b0 + k) * IQ4_NL_BYTES;
             put_f16(yb, d[k]);
@@ -106,7 +123,7 @@ MX_CLONES void mx_iq4_nl_row(const float *x, uint8_t *y, int64_t n, const float 
 
 /* One IQ4_XS super-block from its eight sub-block scales: d = -max_scale / 32 (max_scale the first of largest
  * magnitude), 6-bit sub-scales l in [-32, 31] stored as l + 32, and every value re-mapped with the scale d * l. */
-static void iq4_xs_pack(const vf *xs, const float *scales, uint8_t *y) {
+MX_INLINE void iq4_xs_pack(const vf *xs, const float *scales, uint8_t *y) {
     float amax = 0, max_scale = 0;
     for (int k = 0; k < NL; ++k)
         if (fabsf(scales[k]) > amax) {
@@ -129,21 +146,25 @@ static void iq4_xs_pack(const vf *xs, const float *scales, uint8_t *y) {
     }
     memcpy(y + 2, &scales_h, 2);
     vi L[32];
-    for (int j = 0; j < 32; ++j) L[j] = iq4_index(idl * xs[j]);
+    iq4_consts c;
+    iq4_init(&c);
+    for (int j = 0; j < 32; ++j) L[j] = iq4_index(&c, idl * xs[j]);
     for (int k = 0; k < NL; ++k) pack_iq4(L, k, y + 8 + 16 * k);
 }
 
 MX_CLONES void mx_iq4_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     vf xs[32], w[32];
+    iq4_consts c;
+    iq4_init(&c);
     for (int64_t i = 0; i < n / 256; ++i, x += 256, y += IQ4_XS_BYTES) {
         float s = 0, sigma2[NL];
         for (int j = 0; j < 256; ++j) s += x[j] * x[j];
         s *= 2.f / 256;
         for (int k = 0; k < NL; ++k) sigma2[k] = s;
         to_lanes(32, NL, x, xs);
-        iq4_weights(NL, xs, qw ? qw + i * 256 : 0, sigma2, w);
+        iq4_weights(NL, x, xs, qw ? qw + i * 256 : 0, sigma2, w);
         float scales[NL];
-        const vf d = iq4_lane_scales(xs, w);
+        const vf d = iq4_lane_scales(&c, xs, w);
         memcpy(scales, &d, sizeof d);
         iq4_xs_pack(xs, scales, y);
     }
