@@ -25,7 +25,7 @@
 /* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and its grid index. */
 typedef struct {
     float coord[4][8];
-    uint16_t index[8];
+    uint16_t code[8];
 } nb_block;
 
 /* The grid as signed bytes, and the map from a 12-bit point (three bits per coordinate) to its grid index or, for
@@ -77,7 +77,7 @@ static void build_table(iq3_table *t, const uint16_t *packed, int size, int shel
         for (int j = 0; j < n; ++j) {
             nb_block *b = &t->blocks[used + j / 8];
             for (int i = 0; i < 4; ++i) b->coord[i][j % 8] = t->grid[nb[j]][i];
-            b->index[j % 8] = nb[j];
+            b->code[j % 8] = packed[nb[j]];
         }
         used += (n + 7) / 8;
     }
@@ -99,14 +99,15 @@ MX_INLINE vf load8(const float *v) {
 }
 
 /* The neighbour of off-grid point u with the least weighted error sum_i w_i (scale g_i - x_i)^2, summed in
- * order i = 0..3 as ggml does (the first of equal ones: ggml scans the list with a strict <). Eight neighbours
- * per step; writes the levels to L. */
-MX_INLINE void best_neighbour(const iq3_table *t, int u, const float *xv, const float *w, float scale, int8_t *L) {
+ * order i = 0..3 as ggml does (the first of equal ones: ggml scans the list with a strict <); x_i = xv[stride i],
+ * w_i = w[stride i]. Eight neighbours per step; returns the neighbour's levels as a 12-bit code. */
+MX_INLINE int best_neighbour(const iq3_table *t, int u, const float *xv, const float *w, int stride, float scale) {
     const nb_block *b = &t->blocks[-t->map[u] - 1], *b0 = b;
     const int n = t->count[u];
     const vi iota = {0, 1, 2, 3, 4, 5, 6, 7};
-    const vf sv = bcast(&scale), x0 = bcast(xv), x1 = bcast(xv + 1), x2 = bcast(xv + 2), x3 = bcast(xv + 3);
-    const vf w0 = bcast(w), w1 = bcast(w + 1), w2 = bcast(w + 2), w3 = bcast(w + 3);
+    const vf sv = bcast(&scale), x0 = bcast(xv), x1 = bcast(xv + stride), x2 = bcast(xv + 2 * stride);
+    const vf x3 = bcast(xv + 3 * stride), w0 = bcast(w), w1 = bcast(w + stride), w2 = bcast(w + 2 * stride);
+    const vf w3 = bcast(w + 3 * stride);
     vf best = splat(FLT_MAX);
     vi pos = splati(64);
     for (int c = 0; c < n; c += 8, ++b) {
@@ -134,82 +135,95 @@ MX_INLINE void best_neighbour(const iq3_table *t, int u, const float *xv, const 
         pos = picki(o < pos, o, pos);
     }
     const int p = pos[0] < n ? pos[0] : 0;  /* no finite error at all: ggml would stop; keep the first neighbour */
-    const int8_t *g = t->grid[b0[p / 8].index[p % 8]];
-    for (int i = 0; i < 4; ++i) L[i] = (int8_t)((g[i] - 1) / 2);
+    return b0[p / 8].code[p % 8];
 }
 
-/* Round group k's four magnitudes with inverse scale id onto levels 0..7; off the grid, move to the best
- * neighbour for `scale`. Returns whether the rounded point was on the grid. */
-MX_INLINE int snap_group(const iq3_table *t, const float *xv, const float *waux, float id, float scale, int8_t *L) {
-    int u = 0;
+/* The eight sub-blocks of a super-block side by side (lane k: sub-block k; see search.h): magnitudes x, weights
+ * w and their square roots wa (the neighbour search's weights), the best levels L and which groups of four were
+ * on the grid when rounded (on, a lane mask per group). */
+typedef struct {
+    vf x[32], w[32], wa[32];
+    vi L[32], on[8];
+} iq3_lanes;
+
+/* Bit k of `bits` as a lane mask (all ones in lane k). */
+MX_INLINE vi lane_mask(int bits) { return ((splati(bits) >> (vi){0, 1, 2, 3, 4, 5, 6, 7}) & splati(1)) != 0; }
+
+/* Round group k of the lanes in `todo` (a bit per lane) with inverse scales id onto levels 0..7 and, off the
+ * grid, replace the point by its best neighbour for `scale`. Writes the levels of those lanes to L[0..3] and, if
+ * on is not NULL, the on-grid mask. */
+MX_INLINE void snap_lanes(const iq3_table *t, const iq3_lanes *s, int k, vf id, vf scale, int todo, vi *L, vi *on) {
+    vi l[4], u = splati(0);
     for (int i = 0; i < 4; ++i) {
-        L[i] = (int8_t)clampi(nearest_int(0.5f * (id * xv[i] - 1)), 0, 7);
-        u |= L[i] << (3 * i);
+        l[i] = vnearest(splat(0.5f) * (id * s->x[4 * k + i] - splat(1.f)), 0, 7);
+        u |= l[i] << (3 * i);
     }
-    if (t->map[u] >= 0) return 1;
-    best_neighbour(t, u, xv, waux, scale, L);
-    return 0;
+    vi grid = splati(-1);
+    for (int lane = 0; lane < NL; ++lane) {
+        if (!(todo >> lane & 1) || t->map[u[lane]] >= 0) continue;
+        grid[lane] = 0;
+        const int code = best_neighbour(t, u[lane], &s->x[4 * k][lane], &s->wa[4 * k][lane], NL, scale[lane]);
+        for (int i = 0; i < 4; ++i) l[i][lane] = (code >> (3 * i)) & 7;
+    }
+    const vi mask = lane_mask(todo);
+    for (int i = 0; i < 4; ++i) L[i] = picki(mask, l[i], L[i]);
+    if (on) *on = grid;
 }
 
-/* Weighted least squares of xval on the odd levels 2L + 1: sum w x q and sum w q^2. */
-MX_INLINE void level_fit(const float *weight, const float *xval, const int8_t *L, float *sumqx, float *sumq2) {
-    float sx = 0, s2 = 0;
+/* Weighted least squares of x on the odd levels 2L + 1 in each lane: sum w x q and sum w q^2. */
+MX_INLINE void level_fit(const iq3_lanes *s, const vi *L, vf *sumqx, vf *sumq2) {
+    vf sx = splat(0), s2 = splat(0);
     for (int i = 0; i < 32; ++i) {
-        const float q = 2 * L[i] + 1;
-        sx += weight[i] * xval[i] * q;
-        s2 += weight[i] * q * q;
+        const vf q = tof(L[i] * 2 + 1);
+        sx += s->w[i] * s->x[i] * q;
+        s2 += s->w[i] * q * q;
     }
     *sumqx = sx;
     *sumq2 = s2;
 }
 
-/* One sub-block's state: magnitudes, weights (and their square roots for the neighbour search), levels. */
-typedef struct {
-    float weight[32], waux[32], xval[32];
-    int8_t L[32];
-    int on_grid[8];
-} iq3_sub;
-
-/* The sweep over candidate inverse scales (15 + 0.2 is) / max; keeps the best levels in s->L; returns the scale. */
-MX_INLINE float sweep(const iq3_table *t, iq3_sub *s, float max, int steps, int on_grid_init) {
-    float best = 0, scale = max / 15;
-    int8_t Laux[32];
-    int on_aux[8];
-    for (int k = 0; k < 8; ++k) s->on_grid[k] = on_grid_init;
+/* The sweep over candidate inverse scales (15 + 0.2 is) / max of the live lanes; keeps each lane's best levels in
+ * s->L; returns the scales. */
+MX_INLINE vf sweep(const iq3_table *t, iq3_lanes *s, vf max, int live, int steps, int on_grid_init) {
+    vf best = splat(0), scale = max / splat(15.f);
+    vi Laux[32], on_aux[8];
+    for (int k = 0; k < 8; ++k) s->on[k] = splati(on_grid_init ? -1 : 0);
+    for (int i = 0; i < 32; ++i) s->L[i] = Laux[i] = splati(0);
     for (int is = -steps; is <= steps; ++is) {
-        const float id = (15 + is * 0.2f) / max;
-        const float this_scale = 1 / id;
-        for (int k = 0; k < 8; ++k)
-            on_aux[k] = snap_group(t, s->xval + 4 * k, s->waux + 4 * k, id, this_scale, Laux + 4 * k);
-        float sumqx, sumq2;
-        level_fit(s->weight, s->xval, Laux, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(s->L, Laux, 32);
-            memcpy(s->on_grid, on_aux, sizeof on_aux);
-        }
+        const vf id = splat(15 + is * 0.2f) / max;
+        const vf this_scale = splat(1.f) / id;
+        for (int k = 0; k < 8; ++k) snap_lanes(t, s, k, id, this_scale, live, Laux + 4 * k, on_aux + k);
+        vf sumqx, sumq2;
+        level_fit(s, Laux, &sumqx, &sumq2);
+        const vi better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2);
+        scale = pick(better, sumqx / sumq2, scale);
+        best = pick(better, scale * sumqx, best);
+        for (int i = 0; i < 32; ++i) s->L[i] = picki(better, Laux[i], s->L[i]);
+        for (int k = 0; k < 8; ++k) s->on[k] = picki(better, on_aux[k], s->on[k]);
     }
     return scale;
 }
 
-/* With groups off the grid and a positive scale: re-round those groups (IQ3_S: all) with the fitted scale and
- * refit it. */
-MX_INLINE float refit(const iq3_table *t, iq3_sub *s, float scale, int all) {
-    int off = 0;
-    for (int k = 0; k < 8; ++k) off += !s->on_grid[k];
-    if (!off || !(scale > 0)) return scale;
-    const float id = 1 / scale;
-    for (int k = 0; k < 8; ++k)
-        if (all || !s->on_grid[k]) snap_group(t, s->xval + 4 * k, s->waux + 4 * k, id, scale, s->L + 4 * k);
-    float sumqx, sumq2;
-    level_fit(s->weight, s->xval, s->L, &sumqx, &sumq2);
-    return sumq2 > 0 ? sumqx / sumq2 : scale;
-}
-
-MX_INLINE void sub_weights(const float *xb, const float *qw, float sigma2, iq3_sub *s) {
-    for (int i = 0; i < 32; ++i) s->weight[i] = qw ? qw[i] * sqrtf(sigma2 + xb[i] * xb[i]) : xb[i] * xb[i];
-    for (int i = 0; i < 32; ++i) s->waux[i] = sqrtf(s->weight[i]);
+/* Lanes with groups off the grid and a positive scale: re-round those groups (IQ3_S: all groups) with the
+ * fitted scale and refit it. */
+MX_INLINE vf refit(const iq3_table *t, iq3_lanes *s, vf scale, int live, int all) {
+    vi off = splati(0);
+    for (int k = 0; k < 8; ++k) off |= ~s->on[k];
+    const vi redo = off & (scale > 0);
+    int todo = 0;
+    for (int lane = 0; lane < NL; ++lane) todo |= (redo[lane] & 1) << lane;
+    todo &= live;
+    if (!todo) return scale;
+    const vf id = splat(1.f) / scale;
+    for (int k = 0; k < 8; ++k) {
+        int lanes = todo;
+        for (int lane = 0; lane < NL; ++lane) lanes &= ~((!all && s->on[k][lane]) << lane);
+        snap_lanes(t, s, k, id, scale, lanes, s->L + 4 * k, 0);
+    }
+    vf sumqx, sumq2;
+    level_fit(s, s->L, &sumqx, &sumq2);
+    const vi mask = lane_mask(todo);
+    return pick(mask & (sumq2 > 0), sumqx / sumq2, scale);
 }
 
 /* Magnitudes and sign bits of 8 values; IQ3_XXS keeps an even number of negatives by flipping the value of
@@ -239,30 +253,52 @@ MX_INLINE uint8_t split_signs(const float *xb, const float *weight, float *xval,
     return (uint8_t)s;
 }
 
-/* Quantize one 32-value sub-block: grid indices idx[8], sign bytes signs[4]; returns the scale, or -1 for a
- * sub-block ggml skips (largest magnitude below EPS_XXS for IQ3_XXS, zero for IQ3_S). */
-MX_INLINE float sub_block(const iq3_table *t, int xxs, const float *xb, const float *qw, float sigma2, uint16_t *idx,
-                       uint8_t *signs) {
-    iq3_sub s;
-    sub_weights(xb, qw, sigma2, &s);
-    for (int k = 0; k < 4; ++k)
-        signs[k] = (uint8_t)(split_signs(xb + 8 * k, s.weight + 8 * k, s.xval + 8 * k, xxs) & (xxs ? 127 : 255));
-    float max = s.xval[0];
-    for (int i = 1; i < 32; ++i) max = max > s.xval[i] ? max : s.xval[i];
-    if (xxs ? max < EPS_XXS : !max) return -1.f;
-    memset(s.L, 0, sizeof s.L);
-    float scale = sweep(t, &s, max, xxs ? 15 : 9, xxs);
-    scale = refit(t, &s, scale, !xxs);
-    if (scale < 0) {
-        scale = -scale;
-        for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(xxs ? ~signs[k] & 127 : ~signs[k]);
+/* Weights, magnitudes and signs of the 8 sub-blocks of super-block x into lanes; returns the live lanes (a bit
+ * each: ggml skips a sub-block whose largest magnitude is below EPS_XXS (IQ3_XXS) or zero (IQ3_S)). */
+MX_INLINE int prepare(const float *x, const float *qw, float sigma2, int xxs, iq3_lanes *s, vf *max,
+                      uint8_t signs[8][4]) {
+    float weight[256], waux[256], xval[256];
+    for (int i = 0; i < 256; ++i) weight[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+    for (int i = 0; i < 256; ++i) waux[i] = sqrtf(weight[i]);
+    int live = 0;
+    for (int ib = 0; ib < 8; ++ib) {
+        for (int k = 0; k < 4; ++k) {
+            const int j = 32 * ib + 8 * k;
+            signs[ib][k] = (uint8_t)(split_signs(x + j, weight + j, xval + j, xxs) & (xxs ? 127 : 255));
+        }
+        float m = xval[32 * ib];
+        for (int i = 1; i < 32; ++i) m = m > xval[32 * ib + i] ? m : xval[32 * ib + i];
+        (*max)[ib] = m;
+        live |= !(xxs ? m < EPS_XXS : !m) << ib;
     }
-    for (int k = 0; k < 8; ++k) {
-        int u = 0;
-        for (int i = 0; i < 4; ++i) u |= s.L[4 * k + i] << (3 * i);
-        idx[k] = (uint16_t)(t->map[u] >= 0 ? t->map[u] : 0);  /* always on the grid by construction */
+    to_lanes(32, 8, xval, s->x);
+    to_lanes(32, 8, weight, s->w);
+    to_lanes(32, 8, waux, s->wa);
+    return live;
+}
+
+/* One super-block: grid indices idx[8][8], sign bytes signs[8][4] and scales[8] of the sub-blocks (-1: skipped). */
+MX_INLINE void super_block(const iq3_table *t, int xxs, const float *x, const float *qw, float sigma2,
+                           uint16_t idx[8][8], uint8_t signs[8][4], float *scales) {
+    iq3_lanes s;
+    vf max;
+    const int live = prepare(x, qw, sigma2, xxs, &s, &max, signs);
+    vf scale = sweep(t, &s, max, live, xxs ? 15 : 9, xxs);
+    scale = refit(t, &s, scale, live, !xxs);
+    for (int ib = 0; ib < 8; ++ib) {
+        scales[ib] = -1.f;
+        if (!(live >> ib & 1)) continue;
+        scales[ib] = scale[ib];
+        if (scale[ib] < 0) {
+            scales[ib] = -scale[ib];
+            for (int k = 0; k < 4; ++k) signs[ib][k] = (uint8_t)(xxs ? ~signs[ib][k] & 127 : ~signs[ib][k]);
+        }
+        for (int k = 0; k < 8; ++k) {
+            int u = 0;
+            for (int i = 0; i < 4; ++i) u |= s.L[4 * k + i][ib] << (3 * i);
+            idx[ib][k] = (uint16_t)(t->map[u] >= 0 ? t->map[u] : 0);  /* always on the grid by construction */
+        }
     }
-    return scale;
 }
 
 MX_INLINE float sigma2_of(const float *x) {
@@ -279,15 +315,15 @@ MX_CLONES void mx_iq3_xxs_row(const float *x, uint8_t *y, int64_t n, const float
         uint32_t sas[8] = {0};
         float scales[8], max_scale = 0;
         memset(y, 0, XXS_BYTES);
+        uint16_t idx[8][8];
+        uint8_t signs[8][4];
+        super_block(&table_256, 1, x, qw ? qw + 256 * ibl : 0, sigma2, idx, signs, scales);
         for (int ib = 0; ib < 8; ++ib) {
-            uint16_t idx[8];
-            uint8_t signs[4];
-            const float scale = sub_block(&table_256, 1, x + 32 * ib, qw ? qw + 256 * ibl + 32 * ib : 0, sigma2,
-                                          idx, signs);
+            const float scale = scales[ib];
             scales[ib] = scale < 0 ? 0 : scale;
             if (scale < 0) continue;
-            for (int k = 0; k < 8; ++k) qs[8 * ib + k] = (uint8_t)idx[k];
-            sas[ib] = signs[0] | (signs[1] << 7) | (signs[2] << 14) | ((uint32_t)signs[3] << 21);
+            for (int k = 0; k < 8; ++k) qs[8 * ib + k] = (uint8_t)idx[ib][k];
+            sas[ib] = signs[ib][0] | (signs[ib][1] << 7) | (signs[ib][2] << 14) | ((uint32_t)signs[ib][3] << 21);
             max_scale = max_scale > scale ? max_scale : scale;
         }
         if (!max_scale) continue;
@@ -309,18 +345,18 @@ MX_CLONES void mx_iq3_s_row(const float *x, uint8_t *y, int64_t n, const float *
         uint8_t *qs = y + 2, *qh = y + 66, *signs = y + 74, *sc = y + 106;
         float scales[8], max_scale = 0;
         memset(y, 0, S_BYTES);
+        uint16_t idx[8][8];
+        uint8_t sub_signs[8][4];
+        super_block(&table_512, 0, x, qw ? qw + 256 * ibl : 0, sigma2, idx, sub_signs, scales);
         for (int ib = 0; ib < 8; ++ib) {
-            uint16_t idx[8];
-            uint8_t sub_signs[4];
-            const float scale = sub_block(&table_512, 0, x + 32 * ib, qw ? qw + 256 * ibl + 32 * ib : 0, sigma2,
-                                          idx, sub_signs);
+            const float scale = scales[ib];
             scales[ib] = scale < 0 ? 0 : scale;
             if (scale < 0) continue;
             for (int k = 0; k < 8; ++k) {
-                qs[k] = (uint8_t)(idx[k] & 255);
-                qh[ib] |= (uint8_t)((idx[k] >> 8) << k);
+                qs[k] = (uint8_t)(idx[ib][k] & 255);
+                qh[ib] |= (uint8_t)((idx[ib][k] >> 8) << k);
             }
-            memcpy(signs, sub_signs, 4);
+            memcpy(signs, sub_signs[ib], 4);
             qs += 8;
             signs += 4;
             max_scale = max_scale > scale ? max_scale : scale;
