@@ -7,6 +7,9 @@
  * over candidate inverse scales; each rounds every group to levels 0..7, looks the point up in a 4096-entry map
  * and, when it is off the grid, takes the best of its precomputed neighbours (those in the nearest two (IQ3_XXS)
  * or three (IQ3_S) distance shells); a weighted least-squares fit gives the scale and the best fit wins.
+ * The eight sub-blocks of a super-block run the sweep side by side (search.h lanes; every per-sub-block sum in
+ * ggml's order), and a neighbour search weighs eight neighbours at a time. The neighbour tables are built once,
+ * on first use (pthread_once), and the results do not depend on which thread builds them.
  */
 #include <float.h>
 #include <pthread.h>
@@ -22,7 +25,8 @@
 #define S_BYTES 110
 #define EPS_XXS 1e-8f
 
-/* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and its grid index. */
+/* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and its levels l as
+ * a 12-bit code (three bits per coordinate, as the map's index). */
 typedef struct {
     float coord[4][8];
     uint16_t code[8];
@@ -31,14 +35,17 @@ typedef struct {
 /* The grid as signed bytes, and the map from a 12-bit point (three bits per coordinate) to its grid index or, for
  * a point off the grid, to -(1 + its first neighbour block); count[u] is the number of its neighbours (those of
  * the nearest two (IQ3_XXS) or three (IQ3_S) distinct distances, in (distance, index) order). */
-#define MAX_BLOCKS 8192
 typedef struct {
     int8_t grid[512][4];
     int32_t map[MAP_SIZE];
     uint8_t count[MAP_SIZE];
-    nb_block blocks[MAX_BLOCKS];
+    nb_block *blocks;
 } iq3_table;
 
+/* Blocks the two grids need (lists of up to 36 and 38 neighbours, rounded up to blocks of 8). */
+#define BLOCKS_256 4288
+#define BLOCKS_512 4557
+static nb_block blocks_256[BLOCKS_256], blocks_512[BLOCKS_512];
 static iq3_table table_256, table_512;
 static pthread_once_t once_256 = PTHREAD_ONCE_INIT, once_512 = PTHREAD_ONCE_INIT;
 
@@ -61,21 +68,22 @@ static int shell_points(const iq3_table *t, int size, int u, int shells, uint16_
     return n;
 }
 
-static void build_table(iq3_table *t, const uint16_t *packed, int size, int shells) {
+static void build_table(iq3_table *t, const uint16_t *packed, int size, int shells, nb_block *store, int cap) {
     for (int k = 0; k < size; ++k)
         for (int i = 0; i < 4; ++i) t->grid[k][i] = (int8_t)(2 * ((packed[k] >> (3 * i)) & 7) + 1);
     for (int u = 0; u < MAP_SIZE; ++u) t->map[u] = -1;
     for (int k = 0; k < size; ++k) t->map[packed[k]] = k;
     int used = 0;
+    t->blocks = store;
     for (int u = 0; u < MAP_SIZE; ++u) {
         if (t->map[u] >= 0) continue;
         uint16_t nb[64];
         const int n = shell_points(t, size, u, shells, nb);
-        if (used + (n + 7) / 8 > MAX_BLOCKS) abort();  /* these grids need about 6,000 blocks */
+        if (used + (n + 7) / 8 > cap) abort();  /* cap is the exact count for these grids */
         t->map[u] = -(used + 1);
         t->count[u] = (uint8_t)n;
         for (int j = 0; j < n; ++j) {
-            nb_block *b = &t->blocks[used + j / 8];
+            nb_block *b = &store[used + j / 8];
             for (int i = 0; i < 4; ++i) b->coord[i][j % 8] = t->grid[nb[j]][i];
             b->code[j % 8] = packed[nb[j]];
         }
@@ -83,8 +91,8 @@ static void build_table(iq3_table *t, const uint16_t *packed, int size, int shel
     }
 }
 
-static void init_256(void) { build_table(&table_256, IQ3_GRID_256, 256, 2); }
-static void init_512(void) { build_table(&table_512, IQ3_GRID_512, 512, 3); }
+static void init_256(void) { build_table(&table_256, IQ3_GRID_256, 256, 2, blocks_256, BLOCKS_256); }
+static void init_512(void) { build_table(&table_512, IQ3_GRID_512, 512, 3, blocks_512, BLOCKS_512); }
 
 MX_INLINE vf bcast(const float *v) {
     vf r;
@@ -153,21 +161,21 @@ MX_INLINE vi lane_mask(int bits) { return ((splati(bits) >> (vi){0, 1, 2, 3, 4, 
  * grid, replace the point by its best neighbour for `scale`. Writes the levels of those lanes to L[0..3] and, if
  * on is not NULL, the on-grid mask. */
 MX_INLINE void snap_lanes(const iq3_table *t, const iq3_lanes *s, int k, vf id, vf scale, int todo, vi *L, vi *on) {
-    vi l[4], u = splati(0);
-    for (int i = 0; i < 4; ++i) {
-        l[i] = vnearest(splat(0.5f) * (id * s->x[4 * k + i] - splat(1.f)), 0, 7);
-        u |= l[i] << (3 * i);
+    vi u = splati(0);
+    for (int i = 0; i < 4; ++i) u |= vnearest(splat(0.5f) * (id * s->x[4 * k + i] - splat(1.f)), 0, 7) << (3 * i);
+    int off = 0;
+    for (int lane = 0; lane < NL; ++lane) off |= (t->map[u[lane]] < 0) << lane;
+    off &= todo;
+    int32_t codes[NL];  /* on the grid: the rounded point itself */
+    memcpy(codes, &u, sizeof codes);
+    for (int rest = off; rest; rest &= rest - 1) {
+        const int lane = __builtin_ctz(rest);
+        codes[lane] = best_neighbour(t, codes[lane], &s->x[4 * k][lane], &s->wa[4 * k][lane], NL, scale[lane]);
     }
-    vi grid = splati(-1);
-    for (int lane = 0; lane < NL; ++lane) {
-        if (!(todo >> lane & 1) || t->map[u[lane]] >= 0) continue;
-        grid[lane] = 0;
-        const int code = best_neighbour(t, u[lane], &s->x[4 * k][lane], &s->wa[4 * k][lane], NL, scale[lane]);
-        for (int i = 0; i < 4; ++i) l[i][lane] = (code >> (3 * i)) & 7;
-    }
+    memcpy(&u, codes, sizeof codes);
     const vi mask = lane_mask(todo);
-    for (int i = 0; i < 4; ++i) L[i] = picki(mask, l[i], L[i]);
-    if (on) *on = grid;
+    for (int i = 0; i < 4; ++i) L[i] = picki(mask, (u >> (3 * i)) & splati(7), L[i]);
+    if (on) *on = ~lane_mask(off);
 }
 
 /* Weighted least squares of x on the odd levels 2L + 1 in each lane: sum w x q and sum w q^2. */
