@@ -22,8 +22,15 @@ from mxtools.cli import main
 from mxtools.convert import convert
 from mxtools.io.ggml_blocks import SUPPORTED
 from mxtools.layouts import open_checkpoint
-from mxtools.quant.gguf_gptq import (EMBED_DAMP, GRID_TYPES, embedding_hessian, encode_block, pack, quantize_matrix,
-                                     unpack)
+from mxtools.quant.gguf_gptq import (
+    EMBED_DAMP,
+    GRID_TYPES,
+    embedding_hessian,
+    encode_block,
+    pack,
+    quantize_matrix,
+    unpack,
+)
 from mxtools.quant.gguf_quantize import META_PREFIX
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.imatrix import compute_imatrix, save_imatrix
