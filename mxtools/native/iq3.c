@@ -25,11 +25,12 @@
 #define S_BYTES 110
 #define EPS_XXS 1e-8f
 
-/* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and its levels l as
- * a 12-bit code (three bits per coordinate, as the map's index). */
+/* Neighbours of one off-grid point, eight at a time: the grid coordinates (2l + 1) of each and a key: its
+ * position in the list times 4096 plus its levels l as a 12-bit code (three bits per coordinate, as the map's
+ * index), so the least key among equal errors is the first neighbour's and carries its levels. */
 typedef struct {
     float coord[4][8];
-    uint16_t code[8];
+    int32_t key[8];
 } nb_block;
 
 /* The grid as signed bytes, and the map from a 12-bit point (three bits per coordinate) to its grid index or, for
@@ -85,7 +86,7 @@ static void build_table(iq3_table *t, const uint16_t *packed, int size, int shel
         for (int j = 0; j < n; ++j) {
             nb_block *b = &store[used + j / 8];
             for (int i = 0; i < 4; ++i) b->coord[i][j % 8] = t->grid[nb[j]][i];
-            b->code[j % 8] = packed[nb[j]];
+            b->key[j % 8] = (j << 12) | packed[nb[j]];
         }
         used += (n + 7) / 8;
     }
@@ -117,7 +118,7 @@ MX_INLINE int best_neighbour(const iq3_table *t, int u, const float *xv, const f
     const vf x3 = bcast(xv + 3 * stride), w0 = bcast(w), w1 = bcast(w + stride), w2 = bcast(w + 2 * stride);
     const vf w3 = bcast(w + 3 * stride);
     vf best = splat(FLT_MAX);
-    vi pos = splati(64);
+    vi key = splati(INT32_MAX);
     for (int c = 0; c < n; c += 8, ++b) {
         vf d2 = splat(0), diff;
         diff = sv * load8(b->coord[0]) - x0;
@@ -129,21 +130,23 @@ MX_INLINE int best_neighbour(const iq3_table *t, int u, const float *xv, const f
         diff = sv * load8(b->coord[3]) - x3;
         d2 += w3 * diff * diff;
         const vi better = (iota + c < n) & (d2 < best);
+        vi keys;
+        memcpy(&keys, b->key, sizeof keys);
         best = pick(better, d2, best);
-        pos = picki(better, iota + c, pos);
+        key = picki(better, keys, key);
     }
     vf m = best;  /* the least error, in every lane */
     for (int h = 4; h >= 1; h /= 2) {
         const vf o = __builtin_shuffle(m, (iota + h) & 7);
         m = pick(o < m, o, m);
     }
-    pos = picki(best == m, pos, splati(64));  /* its first position */
+    key = picki(best == m, key, splati(INT32_MAX));  /* its first position */
     for (int h = 4; h >= 1; h /= 2) {
-        const vi o = __builtin_shuffle(pos, (iota + h) & 7);
-        pos = picki(o < pos, o, pos);
+        const vi o = __builtin_shuffle(key, (iota + h) & 7);
+        key = picki(o < key, o, key);
     }
-    const int p = pos[0] < n ? pos[0] : 0;  /* no finite error at all: ggml would stop; keep the first neighbour */
-    return b0[p / 8].code[p % 8];
+    /* no finite error at all: ggml would stop; keep the first neighbour */
+    return (key[0] == INT32_MAX ? b0->key[0] : key[0]) & 4095;
 }
 
 /* The eight sub-blocks of a super-block side by side (lane k: sub-block k; see search.h): magnitudes x, weights
@@ -239,11 +242,10 @@ MX_INLINE vf refit(const iq3_table *t, iq3_lanes *s, vf scale, int live, int all
 MX_INLINE uint8_t split_signs(const float *xb, const float *weight, float *xval, int even) {
     int flips = 0, s = 0;
     for (int i = 0; i < 8; ++i) {
-        xval[i] = xb[i] >= 0 ? xb[i] : -xb[i];
-        if (!(xb[i] >= 0)) {
-            ++flips;
-            s |= 1 << i;
-        }
+        const int neg = !(xb[i] >= 0);
+        xval[i] = neg ? -xb[i] : xb[i];
+        flips += neg;
+        s |= neg << i;
     }
     if (even && flips % 2) {
         int imin = 0;
