@@ -135,15 +135,12 @@ MX_INLINE int best_neighbour(const iq3_table *t, int u, const float *xv, const f
         best = pick(better, d2, best);
         key = picki(better, keys, key);
     }
-    vf m = best;  /* the least error, in every lane */
-    for (int h = 4; h >= 1; h /= 2) {
-        const vf o = __builtin_shuffle(m, (iota + h) & 7);
-        m = pick(o < m, o, m);
-    }
-    key = picki(best == m, key, splati(INT32_MAX));  /* its first position */
-    for (int h = 4; h >= 1; h /= 2) {
-        const vi o = __builtin_shuffle(key, (iota + h) & 7);
-        key = picki(o < key, o, key);
+    vi e = (vi)best;  /* errors are >= 0 (or FLT_MAX): their bits order as integers */
+    for (int h = 4; h >= 1; h /= 2) {  /* the least (error, key) pair in every lane */
+        const vi oe = __builtin_shuffle(e, (iota + h) & 7), ok = __builtin_shuffle(key, (iota + h) & 7);
+        const vi take = (oe < e) | ((oe == e) & (ok < key));
+        e = picki(take, oe, e);
+        key = picki(take, ok, key);
     }
     /* no finite error at all: ggml would stop; keep the first neighbour */
     return (key[0] == INT32_MAX ? b0->key[0] : key[0]) & 4095;
