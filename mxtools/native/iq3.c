@@ -273,12 +273,12 @@ MX_INLINE int prepare(const float *x, const float *qw, float sigma2, int xxs, iq
             const int j = 32 * ib + 8 * k;
             signs[ib][k] = (uint8_t)(split_signs(x + j, weight + j, xval + j, xxs) & (xxs ? 127 : 255));
         }
-        float m = xval[32 * ib];
-        for (int i = 1; i < 32; ++i) m = m > xval[32 * ib + i] ? m : xval[32 * ib + i];
-        (*max)[ib] = m;
-        live |= !(xxs ? m < EPS_XXS : !m) << ib;
     }
     to_lanes(32, 8, xval, s->x);
+    vf m = s->x[0];
+    for (int i = 1; i < 32; ++i) m = pick(m > s->x[i], m, s->x[i]);  /* ggml's MAX, value by value */
+    for (int ib = 0; ib < 8; ++ib) live |= !(xxs ? m[ib] < EPS_XXS : !m[ib]) << ib;
+    *max = m;
     to_lanes(32, 8, weight, s->w);
     to_lanes(32, 8, waux, s->wa);
     return live;
