@@ -6,7 +6,9 @@ FLAGS = ["-O3", "-Wall", "-Wno-psabi", "-std=gnu11", "-ffp-contract=off", "-fno-
 
 setup(ext_modules=[Extension(
     "mxtools.native._lib",
-    sources=["mxtools/native/module.c", "mxtools/native/quants.c", "mxtools/native/cast.c"],
-    depends=["mxtools/native/common.h", "mxtools/native/search.h", "mxtools/native/scalar.h"],
+    sources=["mxtools/native/module.c", "mxtools/native/quants.c", "mxtools/native/cast.c",
+             "mxtools/native/iq4.c", "mxtools/native/iq3.c"],
+    depends=["mxtools/native/common.h", "mxtools/native/search.h", "mxtools/native/scalar.h",
+             "mxtools/native/iq34.h", "mxtools/native/iq_levels.h", "mxtools/native/iq3_grids.h"],
     extra_compile_args=FLAGS,
 )])

@@ -19,7 +19,8 @@ from ggml_clib import GGML, find_library
 
 from mxtools.native import quantize_rows
 
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+         T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S]
 
 
 def cpu_seconds(fn, repeat: int = 3) -> float:

@@ -174,7 +174,7 @@ def test_q4_0_hand_blocks():
 # API contract.
 
 def test_supported_lists_every_type():
-    assert set(TYPES) == set(SUPPORTED)
+    assert set(TYPES) <= set(SUPPORTED)  # the i-quants are checked in test_iquants.py
     assert all(SUPPORTED[t][0] in (32, 256) for t in TYPES)
 
 

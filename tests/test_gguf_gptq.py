@@ -24,12 +24,20 @@ from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.ggml_blocks import SUPPORTED
 from mxtools.layouts import open_checkpoint
 from mxtools.model import forward
-from mxtools.quant.gguf_gptq import EMBED_DAMP, embedding_hessian, encode_block, pack, quantize_matrix, unpack
+from mxtools.quant.gguf_gptq import (
+    EMBED_DAMP,
+    GRID_TYPES,
+    embedding_hessian,
+    encode_block,
+    pack,
+    quantize_matrix,
+    unpack,
+)
 from mxtools.quant.gguf_quantize import META_PREFIX
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.imatrix import compute_imatrix, save_imatrix
 
-TYPES = list(SUPPORTED)
+TYPES = GRID_TYPES
 COLS = 1024  # four super-blocks, 32 legacy blocks
 
 

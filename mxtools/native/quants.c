@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "common.h"
+#include "iq34.h"
 #include "scalar.h"
 #include "search.h"
 
@@ -14,7 +15,8 @@
 #define QK_K 256
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-       T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+       T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+       T_IQ3_XXS = 18, T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ4_XS = 23 };
 
 typedef void (*row_fn)(const float *x, uint8_t *y, int64_t n, const float *qw);
 
@@ -508,6 +510,10 @@ static row_fn row_function(int type, int64_t *block, int64_t *bytes) {
     case T_Q4_K: *block = QK_K; *bytes = 144; return q4_k_row;
     case T_Q5_K: *block = QK_K; *bytes = 176; return q5_k_row;
     case T_Q6_K: *block = QK_K; *bytes = 210; return q6_k_row;
+    case T_IQ4_NL: *block = QK; *bytes = 18; return mx_iq4_nl_row;
+    case T_IQ4_XS: *block = QK_K; *bytes = 136; return mx_iq4_xs_row;
+    case T_IQ3_XXS: *block = QK_K; *bytes = 98; return mx_iq3_xxs_row;
+    case T_IQ3_S: *block = QK_K; *bytes = 110; return mx_iq3_s_row;
     default: return 0;
     }
 }

@@ -149,6 +149,8 @@ LEGACY = {T.Q4_0: ("sym", 8), T.Q5_0: ("sym", 16), T.Q4_1: ("affine", 15), T.Q5_
 # K-quants: (values per sub-block, lowest level, highest level, affine)
 KQUANTS = {T.Q2_K: (16, 0, 3, True), T.Q3_K: (16, -4, 3, False), T.Q4_K: (32, 0, 15, True),
            T.Q5_K: (32, 0, 31, True), T.Q6_K: (16, -32, 31, False)}
+# The types GPTQ can run on here: those whose final rounding is per value (not the i-quants' codebooks).
+GRID_TYPES = [t for t in SUPPORTED if t in LEGACY or t in KQUANTS]
 
 
 def _k4_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +285,7 @@ def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, we
     weights: the per-column importance (float32 [cols]) for ggml's searches; None with h: the damped Hessian
     diagonal; None without h: llama.cpp's unweighted (`_ref`) searches.
     """
-    if qtype not in SUPPORTED:
+    if qtype not in GRID_TYPES:
         raise ValueError(f"GGML type {qtype.name} has no block grid here")
     if w.dim() != 2 or w.shape[1] % SUPPORTED[qtype][0]:
         raise ShapeError(f"{qtype.name} needs a 2-D weight whose rows are multiples of {SUPPORTED[qtype][0]}, "
