@@ -6,7 +6,9 @@ FLAGS = ["-O3", "-Wall", "-Wno-psabi", "-std=gnu11", "-ffp-contract=off", "-fno-
 
 setup(ext_modules=[Extension(
     "mxtools.native._lib",
-    sources=["mxtools/native/module.c", "mxtools/native/quants.c", "mxtools/native/cast.c"],
-    depends=["mxtools/native/common.h", "mxtools/native/search.h", "mxtools/native/scalar.h"],
+    sources=["mxtools/native/module.c", "mxtools/native/quants.c", "mxtools/native/cast.c",
+             "mxtools/native/iq2.c", "mxtools/native/iq1.c"],
+    depends=["mxtools/native/common.h", "mxtools/native/search.h", "mxtools/native/scalar.h",
+             "mxtools/native/iq.h", "mxtools/native/iq2_grids.h", "mxtools/native/iq1_grids.h"],
     extra_compile_args=FLAGS,
 )])

@@ -1,0 +1,425 @@
+/* IQ2_XXS, IQ2_XS and IQ2_S: byte for byte as quantize_row_iq2_{xxs,xs,s}_impl of ggml-quants.c, and the
+ * codebook tables all five 2-bit and 1-bit i-quants share (iq.h).
+ *
+ * A sub-block (32 values for IQ2_XXS, 16 for the others) is quantized in magnitudes, the signs stored apart
+ * (IQ2_XXS and IQ2_XS keep an even number of negatives per 8 values by flipping the least important one). A
+ * sweep over inverse scales rounds each group of 8 magnitudes to levels {0, 1, 2}, snaps it onto the codebook
+ * (iq2_snap) and keeps the scale with the best weighted least-squares fit; the super-block stores one f16 scale
+ * and a 4-bit scale per sub-block. Float expressions keep ggml's evaluation order.
+ */
+#include <float.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "common.h"
+#include "iq.h"
+#include "iq2_grids.h"
+#include "scalar.h"
+#include "search.h"
+
+#define QK_K 256
+
+/* ---- codebook tables ------------------------------------------------------------------------------------ */
+
+/* The keys whose 2-bit fields are all at most 2, and squared distances between unpacked points. */
+static int ternary_key(int i) {
+    for (int k = 0; k < 8; ++k)
+        if (((i >> 2 * k) & 3) == 3) return 0;
+    return 1;
+}
+
+static int point_d2(const int8_t *p, int key) {
+    int d2 = 0;
+    for (int k = 0; k < 8; ++k) {
+        const int d = p[k] - (2 * ((key >> 2 * k) & 3) + 1);
+        d2 += d * d;
+    }
+    return d2;
+}
+
+/* The largest squared distance a neighbour list of `key` keeps: its nwant-th smallest distinct distance. */
+static int list_limit(const int *d2, int ngrid, int nwant) {
+    int seen[129] = {0};  /* distances between points with coordinates in {1, 3, 5} are at most 8 * 16 */
+    for (int j = 0; j < ngrid; ++j) seen[d2[j]] = 1;
+    int have = 0;
+    for (int v = 0; v <= 128; ++v)
+        if (seen[v] && ++have == nwant) return v;
+    return 128;
+}
+
+/* Append key's list (count, then indices by distance, then index) to t->lists at *used. */
+static void append_list(iq_table *t, const int *d2, int limit, int *used) {
+    uint16_t *start = t->lists + (*used)++;
+    int n = 0;
+    for (int v = 0; v <= limit; ++v)
+        for (int j = 0; j < t->ngrid; ++j)
+            if (d2[j] == v) { t->lists[(*used)++] = (uint16_t)j; ++n; }
+    *start = (uint16_t)n;
+}
+
+/* The float copy of each list, in chunks of 8 neighbours: chunk c holds position i of neighbour 8 c + lane at
+ * [64 c + 8 i + lane] (unused lanes repeat the last neighbour). */
+static int transpose_lists(iq_table *t, int total_chunks) {
+    t->tpoints = malloc((size_t)total_chunks * 64 * sizeof(float));
+    if (!t->tpoints) return -1;
+    int chunk = 0;
+    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
+        t->toffset[key] = -1;
+        if (t->map[key] >= 0 || !ternary_key(key)) continue;
+        const uint16_t *list = t->lists - t->map[key] - 1;
+        t->toffset[key] = chunk;
+        for (int j = 0; j < list[0]; j += 8, ++chunk)
+            for (int lane = 0; lane < 8; ++lane) {
+                const int e = list[1 + (j + lane < list[0] ? j + lane : list[0] - 1)];
+                for (int i = 0; i < 8; ++i) t->tpoints[64 * chunk + 8 * i + lane] = t->points[8 * e + i];
+            }
+    }
+    return 0;
+}
+
+int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
+    t->grid = grid;
+    t->ngrid = ngrid;
+    t->map = malloc(IQ_MAP_SIZE * sizeof(int32_t));
+    t->toffset = malloc(IQ_MAP_SIZE * sizeof(int32_t));
+    t->points = malloc((size_t)ngrid * 8);
+    int *d2 = malloc((size_t)ngrid * sizeof(int));
+    size_t cap = 1 << 16;
+    t->lists = malloc(cap * sizeof(uint16_t));
+    if (!t->map || !t->toffset || !t->points || !d2 || !t->lists) return -1;
+    for (int i = 0; i < IQ_MAP_SIZE; ++i) t->map[i] = INT32_MIN;
+    for (int j = 0; j < ngrid; ++j) {
+        for (int k = 0; k < 8; ++k) t->points[8 * j + k] = (int8_t)(2 * ((grid[j] >> 2 * k) & 3) + 1);
+        t->map[grid[j]] = j;
+    }
+    int used = 0, chunks = 0;
+    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
+        if (t->map[key] >= 0 || !ternary_key(key)) continue;
+        for (int j = 0; j < ngrid; ++j) d2[j] = point_d2(t->points + 8 * j, key);
+        if ((size_t)used + 1 + ngrid > cap) {
+            cap *= 2;
+            uint16_t *grown = realloc(t->lists, cap * sizeof(uint16_t));
+            if (!grown) return -1;
+            t->lists = grown;
+        }
+        t->map[key] = -(used + 1);
+        append_list(t, d2, list_limit(d2, ngrid, nwant), &used);
+        const int len = t->lists[-t->map[key] - 1];
+        if (len > IQ_MAX_LIST) return -1;
+        chunks += (len + 7) / 8;
+    }
+    free(d2);
+    return transpose_lists(t, chunks);
+}
+
+enum { G_XXS, G_XS, G_S, G_COUNT };
+static iq_table tables[G_COUNT];
+static int table_error[G_COUNT];
+static pthread_once_t once[G_COUNT] = {PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT};
+
+/* nwant: IQ2_XXS and IQ2_XS keep two distances, IQ2_S one (iq2xs_init_impl) */
+static void init_xxs(void) { table_error[G_XXS] = mx_iq_build(&tables[G_XXS], iq2_grid_256, 256, 2); }
+static void init_xs(void) { table_error[G_XS] = mx_iq_build(&tables[G_XS], iq2_grid_512, 512, 2); }
+static void init_s(void) { table_error[G_S] = mx_iq_build(&tables[G_S], iq2_grid_1024, 1024, 1); }
+
+int mx_iq_prepare(int type, const float *qw) {
+    switch (type) {
+    case T_IQ2_XXS: if (!qw) return -1; pthread_once(&once[G_XXS], init_xxs); return table_error[G_XXS] ? -3 : 0;
+    case T_IQ2_XS: if (!qw) return -1; pthread_once(&once[G_XS], init_xs); return table_error[G_XS] ? -3 : 0;
+    case T_IQ2_S: pthread_once(&once[G_S], init_s); return table_error[G_S] ? -3 : 0;
+    case T_IQ1_S: if (!qw) return -1; return mx_iq1_prepare();
+    case T_IQ1_M: return mx_iq1_prepare();
+    default: return 0;
+    }
+}
+
+/* ---- snapping a group of 8 onto the codebook ------------------------------------------------------------ */
+
+/* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2 (the first of equals), eight
+ * entries at a time; writes its levels to L and returns its index. */
+static int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale, int8_t *L) {
+    const uint16_t *list = t->lists - t->map[key] - 1;
+    const float *tp = t->tpoints + (size_t)64 * t->toffset[key];
+    const int n = list[0];
+    float d2s[IQ_MAX_LIST + 8];
+    for (int c = 0; c < (n + 7) / 8; ++c, tp += 64) {
+        vf d2 = splat(0);
+        for (int i = 0; i < 8; ++i) {
+            vf q;
+            memcpy(&q, tp + 8 * i, sizeof q);
+            const vf diff = splat(scale) * q - splat(x[i]);
+            d2 += splat(w[i]) * diff * diff;
+        }
+        memcpy(d2s + 8 * c, &d2, sizeof d2);
+    }
+    float best = FLT_MAX;
+    int pick_j = 0;  /* ggml asserts a finite distance exists; the first entry otherwise */
+    for (int j = 0; j < n; ++j)
+        if (d2s[j] < best) { best = d2s[j]; pick_j = j; }
+    const int g = list[1 + pick_j];
+    for (int i = 0; i < 8; ++i) L[i] = (int8_t)((t->points[8 * g + i] - 1) / 2);
+    return g;
+}
+
+/* Round x * id to levels 0..2 ((id x - 1) / 2 to nearest), then onto the codebook: *on_grid says whether the
+ * rounded point was a codebook point; off it, the neighbour that fits best at `scale`. Returns the index. */
+MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float id, float scale, int8_t *L,
+                       int *on_grid) {
+    int key = 0;
+    for (int i = 0; i < 8; ++i) {
+        const int l = clampi(nearest_int(0.5f * (id * x[i] - 1)), 0, 2);
+        L[i] = (int8_t)l;
+        key |= l << 2 * i;
+    }
+    const int g = t->map[key];
+    *on_grid = g >= 0;
+    return g >= 0 ? g : best_neighbour(t, key, x, wa, scale, L);
+}
+
+/* sum w x q and sum w q^2 over n values, q = 2 L + 1 */
+MX_INLINE void fit_sums(int n, const float *w, const float *x, const int8_t *L, float *sqx, float *sq2) {
+    float sumqx = 0, sumq2 = 0;
+    for (int i = 0; i < n; ++i) {
+        const float q = 2 * L[i] + 1;
+        sumqx += w[i] * x[i] * q;
+        sumq2 += w[i] * q * q;
+    }
+    *sqx = sumqx;
+    *sq2 = sumq2;
+}
+
+/* Magnitudes of 8 values and their sign bits; with `even`, the least important value (smallest w x^2, the first
+ * of equals) is flipped when the count of negatives is odd, and 7 bits are kept. */
+static uint8_t magnitudes(const float *x, const float *w, float *xval, int even) {
+    int nflip = 0;
+    uint8_t s = 0;
+    for (int i = 0; i < 8; ++i) {
+        if (x[i] >= 0) {
+            xval[i] = x[i];
+        } else {
+            xval[i] = -x[i];
+            ++nflip;
+            s |= (uint8_t)(1 << i);
+        }
+    }
+    if (!even) return s;
+    if (nflip % 2) {
+        int imin = 0;
+        float min = w[0] * x[0] * x[0];
+        for (int i = 1; i < 8; ++i) {
+            const float ax = w[i] * x[i] * x[i];
+            if (ax < min) { min = ax; imin = i; }
+        }
+        xval[imin] = -xval[imin];
+        s ^= (uint8_t)(1 << imin);
+    }
+    return s & 127;
+}
+
+static float max_of(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; ++i) m = m > x[i] ? m : x[i];
+    return m;
+}
+
+static float sum_sq256(const float *x) {
+    float s = 0;
+    for (int i = 0; i < QK_K; ++i) s += x[i] * x[i];
+    return s;
+}
+
+/* The 4-bit sub-block scale: nearest (id s - 1) / 2 in 0..15. */
+MX_INLINE int scale4(float id, float s) { return clampi(nearest_int(0.5f * (id * s - 1)), 0, 15); }
+
+/* ---- IQ2_XXS: d (f16), then per 32 values a uint32 of 4 grid indices and a uint32 of 4 x 7 sign bits and a
+ * 4-bit scale (66 bytes per 256 values) ---------------------------------------------------------------------- */
+
+/* The scale sweep of one 32-value sub-block: levels in L, returns the fitted scale (possibly negative). */
+static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux, int8_t *L,
+                       float scale) {
+    const float eff_max = scale * 3;
+    float best = 0;
+    int8_t Laux[32];
+    int on_grid;
+    for (int is = -6; is <= 6; ++is) {
+        const float id = (2 * 3 - 1 + is * 0.1f) / eff_max, this_scale = 1 / id;
+        for (int k = 0; k < 4; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_grid);
+        float sumqx, sumq2;
+        fit_sums(32, weight, xval, Laux, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(L, Laux, 32);
+        }
+    }
+    if (scale > 0) {  /* one more rounding at the chosen scale, every group re-snapped */
+        const float id = 1 / scale;
+        for (int k = 0; k < 4; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, &on_grid);
+        float sumqx, sumq2;
+        fit_sums(32, weight, xval, L, &sumqx, &sumq2);
+        if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* One sub-block: writes its two words (scale bits left 0) and returns its scale (0 for a flat one). */
+static float xxs_sub(const iq_table *t, const float *xb, const float *qw, float sigma2, uint32_t *q2) {
+    float weight[32], waux[32], xval[32];
+    int8_t L[32];
+    uint8_t signs[4];
+    for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+    for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
+    for (int k = 0; k < 4; ++k) signs[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, 1);
+    if (max_of(xval, 32) < GROUP_MAX_EPS) return 0;
+    const float start = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
+    if (start * 3 <= 0) return 0;
+    float scale = xxs_sweep(t, xval, weight, waux, L, start);
+    if (scale < 0) {
+        scale = -scale;
+        for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+    }
+    for (int k = 0; k < 4; ++k) {
+        int key = 0;
+        for (int i = 0; i < 8; ++i) key |= L[8 * k + i] << 2 * i;
+        q2[0] |= (uint32_t)t->map[key] << 8 * k;
+        q2[1] |= (uint32_t)signs[k] << 7 * k;
+    }
+    return scale;
+}
+
+void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_XXS];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 66) {
+        const float sigma2 = sum_sq256(x) / QK_K;
+        uint32_t q2[16] = {0};
+        float scales[8], max_scale = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            scales[ib] = xxs_sub(t, x + 32 * ib, qw + 32 * ib, sigma2, q2 + 2 * ib);
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        memset(y, 0, 66);
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d);
+        for (int ib = 0; ib < 8; ++ib) q2[2 * ib + 1] |= (uint32_t)scale4(id, scales[ib]) << 28;
+        memcpy(y + 2, q2, 64);
+    }
+}
+
+/* ---- IQ2_XS and IQ2_S: 16-value sub-blocks of two groups ----------------------------------------------- */
+
+/* The scale sweep of one 16-value sub-block (max: its largest magnitude): levels in L, returns the scale. */
+static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux, float max,
+                         int8_t *L) {
+    float best = 0, scale = max / (2 * 3 - 1);
+    int on[2] = {1, 1}, on_aux[2];
+    int8_t Laux[16];
+    memset(L, 0, 16);
+    for (int is = -9; is <= 9; ++is) {
+        const float id = (2 * 3 - 1 + is * 0.1f) / max, this_scale = 1 / id;
+        for (int k = 0; k < 2; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_aux[k]);
+        float sumqx, sumq2;
+        fit_sums(16, weight, xval, Laux, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(L, Laux, 16);
+            on[0] = on_aux[0];
+            on[1] = on_aux[1];
+        }
+    }
+    if ((!on[0] || !on[1]) && scale > 0) {  /* groups that were snapped: once more at the chosen scale */
+        const float id = 1 / scale;
+        int dummy;
+        for (int k = 0; k < 2; ++k)
+            if (!on[k]) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, &dummy);
+        float sumqx, sumq2;
+        fit_sums(16, weight, xval, L, &sumqx, &sumq2);
+        if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* One 16-value sub-block with its weights: grid indices and sign bytes in g[2], s[2] and its scale in *scale;
+ * returns 0 for a flat sub-block (largest magnitude below eps: nothing written, scale 0). */
+static int sub16(const iq_table *t, const float *xb, const float *weight, int even, float eps, int *g, uint8_t *s,
+                 float *scale) {
+    float waux[16], xval[16];
+    int8_t L[16];
+    *scale = 0;
+    for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
+    for (int k = 0; k < 2; ++k) s[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, even);
+    const float max = max_of(xval, 16);
+    if (max < eps) return 0;
+    float sc = sub16_sweep(t, xval, weight, waux, max, L);
+    if (sc < 0) {
+        sc = -sc;
+        for (int k = 0; k < 2; ++k) s[k] = (uint8_t)(even ? ~s[k] & 127 : ~s[k]);
+    }
+    for (int k = 0; k < 2; ++k) {
+        int key = 0;
+        for (int i = 0; i < 8; ++i) key |= L[8 * k + i] << 2 * i;
+        g[k] = t->map[key];
+    }
+    *scale = sc;
+    return 1;
+}
+
+/* IQ2_XS: d (f16), 32 uint16 (9-bit grid index | 7 sign bits << 9), 8 bytes of two 4-bit scales (74 bytes). */
+void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_XS];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 74) {
+        const float sigma2 = sum_sq256(x) / QK_K;
+        uint16_t q2[32] = {0};
+        float scales[16], max_scale = 0;
+        for (int ib = 0; ib < 16; ++ib) {
+            float weight[16];
+            const float *xb = x + 16 * ib;
+            for (int i = 0; i < 16; ++i) weight[i] = qw[16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            int g[2];
+            uint8_t s[2];
+            if (!sub16(t, xb, weight, 1, GROUP_MAX_EPS, g, s, &scales[ib])) continue;
+            for (int k = 0; k < 2; ++k) q2[2 * ib + k] = (uint16_t)(g[k] | (s[k] << 9));
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        memset(y, 0, 74);
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d);
+        memcpy(y + 2, q2, 64);
+        for (int ib = 0; ib < 16; ++ib) y[66 + ib / 2] |= (uint8_t)(scale4(id, scales[ib]) << 4 * (ib % 2));
+    }
+}
+
+/* IQ2_S: d (f16), 32 low bytes of 10-bit grid indices, 32 sign bytes, 8 bytes of the indices' high 2 bits, 8 bytes
+ * of two 4-bit scales (82 bytes). Without an importance matrix the weights are sigma2 / 4 + x^2. */
+void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_S];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 82) {
+        const float sigma2 = 2 * sum_sq256(x) / QK_K;
+        float scales[16], max_scale = 0;
+        memset(y, 0, 82);
+        for (int ib = 0; ib < 16; ++ib) {
+            float weight[16];
+            const float *xb = x + 16 * ib;
+            if (qw)
+                for (int i = 0; i < 16; ++i) weight[i] = qw[QK_K * ibl + 16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            else
+                for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
+            int g[2];
+            uint8_t s[2];
+            if (!sub16(t, xb, weight, 0, 1e-8f, g, s, &scales[ib])) continue;
+            for (int k = 0; k < 2; ++k) {
+                const int i8 = 2 * ib + k;
+                y[2 + i8] = (uint8_t)(g[k] & 255);
+                y[66 + i8 / 4] |= (uint8_t)((g[k] >> 8) << 2 * (i8 % 4));
+                y[34 + i8] = s[k];
+            }
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d * 0.9875f);
+        for (int ib = 0; ib < 16; ++ib) y[74 + ib / 2] |= (uint8_t)(scale4(id, scales[ib]) << 4 * (ib % 2));
+    }
+}
