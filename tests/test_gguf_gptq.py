@@ -22,14 +22,23 @@ from mxtools.cli import main
 from mxtools.convert import convert
 from mxtools.io.ggml_blocks import SUPPORTED
 from mxtools.layouts import open_checkpoint
-from mxtools.quant.gguf_gptq import EMBED_DAMP, embedding_hessian, encode_block, pack, quantize_matrix, unpack
+from mxtools.quant.gguf_gptq import (
+    EMBED_DAMP,
+    KQUANTS,
+    LEGACY,
+    embedding_hessian,
+    encode_block,
+    pack,
+    quantize_matrix,
+    unpack,
+)
 from mxtools.quant.gguf_quantize import META_PREFIX
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.imatrix import compute_imatrix, save_imatrix
 from mxtools.quantize import run_quantize_gguf
 from mxtools.tokenizer import Tokenizer
 
-TYPES = list(SUPPORTED)
+TYPES = [t for t in SUPPORTED if t in LEGACY or t in KQUANTS]  # the types with a per-value grid
 COLS = 1024  # four super-blocks, 32 legacy blocks
 
 

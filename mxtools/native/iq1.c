@@ -44,33 +44,12 @@ static void sort_index(const float *x, int n, int *idx) {
     }
 }
 
-/* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale q - x)^2, q = xx[level] (the first of
- * equals), eight entries at a time; writes its levels to L and returns its index. */
-static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx, int8_t *L) {
-    const iq_table *t = &table;
-    const uint16_t *list = t->lists - t->map[key] - 1;
-    const float *tp = t->tpoints + (size_t)64 * t->toffset[key];
-    const int n = list[0];
-    const vf lv[3] = {splat(xx[0]), splat(xx[1]), splat(xx[2])};
-    float d2s[IQ_MAX_LIST + 8];
-    for (int c = 0; c < (n + 7) / 8; ++c, tp += 64) {
-        vf d2 = splat(0);
-        for (int i = 0; i < 8; ++i) {
-            vf p;
-            memcpy(&p, tp + 8 * i, sizeof p);  /* 1, 3 or 5: level 0, 1 or 2 */
-            const vf q = pick(p == splat(1), lv[0], pick(p == splat(3), lv[1], lv[2]));
-            const vf diff = splat(scale) * q - splat(x[i]);
-            d2 += splat(w[i]) * diff * diff;
-        }
-        memcpy(d2s + 8 * c, &d2, sizeof d2);
-    }
-    float best = FLT_MAX;
-    int pick_j = 0;  /* ggml's fallback for no finite distance reads out of bounds; the first entry here */
-    for (int j = 0; j < n; ++j)
-        if (d2s[j] < best) { best = d2s[j]; pick_j = j; }
-    const int g = list[1 + pick_j];
-    for (int i = 0; i < 8; ++i) L[i] = (int8_t)((t->points[8 * g + i] - 1) / 2);
-    return g;
+/* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale xx[l] - x)^2. */
+MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx, int8_t *L) {
+    float tab[24];
+    const float scaled[3] = {scale * xx[0], scale * xx[1], scale * xx[2]};
+    iq_terms(x, w, scaled, tab);
+    return iq_nearest(&table, key, tab, L);
 }
 
 /* Snap group k's levels onto the codebook (xx: its shifted values); *all_on_grid is cleared when it was off. */
@@ -110,7 +89,7 @@ MX_INLINE void consider(split_t *b, float *best, float sqx, float sq2, int i1, i
 }
 
 /* The best split of 32 sorted values (prefix sums sumx, sumw with 8 floats of padding) and its shift. */
-static split_t s_split(const float *sumx, const float *sumw, float max) {
+MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max) {
     const int bs = 32;
     split_t b = {max, -1, -1, 0};
     float best = -FLT_MAX;
@@ -220,7 +199,7 @@ MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, i
 }
 
 /* The best split of 16 sorted values and the shifts of its two halves (b.shift = k above). */
-static split_t m_split(const halves_t *h, float max) {
+MX_CLONES static split_t m_split(const halves_t *h, float max) {
     const int bs = 16;
     split_t b = {max, -1, -1, -1};
     float best = -FLT_MAX;

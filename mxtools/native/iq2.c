@@ -57,42 +57,21 @@ static void append_list(iq_table *t, const int *d2, int limit, int *used) {
     *start = (uint16_t)n;
 }
 
-/* The float copy of each list, in chunks of 8 neighbours: chunk c holds position i of neighbour 8 c + lane at
- * [64 c + 8 i + lane] (unused lanes repeat the last neighbour). */
-static int transpose_lists(iq_table *t, int total_chunks) {
-    t->tpoints = malloc((size_t)total_chunks * 64 * sizeof(float));
-    if (!t->tpoints) return -1;
-    int chunk = 0;
-    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
-        t->toffset[key] = -1;
-        if (t->map[key] >= 0 || !ternary_key(key)) continue;
-        const uint16_t *list = t->lists - t->map[key] - 1;
-        t->toffset[key] = chunk;
-        for (int j = 0; j < list[0]; j += 8, ++chunk)
-            for (int lane = 0; lane < 8; ++lane) {
-                const int e = list[1 + (j + lane < list[0] ? j + lane : list[0] - 1)];
-                for (int i = 0; i < 8; ++i) t->tpoints[64 * chunk + 8 * i + lane] = t->points[8 * e + i];
-            }
-    }
-    return 0;
-}
-
 int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
     t->grid = grid;
     t->ngrid = ngrid;
     t->map = malloc(IQ_MAP_SIZE * sizeof(int32_t));
-    t->toffset = malloc(IQ_MAP_SIZE * sizeof(int32_t));
     t->points = malloc((size_t)ngrid * 8);
     int *d2 = malloc((size_t)ngrid * sizeof(int));
     size_t cap = 1 << 16;
     t->lists = malloc(cap * sizeof(uint16_t));
-    if (!t->map || !t->toffset || !t->points || !d2 || !t->lists) return -1;
+    if (!t->map || !t->points || !d2 || !t->lists) return -1;
     for (int i = 0; i < IQ_MAP_SIZE; ++i) t->map[i] = INT32_MIN;
     for (int j = 0; j < ngrid; ++j) {
         for (int k = 0; k < 8; ++k) t->points[8 * j + k] = (int8_t)(2 * ((grid[j] >> 2 * k) & 3) + 1);
         t->map[grid[j]] = j;
     }
-    int used = 0, chunks = 0;
+    int used = 0;
     for (int key = 0; key < IQ_MAP_SIZE; ++key) {
         if (t->map[key] >= 0 || !ternary_key(key)) continue;
         for (int j = 0; j < ngrid; ++j) d2[j] = point_d2(t->points + 8 * j, key);
@@ -106,10 +85,17 @@ int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
         append_list(t, d2, list_limit(d2, ngrid, nwant), &used);
         const int len = t->lists[-t->map[key] - 1];
         if (len > IQ_MAX_LIST) return -1;
-        chunks += (len + 7) / 8;
     }
     free(d2);
-    return transpose_lists(t, chunks);
+    t->codes = malloc(((size_t)used + 8) * sizeof(uint16_t));
+    if (!t->codes) return -1;
+    for (int k = 0; k < used + 8; ++k) t->codes[k] = 0;
+    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
+        if (t->map[key] >= 0 || !ternary_key(key)) continue;
+        const int off = -t->map[key] - 1;
+        for (int j = 1; j <= t->lists[off]; ++j) t->codes[off + j] = grid[t->lists[off + j]];
+    }
+    return 0;
 }
 
 enum { G_XXS, G_XS, G_S, G_COUNT };
@@ -135,45 +121,65 @@ int mx_iq_prepare(int type, const float *qw) {
 
 /* ---- snapping a group of 8 onto the codebook ------------------------------------------------------------ */
 
-/* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2 (the first of equals), eight
- * entries at a time; writes its levels to L and returns its index. */
-static int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale, int8_t *L) {
-    const uint16_t *list = t->lists - t->map[key] - 1;
-    const float *tp = t->tpoints + (size_t)64 * t->toffset[key];
-    const int n = list[0];
-    float d2s[IQ_MAX_LIST + 8];
-    for (int c = 0; c < (n + 7) / 8; ++c, tp += 64) {
-        vf d2 = splat(0);
-        for (int i = 0; i < 8; ++i) {
-            vf q;
-            memcpy(&q, tp + 8 * i, sizeof q);
-            const vf diff = splat(scale) * q - splat(x[i]);
-            d2 += splat(w[i]) * diff * diff;
-        }
-        memcpy(d2s + 8 * c, &d2, sizeof d2);
-    }
-    float best = FLT_MAX;
-    int pick_j = 0;  /* ggml asserts a finite distance exists; the first entry otherwise */
-    for (int j = 0; j < n; ++j)
-        if (d2s[j] < best) { best = d2s[j]; pick_j = j; }
-    const int g = list[1 + pick_j];
-    for (int i = 0; i < 8; ++i) L[i] = (int8_t)((t->points[8 * g + i] - 1) / 2);
-    return g;
+/* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2, q = 2 l + 1. */
+MX_CLONES static int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale, int8_t *L) {
+    float tab[24];
+    const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};  /* scale q, q = 2 l + 1 */
+    iq_terms(x, w, scaled, tab);
+    return iq_nearest(t, key, tab, L);
 }
 
 /* Round x * id to levels 0..2 ((id x - 1) / 2 to nearest), then onto the codebook: *on_grid says whether the
  * rounded point was a codebook point; off it, the neighbour that fits best at `scale`. Returns the index. */
 MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float id, float scale, int8_t *L,
                        int *on_grid) {
+    vf X;
+    memcpy(&X, x, sizeof X);
+    const vi l = vnearest(0.5f * (splat(id) * X - 1), 0, 2), sh = l << (vi){0, 2, 4, 6, 8, 10, 12, 14};
     int key = 0;
     for (int i = 0; i < 8; ++i) {
-        const int l = clampi(nearest_int(0.5f * (id * x[i] - 1)), 0, 2);
-        L[i] = (int8_t)l;
-        key |= l << 2 * i;
+        L[i] = (int8_t)l[i];
+        key |= sh[i];
     }
     const int g = t->map[key];
     *on_grid = g >= 0;
     return g >= 0 ? g : best_neighbour(t, key, x, wa, scale, L);
+}
+
+/* The sweep's trials side by side: trial k's levels in L[k], its values q = 2 l + 1 in Q[i][k] (lanes). */
+#define MAX_TRIALS 24
+typedef struct {
+    int8_t L[MAX_TRIALS][32];
+    int on[MAX_TRIALS][4];
+    float Q[32][MAX_TRIALS];
+} trials_t;
+
+/* sum w x q and sum w q^2 over the n values of each of ntrial trials, in ggml's order ((w x) q, (w q) q),
+ * eight trials at a time. */
+MX_INLINE void trial_sums(int n, int ntrial, const float *w, const float *x, trials_t *tr, float *sqx,
+                          float *sq2) {
+    for (int i = 0; i < n; ++i)
+        for (int k = ntrial; k < MAX_TRIALS; ++k) tr->Q[i][k] = 0;  /* unused lanes */
+    for (int k0 = 0; k0 < ntrial; k0 += NL) {
+        vf a = splat(0), b = splat(0);
+        for (int i = 0; i < n; ++i) {
+            vf q;
+            memcpy(&q, tr->Q[i] + k0, sizeof q);
+            a += splat(w[i] * x[i]) * q;
+            b += splat(w[i]) * q * q;
+        }
+        memcpy(sqx + k0, &a, sizeof a);
+        memcpy(sq2 + k0, &b, sizeof b);
+    }
+}
+
+/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
+MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
+                         int k) {
+    const float this_scale = 1 / id;
+    for (int g = 0; g < n / 8; ++g)
+        iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, tr->L[k] + 8 * g, &tr->on[k][g]);
+    for (int i = 0; i < n; ++i) tr->Q[i][k] = 2 * tr->L[k][i] + 1;
 }
 
 /* sum w x q and sum w q^2 over n values, q = 2 L + 1 */
@@ -235,23 +241,20 @@ MX_INLINE int scale4(float id, float s) { return clampi(nearest_int(0.5f * (id *
  * 4-bit scale (66 bytes per 256 values) ---------------------------------------------------------------------- */
 
 /* The scale sweep of one 32-value sub-block: levels in L, returns the fitted scale (possibly negative). */
-static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux, int8_t *L,
-                       float scale) {
+MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+                                 int8_t *L, float scale) {
     const float eff_max = scale * 3;
-    float best = 0;
-    int8_t Laux[32];
+    float best = 0, sqx[MAX_TRIALS], sq2[MAX_TRIALS];
+    trials_t tr;
     int on_grid;
-    for (int is = -6; is <= 6; ++is) {
-        const float id = (2 * 3 - 1 + is * 0.1f) / eff_max, this_scale = 1 / id;
-        for (int k = 0; k < 4; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_grid);
-        float sumqx, sumq2;
-        fit_sums(32, weight, xval, Laux, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, 32);
+    for (int is = -6; is <= 6; ++is) run_trial(t, 32, xval, waux, (2 * 3 - 1 + is * 0.1f) / eff_max, &tr, is + 6);
+    trial_sums(32, 13, weight, xval, &tr, sqx, sq2);
+    for (int k = 0; k < 13; ++k)
+        if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
+            scale = sqx[k] / sq2[k];
+            best = scale * sqx[k];
+            memcpy(L, tr.L[k], 32);
         }
-    }
     if (scale > 0) {  /* one more rounding at the chosen scale, every group re-snapped */
         const float id = 1 / scale;
         for (int k = 0; k < 4; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, &on_grid);
@@ -309,25 +312,22 @@ void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
 /* ---- IQ2_XS and IQ2_S: 16-value sub-blocks of two groups ----------------------------------------------- */
 
 /* The scale sweep of one 16-value sub-block (max: its largest magnitude): levels in L, returns the scale. */
-static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux, float max,
-                         int8_t *L) {
-    float best = 0, scale = max / (2 * 3 - 1);
-    int on[2] = {1, 1}, on_aux[2];
-    int8_t Laux[16];
+MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+                                   float max, int8_t *L) {
+    float best = 0, scale = max / (2 * 3 - 1), sqx[MAX_TRIALS], sq2[MAX_TRIALS];
+    int on[2] = {1, 1};
+    trials_t tr;
     memset(L, 0, 16);
-    for (int is = -9; is <= 9; ++is) {
-        const float id = (2 * 3 - 1 + is * 0.1f) / max, this_scale = 1 / id;
-        for (int k = 0; k < 2; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_aux[k]);
-        float sumqx, sumq2;
-        fit_sums(16, weight, xval, Laux, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, 16);
-            on[0] = on_aux[0];
-            on[1] = on_aux[1];
+    for (int is = -9; is <= 9; ++is) run_trial(t, 16, xval, waux, (2 * 3 - 1 + is * 0.1f) / max, &tr, is + 9);
+    trial_sums(16, 19, weight, xval, &tr, sqx, sq2);
+    for (int k = 0; k < 19; ++k)
+        if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
+            scale = sqx[k] / sq2[k];
+            best = scale * sqx[k];
+            memcpy(L, tr.L[k], 16);
+            on[0] = tr.on[k][0];
+            on[1] = tr.on[k][1];
         }
-    }
     if ((!on[0] || !on[1]) && scale > 0) {  /* groups that were snapped: once more at the chosen scale */
         const float id = 1 / scale;
         int dummy;

@@ -292,7 +292,7 @@ def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, we
     weights: the per-column importance (float32 [cols]) for ggml's searches; None with h: the damped Hessian
     diagonal; None without h: llama.cpp's unweighted (`_ref`) searches.
     """
-    if qtype not in SUPPORTED:
+    if qtype not in LEGACY and qtype not in KQUANTS:  # the i-quants' codebooks have no per-value grid here
         raise ValueError(f"GGML type {qtype.name} has no block grid here")
     if w.dim() != 2 or w.shape[1] % SUPPORTED[qtype][0]:
         raise ShapeError(f"{qtype.name} needs a 2-D weight whose rows are multiples of {SUPPORTED[qtype][0]}, "
