@@ -26,12 +26,18 @@ typedef struct {
     int8_t *points;        /* codebook points unpacked, 8 values 2 l + 1 per entry */
 } iq_table;
 
+/* The bitwise OR of the 8 lanes (in every lane). */
+MX_INLINE vi or_lanes(vi v) {
+    v |= __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    v |= __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+    return v | __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+}
+
 /* The neighbour of `key`'s list nearest to x in sum_i w_i (scale v_l - x_i)^2 over its positions i (v_l the value
  * of the neighbour's level l there); the first of equals, as ggml's strict `<` scan keeps it. Every term has one
  * of three values per position: tab[8 l + i] = w_i (scale v_l - x_i)^2 (iq_terms), so the distance of a neighbour
- * is a sum of table entries in ggml's order, eight neighbours at a time. Returns the codebook index; writes the
- * neighbour's levels to L. */
-MX_INLINE int iq_nearest(const iq_table *t, int key, const float *tab, int8_t *L) {
+ * is a sum of table entries in ggml's order, eight neighbours at a time. Returns the codebook index. */
+MX_INLINE int iq_nearest(const iq_table *t, int key, const float *tab) {
     typedef uint16_t vu16 __attribute__((vector_size(16)));
     const int off = -t->map[key] - 1, n = t->lists[off];
     const vf lane = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -55,9 +61,7 @@ MX_INLINE int iq_nearest(const iq_table *t, int key, const float *tab, int8_t *L
     int pick_j = 0;  /* ggml finds no neighbour only when every distance is inf or NaN; the first entry here */
     if (best < FLT_MAX)
         while (d2s[pick_j] != best) ++pick_j;  /* the first neighbour at the smallest distance */
-    const int g = t->lists[off + 1 + pick_j];
-    for (int i = 0; i < 8; ++i) L[i] = (int8_t)((t->grid[g] >> 2 * i) & 3);
-    return g;
+    return t->lists[off + 1 + pick_j];
 }
 
 /* The table of iq_nearest for values x, weights w and the three level values scale * v_l. */

@@ -31,35 +31,34 @@ int mx_iq1_prepare(void) {
 static const float X_P[3] = {-1 + DELTA, DELTA, 1 + DELTA};
 static const float X_M[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
 
-/* Indices of x[0..n) in ascending order of value, equal values in their original order (glibc's qsort, a merge
- * sort for arrays this small, keeps that order). */
+/* Indices of x[0..n) in ascending order of value, equal values (-0 and +0 among them) in their original order, as
+ * glibc's qsort (a merge sort for arrays this small) leaves them: value j goes to the place counting the values
+ * below it and the equal ones before it. */
 static void sort_index(const float *x, int n, int *idx) {
     for (int j = 0; j < n; ++j) {
-        int k = j;
-        while (k > 0 && x[idx[k - 1]] > x[j]) {
-            idx[k] = idx[k - 1];
-            --k;
-        }
-        idx[k] = j;
+        int rank = 0;
+        for (int k = 0; k < n; ++k) rank += (x[k] < x[j]) | ((x[k] == x[j]) & (k < j));
+        idx[rank] = j;
     }
 }
 
 /* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale xx[l] - x)^2. */
-MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx, int8_t *L) {
+MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
     float tab[24];
     const float scaled[3] = {scale * xx[0], scale * xx[1], scale * xx[2]};
     iq_terms(x, w, scaled, tab);
-    return iq_nearest(&table, key, tab, L);
+    return iq_nearest(&table, key, tab);
 }
 
-/* Snap group k's levels onto the codebook (xx: its shifted values); *all_on_grid is cleared when it was off. */
-static int snap(const float *xb, const float *w, float scale, const float *xx, int8_t *L, int *all_on_grid) {
+/* The codebook index of a group's levels, or of its best neighbour (xx: its shifted values); *all_on_grid is
+ * cleared when the levels were off the codebook. */
+static int snap(const float *xb, const float *w, float scale, const float *xx, const int8_t *L, int *all_on_grid) {
     int key = 0;
     for (int j = 0; j < 8; ++j) key |= L[j] << 2 * j;
     const int g = table.map[key];
     if (g >= 0) return g;
     *all_on_grid = 0;
-    return best_neighbour(key, xb, w, scale, xx, L);
+    return best_neighbour(key, xb, w, scale, xx);
 }
 
 /* sum w x q and sum w q^2 of group k at codebook point g, q = xx[level] (accumulated into *sqx, *sq2) */
@@ -108,10 +107,10 @@ MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max
             const vf wm = aw * X_M[0] * X_M[0] + bw * X_M[1] * X_M[1] + cw * X_M[2] * X_M[2];
             const vi valid = lane <= splat((float)(bs - i2));
             const vi win = valid & (((wp > 0) & (qp * qp > splat(best) * wp)) | ((wm > 0) & (qm * qm > splat(best) * wm)));
-            int any = 0;
-            for (int l = 0; l < NL; ++l) any |= win[l];
-            if (!any) continue;  /* no candidate beats the best so far: the sequential loop changes nothing */
+            if (!or_lanes(win)[0]) continue;  /* no candidate beats the best so far: the sequential loop changes nothing */
+            const float before = best;  /* a lane that lost to it loses to any larger best too */
             for (int l = 0; l < NL && i2 + l <= bs; ++l) {
+                if (!win[l] && best >= before) continue;
                 consider(&b, &best, qp[l], wp[l], i1, i2 + l, 1);
                 consider(&b, &best, qm[l], wm[l], i1, i2 + l, -1);
             }
@@ -161,7 +160,7 @@ static float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, 
     return b.scale;
 }
 
-void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 50) {
         float sumx2 = 0;
         for (int i = 0; i < QK_K; ++i) sumx2 += x[i] * x[i];
@@ -226,10 +225,10 @@ MX_CLONES static split_t m_split(const halves_t *h, float max) {
             vi win = splati(0);
             for (int k = 0; k < 4; ++k) win |= (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]);
             win &= lane <= splat((float)(bs - i2));
-            int any = 0;
-            for (int l = 0; l < NL; ++l) any |= win[l];
-            if (!any) continue;
-            for (int l = 0; l < NL && i2 + l <= bs; ++l) m_consider(&b, &best, qx, q2, l, i1, i2 + l);
+            if (!or_lanes(win)[0]) continue;
+            const float before = best;  /* a lane that lost to it loses to any larger best too */
+            for (int l = 0; l < NL && i2 + l <= bs; ++l)
+                if (win[l] || best < before) m_consider(&b, &best, qx, q2, l, i1, i2 + l);
         }
     return b;
 }
@@ -300,7 +299,7 @@ static void m_refit(const float *xb, const float *weight, const uint8_t *qs, int
     }
 }
 
-void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+MX_CLONES void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 56) {
         const float *qwb = qw ? qw + QK_K * ibl : 0;

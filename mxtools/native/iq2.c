@@ -122,71 +122,64 @@ int mx_iq_prepare(int type, const float *qw) {
 /* ---- snapping a group of 8 onto the codebook ------------------------------------------------------------ */
 
 /* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2, q = 2 l + 1. */
-MX_CLONES static int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale, int8_t *L) {
+MX_INLINE int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale) {
     float tab[24];
-    const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};  /* scale q, q = 2 l + 1 */
+    const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};
     iq_terms(x, w, scaled, tab);
-    return iq_nearest(t, key, tab, L);
+    return iq_nearest(t, key, tab);
 }
 
 /* Round x * id to levels 0..2 ((id x - 1) / 2 to nearest), then onto the codebook: *on_grid says whether the
- * rounded point was a codebook point; off it, the neighbour that fits best at `scale`. Returns the index. */
-MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float id, float scale, int8_t *L,
-                       int *on_grid) {
+ * rounded point was a codebook point; off it, the neighbour that fits best at `scale`. Returns the point's packed
+ * levels (its key: t->map gives its index). */
+MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float id, float scale, int *on_grid) {
     vf X;
     memcpy(&X, x, sizeof X);
-    const vi l = vnearest(0.5f * (splat(id) * X - 1), 0, 2), sh = l << (vi){0, 2, 4, 6, 8, 10, 12, 14};
-    int key = 0;
-    for (int i = 0; i < 8; ++i) {
-        L[i] = (int8_t)l[i];
-        key |= sh[i];
-    }
-    const int g = t->map[key];
-    *on_grid = g >= 0;
-    return g >= 0 ? g : best_neighbour(t, key, x, wa, scale, L);
+    const int key = or_lanes(vnearest(0.5f * (splat(id) * X - 1), 0, 2) << (vi){0, 2, 4, 6, 8, 10, 12, 14})[0];
+    *on_grid = t->map[key] >= 0;
+    return *on_grid ? key : t->grid[best_neighbour(t, key, x, wa, scale)];
 }
 
-/* The sweep's trials side by side: trial k's levels in L[k], its values q = 2 l + 1 in Q[i][k] (lanes). */
+/* The sweep's trials side by side: group g of trial k snapped to the packed levels code[g][k] (lanes: trials). */
 #define MAX_TRIALS 24
 typedef struct {
-    int8_t L[MAX_TRIALS][32];
+    int32_t code[4][MAX_TRIALS];
     int on[MAX_TRIALS][4];
-    float Q[32][MAX_TRIALS];
 } trials_t;
 
-/* sum w x q and sum w q^2 over the n values of each of ntrial trials, in ggml's order ((w x) q, (w q) q),
- * eight trials at a time. */
-MX_INLINE void trial_sums(int n, int ntrial, const float *w, const float *x, trials_t *tr, float *sqx,
-                          float *sq2) {
-    for (int i = 0; i < n; ++i)
-        for (int k = ntrial; k < MAX_TRIALS; ++k) tr->Q[i][k] = 0;  /* unused lanes */
+/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
+MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
+                         int k) {
+    const float this_scale = 1 / id;
+    for (int g = 0; g < n / 8; ++g) tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+}
+
+/* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
+ * (w q) q), eight trials at a time. */
+MX_INLINE void trial_sums(int n, int ntrial, const float *w, const float *x, trials_t *tr, float *sqx, float *sq2) {
+    for (int g = 0; g < n / 8; ++g)
+        for (int k = ntrial; k < MAX_TRIALS; ++k) tr->code[g][k] = 0;  /* unused lanes */
     for (int k0 = 0; k0 < ntrial; k0 += NL) {
         vf a = splat(0), b = splat(0);
-        for (int i = 0; i < n; ++i) {
-            vf q;
-            memcpy(&q, tr->Q[i] + k0, sizeof q);
-            a += splat(w[i] * x[i]) * q;
-            b += splat(w[i]) * q * q;
+        for (int g = 0; g < n / 8; ++g) {
+            vi c;
+            memcpy(&c, tr->code[g] + k0, sizeof c);
+            for (int i = 8 * g; i < 8 * g + 8; ++i, c >>= 2) {
+                const vf q = tof((c & 3) * 2 + 1);
+                a += splat(w[i] * x[i]) * q;
+                b += splat(w[i]) * q * q;
+            }
         }
         memcpy(sqx + k0, &a, sizeof a);
         memcpy(sq2 + k0, &b, sizeof b);
     }
 }
 
-/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
-MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
-                         int k) {
-    const float this_scale = 1 / id;
-    for (int g = 0; g < n / 8; ++g)
-        iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, tr->L[k] + 8 * g, &tr->on[k][g]);
-    for (int i = 0; i < n; ++i) tr->Q[i][k] = 2 * tr->L[k][i] + 1;
-}
-
-/* sum w x q and sum w q^2 over n values, q = 2 L + 1 */
-MX_INLINE void fit_sums(int n, const float *w, const float *x, const int8_t *L, float *sqx, float *sq2) {
+/* The same sums for one set of groups' packed levels. */
+MX_INLINE void code_sums(int n, const float *w, const float *x, const int *codes, float *sqx, float *sq2) {
     float sumqx = 0, sumq2 = 0;
     for (int i = 0; i < n; ++i) {
-        const float q = 2 * L[i] + 1;
+        const float q = 2 * ((codes[i / 8] >> 2 * (i % 8)) & 3) + 1;
         sumqx += w[i] * x[i] * q;
         sumq2 += w[i] * q * q;
     }
@@ -240,9 +233,10 @@ MX_INLINE int scale4(float id, float s) { return clampi(nearest_int(0.5f * (id *
 /* ---- IQ2_XXS: d (f16), then per 32 values a uint32 of 4 grid indices and a uint32 of 4 x 7 sign bits and a
  * 4-bit scale (66 bytes per 256 values) ---------------------------------------------------------------------- */
 
-/* The scale sweep of one 32-value sub-block: levels in L, returns the fitted scale (possibly negative). */
+/* The scale sweep of one 32-value sub-block from make_qp_quants' scale: the groups' packed levels in codes[4];
+ * returns the fitted scale (possibly negative). */
 MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
-                                 int8_t *L, float scale) {
+                                 float scale, int *codes) {
     const float eff_max = scale * 3;
     float best = 0, sqx[MAX_TRIALS], sq2[MAX_TRIALS];
     trials_t tr;
@@ -253,13 +247,14 @@ MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const flo
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
             scale = sqx[k] / sq2[k];
             best = scale * sqx[k];
-            memcpy(L, tr.L[k], 32);
+            for (int g = 0; g < 4; ++g) codes[g] = tr.code[g][k];
         }
-    if (scale > 0) {  /* one more rounding at the chosen scale, every group re-snapped */
+    if (scale > 0) {  /* one more rounding at the chosen scale, every group re-snapped (always reached when no
+                         trial won: make_qp_quants' levels are never kept) */
         const float id = 1 / scale;
-        for (int k = 0; k < 4; ++k) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, &on_grid);
+        for (int g = 0; g < 4; ++g) codes[g] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, scale, &on_grid);
         float sumqx, sumq2;
-        fit_sums(32, weight, xval, L, &sumqx, &sumq2);
+        code_sums(32, weight, xval, codes, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
     }
     return scale;
@@ -268,29 +263,27 @@ MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const flo
 /* One sub-block: writes its two words (scale bits left 0) and returns its scale (0 for a flat one). */
 static float xxs_sub(const iq_table *t, const float *xb, const float *qw, float sigma2, uint32_t *q2) {
     float weight[32], waux[32], xval[32];
-    int8_t L[32];
-    uint8_t signs[4];
+    uint8_t L[32], signs[4];
+    int codes[4] = {0};
     for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
     for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
     for (int k = 0; k < 4; ++k) signs[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, 1);
     if (max_of(xval, 32) < GROUP_MAX_EPS) return 0;
-    const float start = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
+    const float start = make_qp_quants(32, 4, xval, L, weight);
     if (start * 3 <= 0) return 0;
-    float scale = xxs_sweep(t, xval, weight, waux, L, start);
+    float scale = xxs_sweep(t, xval, weight, waux, start, codes);
     if (scale < 0) {
         scale = -scale;
         for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
     }
     for (int k = 0; k < 4; ++k) {
-        int key = 0;
-        for (int i = 0; i < 8; ++i) key |= L[8 * k + i] << 2 * i;
-        q2[0] |= (uint32_t)t->map[key] << 8 * k;
+        q2[0] |= (uint32_t)t->map[codes[k]] << 8 * k;
         q2[1] |= (uint32_t)signs[k] << 7 * k;
     }
     return scale;
 }
 
-void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+MX_CLONES void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     const iq_table *t = &tables[G_XXS];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 66) {
         const float sigma2 = sum_sq256(x) / QK_K;
@@ -311,30 +304,32 @@ void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
 
 /* ---- IQ2_XS and IQ2_S: 16-value sub-blocks of two groups ----------------------------------------------- */
 
-/* The scale sweep of one 16-value sub-block (max: its largest magnitude): levels in L, returns the scale. */
+/* The scale sweep of one 16-value sub-block (max: its largest magnitude): the groups' packed levels in codes[2];
+ * returns the scale. */
 MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
-                                   float max, int8_t *L) {
+                                   float max, int *codes) {
     float best = 0, scale = max / (2 * 3 - 1), sqx[MAX_TRIALS], sq2[MAX_TRIALS];
     int on[2] = {1, 1};
     trials_t tr;
-    memset(L, 0, 16);
+    codes[0] = codes[1] = 0;  /* levels 0 (a codebook point of every grid) unless a trial wins */
     for (int is = -9; is <= 9; ++is) run_trial(t, 16, xval, waux, (2 * 3 - 1 + is * 0.1f) / max, &tr, is + 9);
     trial_sums(16, 19, weight, xval, &tr, sqx, sq2);
     for (int k = 0; k < 19; ++k)
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
             scale = sqx[k] / sq2[k];
             best = scale * sqx[k];
-            memcpy(L, tr.L[k], 16);
-            on[0] = tr.on[k][0];
-            on[1] = tr.on[k][1];
+            for (int g = 0; g < 2; ++g) {
+                codes[g] = tr.code[g][k];
+                on[g] = tr.on[k][g];
+            }
         }
     if ((!on[0] || !on[1]) && scale > 0) {  /* groups that were snapped: once more at the chosen scale */
         const float id = 1 / scale;
         int dummy;
-        for (int k = 0; k < 2; ++k)
-            if (!on[k]) iq2_snap(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, &dummy);
+        for (int g = 0; g < 2; ++g)
+            if (!on[g]) codes[g] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, scale, &dummy);
         float sumqx, sumq2;
-        fit_sums(16, weight, xval, L, &sumqx, &sumq2);
+        code_sums(16, weight, xval, codes, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
     }
     return scale;
@@ -345,28 +340,24 @@ MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const f
 static int sub16(const iq_table *t, const float *xb, const float *weight, int even, float eps, int *g, uint8_t *s,
                  float *scale) {
     float waux[16], xval[16];
-    int8_t L[16];
+    int codes[2];
     *scale = 0;
     for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
     for (int k = 0; k < 2; ++k) s[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, even);
     const float max = max_of(xval, 16);
     if (max < eps) return 0;
-    float sc = sub16_sweep(t, xval, weight, waux, max, L);
+    float sc = sub16_sweep(t, xval, weight, waux, max, codes);
     if (sc < 0) {
         sc = -sc;
         for (int k = 0; k < 2; ++k) s[k] = (uint8_t)(even ? ~s[k] & 127 : ~s[k]);
     }
-    for (int k = 0; k < 2; ++k) {
-        int key = 0;
-        for (int i = 0; i < 8; ++i) key |= L[8 * k + i] << 2 * i;
-        g[k] = t->map[key];
-    }
+    for (int k = 0; k < 2; ++k) g[k] = t->map[codes[k]];
     *scale = sc;
     return 1;
 }
 
 /* IQ2_XS: d (f16), 32 uint16 (9-bit grid index | 7 sign bits << 9), 8 bytes of two 4-bit scales (74 bytes). */
-void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+MX_CLONES void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     const iq_table *t = &tables[G_XS];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 74) {
         const float sigma2 = sum_sq256(x) / QK_K;
@@ -393,7 +384,7 @@ void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
 
 /* IQ2_S: d (f16), 32 low bytes of 10-bit grid indices, 32 sign bytes, 8 bytes of the indices' high 2 bits, 8 bytes
  * of two 4-bit scales (82 bytes). Without an importance matrix the weights are sigma2 / 4 + x^2. */
-void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+MX_CLONES void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
     const iq_table *t = &tables[G_S];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 82) {
         const float sigma2 = 2 * sum_sq256(x) / QK_K;
