@@ -174,13 +174,13 @@ def test_q4_0_hand_blocks():
 # API contract.
 
 def test_supported_lists_every_type():
-    assert set(TYPES) <= set(SUPPORTED)  # the i-quants are checked in test_iquants.py
-    assert all(SUPPORTED[t][0] in (32, 256) for t in TYPES)
+    assert set(TYPES) <= set(SUPPORTED)  # the i-quants: tests/test_iquants.py, tests/test_iquants_low.py
+    assert all(SUPPORTED[t][0] in (32, 256) for t in SUPPORTED)
 
 
 def test_rejects_bad_input():
-    with pytest.raises(ValueError, match="IQ2_XXS cannot be quantized here; supported: Q8_0"):
-        quantize(torch.zeros(2, 256), T.IQ2_XXS)
+    with pytest.raises(ValueError, match="TQ2_0 cannot be quantized here; supported: Q8_0"):
+        quantize(torch.zeros(2, 256), T.TQ2_0)
     with pytest.raises(ValueError, match="multiple of 256, got 288"):
         quantize(torch.zeros(2, 288), T.Q4_K)
     with pytest.raises(ValueError, match="multiple of 32, got 40"):

@@ -14,12 +14,15 @@ from gguf import GGMLQuantizationType as T
 
 from mxtools import native
 
-__all__ = ["SUPPORTED", "quantize"]
+__all__ = ["NEEDS_IMATRIX", "SUPPORTED", "quantize"]
 
 # The GGML types the native quantizer writes -> (values per block, bytes per block), from gguf-py's table.
 SUPPORTED: dict[T, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
     T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-    T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S)}
+    T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)}
+
+# Types ggml refuses to quantize without an importance matrix (ggml_quantize_requires_imatrix).
+NEEDS_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
 
 CHUNK_VALUES = 1 << 18  # values per work item (1 MiB of float32): small enough to balance two threads
 
@@ -56,6 +59,9 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
         raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {block}, "
                          f"got {n}; keep such tensors in F16/F32")
     if imatrix is None:
+        if qtype in NEEDS_IMATRIX:
+            raise ValueError(f"{qtype.name} needs an importance matrix (llama.cpp refuses to quantize it without one); "
+                             "pass imatrix=")
         return block, size, None
     if isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().to("cpu", torch.float32).numpy()
@@ -72,7 +78,8 @@ def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out
     """Quantize a [rows, n] matrix (float32, or bf16/f16 read as such) to GGML blocks, byte for byte as llama.cpp.
 
     imatrix (float32 [n], mean squared activation per input column) selects llama.cpp's importance
-    weighted path (`quantize_*` with quant_weights); None selects `quantize_row_*_ref`. Q8_0 ignores it.
+    weighted path (`quantize_*` with quant_weights); None selects `quantize_row_*_ref` (NEEDS_IMATRIX types refuse
+    None). Q8_0 ignores it.
     Returns uint8 [rows, n // block_size * type_size] (`out` when given). Raises ValueError for an unsupported type, a row
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "iq34.h"
+#include "iq.h"
 #include "scalar.h"
 #include "search.h"
 
@@ -514,6 +515,11 @@ static row_fn row_function(int type, int64_t *block, int64_t *bytes) {
     case T_IQ4_XS: *block = QK_K; *bytes = 136; return mx_iq4_xs_row;
     case T_IQ3_XXS: *block = QK_K; *bytes = 98; return mx_iq3_xxs_row;
     case T_IQ3_S: *block = QK_K; *bytes = 110; return mx_iq3_s_row;
+    case T_IQ2_XXS: *block = QK_K; *bytes = 66; return mx_iq2_xxs_row;
+    case T_IQ2_XS: *block = QK_K; *bytes = 74; return mx_iq2_xs_row;
+    case T_IQ2_S: *block = QK_K; *bytes = 82; return mx_iq2_s_row;
+    case T_IQ1_S: *block = QK_K; *bytes = 50; return mx_iq1_s_row;
+    case T_IQ1_M: *block = QK_K; *bytes = 56; return mx_iq1_m_row;
     default: return 0;
     }
 }
@@ -544,7 +550,8 @@ MX_CLONES static int row_to_f32(int src_type, const void *src, int64_t n, float 
 }
 
 /* Quantize nrows rows of n_per_row values (src_type: SRC_F32, SRC_BF16, SRC_F16) into y; returns the bytes
- * written, -1 for an unknown type or a row length that is not a multiple of the block size, -2 for a row holding
+ * written, -1 for an unknown type, a row length that is not a multiple of the block size or a missing imatrix that
+ * the type needs (IQ2_XXS, IQ2_XS, IQ1_S), -2 for a row holding
  * inf or NaN (its index in *bad_row; nothing after it is written), -3 when out of memory. Thread-safe; callers
  * split rows across threads. */
 MX_EXPORT int64_t mx_quantize_rows(int type, int src_type, const void *x, uint8_t *y, int64_t nrows, int64_t n_per_row,
@@ -552,6 +559,8 @@ MX_EXPORT int64_t mx_quantize_rows(int type, int src_type, const void *x, uint8_
     int64_t block = 0, bytes = 0;
     row_fn fn = row_function(type, &block, &bytes);
     if (!fn || n_per_row <= 0 || n_per_row % block || src_type < 0 || src_type > 2) return -1;
+    const int prepared = mx_iq_prepare(type, imatrix);  /* i-quant tables; -1 when the imatrix it needs is NULL */
+    if (prepared) return prepared;
     const int64_t row_bytes = n_per_row / block * bytes;
     const size_t elem = src_type == SRC_F32 ? 4 : 2;
     float *tmp = src_type == SRC_F32 ? 0 : malloc((size_t)n_per_row * sizeof(float));
@@ -592,6 +601,8 @@ MX_EXPORT int64_t mx_quantize_grid(int type, const float *x, uint8_t *y, int64_t
     int64_t block = 0, bytes = 0;
     row_fn fn = row_function(type, &block, &bytes);
     if (!fn || n <= 0 || n % block) return -1;
+    const int prepared = mx_iq_prepare(type, qw);
+    if (prepared) return prepared;
     const int64_t row_bytes = n / block * bytes, nb = n / block;
     for (int64_t r = 0; r < nrows; ++r) {
         const float *xr = x + r * n;

@@ -1,0 +1,416 @@
+/* IQ2_XXS, IQ2_XS and IQ2_S: byte for byte as quantize_row_iq2_{xxs,xs,s}_impl of ggml-quants.c, and the
+ * codebook tables all five 2-bit and 1-bit i-quants share (iq.h).
+ *
+ * A sub-block (32 values for IQ2_XXS, 16 for the others) is quantized in magnitudes, the signs stored apart
+ * (IQ2_XXS and IQ2_XS keep an even number of negatives per 8 values by flipping the least important one). A
+ * sweep over inverse scales rounds each group of 8 magnitudes to levels {0, 1, 2}, snaps it onto the codebook
+ * (iq2_snap) and keeps the scale with the best weighted least-squares fit; the super-block stores one f16 scale
+ * and a 4-bit scale per sub-block. Float expressions keep ggml's evaluation order.
+ */
+#include <float.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "common.h"
+#include "iq.h"
+#include "iq2_grids.h"
+#include "scalar.h"
+#include "search.h"
+
+#define QK_K 256
+
+/* ---- codebook tables ------------------------------------------------------------------------------------ */
+
+/* The keys whose 2-bit fields are all at most 2, and squared distances between unpacked points. */
+static int ternary_key(int i) {
+    for (int k = 0; k < 8; ++k)
+        if (((i >> 2 * k) & 3) == 3) return 0;
+    return 1;
+}
+
+static int point_d2(const int8_t *p, int key) {
+    int d2 = 0;
+    for (int k = 0; k < 8; ++k) {
+        const int d = p[k] - (2 * ((key >> 2 * k) & 3) + 1);
+        d2 += d * d;
+    }
+    return d2;
+}
+
+/* The largest squared distance a neighbour list of `key` keeps: its nwant-th smallest distinct distance. */
+static int list_limit(const int *d2, int ngrid, int nwant) {
+    int seen[129] = {0};  /* distances between points with coordinates in {1, 3, 5} are at most 8 * 16 */
+    for (int j = 0; j < ngrid; ++j) seen[d2[j]] = 1;
+    int have = 0;
+    for (int v = 0; v <= 128; ++v)
+        if (seen[v] && ++have == nwant) return v;
+    return 128;
+}
+
+/* Append key's list (count, then indices by distance, then index) to t->lists at *used. */
+static void append_list(iq_table *t, const int *d2, int limit, int *used) {
+    uint16_t *start = t->lists + (*used)++;
+    int n = 0;
+    for (int v = 0; v <= limit; ++v)
+        for (int j = 0; j < t->ngrid; ++j)
+            if (d2[j] == v) { t->lists[(*used)++] = (uint16_t)j; ++n; }
+    *start = (uint16_t)n;
+}
+
+int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
+    t->grid = grid;
+    t->ngrid = ngrid;
+    t->map = malloc(IQ_MAP_SIZE * sizeof(int32_t));
+    t->points = malloc((size_t)ngrid * 8);
+    int *d2 = malloc((size_t)ngrid * sizeof(int));
+    size_t cap = 1 << 16;
+    t->lists = malloc(cap * sizeof(uint16_t));
+    if (!t->map || !t->points || !d2 || !t->lists) return -1;
+    for (int i = 0; i < IQ_MAP_SIZE; ++i) t->map[i] = INT32_MIN;
+    for (int j = 0; j < ngrid; ++j) {
+        for (int k = 0; k < 8; ++k) t->points[8 * j + k] = (int8_t)(2 * ((grid[j] >> 2 * k) & 3) + 1);
+        t->map[grid[j]] = j;
+    }
+    int used = 0;
+    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
+        if (t->map[key] >= 0 || !ternary_key(key)) continue;
+        for (int j = 0; j < ngrid; ++j) d2[j] = point_d2(t->points + 8 * j, key);
+        if ((size_t)used + 1 + ngrid > cap) {
+            cap *= 2;
+            uint16_t *grown = realloc(t->lists, cap * sizeof(uint16_t));
+            if (!grown) return -1;
+            t->lists = grown;
+        }
+        t->map[key] = -(used + 1);
+        append_list(t, d2, list_limit(d2, ngrid, nwant), &used);
+        const int len = t->lists[-t->map[key] - 1];
+        if (len > IQ_MAX_LIST) return -1;
+    }
+    free(d2);
+    t->codes = malloc(((size_t)used + 8) * sizeof(uint16_t));
+    if (!t->codes) return -1;
+    for (int k = 0; k < used + 8; ++k) t->codes[k] = 0;
+    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
+        if (t->map[key] >= 0 || !ternary_key(key)) continue;
+        const int off = -t->map[key] - 1;
+        for (int j = 1; j <= t->lists[off]; ++j) t->codes[off + j] = grid[t->lists[off + j]];
+    }
+    return 0;
+}
+
+enum { G_XXS, G_XS, G_S, G_COUNT };
+static iq_table tables[G_COUNT];
+static int table_error[G_COUNT];
+static pthread_once_t once[G_COUNT] = {PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT};
+
+/* nwant: IQ2_XXS and IQ2_XS keep two distances, IQ2_S one (iq2xs_init_impl) */
+static void init_xxs(void) { table_error[G_XXS] = mx_iq_build(&tables[G_XXS], iq2_grid_256, 256, 2); }
+static void init_xs(void) { table_error[G_XS] = mx_iq_build(&tables[G_XS], iq2_grid_512, 512, 2); }
+static void init_s(void) { table_error[G_S] = mx_iq_build(&tables[G_S], iq2_grid_1024, 1024, 1); }
+
+int mx_iq_prepare(int type, const float *qw) {
+    switch (type) {
+    case T_IQ2_XXS: if (!qw) return -1; pthread_once(&once[G_XXS], init_xxs); return table_error[G_XXS] ? -3 : 0;
+    case T_IQ2_XS: if (!qw) return -1; pthread_once(&once[G_XS], init_xs); return table_error[G_XS] ? -3 : 0;
+    case T_IQ2_S: pthread_once(&once[G_S], init_s); return table_error[G_S] ? -3 : 0;
+    case T_IQ1_S: if (!qw) return -1; return mx_iq1_prepare();
+    case T_IQ1_M: return mx_iq1_prepare();
+    default: return 0;
+    }
+}
+
+/* ---- snapping a group of 8 onto the codebook ------------------------------------------------------------ */
+
+/* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2, q = 2 l + 1. */
+MX_INLINE int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale) {
+    float tab[24];
+    const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};
+    iq_terms(x, w, scaled, tab);
+    return iq_nearest(t, key, tab);
+}
+
+/* Round x * id to levels 0..2 ((id x - 1) / 2 to nearest), then onto the codebook: *on_grid says whether the
+ * rounded point was a codebook point; off it, the neighbour that fits best at `scale`. Returns the point's packed
+ * levels (its key: t->map gives its index). */
+MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float id, float scale, int *on_grid) {
+    vf X;
+    memcpy(&X, x, sizeof X);
+    const int key = or_lanes(vnearest(0.5f * (splat(id) * X - 1), 0, 2) << (vi){0, 2, 4, 6, 8, 10, 12, 14})[0];
+    *on_grid = t->map[key] >= 0;
+    return *on_grid ? key : t->grid[best_neighbour(t, key, x, wa, scale)];
+}
+
+/* The sweep's trials side by side: group g of trial k snapped to the packed levels code[g][k] (lanes: trials). */
+#define MAX_TRIALS 24
+typedef struct {
+    int32_t code[4][MAX_TRIALS];
+    int on[MAX_TRIALS][4];
+} trials_t;
+
+/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
+MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
+                         int k) {
+    const float this_scale = 1 / id;
+    for (int g = 0; g < n / 8; ++g) tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+}
+
+/* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
+ * (w q) q), eight trials at a time. */
+MX_INLINE void trial_sums(int n, int ntrial, const float *w, const float *x, trials_t *tr, float *sqx, float *sq2) {
+    for (int g = 0; g < n / 8; ++g)
+        for (int k = ntrial; k < MAX_TRIALS; ++k) tr->code[g][k] = 0;  /* unused lanes */
+    for (int k0 = 0; k0 < ntrial; k0 += NL) {
+        vf a = splat(0), b = splat(0);
+        for (int g = 0; g < n / 8; ++g) {
+            vi c;
+            memcpy(&c, tr->code[g] + k0, sizeof c);
+            for (int i = 8 * g; i < 8 * g + 8; ++i, c >>= 2) {
+                const vf q = tof((c & 3) * 2 + 1);
+                a += splat(w[i] * x[i]) * q;
+                b += splat(w[i]) * q * q;
+            }
+        }
+        memcpy(sqx + k0, &a, sizeof a);
+        memcpy(sq2 + k0, &b, sizeof b);
+    }
+}
+
+/* The same sums for one set of groups' packed levels. */
+MX_INLINE void code_sums(int n, const float *w, const float *x, const int *codes, float *sqx, float *sq2) {
+    float sumqx = 0, sumq2 = 0;
+    for (int i = 0; i < n; ++i) {
+        const float q = 2 * ((codes[i / 8] >> 2 * (i % 8)) & 3) + 1;
+        sumqx += w[i] * x[i] * q;
+        sumq2 += w[i] * q * q;
+    }
+    *sqx = sumqx;
+    *sq2 = sumq2;
+}
+
+/* Magnitudes of 8 values and their sign bits; with `even`, the least important value (smallest w x^2, the first
+ * of equals) is flipped when the count of negatives is odd, and 7 bits are kept. */
+static uint8_t magnitudes(const float *x, const float *w, float *xval, int even) {
+    int nflip = 0;
+    uint8_t s = 0;
+    for (int i = 0; i < 8; ++i) {
+        if (x[i] >= 0) {
+            xval[i] = x[i];
+        } else {
+            xval[i] = -x[i];
+            ++nflip;
+            s |= (uint8_t)(1 << i);
+        }
+    }
+    if (!even) return s;
+    if (nflip % 2) {
+        int imin = 0;
+        float min = w[0] * x[0] * x[0];
+        for (int i = 1; i < 8; ++i) {
+            const float ax = w[i] * x[i] * x[i];
+            if (ax < min) { min = ax; imin = i; }
+        }
+        xval[imin] = -xval[imin];
+        s ^= (uint8_t)(1 << imin);
+    }
+    return s & 127;
+}
+
+static float max_of(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; ++i) m = m > x[i] ? m : x[i];
+    return m;
+}
+
+static float sum_sq256(const float *x) {
+    float s = 0;
+    for (int i = 0; i < QK_K; ++i) s += x[i] * x[i];
+    return s;
+}
+
+/* The 4-bit sub-block scale: nearest (id s - 1) / 2 in 0..15. */
+MX_INLINE int scale4(float id, float s) { return clampi(nearest_int(0.5f * (id * s - 1)), 0, 15); }
+
+/* ---- IQ2_XXS: d (f16), then per 32 values a uint32 of 4 grid indices and a uint32 of 4 x 7 sign bits and a
+ * 4-bit scale (66 bytes per 256 values) ---------------------------------------------------------------------- */
+
+/* The scale sweep of one 32-value sub-block from make_qp_quants' scale: the groups' packed levels in codes[4];
+ * returns the fitted scale (possibly negative). */
+MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+                                 float scale, int *codes) {
+    const float eff_max = scale * 3;
+    float best = 0, sqx[MAX_TRIALS], sq2[MAX_TRIALS];
+    trials_t tr;
+    int on_grid;
+    for (int is = -6; is <= 6; ++is) run_trial(t, 32, xval, waux, (2 * 3 - 1 + is * 0.1f) / eff_max, &tr, is + 6);
+    trial_sums(32, 13, weight, xval, &tr, sqx, sq2);
+    for (int k = 0; k < 13; ++k)
+        if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
+            scale = sqx[k] / sq2[k];
+            best = scale * sqx[k];
+            for (int g = 0; g < 4; ++g) codes[g] = tr.code[g][k];
+        }
+    if (scale > 0) {  /* one more rounding at the chosen scale, every group re-snapped (always reached when no
+                         trial won: make_qp_quants' levels are never kept) */
+        const float id = 1 / scale;
+        for (int g = 0; g < 4; ++g) codes[g] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, scale, &on_grid);
+        float sumqx, sumq2;
+        code_sums(32, weight, xval, codes, &sumqx, &sumq2);
+        if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* One sub-block: writes its two words (scale bits left 0) and returns its scale (0 for a flat one). */
+static float xxs_sub(const iq_table *t, const float *xb, const float *qw, float sigma2, uint32_t *q2) {
+    float weight[32], waux[32], xval[32];
+    uint8_t L[32], signs[4];
+    int codes[4] = {0};
+    for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+    for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
+    for (int k = 0; k < 4; ++k) signs[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, 1);
+    if (max_of(xval, 32) < GROUP_MAX_EPS) return 0;
+    const float start = make_qp_quants(32, 4, xval, L, weight);
+    if (start * 3 <= 0) return 0;
+    float scale = xxs_sweep(t, xval, weight, waux, start, codes);
+    if (scale < 0) {
+        scale = -scale;
+        for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+    }
+    for (int k = 0; k < 4; ++k) {
+        q2[0] |= (uint32_t)t->map[codes[k]] << 8 * k;
+        q2[1] |= (uint32_t)signs[k] << 7 * k;
+    }
+    return scale;
+}
+
+MX_CLONES void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_XXS];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 66) {
+        const float sigma2 = sum_sq256(x) / QK_K;
+        uint32_t q2[16] = {0};
+        float scales[8], max_scale = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            scales[ib] = xxs_sub(t, x + 32 * ib, qw + 32 * ib, sigma2, q2 + 2 * ib);
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        memset(y, 0, 66);
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d);
+        for (int ib = 0; ib < 8; ++ib) q2[2 * ib + 1] |= (uint32_t)scale4(id, scales[ib]) << 28;
+        memcpy(y + 2, q2, 64);
+    }
+}
+
+/* ---- IQ2_XS and IQ2_S: 16-value sub-blocks of two groups ----------------------------------------------- */
+
+/* The scale sweep of one 16-value sub-block (max: its largest magnitude): the groups' packed levels in codes[2];
+ * returns the scale. */
+MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+                                   float max, int *codes) {
+    float best = 0, scale = max / (2 * 3 - 1), sqx[MAX_TRIALS], sq2[MAX_TRIALS];
+    int on[2] = {1, 1};
+    trials_t tr;
+    codes[0] = codes[1] = 0;  /* levels 0 (a codebook point of every grid) unless a trial wins */
+    for (int is = -9; is <= 9; ++is) run_trial(t, 16, xval, waux, (2 * 3 - 1 + is * 0.1f) / max, &tr, is + 9);
+    trial_sums(16, 19, weight, xval, &tr, sqx, sq2);
+    for (int k = 0; k < 19; ++k)
+        if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
+            scale = sqx[k] / sq2[k];
+            best = scale * sqx[k];
+            for (int g = 0; g < 2; ++g) {
+                codes[g] = tr.code[g][k];
+                on[g] = tr.on[k][g];
+            }
+        }
+    if ((!on[0] || !on[1]) && scale > 0) {  /* groups that were snapped: once more at the chosen scale */
+        const float id = 1 / scale;
+        int dummy;
+        for (int g = 0; g < 2; ++g)
+            if (!on[g]) codes[g] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, scale, &dummy);
+        float sumqx, sumq2;
+        code_sums(16, weight, xval, codes, &sumqx, &sumq2);
+        if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* One 16-value sub-block with its weights: grid indices and sign bytes in g[2], s[2] and its scale in *scale;
+ * returns 0 for a flat sub-block (largest magnitude below eps: nothing written, scale 0). */
+static int sub16(const iq_table *t, const float *xb, const float *weight, int even, float eps, int *g, uint8_t *s,
+                 float *scale) {
+    float waux[16], xval[16];
+    int codes[2];
+    *scale = 0;
+    for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
+    for (int k = 0; k < 2; ++k) s[k] = magnitudes(xb + 8 * k, weight + 8 * k, xval + 8 * k, even);
+    const float max = max_of(xval, 16);
+    if (max < eps) return 0;
+    float sc = sub16_sweep(t, xval, weight, waux, max, codes);
+    if (sc < 0) {
+        sc = -sc;
+        for (int k = 0; k < 2; ++k) s[k] = (uint8_t)(even ? ~s[k] & 127 : ~s[k]);
+    }
+    for (int k = 0; k < 2; ++k) g[k] = t->map[codes[k]];
+    *scale = sc;
+    return 1;
+}
+
+/* IQ2_XS: d (f16), 32 uint16 (9-bit grid index | 7 sign bits << 9), 8 bytes of two 4-bit scales (74 bytes). */
+MX_CLONES void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_XS];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 74) {
+        const float sigma2 = sum_sq256(x) / QK_K;
+        uint16_t q2[32] = {0};
+        float scales[16], max_scale = 0;
+        for (int ib = 0; ib < 16; ++ib) {
+            float weight[16];
+            const float *xb = x + 16 * ib;
+            for (int i = 0; i < 16; ++i) weight[i] = qw[16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            int g[2];
+            uint8_t s[2];
+            if (!sub16(t, xb, weight, 1, GROUP_MAX_EPS, g, s, &scales[ib])) continue;
+            for (int k = 0; k < 2; ++k) q2[2 * ib + k] = (uint16_t)(g[k] | (s[k] << 9));
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        memset(y, 0, 74);
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d);
+        memcpy(y + 2, q2, 64);
+        for (int ib = 0; ib < 16; ++ib) y[66 + ib / 2] |= (uint8_t)(scale4(id, scales[ib]) << 4 * (ib % 2));
+    }
+}
+
+/* IQ2_S: d (f16), 32 low bytes of 10-bit grid indices, 32 sign bytes, 8 bytes of the indices' high 2 bits, 8 bytes
+ * of two 4-bit scales (82 bytes). Without an importance matrix the weights are sigma2 / 4 + x^2. */
+MX_CLONES void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &tables[G_S];
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 82) {
+        const float sigma2 = 2 * sum_sq256(x) / QK_K;
+        float scales[16], max_scale = 0;
+        memset(y, 0, 82);
+        for (int ib = 0; ib < 16; ++ib) {
+            float weight[16];
+            const float *xb = x + 16 * ib;
+            if (qw)
+                for (int i = 0; i < 16; ++i) weight[i] = qw[QK_K * ibl + 16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            else
+                for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
+            int g[2];
+            uint8_t s[2];
+            if (!sub16(t, xb, weight, 0, 1e-8f, g, s, &scales[ib])) continue;
+            for (int k = 0; k < 2; ++k) {
+                const int i8 = 2 * ib + k;
+                y[2 + i8] = (uint8_t)(g[k] & 255);
+                y[66 + i8 / 4] |= (uint8_t)((g[k] >> 8) << 2 * (i8 % 4));
+                y[34 + i8] = s[k];
+            }
+            max_scale = max_scale > scales[ib] ? max_scale : scales[ib];
+        }
+        if (!max_scale) continue;
+        const float d = max_scale / 31, id = 1 / d;
+        put_f16(y, d * 0.9875f);
+        for (int ib = 0; ib < 16; ++ib) y[74 + ib / 2] |= (uint8_t)(scale4(id, scales[ib]) << 4 * (ib % 2));
+    }
+}
