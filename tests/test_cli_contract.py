@@ -272,3 +272,9 @@ def test_the_readme_table_is_the_help():
 
 if __name__ == "__main__":
     print(cli_table(), end="")
+
+
+def test_quantize_to_gguf_refuses_an_iquant_mix_in_one_line(inputs, tmp_path):
+    code, _, err = run("quantize", inputs["model"], "--to", "gguf", "--outtype", "iq2_xs", "-o", tmp_path / "q.gguf")
+    assert code == 2 and "mxtools convert" in err and "--imatrix" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.gguf").exists()

@@ -42,7 +42,10 @@ FILE_TYPES = {"iq2_xxs": 19, "iq2_xs": 20, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s":
 NEEDS_ONE = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs"}
 REFUSED = "requires an importance matrix"  # llama-quantize's words
 TEXT = Path(__file__).resolve().parents[1] / "mxtools" / "assets" / "text" / "calib.txt"
-MODELS = ("bundled", "synth-8x16", "synth-2x8")
+# The bundled model in `make test`; the two synthetic shapes (every per-layer rule, non-8-expert llamas) in
+# `make bench` (pytest -m slow), where llama-quantize's many runs on them fit.
+MODELS = ("bundled", pytest.param("synth-8x16", marks=pytest.mark.slow),
+          pytest.param("synth-2x8", marks=pytest.mark.slow))
 
 
 # ---- the recipes and the tables ----
@@ -194,7 +197,13 @@ def assert_same_types(ours: dict, theirs: dict, what: str) -> None:
 
 @pytest.mark.parametrize("mix", IQ_MIXES)
 def test_types_with_imatrix_match_llama_quantize(judged, tmp_path, mix):
-    theirs = quantized_types(judged, tmp_path / "llama.gguf", mix, "--imatrix", judged["imatrix"])
+    """Every tensor's type is llama-quantize's, and so are its bytes: `mxtools convert F16.gguf --outtype MIX
+    --imatrix F` against llama-quantize on the same file with the same llama-imatrix file."""
+    run = llama_quantize(judged["gguf"], tmp_path / "llama.gguf", mix, "--imatrix", judged["imatrix"])
+    assert run.returncode == 0, f"llama-quantize {mix} failed:\n{run.stderr[-3000:]}"
+    ours = convert(judged["gguf"], "gguf", tmp_path / "ours.gguf", mix, imatrix_path=judged["imatrix"])
+    assert_same_tensors(ours, tmp_path / "llama.gguf")
+    theirs = file_types(tmp_path / "llama.gguf")
     policy = load_mix(mix).policy(judged["spec"], imatrix=True)
     assert_same_types(policy_types(policy, judged["spec"]), theirs, f"{mix} on {judged['name']}")
     assert "--imatrix" not in (refusal(mix, judged["spec"], judged["vectors"]) or "")

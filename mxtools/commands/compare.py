@@ -155,16 +155,15 @@ def formats() -> dict[str, Format]:
     """Every format compare can build: the GGUF mixes (each also +imatrix, and +gptq: `quantize --to gguf`),
     GPTQ and RTN int4/int8, bnb. A mix that may need an importance matrix (the IQ1/IQ2/IQ3_XXS/IQ3_XS mixes)
     is offered only +imatrix, and +gptq only where all its types are on GPTQ's block grids (K and legacy)."""
-    from ..quant.gguf_gptq import KQUANTS, LEGACY
+    from ..quant.gguf_gptq import on_grids
     from ..quant.mixes import MIXES, load_mix
-    grids = {*KQUANTS, *LEGACY}
     out = {}
     for name in MIXES:
         mix = load_mix(name)
         if not mix.may_need_imatrix():
             out[name] = Format(name, name, _gguf(name, False))
         out[f"{name}+imatrix"] = Format(f"{name}+imatrix", name, _gguf(name, True))
-        if mix.types() <= grids:
+        if on_grids(mix.types()):
             out[f"{name}+gptq"] = Format(f"{name}+gptq", name, _gguf_gptq(name))
     for method in ("gptq", "rtn"):
         for bits in (4, 8):

@@ -20,11 +20,12 @@ from ..core.errors import MxError
 from ..core.tensors import Checkpoint
 from ..io.atomic import atomic_output, check_output
 from ..layouts.gptq import write_quantized
+from ..quant.gguf_gptq import on_grids
 from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
 from ..quant.imatrix import imatrix_for_writer, read_imatrix
-from ..quant.mixes import MIXES, gguf_options, read_yaml
+from ..quant.mixes import MIXES, gguf_options, load_mix, read_yaml
 from .convert import write_checkpoint
 from .inputs import open_model
 
@@ -175,6 +176,10 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
     outtype = outtype.lower()
     if outtype not in MIXES:
         raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
+    if not on_grids(load_mix(outtype).types()):
+        raise MxError(f"--to gguf puts GPTQ on the legacy and K-quant grids; the {outtype} mix has i-quant "
+                      f"(codebook) types: write it with `mxtools convert SRC --to gguf --outtype {outtype} "
+                      "--imatrix FILE`")
     s = settings.resolved()
     method, experts, damp = s["method"], s["experts"], s["damp"]
     cfg = quant_config({"damp": damp})  # its checks are the option's

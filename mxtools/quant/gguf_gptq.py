@@ -153,6 +153,12 @@ KQUANTS = {T.Q2_K: (16, 0, 3, True), T.Q3_K: (16, -4, 3, False), T.Q4_K: (32, 0,
 GRID_TYPES = [t for t in SUPPORTED if t in LEGACY or t in KQUANTS]
 
 
+def on_grids(types) -> bool:
+    """Whether GPTQ here can put every one of these GGML types' values on a grid (the legacy and K-quant types;
+    the i-quants snap groups of values to codebook points, which this error feedback does not do)."""
+    return set(types) <= set(GRID_TYPES)
+
+
 def _k4_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """get_scale_min_k4 for the 8 sub-blocks: (scales, mins) [rows, 8]."""
     s = np.concatenate([sc[:, :4] & 63, (sc[:, 8:12] & 0x0F) | ((sc[:, :4] >> 6) << 4)], 1)
