@@ -54,3 +54,18 @@ def test_formats_block_table_is_ggml_s():
         name, qid = re.match(r"(\w+) \((\d+)\)", row[0]).groups()
         t = GGMLQuantizationType[name]
         assert int(qid) == t and (int(row[1]), int(row[2])) == GGML_QUANT_SIZES[t], row[0]
+
+
+def test_formats_iquant_table_is_ggml_s():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from mxtools.io.ggml_blocks import SUPPORTED
+    rows = [r for r in _rows(_section("FORMATS.md", 6)) if re.match(r"IQ\w+ \(\d+\)$", r[0])]
+    named = set()
+    for row in rows:
+        name, qid = re.match(r"(\w+) \((\d+)\)", row[0]).groups()
+        t = GGMLQuantizationType[name]
+        assert int(qid) == t and (int(row[1]), int(row[2])) == GGML_QUANT_SIZES[t], row[0]
+        assert float(row[3]) == 8 * GGML_QUANT_SIZES[t][1] / GGML_QUANT_SIZES[t][0], row[0]
+        named.add(t)
+    assert named == {t for t in SUPPORTED if t.name.startswith("IQ")}  # every i-quant the encoders write
