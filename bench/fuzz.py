@@ -1,4 +1,4 @@
-"""The long fuzz run of `make bench` (issue 9, section 1): every reader, through the CLI's error boundary.
+"""The long fuzz run of `make bench`: every reader, through the CLI's error boundary.
 
 Two parts, each given a share of the time budget:
   1. coverage-guided (atheris / libFuzzer), one subprocess per single-file reader (GGUF, tokenizer.model,

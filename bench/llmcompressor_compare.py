@@ -1,4 +1,4 @@
-"""llm-compressor's GPTQModifier as a second peer in the GPTQ comparison (issue 12), judged like the GPTQModel rows.
+"""llm-compressor's GPTQModifier as a second peer in the GPTQ comparison, judged like the GPTQModel rows.
 
 llm-compressor 0.14 pins transformers <= 5.17, so it cannot share the project venv (transformers 5.24); it runs
 from its own venv (--python, default /work/venvs/llmc/bin/python; set it up with `python3 -m venv

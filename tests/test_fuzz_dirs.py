@@ -1,4 +1,4 @@
-"""Deterministic fuzz of the checkpoint-directory readers (issue 9, section 1): HF shards + index + config.json,
+"""Deterministic fuzz of the checkpoint-directory readers: HF shards + index + config.json,
 Mistral params.json + consolidated.safetensors / consolidated.00.pth, the concatenated-experts variant, PaddleNLP
 and GPTQ. Every mutated input goes through the CLI's error boundary in a forked child (tests/fuzzing.py): it must
 end with exit 0, or exit 2 and exactly one `mxtools: error:` line that names a file of the case, never a

@@ -1,4 +1,4 @@
-"""Deterministic fuzz suite of the single-file readers (issue 9, section 1): GGUF models (merged and legacy
+"""Deterministic fuzz suite of the single-file readers: GGUF models (merged and legacy
 per-expert), tokenizer.model, importance matrices (GGUF and legacy .dat), saved verify bases and recipes.
 
 Each mutated file (seeded: random byte changes in the header, truncation, structured changes of every header
@@ -281,8 +281,8 @@ def test_full_vocabulary_gguf_header(models, synth_dir, tmp_path):
     assert_clean(run_cases(feed, gguf_mutations(synth_dir("gguf", "f32"), 10, rng)), 10)
 
 
-def test_issue_samples(models, tmp_path):
-    """The failures issue 9 reported, each once: a negative token type (it drove a protobuf varint encoder into
+def test_known_failures(models, tmp_path):
+    """The failures found by hand when the fuzz suites were written, each once: a negative token type (it drove a protobuf varint encoder into
     an endless, growing loop), a vocabulary SentencePiece refuses (a piece defined twice; its error escaped as a
     traceback), a saved base with a valid magic and a broken JSON header (a JSONDecodeError); and what the
     long run (bench/fuzz.py) found."""

@@ -1,4 +1,4 @@
-"""Non-finite weights (issue 9): a block-quantized GGUF output and GPTQ/RTN quantize refuse NaN/inf with one
+"""Non-finite weights: a block-quantized GGUF output and GPTQ/RTN quantize refuse NaN/inf with one
 line naming the file and tensor; lossless outputs copy them bit for bit (NaN payloads included); inspect lists
 them as problems."""
 from __future__ import annotations

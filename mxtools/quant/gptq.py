@@ -15,7 +15,7 @@ Follows the reference implementations (IST-DASLab/gptq, AutoGPTQ, GPTQModel) wit
 - When the Cholesky fails, the damping is doubled (from at least 1%) until it succeeds; `QuantResult.damp` reports
   the fraction of mean(diag(H)) actually used.
 
-Quality levers beyond the reference (QuantConfig; their measured effects are in docs/BENCHMARKS.md, issue 12):
+Quality levers beyond the reference (QuantConfig; their measured effects are in docs/BENCHMARKS.md, GPTQ levers):
 group-aware column order (act_group_aware, as GPTQModel), a range search per group that minimises the rounding
 error weighted by GPTQ's own column costs (search="hessian"), a least-squares re-fit of each row's group
 scales after the loop, codes kept (refit), a second GPTQ pass on the re-fitted scales kept fixed, then

@@ -1,6 +1,6 @@
 """The steps after GPTQ's column loop, on a batch of results: each row's group scales re-fitted by least squares
 with the codes kept, and coordinate-descent sweeps over the codes with the scales kept (gptq.QuantConfig refit,
-repass, sweeps; their measured effects are in docs/BENCHMARKS.md, issue 12)."""
+repass, sweeps; their measured effects are in docs/BENCHMARKS.md, GPTQ levers)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
