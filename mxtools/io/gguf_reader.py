@@ -11,6 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..core.errors import FormatError, OutputError
+from ..core.values import is_kind
 from .files import RawFile
 from .gguf_writer import tensor_nbytes
 
@@ -133,7 +134,7 @@ def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
 
 def _alignment(c: _Cursor, meta: dict) -> int:
     align = meta.get("general.alignment", 32)
-    if type(align) is not int or align <= 0 or align & (align - 1):
+    if not is_kind(align, int) or align <= 0 or align & (align - 1):
         c.fail(f"general.alignment must be a power of two, not {align!r}")
     return align
 
@@ -174,27 +175,3 @@ def _place(c: _Cursor, infos: list[TensorInfo], start: int, align: int) -> list[
             c.fail(f"file is truncated: tensor ends at byte {end} of {c.raw.size}", tensor=t.name)
     return infos
 
-
-# ---- typed metadata access ----
-
-REQUIRED = object()
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"}
-
-
-def short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def meta_value(m: dict, key: str, kind: type, source, default=REQUIRED):
-    """Metadata value `key` checked to be of `kind` (int, float, str, bool or list); FormatError if it is
-    missing (and no default is given) or of another type (a bool is no number here, an int is a float)."""
-    if key not in m:
-        if default is REQUIRED:
-            raise FormatError(f"GGUF metadata is missing {key!r}", file=source)
-        return default
-    v = m[key]
-    numeric = kind in (int, float) and isinstance(v, bool)
-    if numeric or not isinstance(v, (int, float) if kind is float else kind):
-        raise FormatError(f"GGUF metadata {key} is {short(v)}, not {_KIND_WORDS[kind]}", file=source)
-    return v

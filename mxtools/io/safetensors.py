@@ -11,6 +11,7 @@ import torch
 
 from ..core.errors import FormatError, OutputError
 from ..core.tensors import LazyTensor
+from ..core.values import is_kind
 from .direct import DirectFile
 from .files import RawFile
 
@@ -43,11 +44,11 @@ class SafetensorsFile:
             header = json.loads(bytes(self.raw.read(8, n)))
         except (ValueError, RecursionError):  # bad UTF-8, bad JSON, nesting or integers beyond the parser
             raise FormatError("corrupt safetensors header", file=self.path) from None
-        if not isinstance(header, dict):
+        if not is_kind(header, dict):
             raise FormatError("corrupt safetensors header (not a JSON object)", file=self.path)
         start = 8 + n
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
+        if not is_kind(meta, dict):
             raise FormatError("corrupt safetensors header (__metadata__ is not an object)", file=self.path)
         entries = {name: self._entry(name, e, start) for name, e in header.items()}
         _check_disjoint(entries, self.path)
@@ -60,7 +61,7 @@ class SafetensorsFile:
         except (KeyError, TypeError):
             raise FormatError("corrupt header entry (dtype, shape, data_offsets)", file=self.path,
                               tensor=name) from None
-        if not all(_is_count(x) for x in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        if not all(is_kind(x, int) and x >= 0 for x in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise FormatError(f"corrupt header entry: shape {str(list(shape))[:80]}, data_offsets "
                               f"{str(list(offsets))[:80]}", file=self.path, tensor=name)
         begin, end = offsets
@@ -82,10 +83,6 @@ class SafetensorsFile:
 
     def close(self):
         self.raw.close()
-
-
-def _is_count(x) -> bool:
-    return type(x) is int and x >= 0
 
 
 def _check_disjoint(entries: dict, path) -> None:

@@ -17,13 +17,14 @@ from gguf import GGUFValueType as V
 
 from ..core import names
 from ..core.errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
-from ..core.spec import ModelSpec
+from ..core.spec import ModelSpec, spec_of
 from ..core.tensors import Checkpoint, LazyTensor, require_finite
 from ..core.tokenizer import Tokenizer
 from ..core.transforms import meta_to_hf_rope, rope_heads
+from ..core.values import REQUIRED, meta_value, show
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
-from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
+from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_tables import (
     ARCH,
     FLOAT_TYPES,
@@ -58,27 +59,24 @@ def spec_from_metadata(m: dict, source) -> ModelSpec:
     arch, n_experts = m.get(K.ARCHITECTURE), key(LLM.EXPERT_COUNT)
     if arch != ARCH or not m.get(n_experts):
         experts = m.get(n_experts, 0) if arch == ARCH else 0
-        raise NotMixtralError(f"not a Mixtral GGUF (architecture {short(arch)}, {short(experts)} experts)",
+        raise NotMixtralError(f"not a Mixtral GGUF (architecture {show(arch, 60)}, {show(experts, 60)} experts)",
                               file=source)
 
     def get(template, kind=int, default=REQUIRED):
         return meta_value(m, key(template), kind, source, default)
     dim, n_heads = get(LLM.EMBEDDING_LENGTH), get(ATT.HEAD_COUNT)
-    try:
-        return ModelSpec(
-            dim=dim, n_layers=get(LLM.BLOCK_COUNT), n_heads=n_heads,
-            n_kv_heads=get(ATT.HEAD_COUNT_KV, int, n_heads),
-            head_dim=get(ATT.KEY_LENGTH, int, None) or get(ROPE.DIMENSION_COUNT, int, None)
-            or (dim // n_heads if n_heads > 0 else 0),
-            hidden_dim=get(LLM.FEED_FORWARD_LENGTH), n_experts=get(LLM.EXPERT_COUNT),
-            n_experts_per_tok=get(LLM.EXPERT_USED_COUNT),
-            vocab_size=get(LLM.VOCAB_SIZE, int, None) or len(meta_value(m, TOK.LIST, list, source)),
-            norm_eps=_f32(get(ATT.LAYERNORM_RMS_EPS, float, 1e-5)),
-            rope_theta=_f32(get(ROPE.FREQ_BASE, float, 10000.0)),  # llama.cpp's default when the key is absent
-            context_length=get(LLM.CONTEXT_LENGTH, int, 32768),
-            name=meta_value(m, K.NAME, str, source, "") or "mixtral")
-    except ShapeError as exc:
-        raise ShapeError(exc.message, file=source) from None
+    return spec_of(
+        source, dim=dim, n_layers=get(LLM.BLOCK_COUNT), n_heads=n_heads,
+        n_kv_heads=get(ATT.HEAD_COUNT_KV, int, n_heads),
+        head_dim=get(ATT.KEY_LENGTH, int, None) or get(ROPE.DIMENSION_COUNT, int, None)
+        or (dim // n_heads if n_heads > 0 else 0),
+        hidden_dim=get(LLM.FEED_FORWARD_LENGTH), n_experts=get(LLM.EXPERT_COUNT),
+        n_experts_per_tok=get(LLM.EXPERT_USED_COUNT),
+        vocab_size=get(LLM.VOCAB_SIZE, int, None) or len(meta_value(m, TOK.LIST, list, source)),
+        norm_eps=_f32(get(ATT.LAYERNORM_RMS_EPS, float, 1e-5)),
+        rope_theta=_f32(get(ROPE.FREQ_BASE, float, 10000.0)),  # llama.cpp's default when the key is absent
+        context_length=get(LLM.CONTEXT_LENGTH, int, 32768),
+        name=meta_value(m, K.NAME, str, source, "") or "mixtral")
 
 
 # the fewest bits any GGML type spends on one weight (IQ1_S: 1.5625)

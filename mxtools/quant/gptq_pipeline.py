@@ -44,6 +44,7 @@ from ..core import names
 from ..core.errors import MxError
 from ..core.names import weight_name
 from ..core.tensors import Checkpoint, LazyTensor, require_finite
+from ..core.values import is_kind
 from ..model import forward
 from .gptq import Hessian, QuantConfig, asym_target
 from .gptq_groups import quantize_weights
@@ -433,7 +434,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     asym, asym_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
     (gptq.asym_target), for either quantizer.
     """
-    if not (isinstance(asym, (int, float)) and 0 <= asym <= 1 and isinstance(asym_ridge, (int, float))
+    if not (is_kind(asym, float) and 0 <= asym <= 1 and is_kind(asym_ridge, float)
             and 0 <= asym_ridge < 1):
         raise MxError(f"the asymmetric objective's share (--gptaq, recipe key asym) {asym!r} must be in [0, 1] "
                       f"and asym_ridge {asym_ridge!r} in [0, 1)")

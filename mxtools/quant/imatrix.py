@@ -35,9 +35,10 @@ from ..core.chunking import chunk_tokens, with_bos
 from ..core.errors import FormatError, ShapeError, reading
 from ..core.spec import ModelSpec
 from ..core.tensors import Checkpoint
+from ..core.values import is_kind, meta_value
 from ..io.atomic import atomic_output
 from ..io.files import RawFile
-from ..io.gguf_reader import meta_value, read_header
+from ..io.gguf_reader import read_header
 from ..io.gguf_tables import (
     IMATRIX_CHUNKS,
     IMATRIX_DATASET,
@@ -235,7 +236,7 @@ def _read_gguf(path: Path) -> Imatrix:
     try:
         meta, infos = read_header(raw)
         datasets = meta_value(meta, IM.DATASETS, list, path, [])
-        if not set(map(type, datasets)) <= {str}:
+        if not all(is_kind(d, str) for d in datasets):
             raise FormatError("imatrix.datasets holds values that are not strings", file=path)
         out = Imatrix(chunk_size=meta_value(meta, IM.CHUNK_SIZE, int, path, 0),
                       chunk_count=meta_value(meta, IM.CHUNK_COUNT, int, path, 0), datasets=datasets)

@@ -34,6 +34,7 @@ from .. import recipes
 from ..core.errors import MxError
 from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY
 from ..core.spec import PRESETS, ModelSpec
+from ..core.values import is_kind
 from ..io.gguf_tables import TABLE
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
@@ -163,7 +164,7 @@ def row_fallback(qtype: Q, ncols: int) -> Q:
 
 
 def _rule(raw, where: str) -> Rule:
-    if not isinstance(raw, dict) or not isinstance(raw.get("when") or {}, dict):
+    if not is_kind(raw, dict) or not is_kind(raw.get("when") or {}, dict):
         raise MxError(f"a mix rule is a mapping {{when: {{...}}, type: T}}, not {reprlib.repr(raw)}", file=where)
     when = dict(raw.get("when") or {})
     unknown = set(map(str, when)) - set(CONDITIONS)
@@ -177,7 +178,7 @@ def _rule(raw, where: str) -> Rule:
 def _check_condition(word: str, value, where: str) -> None:
     """A condition's value is a scalar its test can compare (tried on a probe model, layer 0)."""
     try:
-        if not isinstance(value, (bool, int, str)):
+        if not any(is_kind(value, kind) for kind in (bool, int, str)):
             raise TypeError
         CONDITIONS[word](value, _PROBE, 0, False)
     except TypeError:
@@ -186,7 +187,7 @@ def _check_condition(word: str, value, where: str) -> None:
 
 def qtype_named(name, where: str) -> Q:
     """The GGML type called `name` (any case: "q4_k", "Q8_0"); MxError naming `where` otherwise."""
-    if not isinstance(name, str) or name.upper() not in Q.__members__:
+    if not is_kind(name, str) or name.upper() not in Q.__members__:
         raise MxError(f"unknown GGML type {reprlib.repr(name)}", file=where)
     return Q[name.upper()]
 
@@ -194,7 +195,7 @@ def qtype_named(name, where: str) -> Q:
 def parse_mix(data: dict, where: str = "<mix>") -> Mix:
     """A Mix from the mapping a recipe file holds; unknown kinds, types and conditions, and values of the wrong
     type, are errors naming `where`."""
-    if not isinstance(data, dict) or not isinstance(data.get("rules") or {}, dict):
+    if not is_kind(data, dict) or not is_kind(data.get("rules") or {}, dict):
         raise MxError("a mix is a mapping with name, file_type, default and rules (a mapping)", file=where)
     rules = data.get("rules") or {}
     unknown = set(map(str, rules)) - set(KIND_BY_KEY)
@@ -203,9 +204,9 @@ def parse_mix(data: dict, where: str = "<mix>") -> Mix:
     missing = [k for k in ("name", "file_type", "default") if k not in data]
     if missing:
         raise MxError(f"mix recipe lacks {missing[0]!r}", file=where)
-    if type(data["file_type"]) is not int or not 0 <= data["file_type"] < 2**31:
+    if not is_kind(data["file_type"], int) or not 0 <= data["file_type"] < 2**31:
         raise MxError(f"mix file_type {reprlib.repr(data['file_type'])} is not a llama_ftype number", file=where)
-    if not all(isinstance(rs, list) for rs in rules.values()) or not isinstance(data["name"], str):
+    if not all(is_kind(rs, list) for rs in rules.values()) or not is_kind(data["name"], str):
         raise MxError("a mix's name is a string and each kind's rules are a list", file=where)
     return Mix(data["name"], data["file_type"], qtype_named(data["default"], where),
                {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})

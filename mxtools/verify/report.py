@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 
 from ..core.tensors import Checkpoint
+from ..core.values import is_kind
 from ..io.gguf_tables import OUTTYPE_FILE_TYPE
 from ..quant.mixes import MIXES, load_mix
 
@@ -84,7 +85,7 @@ def guess_outtype(ckpt: Checkpoint) -> str:
     info = ckpt.info or {}
     if info.get("outtype"):
         return normalise_outtype(info["outtype"])
-    gptq = info.get("gptq") if isinstance(info.get("gptq"), dict) else None
+    gptq = info.get("gptq") if is_kind(info.get("gptq"), dict) else None
     if info.get("quant_method") == "gptq" or gptq is not None:
         return f"gptq-int{(gptq or info).get('bits', 4)}"
     file_types = gguf_file_types()
