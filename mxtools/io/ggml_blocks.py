@@ -14,6 +14,8 @@ from gguf import GGMLQuantizationType as T
 
 from mxtools import native
 
+from .gguf_format import tensor_nbytes
+
 __all__ = ["SUPPORTED", "quantize"]
 
 # The GGML types the native quantizer writes -> (values per block, bytes per block), from gguf-py's table.
@@ -44,18 +46,18 @@ def _as_matrix(x) -> tuple[np.ndarray, str]:
     return x, src
 
 
-def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
-    """Validate the type, row length and imatrix once, before any work; returns (block, bytes, imatrix)."""
+def _check(x: np.ndarray, qtype, imatrix) -> np.ndarray | None:
+    """Validate the type, row length and imatrix once, before any work; returns the imatrix as float32."""
     if qtype not in SUPPORTED:
         names = ", ".join(t.name for t in SUPPORTED)
         raise ValueError(f"GGML type {getattr(qtype, 'name', qtype)} cannot be quantized here; supported: {names}")
-    block, size = SUPPORTED[qtype]
+    block = SUPPORTED[qtype][0]
     n = x.shape[1]
     if n == 0 or n % block:
         raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {block}, "
                          f"got {n}; keep such tensors in F16/F32")
     if imatrix is None:
-        return block, size, None
+        return None
     if isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().to("cpu", torch.float32).numpy()
     qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
@@ -63,7 +65,7 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
         raise ValueError(f"imatrix has {qw.size} values, the rows have {n}; pass one value per input column")
     if not np.isfinite(qw).all():
         raise ValueError("imatrix holds NaN or infinite values")
-    return block, size, qw
+    return qw
 
 
 def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
@@ -76,9 +78,9 @@ def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
     x, src = _as_matrix(x)
-    block, size, qw = _check(x, qtype, imatrix)
+    qw = _check(x, qtype, imatrix)
     rows, n = x.shape
-    shape = (rows, n // block * size)
+    shape = (rows, tensor_nbytes((n,), qtype))
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:

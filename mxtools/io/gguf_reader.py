@@ -13,7 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ..core.errors import FormatError, OutputError
 from ..core.values import is_kind
 from .files import RawFile
-from .gguf_writer import tensor_nbytes
+from .gguf_format import tensor_nbytes
 
 _NP = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
        GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",

@@ -6,15 +6,15 @@ slab at a time. Calls out of order are refused with an OutputError naming the fi
 """
 from __future__ import annotations
 
-import math
 import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..core.errors import OutputError
 from .direct import DirectFile
+from .gguf_format import tensor_nbytes
 
 _SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
@@ -36,14 +36,6 @@ def _value(vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> by
             return head + np.asarray(value, dtype=np.dtype(_SCALAR[elem])).tobytes()
         return head + b"".join(_value(elem, v) for v in value)
     return struct.pack(_SCALAR[vtype], value)
-
-
-def tensor_nbytes(np_shape, qtype: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    n = math.prod(np_shape)
-    if np_shape[-1] % block:
-        raise OutputError(f"row length {np_shape[-1]} is not a multiple of {qtype.name}'s block of {block}")
-    return n // block * size
 
 
 class GGUFStreamWriter:

@@ -12,7 +12,7 @@ import torch
 from ..core.errors import FormatError, MxError, NotMixtralError
 from ..core.names import NameTable
 from ..core.spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe, spec_of
-from ..core.tensors import Checkpoint
+from ..core.tensors import Checkpoint, dense_nbytes
 from ..core.tokenizer import Tokenizer
 from ..core.values import ConfigValues, is_kind, json_object
 from .buffers import POOL
@@ -182,7 +182,7 @@ def read_dir(path: Path, table: NameTable, layout: str, transform=None) -> Check
 def plan_shards(items: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
     shards, size = [[]], 0
     for item in items:
-        n = torch.Size(item[2]).numel() * item[1].itemsize
+        n = dense_nbytes(item[2], item[1])
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 from itertools import pairwise
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import FormatError, OutputError
-from ..core.tensors import LazyTensor
+from ..core.tensors import LazyTensor, dense_nbytes
 from ..core.values import is_kind
 from .direct import DirectFile
 from .files import RawFile
@@ -65,7 +64,7 @@ class SafetensorsFile:
             raise FormatError(f"corrupt header entry: shape {str(list(shape))[:80]}, data_offsets "
                               f"{str(list(offsets))[:80]}", file=self.path, tensor=name)
         begin, end = offsets
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = dense_nbytes(shape, dtype)
         if end - begin != nbytes:
             raise FormatError(f"size {end - begin} does not match shape {list(shape)}", file=self.path, tensor=name)
         if start + end > self.raw.size:
@@ -102,7 +101,7 @@ class SafetensorsWriter:
         if metadata:
             header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
         for name, dtype, shape in plan:
-            n = math.prod(shape) * dtype.itemsize
+            n = dense_nbytes(shape, dtype)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -132,4 +131,4 @@ def write_tensor_bytes(f, t: torch.Tensor) -> int:
         return 0
     data = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
     f.write(memoryview(data.numpy()).cast("B"))
-    return t.numel() * t.element_size()
+    return dense_nbytes(t.shape, t.dtype)

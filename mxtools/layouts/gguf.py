@@ -24,6 +24,7 @@ from ..core.transforms import meta_to_hf_rope, rope_heads
 from ..core.values import REQUIRED, meta_value, show
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
+from ..io.gguf_format import tensor_nbytes
 from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_tables import (
     ARCH,
@@ -33,7 +34,7 @@ from ..io.gguf_tables import (
     TABLE,
     key,
 )
-from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
+from ..io.gguf_writer import GGUFStreamWriter
 from ..io.overlap import prefetched
 from ..native import NonFiniteRow
 from . import Layout, WriteOptions, register

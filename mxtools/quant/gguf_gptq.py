@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType as T
 from .. import native
 from ..core.errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
+from ..io.gguf_format import tensor_nbytes
 from ..model import forward
 from .gptq import BLOCK_SIZE, GPTQError, Hessian, inverse_cholesky
 from .gptq_refine import one_cpu_thread
@@ -316,9 +317,9 @@ def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, we
 
 def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, float | None]:
     """The column loop on wt = W^T [cols, rows], in lazy blocks; wt ends up holding the dequantized weight."""
-    block, size = SUPPORTED[qtype]
+    block = SUPPORTED[qtype][0]
     cols, rows = wt.shape
-    data = np.empty((rows, cols // block * size), np.uint8)
+    data = np.empty((rows, tensor_nbytes((cols,), qtype)), np.uint8)
     loss = torch.zeros((), dtype=torch.float64, device=wt.device)
     step = max(BLOCK_SIZE // block, 1) * block if hinv is not None else cols
     for i1 in range(0, cols, step):
@@ -342,7 +343,7 @@ def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, flo
                         w1[i + 1:].addr_(hinv[c0 + k, i1 + i + 1:i2], e, alpha=-1)
                         err1[i] = e
                 pack(qtype, y, grid.stored(q.T))
-                data[:, c0 // block * size:(c0 // block + 1) * size] = y
+                data[:, tensor_nbytes((c0,), qtype):tensor_nbytes((c0 + block,), qtype)] = y
         if hinv is not None:
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
             loss += 0.5 * err1.double().square().sum()
