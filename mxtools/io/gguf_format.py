@@ -1,13 +1,21 @@
-"""What the GGUF format itself fixes, shared by its reader, its writer and every GGML encoder: a tensor's size in
-bytes (gguf-py's quant_shape_to_byte_shape over GGML_QUANT_SIZES, dense types included)."""
+"""What the GGUF format itself fixes, shared by its reader, its writer and every GGML encoder: how each metadata
+value type is stored, and a tensor's size in bytes (gguf-py's quant_shape_to_byte_shape over GGML_QUANT_SIZES,
+dense types included)."""
 from __future__ import annotations
 
 import math
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
 from ..core.errors import OutputError
+
+# GGUF scalar value type -> its little-endian struct format (numpy reads the same string as a dtype); strings and
+# arrays are length-prefixed. A boolean is one byte, any non-zero byte reading as true.
+VALUE_FORMATS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+                 GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+                 GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+                 GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
 
 
 def tensor_nbytes(np_shape, qtype: GGMLQuantizationType) -> int:

@@ -13,12 +13,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ..core.errors import FormatError, OutputError
 from ..core.values import is_kind
 from .files import RawFile
-from .gguf_format import tensor_nbytes
+from .gguf_format import VALUE_FORMATS, tensor_nbytes
 
-_NP = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-       GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-       GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1", GGUFValueType.UINT64: "<u8",
-       GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 INT64_MAX = 2**63 - 1        # ggml counts elements and bytes in int64
 _MIN_KV = 8 + 4 + 1          # key length, value type, the smallest value
@@ -97,12 +93,10 @@ class _Cursor:
                 self.fail("corrupt GGUF header: nested arrays are not supported")
             if elem == GGUFValueType.STRING:
                 return self.strings(self.need(count, 8, "array length"))
-            dt = np.dtype(_NP[elem])
-            values = np.frombuffer(self.take(self.need(count, dt.itemsize, "array length") * dt.itemsize), dt)
-            return (values != 0).tolist() if elem == GGUFValueType.BOOL else values.tolist()
-        dt = np.dtype(_NP[vtype])
-        value = np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
-        return bool(value) if vtype == GGUFValueType.BOOL else value
+            dt = np.dtype(VALUE_FORMATS[elem])
+            return np.frombuffer(self.take(self.need(count, dt.itemsize, "array length") * dt.itemsize), dt).tolist()
+        dt = np.dtype(VALUE_FORMATS[vtype])
+        return np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
 
 
 def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:

@@ -14,12 +14,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..core.errors import OutputError
 from .direct import DirectFile
-from .gguf_format import tensor_nbytes
-
-_SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-           GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-           GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-           GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+from .gguf_format import VALUE_FORMATS, tensor_nbytes
 
 
 def _str(s: str) -> bytes:
@@ -32,10 +27,10 @@ def _value(vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> by
         return _str(value)
     if vtype == GGUFValueType.ARRAY:
         head = struct.pack("<IQ", int(elem), len(value))
-        if elem in _SCALAR:
-            return head + np.asarray(value, dtype=np.dtype(_SCALAR[elem])).tobytes()
+        if elem in VALUE_FORMATS:
+            return head + np.asarray(value, dtype=np.dtype(VALUE_FORMATS[elem])).tobytes()
         return head + b"".join(_value(elem, v) for v in value)
-    return struct.pack(_SCALAR[vtype], value)
+    return struct.pack(VALUE_FORMATS[vtype], value)
 
 
 class GGUFStreamWriter:
