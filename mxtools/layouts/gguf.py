@@ -181,9 +181,9 @@ def read(path: Path) -> Checkpoint:
 # ---- writing ----
 
 def uniform_policy(qtype: Q) -> Callable:
-    """Every 2-D weight in `qtype`; norms and the router (names.Kind.gguf_f32) in F32 as llama.cpp requires."""
+    """Every tensor in `qtype` but those llama.cpp keeps F32 (names.gguf_f32: norms, router)."""
     def policy(kind_key: str, layer, np_shape) -> Q:
-        return Q.F32 if len(np_shape) < 2 or kind_key in names.GGUF_F32_KINDS else qtype
+        return Q.F32 if names.gguf_f32(kind_key, np_shape) else qtype
     return policy
 
 

@@ -16,8 +16,9 @@ Layer conditions are false for global tensors. For merged-expert tensors llama.c
 tensor name, and its attn_v counter equals the layer because it visits tensors sorted by layer, so both are
 the `layer` argument here.
 
-What is the same for every mix lives in this module as tables: tensors llama.cpp never quantizes (norms,
-router), and the fallback it applies when a row length is no multiple of the chosen type's block.
+What is the same for every mix is no data in the files: the tensors llama.cpp keeps F32 (norms, router, any 1-D
+tensor: core.names.gguf_f32), and the fallback it applies when a row length is no multiple of the chosen type's
+block (FALLBACK, here).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from gguf import GGMLQuantizationType as Q
 
 from .. import recipes
 from ..core.errors import MxError
-from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY
+from ..core.names import KIND_BY_KEY, gguf_f32
 from ..core.spec import PRESETS, ModelSpec
 from ..core.values import is_kind
 from ..io.gguf_tables import TABLE
@@ -120,7 +121,7 @@ class Mix:
         patterns = [(re.compile(p), t) for p, t in ov.tensor_types]
 
         def pick(kind: str, layer, np_shape) -> Q:
-            if kind in GGUF_F32_KINDS or len(np_shape) < 2:  # names.Kind.gguf_f32
+            if gguf_f32(kind, np_shape):
                 return Q.F32
             if kind == "token_embd" and ov.token_embd_type is not None:
                 return ov.token_embd_type
