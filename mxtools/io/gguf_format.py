@@ -1,14 +1,18 @@
-"""What the GGUF format itself fixes, shared by its reader, its writer and every GGML encoder: how each metadata
-value type is stored, and a tensor's size in bytes (gguf-py's quant_shape_to_byte_shape over GGML_QUANT_SIZES,
-dense types included)."""
+"""What the GGUF format itself fixes, shared by its reader, its writer and every GGML encoder: the magic and
+versions (from gguf-py's constants), how each metadata value type is stored, and a tensor's size in bytes (gguf-py's
+quant_shape_to_byte_shape over GGML_QUANT_SIZES, dense types included)."""
 from __future__ import annotations
 
 import math
+import struct
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
 from ..core.errors import OutputError
+
+MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF", the file's first four bytes
+READ_VERSIONS = (2, GGUF_VERSION)  # what llama.cpp still reads; GGUF_VERSION (3) is written
 
 # GGUF scalar value type -> its little-endian struct format (numpy reads the same string as a dtype); strings and
 # arrays are length-prefixed. A boolean is one byte, any non-zero byte reading as true.

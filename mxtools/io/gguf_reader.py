@@ -8,12 +8,12 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
 
 from ..core.errors import FormatError, OutputError
 from ..core.values import is_kind
 from .files import RawFile
-from .gguf_format import VALUE_FORMATS, tensor_nbytes
+from .gguf_format import MAGIC, READ_VERSIONS, VALUE_FORMATS, tensor_nbytes
 
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 INT64_MAX = 2**63 - 1        # ggml counts elements and bytes in int64
@@ -102,10 +102,10 @@ class _Cursor:
 def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
     """(metadata, tensor infos) of a GGUF file; raises FormatError naming the file (and tensor) when broken."""
     c = _Cursor(raw)
-    if c.take(4) != b"GGUF":
+    if c.take(len(MAGIC)) != MAGIC:
         c.fail("not a GGUF file (bad magic)")
     version = c.unpack("<I")
-    if version not in (2, 3):
+    if version not in READ_VERSIONS:
         c.fail(f"unsupported GGUF version {version}")
     n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
     c.need(n_tensors, _MIN_INFO, "tensor count")
@@ -127,9 +127,9 @@ def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
 
 
 def _alignment(c: _Cursor, meta: dict) -> int:
-    align = meta.get("general.alignment", 32)
+    align = meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
     if not is_kind(align, int) or align <= 0 or align & (align - 1):
-        c.fail(f"general.alignment must be a power of two, not {align!r}")
+        c.fail(f"{Keys.General.ALIGNMENT} must be a power of two, not {align!r}")
     return align
 
 

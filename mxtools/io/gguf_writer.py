@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
 from ..core.errors import OutputError
 from .direct import DirectFile
@@ -34,7 +34,7 @@ def _value(vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> by
 
 
 class GGUFStreamWriter:
-    def __init__(self, path: Path, alignment: int = 32):
+    def __init__(self, path: Path, alignment: int = GGUF_DEFAULT_ALIGNMENT):
         self.path, self.alignment = Path(path), alignment
         self.kv: list[bytes] = []
         self.infos: list[tuple[str, tuple, GGMLQuantizationType, int]] = []
@@ -57,7 +57,7 @@ class GGUFStreamWriter:
     def write_header(self) -> None:
         if self.f is not None:
             raise OutputError("the GGUF header was already written", file=self.path)
-        head = [b"GGUF", struct.pack("<IQQ", 3, len(self.infos), len(self.kv)), *self.kv]
+        head = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.infos), len(self.kv)), *self.kv]
         offset = 0
         for name, shape, qtype, nbytes in self.infos:
             dims = struct.pack(f"<I{len(shape)}Q", len(shape), *reversed(shape))

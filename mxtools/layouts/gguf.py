@@ -24,7 +24,7 @@ from ..core.transforms import meta_to_hf_rope, rope_heads
 from ..core.values import REQUIRED, meta_value, show
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
-from ..io.gguf_format import tensor_nbytes
+from ..io.gguf_format import MAGIC, tensor_nbytes
 from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_tables import (
     ARCH,
@@ -45,7 +45,7 @@ def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def _f32(x: float) -> float:

@@ -38,6 +38,7 @@ from ..core.tensors import Checkpoint
 from ..core.values import is_kind, meta_value
 from ..io.atomic import atomic_output
 from ..io.files import RawFile
+from ..io.gguf_format import MAGIC
 from ..io.gguf_reader import read_header
 from ..io.gguf_tables import (
     IMATRIX_CHUNKS,
@@ -224,9 +225,9 @@ def read_imatrix(path) -> Imatrix:
     """
     path = Path(path)
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic = f.read(len(MAGIC))
     with reading(path):
-        out = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+        out = _read_gguf(path) if magic == MAGIC else _read_legacy(path)
     out.path = path
     return out
 
