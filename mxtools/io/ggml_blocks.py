@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 
 from mxtools import native
 
@@ -19,8 +19,8 @@ from .gguf_format import tensor_nbytes
 __all__ = ["SUPPORTED", "quantize"]
 
 # The GGML types the native quantizer writes -> (values per block, bytes per block), from gguf-py's table.
-SUPPORTED: dict[T, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
-    T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
+SUPPORTED: dict[Q, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
+    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)}
 
 CHUNK_VALUES = 1 << 18  # values per work item (1 MiB of float32): small enough to balance two threads
 
@@ -68,7 +68,7 @@ def _check(x: np.ndarray, qtype, imatrix) -> np.ndarray | None:
     return qw
 
 
-def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
+def quantize(x: torch.Tensor, qtype: Q, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
              ) -> np.ndarray:
     """Quantize a [rows, n] matrix (float32, or bf16/f16 read as such) to GGML blocks, byte for byte as llama.cpp.
 
