@@ -21,6 +21,7 @@ from ..core import names
 from ..core.errors import MxError
 from ..core.transforms import hf_to_meta_rope, rope_heads
 from ..io.ggml_blocks import SUPPORTED
+from ..io.gguf_tables import FLOAT_TYPES
 from ..model import forward
 from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
 from .gptq import GPTQError, Hessian
@@ -79,8 +80,7 @@ class _Taken:
 
 
 def _float_result(w: torch.Tensor, qtype: Q) -> GGUFQuant:
-    dtype = {Q.F16: torch.float16, Q.F32: torch.float32, Q.BF16: torch.bfloat16}[qtype]
-    stored = w.detach().to("cpu", dtype).contiguous()
+    stored = w.detach().to("cpu", FLOAT_TYPES[qtype]).contiguous()
     return GGUFQuant(qtype, stored.view(torch.uint8).numpy(), stored.float(), None, None, "copy")
 
 
