@@ -18,7 +18,7 @@ the `layer` argument here.
 
 What is the same for every mix is no data in the files: the tensors llama.cpp keeps F32 (norms, router, any 1-D
 tensor: core.names.gguf_f32), and the fallback it applies when a row length is no multiple of the chosen type's
-block (FALLBACK, here).
+block (ROW_LENGTH_FALLBACK, here).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from ..io.gguf_tables import TABLE
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+ROW_LENGTH_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 Policy = Callable[[str, "int | None", tuple], Q]
 
@@ -158,9 +158,9 @@ def row_fallback(qtype: Q, ncols: int) -> Q:
     block = GGML_QUANT_SIZES[qtype][0]
     if ncols % block == 0:
         return qtype
-    if block > 32 and qtype not in FALLBACK:
+    if block > 32 and qtype not in ROW_LENGTH_FALLBACK:
         raise MxError(f"no row-length fallback is defined for {qtype.name} (rows of {ncols})")
-    new = FALLBACK.get(qtype, qtype)
+    new = ROW_LENGTH_FALLBACK.get(qtype, qtype)
     return new if ncols % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
 
 

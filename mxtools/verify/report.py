@@ -66,7 +66,7 @@ DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
            "q3_k_l": "q3_k_m", "q3_k_s": "q2_k",
            "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
-FALLBACK = "q4_0"
+UNKNOWN_OUTTYPE_ROW = "q4_0"  # the thresholds an outtype without a row (or alias) is held to
 
 
 def gguf_file_types() -> dict[int, str]:
@@ -98,9 +98,9 @@ def guess_outtype(ckpt: Checkpoint) -> str:
 
 
 def thresholds_for(outtype: str, overrides: dict | None = None) -> dict:
-    """The default row for `outtype` (fallback row if unknown) with `overrides` applied."""
+    """The default row for `outtype` (UNKNOWN_OUTTYPE_ROW's if it has none) with `overrides` applied."""
     key = normalise_outtype(outtype)
-    row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[FALLBACK]))
+    row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[UNKNOWN_OUTTYPE_ROW]))
     unknown = set(overrides or {}) - set(_COLS)
     if unknown:
         raise ValueError(f"unknown threshold(s) {sorted(unknown)}; known: {', '.join(_COLS)}")
