@@ -22,8 +22,8 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | q2_k       | 1.5           | 0.6          | 0.65           | 0.9             | 0.3         |
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
-Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0,
-q3_k_l -> q3_k_m, q3_k_s -> q2_k. The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
+Unknown outtypes get the q4_0 row. Aliases: q5_k_s / q5_0 / q5_1 -> q5_k_m, q4_k_s -> q4_k_m, q4_1 -> q4_0,
+q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats). The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
 on the bundled model (plain q3_k_m 3.4x, q2_k 15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a
 broken artifact.
 
