@@ -12,15 +12,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads 
 
 import numpy as np
 from common import OUT, ROOT, print_table
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ggml_clib import GGML, find_library
 
 from mxtools.native import quantize_rows
 
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-         T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+         Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S]
 
 
 def cpu_seconds(fn, repeat: int = 3) -> float:

@@ -5,14 +5,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from judges import require
 
 from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import SUPPORTED, quantize
 
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 N = 512  # two K-quant super-blocks, sixteen 32-value blocks per row
 
 
@@ -100,7 +100,7 @@ def test_chunking_and_threads_do_not_change_bytes(clib, monkeypatch):
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for qtype in (T.Q4_0, T.Q4_K):
+        for qtype in (Q.Q4_0, Q.Q4_K):
             _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
     finally:
         torch.set_num_threads(old)
@@ -108,8 +108,8 @@ def test_chunking_and_threads_do_not_change_bytes(clib, monkeypatch):
 
 # 2. Independent layout check: gguf-py's decoder gets the input back.
 
-TOLERANCE = {T.Q8_0: 0.008, T.Q6_K: 0.025, T.Q5_K: 0.05, T.Q5_1: 0.05, T.Q5_0: 0.06,
-             T.Q4_K: 0.09, T.Q4_1: 0.1, T.Q4_0: 0.11, T.Q3_K: 0.18, T.Q2_K: 0.35}  # relative RMS error on N(0,1) data
+TOLERANCE = {Q.Q8_0: 0.008, Q.Q6_K: 0.025, Q.Q5_K: 0.05, Q.Q5_1: 0.05, Q.Q5_0: 0.06,
+             Q.Q4_K: 0.09, Q.Q4_1: 0.1, Q.Q4_0: 0.11, Q.Q3_K: 0.18, Q.Q2_K: 0.35}  # relative RMS error on N(0,1) data
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -126,7 +126,7 @@ def test_gguf_py_dequantizes_close_to_input(qtype, imat):
 def test_gguf_py_agrees_on_q8_0_and_q4_0_bytes():
     """gguf-py's own numpy quantizer (a third implementation) writes the same Q8_0/Q4_0 bytes."""
     x = DISTS["normal"]
-    for qtype in (T.Q8_0, T.Q4_0):
+    for qtype in (Q.Q8_0, Q.Q4_0):
         np.testing.assert_array_equal(quantize(x, qtype), gguf_quants.quantize(x, qtype))
 
 
@@ -145,30 +145,30 @@ def _hex(data: np.ndarray) -> str:
 
 def test_q8_0_hand_blocks():
     zero = "00 " * 34
-    assert _hex(quantize(_block({}), T.Q8_0)) == zero.strip()
+    assert _hex(quantize(_block({}), Q.Q8_0)) == zero.strip()
     # amax 127 -> d = 1.0 (f16 0x3c00); roundf rounds halves away from zero: 0.5 -> 1, -2.5 -> -3.
-    got = quantize(_block({0: 0.5, 1: -2.5, 2: 1.49, 3: 127.0, 4: -126.5}), T.Q8_0)
+    got = quantize(_block({0: 0.5, 1: -2.5, 2: 1.49, 3: 127.0, 4: -126.5}), Q.Q8_0)
     assert _hex(got) == "00 3c 01 fd 01 7f 81" + " 00" * 27
     # Only negative values: d = 127/127, q = x.
     neg = np.array([[-(i * 4 + 3) for i in range(31)] + [-127]], dtype=np.float32)
     expect = bytes([0x00, 0x3C]) + bytes((v + 256) % 256 for v in neg[0].astype(int))
-    assert quantize(neg, T.Q8_0).tobytes() == expect
+    assert quantize(neg, Q.Q8_0).tobytes() == expect
     # One tiny outlier: d = 1e-7 is an f16 subnormal (2 * 2**-24); q uses the unrounded d, so 127.
-    assert _hex(quantize(_block({0: 1.27e-5}), T.Q8_0)) == "02 00 7f" + " 00" * 31
+    assert _hex(quantize(_block({0: 1.27e-5}), Q.Q8_0)) == "02 00 7f" + " 00" * 31
 
 
 def test_q4_0_hand_blocks():
     # All zero: max stays +0, d = 0 / -8 = -0.0 (f16 0x8000), every level 8.
-    assert _hex(quantize(_block({}), T.Q4_0)) == "00 80" + " 88" * 16
+    assert _hex(quantize(_block({}), Q.Q4_0)) == "00 80" + " 88" * 16
     # One outlier 8.0: d = 8 / -8 = -1 (0xbc00); element 5 -> level 0, its nibble partner (21) stays 8.
-    assert _hex(quantize(_block({5: 8.0}), T.Q4_0)) == "00 bc" + " 88" * 5 + " 80" + " 88" * 10
+    assert _hex(quantize(_block({5: 8.0}), Q.Q4_0)) == "00 bc" + " 88" * 5 + " 80" + " 88" * 10
     # Only negative values -1..-32: d = -32 / -8 = 4 (0x4400), q_j = trunc(8.5 - (j+1)/4).
     q = [(34 - (j + 1)) // 4 for j in range(32)]
     packed = bytes(q[j] | (q[j + 16] << 4) for j in range(16))
     neg = -np.arange(1, 33, dtype=np.float32)[None, :]
-    assert quantize(neg, T.Q4_0).tobytes() == bytes([0x00, 0x44]) + packed
+    assert quantize(neg, Q.Q4_0).tobytes() == bytes([0x00, 0x44]) + packed
     # Subnormal scale: d = -1e-6 / -8 = 1.25e-7 -> f16 0x0002; element 0 -> level 0.
-    assert _hex(quantize(_block({0: -1e-6}), T.Q4_0)) == "02 00 80" + " 88" * 15
+    assert _hex(quantize(_block({0: -1e-6}), Q.Q4_0)) == "02 00 80" + " 88" * 15
 
 
 # API contract.
@@ -180,21 +180,21 @@ def test_supported_lists_every_type():
 
 def test_rejects_bad_input():
     with pytest.raises(ValueError, match="TQ2_0 cannot be quantized here; supported: Q8_0"):
-        quantize(torch.zeros(2, 256), T.TQ2_0)
+        quantize(torch.zeros(2, 256), Q.TQ2_0)
     with pytest.raises(ValueError, match="multiple of 256, got 288"):
-        quantize(torch.zeros(2, 288), T.Q4_K)
+        quantize(torch.zeros(2, 288), Q.Q4_K)
     with pytest.raises(ValueError, match="multiple of 32, got 40"):
-        quantize(torch.zeros(2, 40), T.Q8_0)
+        quantize(torch.zeros(2, 40), Q.Q8_0)
     with pytest.raises(ValueError, match="imatrix has 31 values, the rows have 32"):
-        quantize(torch.zeros(2, 32), T.Q4_0, torch.ones(31))
+        quantize(torch.zeros(2, 32), Q.Q4_0, torch.ones(31))
     with pytest.raises(ValueError, match="imatrix holds NaN"):
-        quantize(torch.zeros(2, 32), T.Q4_0, torch.full((32,), float("inf")))
+        quantize(torch.zeros(2, 32), Q.Q4_0, torch.full((32,), float("inf")))
     with pytest.raises(ValueError, match="2-D"):
-        quantize(torch.zeros(2, 2, 32), T.Q4_0)
+        quantize(torch.zeros(2, 2, 32), Q.Q4_0)
     bad = torch.zeros(4, 32)
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
-        quantize(bad, T.Q4_0)
+        quantize(bad, Q.Q4_0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -202,7 +202,7 @@ def test_reads_16_bit_rows_directly(dtype):
     """bf16/f16 rows are widened in C one row at a time: same bytes as quantizing the float32 matrix."""
     x = torch.randn(37, 512, dtype=dtype)
     qw = torch.rand(512)
-    for qtype in (T.Q6_K, T.Q4_K, T.Q8_0):
+    for qtype in (Q.Q6_K, Q.Q4_K, Q.Q8_0):
         block, size = SUPPORTED[qtype]
         out = quantize(x, qtype, qw)
         assert out.dtype == np.uint8 and out.shape == (37, 512 // block * size)
@@ -210,4 +210,4 @@ def test_reads_16_bit_rows_directly(dtype):
     bad = x.clone()
     bad[21, 5] = float("inf")
     with pytest.raises(ValueError, match="row 21 holds NaN"):
-        quantize(bad, T.Q4_K)
+        quantize(bad, Q.Q4_K)

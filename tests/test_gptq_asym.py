@@ -98,7 +98,7 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
     rope = forward.rope_tables(spec, samples.shape[1], "cpu", torch.float32)
     for i in range(spec.n_layers):
         ref, _ = forward.layer_forward(ref, forward.load_layer(ckpt, i, "cpu", torch.float32), spec, rope)
-    torch.testing.assert_close(stream.hidden_fp, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stream.hidden_float, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(stream.hidden, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -24,9 +24,9 @@ from mxtools.core.errors import MxError
 from mxtools.layouts import open_checkpoint
 from mxtools.quant.imatrix import imatrix_for_writer, read_imatrix
 from mxtools.quant.mixes import (
-    FALLBACK,
     MIXES,
     NEEDS_IMATRIX,
+    ROW_LENGTH_FALLBACK,
     Overrides,
     gguf_options,
     load_mix,
@@ -59,7 +59,7 @@ def test_iquant_mixes_are_recipes_with_llama_cpps_file_types():
 def test_row_fallback_of_the_iquant_types():
     iq = (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)
     assert [row_fallback(t, 512) for t in iq] == list(iq)
-    assert {row_fallback(t, 96) for t in iq} == {Q.IQ4_NL} and all(FALLBACK[t] == Q.IQ4_NL for t in iq)
+    assert {row_fallback(t, 96) for t in iq} == {Q.IQ4_NL} and all(ROW_LENGTH_FALLBACK[t] == Q.IQ4_NL for t in iq)
     assert [row_fallback(t, 200) for t in (*iq, Q.IQ4_NL)] == [Q.F16] * 9
     assert row_fallback(Q.IQ4_NL, 96) == Q.IQ4_NL
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from judges import require
 
@@ -14,7 +14,7 @@ from mxtools import native
 from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import SUPPORTED, quantize
 
-TYPES = [T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S]
+TYPES = [Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S]
 N = 512  # two 256-value super-blocks, sixteen 32-value blocks per row
 
 
@@ -116,7 +116,7 @@ def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
 
 def test_supported_lists_the_iquants():
     assert all(SUPPORTED[t] == size for t, size in
-               {T.IQ4_NL: (32, 18), T.IQ4_XS: (256, 136), T.IQ3_XXS: (256, 98), T.IQ3_S: (256, 110)}.items())
+               {Q.IQ4_NL: (32, 18), Q.IQ4_XS: (256, 136), Q.IQ3_XXS: (256, 98), Q.IQ3_S: (256, 110)}.items())
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -135,7 +135,7 @@ def test_non_finite_rows_are_refused(qtype):
 # Relative RMS error of gguf-py's decoding on N(0, 1) rows, measured 2026-12-06 (2-core x86-64 dev box) over three
 # seeds: IQ4_NL/IQ4_XS 0.076-0.078, IQ3_XXS 0.211-0.216, IQ3_S 0.148-0.169 (seed to seed they move by under 0.003).
 # A wrong layout decodes to errors near 1 or above.
-TOLERANCE = {T.IQ4_NL: 0.09, T.IQ4_XS: 0.09, T.IQ3_XXS: 0.24, T.IQ3_S: 0.19}
+TOLERANCE = {Q.IQ4_NL: 0.09, Q.IQ4_XS: 0.09, Q.IQ3_XXS: 0.24, Q.IQ3_S: 0.19}
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

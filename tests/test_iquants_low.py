@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from judges import require
 
 from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import NEEDS_IMATRIX, SUPPORTED, quantize
 
-TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]
+TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M]
 N = 512  # two super-blocks per row
 
 
@@ -61,7 +61,7 @@ def _rows() -> dict[str, np.ndarray]:
 ROWS = {k: v.astype(np.float32) for k, v in _rows().items()}
 
 
-def _imats(qtype: T) -> list[str]:
+def _imats(qtype: Q) -> list[str]:
     return ["dense", "sparse"] + ([] if qtype in NEEDS_IMATRIX else ["none"])
 
 
@@ -106,7 +106,7 @@ def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
 # gguf-py's decoder (an independent implementation of the layouts) gets values close to the input back: relative
 # RMS error on N(0, 1) rows with a dense imatrix or none (measured 0.27 IQ2_S, 0.33 IQ2_XS, 0.38 IQ2_XXS, 0.50-0.59
 # IQ1_M, 0.52-0.53 IQ1_S over three seeds; a sparse imatrix leaves its dead columns unfitted, so it is left out).
-TOLERANCE = {T.IQ2_S: 0.3, T.IQ2_XS: 0.37, T.IQ2_XXS: 0.42, T.IQ1_M: 0.64, T.IQ1_S: 0.58}
+TOLERANCE = {Q.IQ2_S: 0.3, Q.IQ2_XS: 0.37, Q.IQ2_XXS: 0.42, Q.IQ1_M: 0.64, Q.IQ1_S: 0.58}
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -256,7 +256,7 @@ def test_chunk_groups_pool_to_the_same_report(tiny, tokens):
 
 def test_thresholds_table_and_outtype_guess(tiny):
     assert report.thresholds_for("Q4_K_S")["max_kld_mean"] == report.DEFAULT_THRESHOLDS["q4_k_m"]["max_kld_mean"]
-    assert report.thresholds_for("mystery") == report.DEFAULT_THRESHOLDS[report.FALLBACK]
+    assert report.thresholds_for("mystery") == report.DEFAULT_THRESHOLDS[report.UNKNOWN_OUTTYPE_ROW]
     assert report.thresholds_for("q8_0", {"max_kld_mean": 1.0})["max_kld_mean"] == 1.0
     with pytest.raises(ValueError, match="unknown threshold"):
         report.thresholds_for("q8_0", {"max_kdl": 1})

@@ -29,8 +29,8 @@ from mxtools.layouts import open_checkpoint
 from mxtools.layouts.gguf import TABLE
 from mxtools.quant.imatrix import compute_imatrix, load_imatrix, save_imatrix
 from mxtools.quant.mixes import (
-    FALLBACK,
     MIXES,
+    ROW_LENGTH_FALLBACK,
     Overrides,
     gguf_options,
     load_mix,
@@ -45,7 +45,7 @@ llama_cpp = LazyJudge("llama_cpp")
 def _writable(mix: str) -> bool:
     """Whether our encoders write every type the mix can give (row fallbacks included)."""
     types = load_mix(mix).types()
-    return {*types, *(FALLBACK.get(t, t) for t in types)} <= set(SUPPORTED)
+    return {*types, *(ROW_LENGTH_FALLBACK.get(t, t) for t in types)} <= set(SUPPORTED)
 
 
 WRITTEN = [m for m in MIXES if _writable(m)]  # the mixes compared byte for byte

@@ -32,7 +32,7 @@ import torch
 from ..core import names
 from ..core.defaults import COMPARE_FORMATS
 from ..core.errors import MxError, OutputError
-from ..core.tensors import LazyTensor
+from ..core.tensors import LazyTensor, dense_nbytes
 from ..io.buffers import give_source
 from ..verify.report import DEFAULT_THRESHOLDS, check, thresholds_for
 
@@ -213,7 +213,7 @@ def stored_bytes(path: Path, model: Path, fmt: Format) -> tuple[int, int]:
         st = SafetensorsFile(f)
         for key in st.keys():
             t = st.lazy(key)
-            n = torch.Size(t.shape).numel() * t.dtype.itemsize
+            n = dense_nbytes(t.shape, t.dtype)
             total, layers = total + n, layers + (n if key.startswith("model.layers.") else 0)
         st.close()
     return total, layers
@@ -225,7 +225,7 @@ def _bnb_sizes(model: Path, kind: str) -> tuple[int, int]:
     with open_checkpoint(model) as ckpt:
         for name, t in ckpt.tensors.items():
             quantized = names.parse(name)[0].key in BNB_KINDS
-            n = bnb_bytes(tuple(t.shape), kind) if quantized else torch.Size(t.shape).numel() * t.dtype.itemsize
+            n = bnb_bytes(tuple(t.shape), kind) if quantized else dense_nbytes(t.shape, t.dtype)
             total, layers = total + n, layers + (n if names.parse(name)[1] is not None else 0)
     return total, layers
 

@@ -58,7 +58,13 @@ KIND_BY_KEY = {k.key: k for k in KINDS}
 
 
 GPTQ_KINDS = tuple(k.key for k in KINDS if k.gptq)
-GGUF_F32_KINDS = frozenset(k.key for k in KINDS if k.gguf_f32)
+_GGUF_F32_KINDS = frozenset(k.key for k in KINDS if k.gguf_f32)
+
+
+def gguf_f32(kind_key: str, np_shape) -> bool:
+    """Whether llama.cpp keeps this tensor F32 in every GGUF, whatever the type asked: the norms and the router
+    (Kind.gguf_f32) and any 1-D tensor."""
+    return len(np_shape) < 2 or kind_key in _GGUF_F32_KINDS
 
 
 def is_gptq_quantized(name: str) -> bool:

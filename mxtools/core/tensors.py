@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -13,6 +14,11 @@ import torch
 from . import names
 from .errors import NonFiniteError, ShapeError, TensorSetError
 from .spec import ModelSpec
+
+
+def dense_nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of `shape` and `dtype` (GGML types: io.gguf_format.tensor_nbytes)."""
+    return math.prod(shape) * dtype.itemsize
 
 
 @dataclass

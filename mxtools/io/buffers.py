@@ -8,7 +8,6 @@ hold drops the free buffers that are too small before allocating.
 """
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core import names
+from ..core.tensors import dense_nbytes
 from ..core.transforms import hf_to_meta_rope, rope_heads
 
 MIN_POOLED = 1 << 20  # smaller requests are plain allocations
@@ -64,7 +64,7 @@ POOL = BufferPool()
 
 def pooled_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor whose storage comes from POOL."""
-    n = math.prod(shape) * dtype.itemsize
+    n = dense_nbytes(shape, dtype)
     if n == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     return torch.frombuffer(POOL.take(n), dtype=dtype).view(tuple(shape))

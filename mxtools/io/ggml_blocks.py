@@ -10,19 +10,22 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 
 from mxtools import native
+
+from .gguf_format import tensor_nbytes
 
 __all__ = ["NEEDS_IMATRIX", "SUPPORTED", "quantize"]
 
 # The GGML types the native quantizer writes -> (values per block, bytes per block), from gguf-py's table.
-SUPPORTED: dict[T, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
-    T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-    T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)}
+SUPPORTED: dict[Q, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in (
+    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M)}
 
-# Types ggml refuses to quantize without an importance matrix (ggml_quantize_requires_imatrix).
-NEEDS_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
+# Types ggml's quantizer refuses without an importance matrix (ggml_quantize_requires_imatrix; llama-quantize
+# refuses more: quant.mixes.NEEDS_IMATRIX).
+NEEDS_IMATRIX = frozenset({Q.IQ2_XXS, Q.IQ2_XS, Q.IQ1_S})
 
 CHUNK_VALUES = 1 << 18  # values per work item (1 MiB of float32): small enough to balance two threads
 
@@ -48,12 +51,12 @@ def _as_matrix(x) -> tuple[np.ndarray, str]:
     return x, src
 
 
-def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
-    """Validate the type, row length and imatrix once, before any work; returns (block, bytes, imatrix)."""
+def _check(x: np.ndarray, qtype, imatrix) -> np.ndarray | None:
+    """Validate the type, row length and imatrix once, before any work; returns the imatrix as float32."""
     if qtype not in SUPPORTED:
         names = ", ".join(t.name for t in SUPPORTED)
         raise ValueError(f"GGML type {getattr(qtype, 'name', qtype)} cannot be quantized here; supported: {names}")
-    block, size = SUPPORTED[qtype]
+    block = SUPPORTED[qtype][0]
     n = x.shape[1]
     if n == 0 or n % block:
         raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {block}, "
@@ -62,7 +65,7 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
         if qtype in NEEDS_IMATRIX:
             raise ValueError(f"{qtype.name} needs an importance matrix (llama.cpp refuses to quantize it without one); "
                              "pass imatrix=")
-        return block, size, None
+        return None
     if isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().to("cpu", torch.float32).numpy()
     qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
@@ -70,10 +73,10 @@ def _check(x: np.ndarray, qtype, imatrix) -> tuple[int, int, np.ndarray | None]:
         raise ValueError(f"imatrix has {qw.size} values, the rows have {n}; pass one value per input column")
     if not np.isfinite(qw).all():
         raise ValueError("imatrix holds NaN or infinite values")
-    return block, size, qw
+    return qw
 
 
-def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
+def quantize(x: torch.Tensor, qtype: Q, imatrix: torch.Tensor | None = None, out: np.ndarray | None = None
              ) -> np.ndarray:
     """Quantize a [rows, n] matrix (float32, or bf16/f16 read as such) to GGML blocks, byte for byte as llama.cpp.
 
@@ -84,9 +87,9 @@ def quantize(x: torch.Tensor, qtype: T, imatrix: torch.Tensor | None = None, out
     length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
     x, src = _as_matrix(x)
-    block, size, qw = _check(x, qtype, imatrix)
+    qw = _check(x, qtype, imatrix)
     rows, n = x.shape
-    shape = (rows, n // block * size)
+    shape = (rows, tensor_nbytes((n,), qtype))
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:

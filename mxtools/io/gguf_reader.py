@@ -8,16 +8,13 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
 
 from ..core.errors import FormatError, OutputError
+from ..core.values import is_kind
 from .files import RawFile
-from .gguf_writer import tensor_nbytes
+from .gguf_format import MAGIC, READ_VERSIONS, VALUE_FORMATS, tensor_nbytes
 
-_NP = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-       GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-       GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1", GGUFValueType.UINT64: "<u8",
-       GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 INT64_MAX = 2**63 - 1        # ggml counts elements and bytes in int64
 _MIN_KV = 8 + 4 + 1          # key length, value type, the smallest value
@@ -96,21 +93,19 @@ class _Cursor:
                 self.fail("corrupt GGUF header: nested arrays are not supported")
             if elem == GGUFValueType.STRING:
                 return self.strings(self.need(count, 8, "array length"))
-            dt = np.dtype(_NP[elem])
-            values = np.frombuffer(self.take(self.need(count, dt.itemsize, "array length") * dt.itemsize), dt)
-            return (values != 0).tolist() if elem == GGUFValueType.BOOL else values.tolist()
-        dt = np.dtype(_NP[vtype])
-        value = np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
-        return bool(value) if vtype == GGUFValueType.BOOL else value
+            dt = np.dtype(VALUE_FORMATS[elem])
+            return np.frombuffer(self.take(self.need(count, dt.itemsize, "array length") * dt.itemsize), dt).tolist()
+        dt = np.dtype(VALUE_FORMATS[vtype])
+        return np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item()
 
 
 def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
     """(metadata, tensor infos) of a GGUF file; raises FormatError naming the file (and tensor) when broken."""
     c = _Cursor(raw)
-    if c.take(4) != b"GGUF":
+    if c.take(len(MAGIC)) != MAGIC:
         c.fail("not a GGUF file (bad magic)")
     version = c.unpack("<I")
-    if version not in (2, 3):
+    if version not in READ_VERSIONS:
         c.fail(f"unsupported GGUF version {version}")
     n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
     c.need(n_tensors, _MIN_INFO, "tensor count")
@@ -132,9 +127,9 @@ def read_header(raw: RawFile) -> tuple[dict, list[TensorInfo]]:
 
 
 def _alignment(c: _Cursor, meta: dict) -> int:
-    align = meta.get("general.alignment", 32)
-    if type(align) is not int or align <= 0 or align & (align - 1):
-        c.fail(f"general.alignment must be a power of two, not {align!r}")
+    align = meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+    if not is_kind(align, int) or align <= 0 or align & (align - 1):
+        c.fail(f"{Keys.General.ALIGNMENT} must be a power of two, not {align!r}")
     return align
 
 
@@ -174,27 +169,3 @@ def _place(c: _Cursor, infos: list[TensorInfo], start: int, align: int) -> list[
             c.fail(f"file is truncated: tensor ends at byte {end} of {c.raw.size}", tensor=t.name)
     return infos
 
-
-# ---- typed metadata access ----
-
-REQUIRED = object()
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"}
-
-
-def short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def meta_value(m: dict, key: str, kind: type, source, default=REQUIRED):
-    """Metadata value `key` checked to be of `kind` (int, float, str, bool or list); FormatError if it is
-    missing (and no default is given) or of another type (a bool is no number here, an int is a float)."""
-    if key not in m:
-        if default is REQUIRED:
-            raise FormatError(f"GGUF metadata is missing {key!r}", file=source)
-        return default
-    v = m[key]
-    numeric = kind in (int, float) and isinstance(v, bool)
-    if numeric or not isinstance(v, (int, float) if kind is float else kind):
-        raise FormatError(f"GGUF metadata {key} is {short(v)}, not {_KIND_WORDS[kind]}", file=source)
-    return v

@@ -6,20 +6,15 @@ slab at a time. Calls out of order are refused with an OutputError naming the fi
 """
 from __future__ import annotations
 
-import math
 import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
 from ..core.errors import OutputError
 from .direct import DirectFile
-
-_SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-           GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-           GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-           GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+from .gguf_format import VALUE_FORMATS, tensor_nbytes
 
 
 def _str(s: str) -> bytes:
@@ -32,22 +27,14 @@ def _value(vtype: GGUFValueType, value, elem: GGUFValueType | None = None) -> by
         return _str(value)
     if vtype == GGUFValueType.ARRAY:
         head = struct.pack("<IQ", int(elem), len(value))
-        if elem in _SCALAR:
-            return head + np.asarray(value, dtype=np.dtype(_SCALAR[elem])).tobytes()
+        if elem in VALUE_FORMATS:
+            return head + np.asarray(value, dtype=np.dtype(VALUE_FORMATS[elem])).tobytes()
         return head + b"".join(_value(elem, v) for v in value)
-    return struct.pack(_SCALAR[vtype], value)
-
-
-def tensor_nbytes(np_shape, qtype: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    n = math.prod(np_shape)
-    if np_shape[-1] % block:
-        raise OutputError(f"row length {np_shape[-1]} is not a multiple of {qtype.name}'s block of {block}")
-    return n // block * size
+    return struct.pack(VALUE_FORMATS[vtype], value)
 
 
 class GGUFStreamWriter:
-    def __init__(self, path: Path, alignment: int = 32):
+    def __init__(self, path: Path, alignment: int = GGUF_DEFAULT_ALIGNMENT):
         self.path, self.alignment = Path(path), alignment
         self.kv: list[bytes] = []
         self.infos: list[tuple[str, tuple, GGMLQuantizationType, int]] = []
@@ -70,7 +57,7 @@ class GGUFStreamWriter:
     def write_header(self) -> None:
         if self.f is not None:
             raise OutputError("the GGUF header was already written", file=self.path)
-        head = [b"GGUF", struct.pack("<IQQ", 3, len(self.infos), len(self.kv)), *self.kv]
+        head = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.infos), len(self.kv)), *self.kv]
         offset = 0
         for name, shape, qtype, nbytes in self.infos:
             dims = struct.pack(f"<I{len(shape)}Q", len(shape), *reversed(shape))

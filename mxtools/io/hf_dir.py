@@ -11,9 +11,10 @@ import torch
 
 from ..core.errors import FormatError, MxError, NotMixtralError
 from ..core.names import NameTable
-from ..core.spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
-from ..core.tensors import Checkpoint
+from ..core.spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe, spec_of
+from ..core.tensors import Checkpoint, dense_nbytes
 from ..core.tokenizer import Tokenizer
+from ..core.values import ConfigValues, is_kind, json_object
 from .buffers import POOL
 from .safetensors import SafetensorsFile, SafetensorsWriter
 
@@ -27,15 +28,15 @@ def spec_from_config(cfg: dict, source) -> ModelSpec:
     """config.json in the transformers 4.x spelling (rope_theta) or 5.x (rope_parameters, head_dim null)."""
     c = ConfigValues(cfg, source)
     archs = cfg.get("architectures")
-    archs = archs if isinstance(archs, list) else []
-    if cfg.get("model_type") != "mixtral" and not any(isinstance(a, str) and "Mixtral" in a for a in archs):
+    archs = archs if is_kind(archs, list) else []
+    if cfg.get("model_type") != "mixtral" and not any(is_kind(a, str) and "Mixtral" in a for a in archs):
         raise NotMixtralError(f"not a Mixtral model (model_type {cfg.get('model_type')!r:.40})", file=source)
     require_moe(cfg.get("num_local_experts"), source)
     dim, n_heads = c.count("hidden_size"), c.count("num_attention_heads")
     rope = c.section("rope_parameters")
     theta = c.real("rope_theta") if c.has("rope_theta") else rope.real("rope_theta", DEFAULT_ROPE_THETA)
-    return c.spec(
-        dim=dim, n_layers=c.count("num_hidden_layers"), n_heads=n_heads,
+    return spec_of(
+        source, dim=dim, n_layers=c.count("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=c.count("num_key_value_heads", n_heads), head_dim=c.count("head_dim", dim // n_heads),
         hidden_dim=c.count("intermediate_size"), n_experts=c.count("num_local_experts"),
         n_experts_per_tok=c.count("num_experts_per_tok"), vocab_size=c.count("vocab_size"),
@@ -65,15 +66,12 @@ def read_json(path) -> dict | list | str | int | float | bool | None:
 
 
 def read_json_object(path, what: str = "file") -> dict:
-    obj = read_json(path)
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} is not a JSON object (got {type(obj).__name__})", file=path)
-    return obj
+    return json_object(read_json(path), what, path)
 
 
 def _shard_name(name, index: Path, suffix: str) -> str:
     """A weight_map entry must name a file beside the index (no directories, no way out of the checkpoint)."""
-    if not isinstance(name, str) or not name.endswith(suffix) or "/" in name or "\\" in name \
+    if not is_kind(name, str) or not name.endswith(suffix) or "/" in name or "\\" in name \
             or name.startswith("."):
         raise FormatError(f"index weight_map names {str(name)[:80]!r}, not a {suffix} file beside it",
                           file=index)
@@ -86,7 +84,7 @@ def shard_files(path: Path, index_name: str = "model.safetensors.index.json",
     index = path / index_name
     if index.exists():
         weight_map = read_json_object(index, "index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
+        if not is_kind(weight_map, dict) or not weight_map:
             raise FormatError("index has no weight_map object, or an empty one", file=index)
         return [path / f for f in sorted({_shard_name(v, index, suffix) for v in weight_map.values()})]
     return sorted(path.glob("*" + suffix))
@@ -102,7 +100,7 @@ def read_tokenizer(path: Path) -> Tokenizer | None:
     if (path / "chat_template.jinja").exists():
         template = _read_text(path / "chat_template.jinja")
     add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
-    if not isinstance(template, (str, type(None))) or not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
+    if not (template is None or is_kind(template, str)) or not is_kind(add_bos, bool) or not is_kind(add_eos, bool):
         raise FormatError("chat_template must be a string and add_bos_token/add_eos_token booleans", file=cfg_file)
     return Tokenizer.from_file(model, chat_template=template, add_bos=add_bos, add_eos=add_eos)
 
@@ -158,11 +156,11 @@ def gptq_quant_config(path: Path) -> dict | None:
         return None
     try:
         qc = read_json(cfg_file).get("quantization_config")
-        if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq":
+        if is_kind(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq":
             return qc
         if (path / QUANT_CONFIG_FILE).exists():
             qc = read_json(path / QUANT_CONFIG_FILE)
-            return qc if isinstance(qc, dict) else None
+            return qc if is_kind(qc, dict) else None
     except (MxError, AttributeError):
         return None  # a corrupt config: the plain HF reader reports it
     return None
@@ -188,7 +186,7 @@ def read_dir(path: Path, table: NameTable, layout: str, transform=None, files=No
 def plan_shards(items: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
     shards, size = [[]], 0
     for item in items:
-        n = torch.Size(item[2]).numel() * item[1].itemsize
+        n = dense_nbytes(item[2], item[1])
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 from itertools import pairwise
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..core.errors import FormatError, OutputError
-from ..core.tensors import LazyTensor
+from ..core.tensors import LazyTensor, dense_nbytes
+from ..core.values import is_kind
 from .direct import DirectFile
 from .files import RawFile
 
@@ -43,11 +43,11 @@ class SafetensorsFile:
             header = json.loads(bytes(self.raw.read(8, n)))
         except (ValueError, RecursionError):  # bad UTF-8, bad JSON, nesting or integers beyond the parser
             raise FormatError("corrupt safetensors header", file=self.path) from None
-        if not isinstance(header, dict):
+        if not is_kind(header, dict):
             raise FormatError("corrupt safetensors header (not a JSON object)", file=self.path)
         start = 8 + n
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
+        if not is_kind(meta, dict):
             raise FormatError("corrupt safetensors header (__metadata__ is not an object)", file=self.path)
         entries = {name: self._entry(name, e, start) for name, e in header.items()}
         _check_disjoint(entries, self.path)
@@ -60,11 +60,11 @@ class SafetensorsFile:
         except (KeyError, TypeError):
             raise FormatError("corrupt header entry (dtype, shape, data_offsets)", file=self.path,
                               tensor=name) from None
-        if not all(_is_count(x) for x in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        if not all(is_kind(x, int) and x >= 0 for x in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise FormatError(f"corrupt header entry: shape {str(list(shape))[:80]}, data_offsets "
                               f"{str(list(offsets))[:80]}", file=self.path, tensor=name)
         begin, end = offsets
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = dense_nbytes(shape, dtype)
         if end - begin != nbytes:
             raise FormatError(f"size {end - begin} does not match shape {list(shape)}", file=self.path, tensor=name)
         if start + end > self.raw.size:
@@ -84,10 +84,6 @@ class SafetensorsFile:
         self.raw.close()
 
 
-def _is_count(x) -> bool:
-    return type(x) is int and x >= 0
-
-
 def _check_disjoint(entries: dict, path) -> None:
     """No two tensors' data may overlap (each byte of the data section belongs to at most one tensor)."""
     spans = sorted((off, off + nbytes, name) for name, (_, _, off, nbytes) in entries.items() if nbytes)
@@ -105,7 +101,7 @@ class SafetensorsWriter:
         if metadata:
             header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
         for name, dtype, shape in plan:
-            n = math.prod(shape) * dtype.itemsize
+            n = dense_nbytes(shape, dtype)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -135,4 +131,4 @@ def write_tensor_bytes(f, t: torch.Tensor) -> int:
         return 0
     data = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
     f.write(memoryview(data.numpy()).cast("B"))
-    return t.numel() * t.element_size()
+    return dense_nbytes(t.shape, t.dtype)

@@ -17,13 +17,15 @@ from gguf import GGUFValueType as V
 
 from ..core import names
 from ..core.errors import FormatError, NonFiniteError, NotMixtralError, ShapeError, reading
-from ..core.spec import ModelSpec
+from ..core.spec import ModelSpec, spec_of
 from ..core.tensors import Checkpoint, LazyTensor, require_finite
 from ..core.tokenizer import Tokenizer
 from ..core.transforms import meta_to_hf_rope, rope_heads
+from ..core.values import REQUIRED, meta_value, show
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import RawFile
-from ..io.gguf_reader import REQUIRED, TensorInfo, meta_value, read_header, short
+from ..io.gguf_format import MAGIC, tensor_nbytes
+from ..io.gguf_reader import TensorInfo, read_header
 from ..io.gguf_tables import (
     ARCH,
     FLOAT_TYPES,
@@ -32,7 +34,7 @@ from ..io.gguf_tables import (
     TABLE,
     key,
 )
-from ..io.gguf_writer import GGUFStreamWriter, tensor_nbytes
+from ..io.gguf_writer import GGUFStreamWriter
 from ..io.overlap import prefetched
 from ..native import NonFiniteRow
 from . import Layout, WriteOptions, register
@@ -43,7 +45,7 @@ def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def _f32(x: float) -> float:
@@ -58,27 +60,24 @@ def spec_from_metadata(m: dict, source) -> ModelSpec:
     arch, n_experts = m.get(K.ARCHITECTURE), key(LLM.EXPERT_COUNT)
     if arch != ARCH or not m.get(n_experts):
         experts = m.get(n_experts, 0) if arch == ARCH else 0
-        raise NotMixtralError(f"not a Mixtral GGUF (architecture {short(arch)}, {short(experts)} experts)",
+        raise NotMixtralError(f"not a Mixtral GGUF (architecture {show(arch, 60)}, {show(experts, 60)} experts)",
                               file=source)
 
     def get(template, kind=int, default=REQUIRED):
         return meta_value(m, key(template), kind, source, default)
     dim, n_heads = get(LLM.EMBEDDING_LENGTH), get(ATT.HEAD_COUNT)
-    try:
-        return ModelSpec(
-            dim=dim, n_layers=get(LLM.BLOCK_COUNT), n_heads=n_heads,
-            n_kv_heads=get(ATT.HEAD_COUNT_KV, int, n_heads),
-            head_dim=get(ATT.KEY_LENGTH, int, None) or get(ROPE.DIMENSION_COUNT, int, None)
-            or (dim // n_heads if n_heads > 0 else 0),
-            hidden_dim=get(LLM.FEED_FORWARD_LENGTH), n_experts=get(LLM.EXPERT_COUNT),
-            n_experts_per_tok=get(LLM.EXPERT_USED_COUNT),
-            vocab_size=get(LLM.VOCAB_SIZE, int, None) or len(meta_value(m, TOK.LIST, list, source)),
-            norm_eps=_f32(get(ATT.LAYERNORM_RMS_EPS, float, 1e-5)),
-            rope_theta=_f32(get(ROPE.FREQ_BASE, float, 10000.0)),  # llama.cpp's default when the key is absent
-            context_length=get(LLM.CONTEXT_LENGTH, int, 32768),
-            name=meta_value(m, K.NAME, str, source, "") or "mixtral")
-    except ShapeError as exc:
-        raise ShapeError(exc.message, file=source) from None
+    return spec_of(
+        source, dim=dim, n_layers=get(LLM.BLOCK_COUNT), n_heads=n_heads,
+        n_kv_heads=get(ATT.HEAD_COUNT_KV, int, n_heads),
+        head_dim=get(ATT.KEY_LENGTH, int, None) or get(ROPE.DIMENSION_COUNT, int, None)
+        or (dim // n_heads if n_heads > 0 else 0),
+        hidden_dim=get(LLM.FEED_FORWARD_LENGTH), n_experts=get(LLM.EXPERT_COUNT),
+        n_experts_per_tok=get(LLM.EXPERT_USED_COUNT),
+        vocab_size=get(LLM.VOCAB_SIZE, int, None) or len(meta_value(m, TOK.LIST, list, source)),
+        norm_eps=_f32(get(ATT.LAYERNORM_RMS_EPS, float, 1e-5)),
+        rope_theta=_f32(get(ROPE.FREQ_BASE, float, 10000.0)),  # llama.cpp's default when the key is absent
+        context_length=get(LLM.CONTEXT_LENGTH, int, 32768),
+        name=meta_value(m, K.NAME, str, source, "") or "mixtral")
 
 
 # the fewest bits any GGML type spends on one weight (IQ1_S: 1.5625)
@@ -182,9 +181,9 @@ def read(path: Path) -> Checkpoint:
 # ---- writing ----
 
 def uniform_policy(qtype: Q) -> Callable:
-    """Every 2-D weight in `qtype`; norms and the router (names.Kind.gguf_f32) in F32 as llama.cpp requires."""
+    """Every tensor in `qtype` but those llama.cpp keeps F32 (names.gguf_f32: norms, router)."""
     def policy(kind_key: str, layer, np_shape) -> Q:
-        return Q.F32 if len(np_shape) < 2 or kind_key in names.GGUF_F32_KINDS else qtype
+        return Q.F32 if names.gguf_f32(kind_key, np_shape) else qtype
     return policy
 
 

@@ -27,8 +27,8 @@ from ..core.defaults import GPTQ_NAMINGS, SHARD_BYTES
 from ..core.errors import FormatError, MxError
 from ..core.names import CANONICAL_TABLE, NameTable
 from ..core.names import is_gptq_quantized as is_quantized
-from ..core.spec import MAX_DIM
 from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
+from ..core.values import MAX_DIM, is_kind
 from ..io.gptq_pack import SUFFIXES, dequantize, pack
 from ..io.hf_dir import (
     QUANT_CONFIG_FILE,
@@ -120,11 +120,11 @@ def _settings(qc: dict, source) -> dict:
         raise FormatError(f"GPTQ checkpoint_format {fmt!r:.40} is not supported (only v1 \"gptq\")", file=source)
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     sym, desc_act = qc.get("sym", True), qc.get("desc_act", False)
-    if type(bits) is not int or bits not in (2, 4, 8):
+    if not is_kind(bits, int) or bits not in (2, 4, 8):
         raise FormatError(f"GPTQ bits={str(bits)[:40]} is not supported (2, 4 or 8)", file=source)
-    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 0 < group <= MAX_DIM):
+    if not is_kind(group, int) or not (group == -1 or 0 < group <= MAX_DIM):
         raise FormatError(f"GPTQ group_size={str(group)[:40]} is not -1 or a positive integer", file=source)
-    if not isinstance(sym, bool) or not isinstance(desc_act, bool):
+    if not is_kind(sym, bool) or not is_kind(desc_act, bool):
         raise FormatError("GPTQ sym and desc_act must be true or false", file=source)
     return {"bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act, "checkpoint_format": fmt or "gptq"}
 
@@ -290,7 +290,7 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
         for f in opened:
             f.close()
     qc = {**gptq_quant_config(src)}
-    qc["meta"] = {**(qc.get("meta") if isinstance(qc.get("meta"), dict) else {}), "tensor_names": naming}
+    qc["meta"] = {**(qc.get("meta") if is_kind(qc.get("meta"), dict) else {}), "tensor_names": naming}
     write_json(out / "config.json", {**read_json(src / "config.json"), "quantization_config": qc})
     write_json(out / QUANT_CONFIG_FILE, qc)
     skip = {"config.json", QUANT_CONFIG_FILE, "model.safetensors.index.json"}

@@ -13,10 +13,11 @@ import torch
 from ..core import names
 from ..core.errors import FormatError, ShapeError, UnsafePickleError
 from ..core.names import NameTable
-from ..core.spec import DEFAULT_ROPE_THETA, ConfigValues, ModelSpec, require_moe
+from ..core.spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe, spec_of
 from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..core.tokenizer import Tokenizer
 from ..core.transforms import meta_to_hf_rope, rope_heads, transpose
+from ..core.values import ConfigValues
 from ..io.buffers import POOL, cast_for_write, load_meta_order
 from ..io.files import release_pages
 from ..io.hf_dir import read_json, read_tensors, spec_from_config, write_json
@@ -56,11 +57,11 @@ def spec_from_params(p: dict, source) -> ModelSpec:
     moe = c.section("moe")
     require_moe(moe.obj.get("num_experts"), source)
     dim, n_heads = c.count("dim"), c.count("n_heads")
-    return c.spec(dim=dim, n_layers=c.count("n_layers"), n_heads=n_heads, n_kv_heads=c.count("n_kv_heads", n_heads),
-                  head_dim=c.count("head_dim", dim // n_heads), hidden_dim=c.count("hidden_dim"),
-                  n_experts=moe.count("num_experts"), n_experts_per_tok=moe.count("num_experts_per_tok"),
-                  vocab_size=c.count("vocab_size"), norm_eps=c.real("norm_eps", 1e-5),
-                  rope_theta=c.real("rope_theta", DEFAULT_ROPE_THETA))
+    return spec_of(source, dim=dim, n_layers=c.count("n_layers"), n_heads=n_heads,
+                   n_kv_heads=c.count("n_kv_heads", n_heads), head_dim=c.count("head_dim", dim // n_heads),
+                   hidden_dim=c.count("hidden_dim"), n_experts=moe.count("num_experts"),
+                   n_experts_per_tok=moe.count("num_experts_per_tok"), vocab_size=c.count("vocab_size"),
+                   norm_eps=c.real("norm_eps", 1e-5), rope_theta=c.real("rope_theta", DEFAULT_ROPE_THETA))
 
 
 def params_from_spec(spec: ModelSpec) -> dict:

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 
 from .. import native
 from ..core.errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
+from ..io.gguf_format import tensor_nbytes
 from ..model import forward
 from .gptq import BLOCK_SIZE, GPTQError, Hessian, inverse_cholesky
 from .gptq_refine import one_cpu_thread
@@ -86,52 +87,52 @@ def _legacy_qs(q: np.ndarray) -> np.ndarray:
     return v[:, :16] | v[:, 16:] << 4
 
 
-def unpack(qtype: T, y: np.ndarray) -> np.ndarray:
+def unpack(qtype: Q, y: np.ndarray) -> np.ndarray:
     """The stored levels [rows, block] (uint8; Q8_0 as int8 bits) of one block per row."""
-    if qtype == T.Q8_0:
+    if qtype == Q.Q8_0:
         return y[:, 2:34].copy()
     if qtype in LEGACY:
-        at = 2 + (2 if qtype in (T.Q4_1, T.Q5_1) else 0)
-        five = qtype in (T.Q5_0, T.Q5_1)
+        at = 2 + (2 if qtype in (Q.Q4_1, Q.Q5_1) else 0)
+        five = qtype in (Q.Q5_0, Q.Q5_1)
         lo, hi = _nibbles(y[:, at + (4 if five else 0):][:, :16])
         q = np.concatenate([lo, hi], 1)
         if five:
             qh = y[:, at:at + 4].copy().view("<u4")[:, 0]
             q |= (((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
         return q
-    if qtype == T.Q2_K:
+    if qtype == Q.Q2_K:
         return _unpack_2bit(y[:, 16:80])
-    if qtype == T.Q3_K:
+    if qtype == Q.Q3_K:
         return _unpack_2bit(y[:, 32:96]) | (_bits(y[:, :32], 8).reshape(-1, 256) << 2)
-    if qtype == T.Q4_K:
+    if qtype == Q.Q4_K:
         return _levels_k4(y[:, 16:144])
-    if qtype == T.Q5_K:
+    if qtype == Q.Q5_K:
         return _levels_k4(y[:, 48:176]) | (_bits(y[:, 16:48], 8).reshape(-1, 256) << 4)
     ql, qh = y[:, :128].reshape(-1, 2, 64), y[:, 128:192].reshape(-1, 2, 32)  # Q6_K
     parts = [ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
     return np.stack([p | (((qh >> (2 * k)) & 3) << 4) for k, p in enumerate(parts)], 2).reshape(-1, 256)
 
 
-def pack(qtype: T, y: np.ndarray, q: np.ndarray) -> None:
+def pack(qtype: Q, y: np.ndarray, q: np.ndarray) -> None:
     """Write the levels q [rows, block] (as `unpack` returns them) into the blocks y [rows, bytes] in place."""
     q = q.astype(np.uint8)
-    if qtype == T.Q8_0:
+    if qtype == Q.Q8_0:
         y[:, 2:34] = q
     elif qtype in LEGACY:
-        at = 2 + (2 if qtype in (T.Q4_1, T.Q5_1) else 0)
-        if qtype in (T.Q5_0, T.Q5_1):
+        at = 2 + (2 if qtype in (Q.Q4_1, Q.Q5_1) else 0)
+        if qtype in (Q.Q5_0, Q.Q5_1):
             high = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
             y[:, at:at + 4] = high.sum(1, dtype=np.uint32).astype("<u4")[:, None].view(np.uint8)
             at += 4
         y[:, at:at + 16] = _legacy_qs(q)
-    elif qtype == T.Q2_K:
+    elif qtype == Q.Q2_K:
         y[:, 16:80] = _pack_2bit(q)
-    elif qtype == T.Q3_K:
+    elif qtype == Q.Q3_K:
         y[:, :32] = _from_bits((q >> 2).reshape(-1, 8, 32) & 1)
         y[:, 32:96] = _pack_2bit(q & 3)
-    elif qtype == T.Q4_K:
+    elif qtype == Q.Q4_K:
         y[:, 16:144] = _qs_k4(q)
-    elif qtype == T.Q5_K:
+    elif qtype == Q.Q5_K:
         y[:, 16:48] = _from_bits((q >> 4).reshape(-1, 8, 32) & 1)
         y[:, 48:176] = _qs_k4(q)
     else:  # Q6_K
@@ -144,11 +145,11 @@ def pack(qtype: T, y: np.ndarray, q: np.ndarray) -> None:
 # ---------------------------------------------------------------- the grid of one block, per row
 
 # Legacy types: (rounding kind, nmax as the C passes it), see mx_quantize_grid in quants.c.
-LEGACY = {T.Q4_0: ("sym", 8), T.Q5_0: ("sym", 16), T.Q4_1: ("affine", 15), T.Q5_1: ("affine", 31),
-          T.Q8_0: ("q8", 127)}
+LEGACY = {Q.Q4_0: ("sym", 8), Q.Q5_0: ("sym", 16), Q.Q4_1: ("affine", 15), Q.Q5_1: ("affine", 31),
+          Q.Q8_0: ("q8", 127)}
 # K-quants: (values per sub-block, lowest level, highest level, affine)
-KQUANTS = {T.Q2_K: (16, 0, 3, True), T.Q3_K: (16, -4, 3, False), T.Q4_K: (32, 0, 15, True),
-           T.Q5_K: (32, 0, 31, True), T.Q6_K: (16, -32, 31, False)}
+KQUANTS = {Q.Q2_K: (16, 0, 3, True), Q.Q3_K: (16, -4, 3, False), Q.Q4_K: (32, 0, 15, True),
+           Q.Q5_K: (32, 0, 31, True), Q.Q6_K: (16, -32, 31, False)}
 # The types GPTQ can run on here: those whose final rounding is per value (not the i-quants' codebooks).
 GRID_TYPES = [t for t in SUPPORTED if t in LEGACY or t in KQUANTS]
 
@@ -166,15 +167,15 @@ def _k4_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, m
 
 
-def _k_grid(qtype: T, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _k_grid(qtype: Q, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(step, offset) per row and sub-block [rows, n_sub] as ggml's final step derives them (float32)."""
-    if qtype in (T.Q4_K, T.Q5_K):
+    if qtype in (Q.Q4_K, Q.Q5_K):
         s, m = _k4_scales(y[:, 4:16])
         return _f16(y, 0)[:, None] * s.astype(np.float32), _f16(y, 2)[:, None] * m.astype(np.float32)
-    if qtype == T.Q2_K:
+    if qtype == Q.Q2_K:
         sc = y[:, :16]
         return _f16(y, 80)[:, None] * (sc & 0x0F).astype(np.float32), _f16(y, 82)[:, None] * (sc >> 4).astype(np.float32)
-    if qtype == T.Q3_K:
+    if qtype == Q.Q3_K:
         sc = y[:, 96:108].astype(np.int32)
         j = np.arange(16)
         low = np.where(j < 8, sc[:, j % 8] & 0x0F, sc[:, j % 8] >> 4)
@@ -192,10 +193,10 @@ class BlockGrid:
     par [rows, 3] that mx_quantize_grid reports. `levels(k, x)` gives the stored levels of column k for values x
     [rows]; `values(k, q)` what llama.cpp dequantizes them to."""
 
-    def __init__(self, qtype: T, y: np.ndarray, par: np.ndarray | None, weighted: bool, device):
+    def __init__(self, qtype: Q, y: np.ndarray, par: np.ndarray | None, weighted: bool, device):
         self.qtype, self.weighted = qtype, weighted
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-        self.enc = t(unpack(qtype, y).view(np.int8) if qtype == T.Q8_0 else unpack(qtype, y))
+        self.enc = t(unpack(qtype, y).view(np.int8) if qtype == Q.Q8_0 else unpack(qtype, y))
         if qtype in KQUANTS:
             self.sub, self.lo, self.hi, affine = KQUANTS[qtype]
             step, off = _k_grid(qtype, y)
@@ -245,10 +246,10 @@ class BlockGrid:
     def stored(self, q: torch.Tensor) -> np.ndarray:
         """Levels [rows, block] (float) as the uint8 array `pack` takes."""
         q = q.to("cpu", torch.int16).numpy()
-        return q.astype(np.int8).view(np.uint8) if self.qtype == T.Q8_0 else q.astype(np.uint8)
+        return q.astype(np.int8).view(np.uint8) if self.qtype == Q.Q8_0 else q.astype(np.uint8)
 
 
-def encode_block(qtype: T, x: np.ndarray, weights: np.ndarray | None, sigma2: np.ndarray | None
+def encode_block(qtype: Q, x: np.ndarray, weights: np.ndarray | None, sigma2: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """ggml's encoding of one block per row, x float32 [rows, block]: (bytes [rows, type size], par [rows, 3])."""
     block, size = SUPPORTED[qtype]
@@ -275,7 +276,7 @@ def mean_squares(w: torch.Tensor) -> np.ndarray:
 class GGUFQuant:
     """One matrix quantized to a GGML block type: the bytes a GGUF stores and what llama.cpp dequantizes."""
 
-    qtype: T
+    qtype: Q
     data: np.ndarray  # uint8 [rows, row bytes]
     weight: torch.Tensor  # float32 [rows, cols]: the dequantized weight
     loss: float | None  # 0.5 * sum of squared scaled errors (GPTQ's), None without a Hessian
@@ -283,7 +284,7 @@ class GGUFQuant:
     method: str  # "gptq" or "rtn"
 
 
-def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, weights=None, damp: float = 0.01,
+def quantize_matrix(w: torch.Tensor, qtype: Q, h: torch.Tensor | None = None, weights=None, damp: float = 0.01,
                     feedback: bool = True) -> GGUFQuant:
     """Quantize w [rows, cols] to `qtype` column by column on ggml's grids.
 
@@ -322,11 +323,11 @@ def quantize_matrix(w: torch.Tensor, qtype: T, h: torch.Tensor | None = None, we
     return GGUFQuant(qtype, data, deq, loss, used_damp, "gptq" if hinv is not None else "rtn")
 
 
-def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, float | None]:
+def _loop(wt: torch.Tensor, qtype: Q, hinv, qw, sigma2) -> tuple[np.ndarray, float | None]:
     """The column loop on wt = W^T [cols, rows], in lazy blocks; wt ends up holding the dequantized weight."""
-    block, size = SUPPORTED[qtype]
+    block = SUPPORTED[qtype][0]
     cols, rows = wt.shape
-    data = np.empty((rows, cols // block * size), np.uint8)
+    data = np.empty((rows, tensor_nbytes((cols,), qtype)), np.uint8)
     loss = torch.zeros((), dtype=torch.float64, device=wt.device)
     step = max(BLOCK_SIZE // block, 1) * block if hinv is not None else cols
     for i1 in range(0, cols, step):
@@ -350,7 +351,7 @@ def _loop(wt: torch.Tensor, qtype: T, hinv, qw, sigma2) -> tuple[np.ndarray, flo
                         w1[i + 1:].addr_(hinv[c0 + k, i1 + i + 1:i2], e, alpha=-1)
                         err1[i] = e
                 pack(qtype, y, grid.stored(q.T))
-                data[:, c0 // block * size:(c0 // block + 1) * size] = y
+                data[:, tensor_nbytes((c0,), qtype):tensor_nbytes((c0 + block,), qtype)] = y
         if hinv is not None:
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
             loss += 0.5 * err1.double().square().sum()

@@ -14,13 +14,14 @@ import hashlib
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from ..core import names
 from ..core.errors import MxError
 from ..core.transforms import hf_to_meta_rope, rope_heads
 from ..io.ggml_blocks import SUPPORTED
+from ..io.gguf_tables import FLOAT_TYPES
 from ..model import forward
 from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
 from .gptq import GPTQError, Hessian
@@ -39,7 +40,7 @@ class MatrixQuantizer:
     def __init__(self, spec, policy, imatrix: dict | None, damp: float):
         self.spec, self.policy, self.imatrix, self.damp = spec, policy, imatrix or {}, damp
 
-    def qtype(self, name: str) -> T:
+    def qtype(self, name: str) -> Q:
         kind, layer, _ = names.parse(name)
         return self.policy(kind.key, layer, tuple(names.expected_shape(name, self.spec)))
 
@@ -78,9 +79,8 @@ class _Taken:
         return w
 
 
-def _float_result(w: torch.Tensor, qtype: T) -> GGUFQuant:
-    dtype = {T.F16: torch.float16, T.F32: torch.float32, T.BF16: torch.bfloat16}[qtype]
-    stored = w.detach().to("cpu", dtype).contiguous()
+def _float_result(w: torch.Tensor, qtype: Q) -> GGUFQuant:
+    stored = w.detach().to("cpu", FLOAT_TYPES[qtype]).contiguous()
     return GGUFQuant(qtype, stored.view(torch.uint8).numpy(), stored.float(), None, None, "copy")
 
 
@@ -96,7 +96,7 @@ class LayerBytes:
         self.stream, self.hook, self.spec = stream, hook, hook.spec
         self.layers, self.current = iter(stream), None
 
-    def __call__(self, t, qtype: T):
+    def __call__(self, t, qtype: Q):
         kind, layer, _ = names.parse(t.name)
         if kind.key == "output":
             return self._output(t.name, qtype)
@@ -113,7 +113,7 @@ class LayerBytes:
         heads = rope_heads(kind.key, self.spec)
         return res.data if not heads else hf_to_meta_rope(torch.from_numpy(res.data), heads).numpy()
 
-    def _token_embd(self, name: str, qtype: T):
+    def _token_embd(self, name: str, qtype: Q):
         """GPTQ of the token embedding table before the first layer; None without calibration (RTN) or for a type
         the mix keeps in float."""
         run, samples = self.stream.run, self.stream.samples
@@ -128,7 +128,7 @@ class LayerBytes:
         self.stream.embedding = res.dequantize()  # the layers are calibrated on what the quantized table gives
         return res.res.data
 
-    def _output(self, name: str, qtype: T):
+    def _output(self, name: str, qtype: Q):
         """GPTQ of the output matrix on rms_norm(final hidden state); None without calibration (RTN) or when the
         layers are not all done."""
         run, h = self.stream.run, self.stream.hidden

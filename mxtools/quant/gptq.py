@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import MxError, ShapeError
+from ..core.values import is_kind
 from .gptq_grid import SEARCHES, find_params, grid_codes
 from .gptq_refine import BLOCK_SIZE, ResultBatch, descend_codes, one_cpu_thread, refit_scales
 
@@ -73,11 +74,11 @@ class QuantConfig:
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}")
-        if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != -1):
+        if not is_kind(self.group_size, int) or (self.group_size < 1 and self.group_size != -1):
             raise ValueError(f"group_size={self.group_size!r} must be -1 (one group) or a positive integer")
-        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
+        if not (is_kind(self.damp, float) and 0 <= self.damp < 1):
             raise ValueError(f"damp={self.damp!r} must be a fraction in [0, 1), e.g. 0.01")
-        if not isinstance(self.sweeps, int) or isinstance(self.sweeps, bool) or not 0 <= self.sweeps <= 16:
+        if not is_kind(self.sweeps, int) or not 0 <= self.sweeps <= 16:
             raise ValueError(f"sweeps={self.sweeps!r} must be an integer from 0 to 16")
         if self.search not in SEARCHES:
             raise ValueError(f"search={self.search!r} must be one of {', '.join(SEARCHES)}")

@@ -44,6 +44,7 @@ from ..core import names
 from ..core.errors import MxError
 from ..core.names import weight_name
 from ..core.tensors import Checkpoint, LazyTensor, require_finite
+from ..core.values import is_kind
 from ..model import forward
 from .gptq import Hessian, QuantConfig, asym_target
 from .gptq_groups import quantize_weights
@@ -159,35 +160,37 @@ def _batches(h: torch.Tensor, dev) -> Iterator[tuple[int, torch.Tensor]]:
         yield s, h[s:s + forward.SEQS_PER_ATTENTION].to(dev)
 
 
-def _attention_stage(run: _Run, w: forward.LayerWeights, h: torch.Tensor, i: int, fw: forward.LayerWeights | None = None,
-                     hf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def _attention_stage(run: _Run, w: forward.LayerWeights, h: torch.Tensor, i: int,
+                     w_float: forward.LayerWeights | None = None, h_float: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Quantize [q, k, v] then [o]; return the hidden state after the attention residual (and the unquantized
-    stream's, when hf, the unquantized stream's layer input, and fw, the layer's float weights, are given)."""
-    spec, report, cross = run.ckpt.spec, {}, hf is not None
+    stream's, when h_float, the unquantized stream's layer input, and w_float, the layer's float weights, are
+    given)."""
+    spec, report, cross = run.ckpt.spec, {}, h_float is not None
 
     def normed(x, s, n):  # the unquantized stream's normed input of samples s..s+n, or None
-        return forward.rms_norm(x[s:s + n].to(run.dev), fw.attn_norm, spec.norm_eps) if cross else None
+        return forward.rms_norm(x[s:s + n].to(run.dev), w_float.attn_norm, spec.norm_eps) if cross else None
 
     hess = Hessian(spec.dim, run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
-        hess.add(forward.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(hf, s, hb.shape[0]))
+        hess.add(forward.rms_norm(hb, w.attn_norm, spec.norm_eps), normed(h_float, s, hb.shape[0]))
     qkv = [(key, None, getattr(w, attr)) for key, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"))]
     for attr, (new, report[attr]) in zip("qkv", run.quantize(i, [(hess, qkv)])[0]):
         setattr(w, attr, new)
     del hess, qkv
     att = torch.empty(h.shape[:2] + (spec.n_heads * spec.head_dim,), dtype=h.dtype, device=run.store)
-    att_f = torch.empty_like(att) if cross else None
+    att_float = torch.empty_like(att) if cross else None
     hess_o = Hessian(att.shape[-1], run.dev, cross=cross)
     for s, hb in _batches(h, run.dev):
         out = forward.attention_heads(forward.rms_norm(hb, w.attn_norm, spec.norm_eps), w, spec, run.rope)
-        out_f = forward.attention_heads(normed(hf, s, hb.shape[0]), fw, spec, run.rope) if cross else None
-        hess_o.add(out, out_f)
+        out_float = forward.attention_heads(normed(h_float, s, hb.shape[0]), w_float, spec, run.rope) if cross else None
+        hess_o.add(out, out_float)
         att[s:s + out.shape[0]] = out.to(run.store)
         if cross:
-            att_f[s:s + out.shape[0]] = out_f.to(run.store)
+            att_float[s:s + out.shape[0]] = out_float.to(run.store)
     (w.o, report["o"]), = run.quantize(i, [(hess_o, [("attn_output", None, w.o)])])[0]
     del hess_o
-    return _residual(run, h, att, w.o), _residual(run, hf, att_f, fw.o) if cross else None, report
+    return _residual(run, h, att, w.o), _residual(run, h_float, att_float, w_float.o) if cross else None, report
 
 
 def _residual(run: _Run, h: torch.Tensor, att: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -205,11 +208,11 @@ def _pieces(x: torch.Tensor, rows: torch.Tensor, dev) -> Iterator[tuple[torch.Te
         yield r, x[r.to(x.device)].to(dev)
 
 
-def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, fw=None, xn_f=None) -> list[dict]:
+def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, w_float=None, xn_float=None) -> list[dict]:
     """Quantize the experts in `chunk` together, every [w1, w3] in one GPTQ batch then every [w2] in another, and
-    add their routed outputs (quantized weights) to `out`. xn_f: the unquantized stream's normed input (fw: the
-    layer's float weights) for the cross-covariances."""
-    cross = xn_f is not None
+    add their routed outputs (quantized weights) to `out`. xn_float: the unquantized stream's normed input (w_float:
+    the layer's float weights) for the cross-covariances."""
+    cross = xn_float is not None
     routed = {e: forward.routed_tokens(top_i, e) for e in chunk}
     calib = {e: torch.arange(xn.shape[0], device=top_i.device) if run.experts == "all" else routed[e][0]
              for e in chunk}
@@ -217,26 +220,27 @@ def _experts(run: _Run, w, chunk: list[int], i: int, xn, top_w, top_i, out, fw=N
                for e in chunk}
 
     def unquantized(r):  # the unquantized stream's inputs of rows r, or None
-        return xn_f[r.to(xn_f.device)].to(run.dev) if cross else None
+        return xn_float[r.to(xn_float.device)].to(run.dev) if cross else None
 
-    def hessian(e, width, inputs):  # expert e's Hessian of `inputs(x, x_f)` over its calibration tokens
+    def hessian(e, width, inputs):  # expert e's Hessian of `inputs(x, x_float)` over its calibration tokens
         hess = Hessian(width, run.dev, cross=cross)
         for r, x in _pieces(xn, calib[e], run.dev):
             hess.add(*inputs(x, unquantized(r)))
         return hess
 
-    h13 = [hessian(e, xn.shape[1], lambda x, x_f: (x, x_f)) for e in chunk]
+    h13 = [hessian(e, xn.shape[1], lambda x, x_float: (x, x_float)) for e in chunk]
     done = run.quantize(i, [(h, [("ffn_gate", e, w.experts[e][0]), ("ffn_up", e, w.experts[e][2])])
                             for h, e in zip(h13, chunk)])
     del h13
     quantized = {e: [w1, None, w3] for e, ((w1, reports[e]["w1"]), (w3, reports[e]["w3"])) in zip(chunk, done)}
 
-    def mid(e, x, x_f):  # w2's inputs: quantized w1/w3 on the quantized stream, float ones on the other
+    def mid(e, x, x_float):  # w2's inputs: quantized w1/w3 on the quantized stream, float ones on the other
         w1, _, w3 = quantized[e]
-        f1, _, f3 = fw.experts[e] if cross else (None, None, None)
-        return F.silu(F.linear(x, w1)) * F.linear(x, w3), F.silu(F.linear(x_f, f1)) * F.linear(x_f, f3) if cross else None
+        f1, _, f3 = w_float.experts[e] if cross else (None, None, None)
+        return (F.silu(F.linear(x, w1)) * F.linear(x, w3),
+                F.silu(F.linear(x_float, f1)) * F.linear(x_float, f3) if cross else None)
 
-    h2 = [hessian(e, w.experts[e][0].shape[0], lambda x, x_f, e=e: mid(e, x, x_f)) for e in chunk]
+    h2 = [hessian(e, w.experts[e][0].shape[0], lambda x, x_float, e=e: mid(e, x, x_float)) for e in chunk]
     done = run.quantize(i, [(h, [("ffn_down", e, w.experts[e][1])]) for h, e in zip(h2, chunk)])
     del h2
     for e, ((quantized[e][1], reports[e]["w2"]),) in zip(chunk, done):
@@ -277,10 +281,11 @@ def _summary_method(report: dict) -> str:
     return used.pop() if len(used) == 1 else "mixed"
 
 
-def _moe_stage(run: _Run, w: forward.LayerWeights, mid: torch.Tensor, i: int, fw: forward.LayerWeights | None = None,
-               mid_f: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+def _moe_stage(run: _Run, w: forward.LayerWeights, mid: torch.Tensor, i: int,
+               w_float: forward.LayerWeights | None = None, mid_float: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     """Quantize every expert of the layer; return the layer output hidden state (and the unquantized stream's,
-    when mid_f and fw are given) and the experts' reports."""
+    when mid_float and w_float are given) and the experts' reports."""
     spec = run.ckpt.spec
 
     def normed(m):
@@ -288,16 +293,17 @@ def _moe_stage(run: _Run, w: forward.LayerWeights, mid: torch.Tensor, i: int, fw
                           for _, hb in _batches(m, run.dev)])
 
     xn = normed(mid)
-    xn_f = normed(mid_f) if mid_f is not None else None
+    xn_float = normed(mid_float) if mid_float is not None else None
     top_w, top_i = _route(run, xn, w.router)
     out = torch.zeros_like(xn)
-    reports = [r for chunk in _expert_chunks(run) for r in _experts(run, w, chunk, i, xn, top_w, top_i, out, fw, xn_f)]
-    nxt_f = None
-    if mid_f is not None:  # the unquantized layer's output, as the reference forward computes it
-        nxt_f = torch.empty_like(mid_f)
-        for s, hb in _batches(mid_f, run.dev):
-            nxt_f[s:s + hb.shape[0]] = (hb + forward.moe_block(hb, fw, spec)[0]).to(run.store)
-    return mid + out.view_as(mid), nxt_f, reports
+    reports = [r for chunk in _expert_chunks(run)
+               for r in _experts(run, w, chunk, i, xn, top_w, top_i, out, w_float, xn_float)]
+    nxt_float = None
+    if mid_float is not None:  # the unquantized layer's output, as the reference forward computes it
+        nxt_float = torch.empty_like(mid_float)
+        for s, hb in _batches(mid_float, run.dev):
+            nxt_float[s:s + hb.shape[0]] = (hb + forward.moe_block(hb, w_float, spec)[0]).to(run.store)
+    return mid + out.view_as(mid), nxt_float, reports
 
 
 def _route(run: _Run, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,15 +329,15 @@ def _rtn_layer(run: _Run, i: int) -> dict:
     return report
 
 
-def _gptq_layer(run: _Run, i: int, h: torch.Tensor, hf: torch.Tensor | None = None):
-    """Quantize layer i on the calibration hidden states h (and hf, the unquantized stream's, for the asymmetric
+def _gptq_layer(run: _Run, i: int, h: torch.Tensor, h_float: torch.Tensor | None = None):
+    """Quantize layer i on the calibration hidden states h (and h_float, the unquantized stream's, for the asymmetric
     objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
     w = forward.load_layer(run.ckpt, i, run.dev, run.dtype)
-    fw = replace(w, experts=list(w.experts)) if hf is not None else None  # the float weights, kept
-    mid, mid_f, attn_report = _attention_stage(run, w, h, i, fw, hf)
-    del h, hf
-    nxt, nxt_f, experts = _moe_stage(run, w, mid, i, fw, mid_f)
-    return {"attention": attn_report, "experts": experts}, nxt, nxt_f
+    w_float = replace(w, experts=list(w.experts)) if h_float is not None else None  # the float weights, kept
+    mid, mid_float, attn_report = _attention_stage(run, w, h, i, w_float, h_float)
+    del h, h_float
+    nxt, nxt_float, experts = _moe_stage(run, w, mid, i, w_float, mid_float)
+    return {"attention": attn_report, "experts": experts}, nxt, nxt_float
 
 
 # ---------------------------------------------------------------- the whole model
@@ -346,7 +352,7 @@ class QuantStream:
     def __init__(self, ckpt: Checkpoint, samples: torch.Tensor | None, sample_info: dict, run: _Run,
                  progress: Progress | None):
         self.ckpt, self.samples, self.run, self.progress = ckpt, samples, run, progress or (lambda *a: None)
-        self.hidden = self.hidden_fp = None
+        self.hidden = self.hidden_float = None
         # The token embedding table the quantized stream starts from (a quantizer that quantizes it sets its
         # dequantized table here before the first layer); None: the checkpoint's. The unquantized stream of the
         # asymmetric objective always starts from the checkpoint's.
@@ -364,16 +370,16 @@ class QuantStream:
     def __iter__(self) -> Iterator[LayerQuant]:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
         h = self._embed(self.embedding) if self.run.method == "gptq" else None
-        hf = self._embed(None) if h is not None and self.run.cross else None  # the unquantized stream
+        h_float = self._embed(None) if h is not None and self.run.cross else None  # the unquantized stream
         for i in range(n_layers):
             t = time.perf_counter()
             self.run.results = {}
             if h is None:
                 layer = _rtn_layer(self.run, i)
             else:
-                layer, h, hf = _gptq_layer(self.run, i, h, hf)
+                layer, h, h_float = _gptq_layer(self.run, i, h, h_float)
             self.hidden = h  # the next layer's calibration input (None for RTN); tests and debugging read it
-            self.hidden_fp = hf  # the unquantized stream's (asymmetric objective only)
+            self.hidden_float = h_float  # the unquantized stream's (asymmetric objective only)
             layer = {"layer": i, **layer}
             self.report["layers"].append(layer)
             self.timings["layers_s"].append(round(time.perf_counter() - t, 3))
@@ -433,7 +439,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     asym, asym_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
     (gptq.asym_target), for either quantizer.
     """
-    if not (isinstance(asym, (int, float)) and 0 <= asym <= 1 and isinstance(asym_ridge, (int, float))
+    if not (is_kind(asym, float) and 0 <= asym <= 1 and is_kind(asym_ridge, float)
             and 0 <= asym_ridge < 1):
         raise MxError(f"the asymmetric objective's share (--gptaq, recipe key asym) {asym!r} must be in [0, 1] "
                       f"and asym_ridge {asym_ridge!r} in [0, 1)")

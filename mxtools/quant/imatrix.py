@@ -35,9 +35,11 @@ from ..core.chunking import chunk_tokens, with_bos
 from ..core.errors import FormatError, ShapeError, reading
 from ..core.spec import ModelSpec
 from ..core.tensors import Checkpoint
+from ..core.values import is_kind, meta_value
 from ..io.atomic import atomic_output
 from ..io.files import RawFile
-from ..io.gguf_reader import meta_value, read_header
+from ..io.gguf_format import MAGIC
+from ..io.gguf_reader import read_header
 from ..io.gguf_tables import (
     IMATRIX_CHUNKS,
     IMATRIX_DATASET,
@@ -223,9 +225,9 @@ def read_imatrix(path) -> Imatrix:
     """
     path = Path(path)
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic = f.read(len(MAGIC))
     with reading(path):
-        out = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+        out = _read_gguf(path) if magic == MAGIC else _read_legacy(path)
     out.path = path
     return out
 
@@ -235,7 +237,7 @@ def _read_gguf(path: Path) -> Imatrix:
     try:
         meta, infos = read_header(raw)
         datasets = meta_value(meta, IM.DATASETS, list, path, [])
-        if not set(map(type, datasets)) <= {str}:
+        if not all(is_kind(d, str) for d in datasets):
             raise FormatError("imatrix.datasets holds values that are not strings", file=path)
         out = Imatrix(chunk_size=meta_value(meta, IM.CHUNK_SIZE, int, path, 0),
                       chunk_count=meta_value(meta, IM.CHUNK_COUNT, int, path, 0), datasets=datasets)

@@ -19,11 +19,11 @@ Layer conditions are false for global tensors. For merged-expert tensors llama.c
 tensor name, and its attn_v (and, for the IQ1/IQ2 mixes, ffn_down) counter equals the layer because it visits
 tensors sorted by layer, one tensor per kind and layer, so both are the `layer` argument here.
 
-What is the same for every mix lives in this module as tables: tensors llama.cpp never quantizes (norms,
-router), the fallback it applies when a row length is no multiple of the chosen type's block, and the types it
-refuses to write without an importance matrix (NEEDS_IMATRIX: a policy that gives one of them to any tensor but
-token_embd and output is refused without one in gguf_options, before anything is written, as llama-quantize
-refuses before it writes).
+What is the same for every mix is no data in the files: the tensors llama.cpp keeps F32 (norms, router, any 1-D
+tensor: core.names.gguf_f32), the fallback it applies when a row length is no multiple of the chosen type's block
+(ROW_LENGTH_FALLBACK, here), and the types it refuses to write without an importance matrix (NEEDS_IMATRIX: a
+policy that gives one of them to any tensor but token_embd and output is refused without one in gguf_options,
+before anything is written, as llama-quantize refuses before it writes).
 """
 from __future__ import annotations
 
@@ -38,14 +38,15 @@ from gguf import GGMLQuantizationType as Q
 
 from .. import recipes
 from ..core.errors import MxError
-from ..core.names import GGUF_F32_KINDS, KIND_BY_KEY, KINDS
+from ..core.names import KIND_BY_KEY, KINDS, gguf_f32
 from ..core.spec import PRESETS, ModelSpec
+from ..core.values import is_kind
 from ..io.gguf_tables import TABLE
 
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
-            **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)}}
+ROW_LENGTH_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+                       **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)}}
 
 # tensor_requires_imatrix: llama-quantize writes these types only with an importance matrix (Q2_K joins them in a
 # Q2_K_S file, a mix not shipped here); token_embd and output are exempt.
@@ -134,7 +135,7 @@ class Mix:
         patterns = [(re.compile(p), t) for p, t in ov.tensor_types]
 
         def pick(kind: str, layer, np_shape) -> Q:
-            if kind in GGUF_F32_KINDS or len(np_shape) < 2:  # names.Kind.gguf_f32
+            if gguf_f32(kind, np_shape):
                 return Q.F32
             if kind == "token_embd" and ov.token_embd_type is not None:
                 return ov.token_embd_type
@@ -213,14 +214,14 @@ def row_fallback(qtype: Q, ncols: int) -> Q:
     block = GGML_QUANT_SIZES[qtype][0]
     if ncols % block == 0:
         return qtype
-    if block > 32 and qtype not in FALLBACK:
+    if block > 32 and qtype not in ROW_LENGTH_FALLBACK:
         raise MxError(f"no row-length fallback is defined for {qtype.name} (rows of {ncols})")
-    new = FALLBACK.get(qtype, qtype)
+    new = ROW_LENGTH_FALLBACK.get(qtype, qtype)
     return new if ncols % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
 
 
 def _rule(raw, where: str) -> Rule:
-    if not isinstance(raw, dict) or not isinstance(raw.get("when") or {}, dict):
+    if not is_kind(raw, dict) or not is_kind(raw.get("when") or {}, dict):
         raise MxError(f"a mix rule is a mapping {{when: {{...}}, type: T}}, not {reprlib.repr(raw)}", file=where)
     when = dict(raw.get("when") or {})
     unknown = set(map(str, when)) - set(CONDITIONS)
@@ -234,7 +235,7 @@ def _rule(raw, where: str) -> Rule:
 def _check_condition(word: str, value, where: str) -> None:
     """A condition's value is a scalar its test can compare (tried on a probe model, layer 0)."""
     try:
-        if not isinstance(value, (bool, int, str)):
+        if not any(is_kind(value, kind) for kind in (bool, int, str)):
             raise TypeError
         CONDITIONS[word](value, _PROBE, 0, False)
     except (TypeError, ZeroDivisionError):
@@ -243,7 +244,7 @@ def _check_condition(word: str, value, where: str) -> None:
 
 def qtype_named(name, where: str) -> Q:
     """The GGML type called `name` (any case: "q4_k", "Q8_0"); MxError naming `where` otherwise."""
-    if not isinstance(name, str) or name.upper() not in Q.__members__:
+    if not is_kind(name, str) or name.upper() not in Q.__members__:
         raise MxError(f"unknown GGML type {reprlib.repr(name)}", file=where)
     return Q[name.upper()]
 
@@ -251,7 +252,7 @@ def qtype_named(name, where: str) -> Q:
 def parse_mix(data: dict, where: str = "<mix>") -> Mix:
     """A Mix from the mapping a recipe file holds; unknown kinds, types and conditions, and values of the wrong
     type, are errors naming `where`."""
-    if not isinstance(data, dict) or not isinstance(data.get("rules") or {}, dict):
+    if not is_kind(data, dict) or not is_kind(data.get("rules") or {}, dict):
         raise MxError("a mix is a mapping with name, file_type, default and rules (a mapping)", file=where)
     rules = data.get("rules") or {}
     unknown = set(map(str, rules)) - set(KIND_BY_KEY)
@@ -260,9 +261,9 @@ def parse_mix(data: dict, where: str = "<mix>") -> Mix:
     missing = [k for k in ("name", "file_type", "default") if k not in data]
     if missing:
         raise MxError(f"mix recipe lacks {missing[0]!r}", file=where)
-    if type(data["file_type"]) is not int or not 0 <= data["file_type"] < 2**31:
+    if not is_kind(data["file_type"], int) or not 0 <= data["file_type"] < 2**31:
         raise MxError(f"mix file_type {reprlib.repr(data['file_type'])} is not a llama_ftype number", file=where)
-    if not all(isinstance(rs, list) for rs in rules.values()) or not isinstance(data["name"], str):
+    if not all(is_kind(rs, list) for rs in rules.values()) or not is_kind(data["name"], str):
         raise MxError("a mix's name is a string and each kind's rules are a list", file=where)
     return Mix(data["name"], data["file_type"], qtype_named(data["default"], where),
                {k: tuple(_rule(r, where) for r in rs) for k, rs in rules.items()})

@@ -30,6 +30,7 @@ import torch
 
 from ..core.chunking import BOS_ID, n_scored
 from ..core.errors import FormatError, MxError, ShapeError
+from ..core.values import is_kind
 from ..io.atomic import atomic_output
 
 KLD_QUANTILES = [("max", 1.0), ("99.9", 0.999), ("99", 0.99), ("95", 0.95), ("90", 0.90), ("median", 0.5),
@@ -358,15 +359,15 @@ def _base_header(body: bytes, path: Path) -> dict:
         header = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FormatError(f"corrupt base header ({exc})", file=path) from None
-    if not isinstance(header, dict):
+    if not is_kind(header, dict):
         raise FormatError("corrupt base header (not a JSON object)", file=path)
     for key in ("n_ctx", "n_chunks", "n_vocab", "n_scored"):
-        if type(header.get(key)) is not int or header[key] < 1:
+        if not is_kind(header.get(key), int) or header[key] < 1:
             raise FormatError(f"base header {key} is {str(header.get(key))[:40]}, not a count", file=path)
     if header["n_scored"] != n_scored(header["n_ctx"]):
         raise FormatError(f"base header n_scored {header['n_scored']} does not fit n_ctx {header['n_ctx']}",
                           file=path)
-    if not isinstance(header.get("encoding"), str) or header["encoding"] not in ENCODINGS:
+    if not is_kind(header.get("encoding"), str) or header["encoding"] not in ENCODINGS:
         raise FormatError(f"base header encoding {str(header.get('encoding'))[:40]} is not one of "
                           f"{sorted(ENCODINGS)}", file=path)
     return header

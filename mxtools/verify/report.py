@@ -22,8 +22,8 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | q2_k       | 1.5           | 0.6          | 0.65           | 0.9             | 0.3         |
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
-Unknown outtypes get the q4_0 row. Aliases: q5_k_s -> q5_k_m, q4_k_s / q4_1 / q5_0 / q5_1 -> q4_k_m / q4_0,
-q3_k_l -> q3_k_m, q3_k_s -> q2_k. The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
+Unknown outtypes get the q4_0 row. Aliases: q5_k_s / q5_0 / q5_1 -> q5_k_m, q4_k_s -> q4_k_m, q4_1 -> q4_0,
+q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats). The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
 on the bundled model (plain q3_k_m 3.4x, q2_k 15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a
 broken artifact.
 
@@ -44,6 +44,7 @@ import math
 from pathlib import Path
 
 from ..core.tensors import Checkpoint
+from ..core.values import is_kind
 from ..io.gguf_tables import OUTTYPE_FILE_TYPE
 from ..quant.mixes import MIXES, load_mix
 
@@ -66,7 +67,7 @@ DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
            "q3_k_l": "q3_k_m", "q3_k_s": "q2_k",
            "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
-FALLBACK = "q4_0"
+UNKNOWN_OUTTYPE_ROW = "q4_0"  # the thresholds an outtype without a row (or alias) is held to
 
 
 def gguf_file_types() -> dict[int, str]:
@@ -85,7 +86,7 @@ def guess_outtype(ckpt: Checkpoint) -> str:
     info = ckpt.info or {}
     if info.get("outtype"):
         return normalise_outtype(info["outtype"])
-    gptq = info.get("gptq") if isinstance(info.get("gptq"), dict) else None
+    gptq = info.get("gptq") if is_kind(info.get("gptq"), dict) else None
     if info.get("quant_method") == "gptq" or gptq is not None:
         return f"gptq-int{(gptq or info).get('bits', 4)}"
     file_types = gguf_file_types()
@@ -98,9 +99,9 @@ def guess_outtype(ckpt: Checkpoint) -> str:
 
 
 def thresholds_for(outtype: str, overrides: dict | None = None) -> dict:
-    """The default row for `outtype` (fallback row if unknown) with `overrides` applied."""
+    """The default row for `outtype` (UNKNOWN_OUTTYPE_ROW's if it has none) with `overrides` applied."""
     key = normalise_outtype(outtype)
-    row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[FALLBACK]))
+    row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[UNKNOWN_OUTTYPE_ROW]))
     unknown = set(overrides or {}) - set(_COLS)
     if unknown:
         raise ValueError(f"unknown threshold(s) {sorted(unknown)}; known: {', '.join(_COLS)}")
