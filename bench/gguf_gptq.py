@@ -7,7 +7,7 @@ chunks of CTX tokens (BOS first), scoring the second half of each chunk as llama
 divergence to the reference (with its standard error over chunks), perplexity ratio, same top token, bits per
 weight. Prints one JSON line per file and a Markdown table; writes bench/out/gguf_gptq.json.
 
-    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64] [--asym 1]
+    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64] [--gptaq 1]
                               [--threads 2]
 
 `--speed TYPES` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2 4096 x 14336;
@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
-    ap.add_argument("--asym", default="", help="also GPTQ with the asymmetric objective at these scales (e.g. 1)")
+    ap.add_argument("--gptaq", default="", help="also GPTQ with the asymmetric objective at these scales (e.g. 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     args = ap.parse_args()
     global THREADS
@@ -139,7 +139,7 @@ def main():
         files[f"{mix} imatrix"] = convert(MODEL, "gguf", out / f"{mix}-imatrix.gguf", mix, force=True,
                                           imatrix_path=imat)
         runs = [("gptq", None, {})] + ([("gptq+imatrix", imat, {})] if args.gptq_imatrix else [])
-        runs += [(f"gptq asym={a}", None, {"asym": float(a)}) for a in args.asym.split(",") if a]
+        runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}) for a in args.gptaq.split(",") if a]
         for label, im, extra in runs:
             t = time.time()
             path = out / f"{mix}-{label.replace(' ', '-')}.gguf"

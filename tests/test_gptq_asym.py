@@ -2,14 +2,16 @@
 sweeps over the codes: their algebra on one matrix, and the pipeline's unquantized stream."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import small_spec, write_synth
 
 from mxtools.commands.synth import synth_checkpoint
 from mxtools.core.bundled import CALIB
+from mxtools.core.errors import MxError
 from mxtools.core.tokenizer import Tokenizer
 from mxtools.model import forward
-from mxtools.quant.gptq import Hessian, QuantConfig, asym_target, gptq_quantize, objective
+from mxtools.quant.gptq import Hessian, QuantConfig, gptaq_target, gptq_quantize, objective
 from mxtools.quant.gptq_pipeline import make_samples, quantize_checkpoint
 
 
@@ -29,7 +31,7 @@ def test_cross_hessian_and_asym_target_solve_the_asymmetric_least_squares():
     h, c = hess.matrix(), hess.cross_matrix()
     torch.testing.assert_close(c, 2 * x_fp.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
     # alpha 1, no ridge: W' = W C H^-1 is the least-squares solution of min ||X_fp W^T - X W'^T||
-    wt = asym_target(w, h, c, alpha=1.0, ridge=0.0)
+    wt = gptaq_target(w, h, c, alpha=1.0, ridge=0.0)
     ls = torch.linalg.lstsq(x.double(), (x_fp @ w.T).double()).solution.T.float()
     torch.testing.assert_close(wt, ls, rtol=1e-3, atol=1e-3)
     # ... so for any Q: ||X_fp W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const
@@ -38,9 +40,9 @@ def test_cross_hessian_and_asym_target_solve_the_asymmetric_least_squares():
     rhs = [float(((x @ (wt - q).T) ** 2).sum()) for q in (q1, q2)]
     assert abs((lhs[0] - lhs[1]) - (rhs[0] - rhs[1])) < 1e-3 * abs(lhs[0])
     # alpha 0 or a huge ridge leave W; equal streams leave W
-    torch.testing.assert_close(asym_target(w, h, c, alpha=0.0), w)
-    torch.testing.assert_close(asym_target(w, h, h.clone(), alpha=1.0), w)
-    assert (asym_target(w, h, c, 1.0, 0.9) - w).norm() < (wt - w).norm()
+    torch.testing.assert_close(gptaq_target(w, h, c, alpha=0.0), w)
+    torch.testing.assert_close(gptaq_target(w, h, h.clone(), alpha=1.0), w)
+    assert (gptaq_target(w, h, c, 1.0, 0.9) - w).norm() < (wt - w).norm()
 
 
 def test_coordinate_descent_sweeps_only_lower_the_objective_and_keep_the_grid():
@@ -81,17 +83,17 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
 
     Hessian.add = spy
     try:
-        stream = quantize_checkpoint(ckpt, samples, cfg, asym=1.0, asym_ridge=0.05)
-        asym = list(stream)
+        stream = quantize_checkpoint(ckpt, samples, cfg, gptaq=1.0, gptaq_ridge=0.05)
+        gptaq = list(stream)
     finally:
         Hessian.add = original
     assert seen and all(seen)
-    assert stream.report["asym"] == 1.0 and stream.report["totals"]["fallbacks"] == []
-    # layer 0's q/k/v see identical streams (both start at the embeddings): same result as without asym
+    assert stream.report["gptaq"] == 1.0 and stream.report["totals"]["fallbacks"] == []
+    # layer 0's q/k/v see identical streams (both start at the embeddings): same result as without gptaq
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(plain[0].results[name].q, asym[0].results[name].q)
+    assert torch.equal(plain[0].results[name].q, gptaq[0].results[name].q)
     # later layers differ (their quantized-stream inputs carry the earlier layers' errors)
-    later = [n for n in plain[-1].results if not torch.equal(plain[-1].results[n].q, asym[-1].results[n].q)]
+    later = [n for n in plain[-1].results if not torch.equal(plain[-1].results[n].q, gptaq[-1].results[n].q)]
     assert later
     # and the unquantized stream ends at the float model's hidden state
     ref = forward.embed(ckpt, samples, "cpu", torch.float32)
@@ -104,14 +106,35 @@ def test_pipeline_unquantized_stream_feeds_the_cross_hessians():
 
 def test_recipes_name_the_sweep_and_gptaq_settings(tmp_path):
     from mxtools.commands.quantize import QuantizeSettings, load_recipe, resolve_settings, run_quantize
-    assert resolve_settings()["sweeps"] == 1 and resolve_settings()["repass"] and resolve_settings()["asym"] == 0.0
+    assert resolve_settings()["sweeps"] == 1 and resolve_settings()["repass"] and resolve_settings()["gptaq"] == 0.0
     assert resolve_settings("gptq-int4-g128-nosweep")["sweeps"] == 0
     assert not resolve_settings("gptq-int4-g128-nosweep")["repass"]
     r = load_recipe("gptq-int4-g128-gptaq")
-    assert (r["asym"], r["asym_ridge"], r["sweeps"]) == (0.25, 0.05, 1)
+    assert (r["gptaq"], r["gptaq_ridge"], r["sweeps"]) == (0.25, 0.05, 1)
     src = write_synth(tmp_path / "src", "hf", "f32", spec=small_spec())
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8")[:8000], encoding="utf-8")
     report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="gptq-int4-g128-gptaq", nsamples=2, seqlen=64, group_size=32, device="cpu"))
-    assert (report["asym"], report["asym_ridge"], report["sweeps"]) == (0.25, 0.05, 1)
+    assert (report["gptaq"], report["gptaq_ridge"], report["sweeps"]) == (0.25, 0.05, 1)
     assert report["totals"]["gptq"] == report["totals"]["linears"]
+
+
+def test_old_recipe_keys_still_read_with_a_warning(tmp_path):
+    import logging
+
+    from mxtools.commands.quantize import load_recipe
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("mxtools").addHandler(handler)
+    old = tmp_path / "old.yaml"
+    old.write_text("asym: 0.5\nasym_ridge: 0.1\n")
+    try:
+        assert load_recipe(old) == {"gptaq": 0.5, "gptaq_ridge": 0.1}
+    finally:
+        logging.getLogger("mxtools").removeHandler(handler)
+    assert any("recipe key asym is deprecated" in m for m in seen)
+    both = tmp_path / "both.yaml"
+    both.write_text("asym: 0.5\ngptaq: 0.5\n")
+    with pytest.raises(MxError, match="gptaq and its old name asym"):
+        load_recipe(both)

@@ -104,7 +104,7 @@ def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_o
     settings = QuantizeSettings(recipe=recipe, calib=calib, tokenizer=tokenizer, device=device, force=force,
                                 names=names, bits=int(bits) if bits else None, method=method, group_size=group_size,
                                 sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
-                                experts=experts, min_tokens=min_tokens, asym=gptaq)
+                                experts=experts, min_tokens=min_tokens, gptaq=gptaq)
     if target == "gguf":
         report = run_quantize_gguf(src, out, outtype, settings, imatrix_path=imatrix)
     elif outtype or imatrix:

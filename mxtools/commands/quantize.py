@@ -8,6 +8,7 @@ quant/gguf_quantize's hooks) inside one atomic output.
 """
 from __future__ import annotations
 
+import logging
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,10 @@ from .inputs import open_model
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
                "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "repass", "sweeps",
-               "asym", "asym_ridge")
+               "gptaq", "gptaq_ridge")
 
 
+RENAMED_KEYS = {"asym": "gptaq", "asym_ridge": "gptaq_ridge"}  # old name -> new (GPTAQ's share is no grid's asym)
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
 RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0}  # integer settings outside QuantConfig
 MAX_SETTING = 2**31 - 1
@@ -51,6 +53,13 @@ def load_recipe(name_or_path) -> dict:
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise MxError(f"a recipe is a mapping of settings, not {type(data).__name__}", file=path)
+    for old, key in RENAMED_KEYS.items():
+        if old in data:
+            if key in data:
+                raise MxError(f"recipe gives {key} and its old name {old}; keep {key}", file=path)
+            logging.getLogger("mxtools").warning(f"{path}: recipe key {old} is deprecated and goes in the next "
+                                                 f"release; use {key}")
+            data[key] = data.pop(old)
     unknown = set(data) - set(RECIPE_KEYS) - {"name", "description"}
     if unknown:
         raise MxError(f"recipe has unknown keys {sorted(map(reprlib.repr, unknown))}; known: {', '.join(RECIPE_KEYS)}",
@@ -101,7 +110,7 @@ def quant_config(settings: dict) -> QuantConfig:
 @dataclass(frozen=True)
 class QuantizeSettings:
     """`mxtools quantize`'s options. The algorithm's settings left None come from the recipe (if any), else
-    core.defaults.QUANTIZE; `asym` is the asymmetric objective's share (--gptaq)."""
+    core.defaults.QUANTIZE; `gptaq` is the asymmetric objective's share (--gptaq)."""
 
     recipe: str | None = None
     calib: Path | None = None  # the calibration text (default: the bundled one)
@@ -119,15 +128,15 @@ class QuantizeSettings:
     seqlen: int | None = None
     experts: str | None = None
     min_tokens: int | None = None
-    asym: float | None = None
-    asym_ridge: float | None = None
+    gptaq: float | None = None
+    gptaq_ridge: float | None = None
 
     def resolved(self) -> dict:
         return resolve_settings(self.recipe, **{k: getattr(self, k) for k in GIVEN_KEYS})
 
 
 GIVEN_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-              "min_tokens", "asym", "asym_ridge")
+              "min_tokens", "gptaq", "gptaq_ridge")
 GPTQ_ONLY_KEYS = ("bits", "group_size", "sym", "act_order", "recipe")  # the int grid's; --to gguf has the mix's
 
 
@@ -153,8 +162,8 @@ def run_quantize(src, out, settings: QuantizeSettings = QuantizeSettings(),
     with open_model(src, settings.tokenizer) as ckpt:
         tokens = calibration_tokens(ckpt, settings.calib or CALIB) if s["method"] == "gptq" else None
         stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
-                                     settings.device, s["min_tokens"], progress, asym=s["asym"],
-                                     asym_ridge=s["asym_ridge"])
+                                     settings.device, s["min_tokens"], progress, gptaq=s["gptaq"],
+                                     gptaq_ridge=s["gptaq_ridge"])
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(settings.recipe) if settings.recipe else None
         with atomic_output(Path(out), directory=True, force=settings.force) as tmp:
@@ -191,11 +200,11 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress=progress, quantizer=hook,
-                                     asym=s["asym"], asym_ridge=s["asym_ridge"])
+                                     gptaq=s["gptaq"], gptaq_ridge=s["gptaq_ridge"])
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
-        extra = metadata(method, calib, stream.report["calibration"], damp, experts, s["asym"])
+        extra = metadata(method, calib, stream.report["calibration"], damp, experts, s["gptaq"])
         extra += raw.quantize_metadata(imatrix_path) if raw else []
         source = LayerBytes(stream, hook)
         write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=settings.force, **opts,
@@ -216,7 +225,7 @@ def summary(report: dict) -> str:
         head = f"{report['outtype']} ({report['method']}), experts {report['experts']}, damp {report['damp']}"
     else:
         head = (f"{report['method']} int{report['bits']} g{report['group_size']} "
-                f"{'sym' if report['sym'] else 'asym'}{' act-order' if report['act_order'] else ''}, "
+                f"{'sym' if report['sym'] else 'gptaq'}{' act-order' if report['act_order'] else ''}, "
                 f"experts {report['experts']}")
     lines = [f"{head}, device {report['device']}",
              f"calibration: {cal.get('samples', 0)} samples of {cal.get('seqlen', '-')} tokens"

@@ -20,7 +20,7 @@ group-aware column order (act_group_aware, as GPTQModel), a range search per gro
 error weighted by GPTQ's own column costs (search="hessian"), a least-squares re-fit of each row's group
 scales after the loop, codes kept (refit), a second GPTQ pass on the re-fitted scales kept fixed, then
 re-fitted again (repass), and coordinate-descent sweeps over the codes, scales kept, each followed by a re-fit
-(sweeps). `asym_target` turns the asymmetric objective (GPTAQ: quantize towards the
+(sweeps). `gptaq_target` turns the asymmetric objective (GPTAQ: quantize towards the
 unquantized model's outputs) into the weight that plain GPTQ then approximates. The output format is unchanged
 (GPTQ v1; g_idx stays i // g unless act_order).
 """
@@ -130,7 +130,7 @@ class Hessian:
     """Accumulates H = (2/n) * sum X^T X of one Linear's inputs in fp32, n counted in tokens.
 
     cross=True also accumulates C = (2/n) * sum X_fp^T X, X_fp the same tokens' inputs in the unquantized model
-    (the asymmetric objective, `asym_target`); `add` then needs both.
+    (the asymmetric objective, `gptaq_target`); `add` then needs both.
     """
 
     def __init__(self, in_features: int, device=None, cross: bool = False):
@@ -170,7 +170,7 @@ class Hessian:
         return self._cross * (2.0 / self.n_tokens)
 
 
-def asym_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, alpha: float = 1.0,
+def gptaq_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, alpha: float = 1.0,
                 ridge: float = 0.05) -> torch.Tensor:
     """The weight W' that GPTQ on the quantized stream's Hessian H should approximate for the asymmetric objective
     (GPTAQ, Li et al. 2025): min_Q ||X_fp W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const with W' = W C H^-1,

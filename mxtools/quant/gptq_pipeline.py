@@ -16,12 +16,12 @@ The layer output always uses the normal routing and the quantized weights, so la
 quantized layer i really produces. Only one layer's weights are loaded at a time; the calibration hidden states
 of all samples stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU).
 
-The asymmetric objective (`asym` > 0, GPTAQ): a second stream of hidden states runs through the unquantized
+The asymmetric objective (`gptaq` > 0, GPTAQ): a second stream of hidden states runs through the unquantized
 layers beside the quantized one, and every Linear's Hessian also accumulates the cross-covariance of the same
 tokens' unquantized inputs with its quantized-stream inputs (an expert: the tokens the quantized stream routes to
-it), so each weight is quantized towards min ||X_fp W^T - X Q^T|| (gptq.asym_target: the weight handed to the
+it), so each weight is quantized towards min ||X_fp W^T - X Q^T|| (gptq.gptaq_target: the weight handed to the
 per-matrix quantizer, GPTQ int or a ggml grid, is moved by that least-squares correction, damped and scaled by
-`asym`). It costs one more copy of the hidden states and of the attention output, the unquantized forward and a
+`gptaq`). It costs one more copy of the hidden states and of the attention output, the unquantized forward and a
 second accumulation per Hessian.
 
 Starved experts: a Linear whose Hessian saw fewer than `min_tokens` tokens falls back to round-to-nearest (its
@@ -46,7 +46,7 @@ from ..core.names import weight_name
 from ..core.tensors import Checkpoint, LazyTensor, require_finite
 from ..core.values import is_kind
 from ..model import forward
-from .gptq import Hessian, QuantConfig, asym_target
+from .gptq import Hessian, QuantConfig, gptaq_target
 from .gptq_groups import quantize_weights
 
 # The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
@@ -120,18 +120,18 @@ class _Run:
     # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another
     # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weights with cfg
     quantizer: Callable | None = None
-    asym: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
-    asym_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
+    gptaq: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
+    gptaq_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
 
     @property
     def cross(self) -> bool:
         """Whether Hessians also accumulate the unquantized stream's cross-covariance."""
-        return self.asym > 0 and self.method == "gptq"
+        return self.gptaq > 0 and self.method == "gptq"
 
     def quantize(self, i: int, jobs: list) -> list[list[tuple[torch.Tensor, dict]]]:
         """Quantize groups of Linears of layer i, each group (Hessian or None, [(key, expert, w), ...]) sharing one
         Hessian; keep the results, return per Linear (dequantized weight on the device, report entry). With the
-        asymmetric objective on, the quantizer gets W' (gptq.asym_target) instead of W."""
+        asymmetric objective on, the quantizer gets W' (gptq.gptaq_target) instead of W."""
         jobs = [(hess, [(key, e, self._target(w, hess)) for key, e, w in mats]) for hess, mats in jobs]
         if self.quantizer is None:
             done = quantize_weights([(hess, [w for *_, w in mats]) for hess, mats in jobs], self.cfg, self.method,
@@ -150,7 +150,7 @@ class _Run:
     def _target(self, w: torch.Tensor, hess: Hessian | None) -> torch.Tensor:
         if (hess is not None and hess.n_tokens >= max(self.min_tokens, 1) and hess.cross_matrix() is not None
                 and self.method == "gptq"):
-            return asym_target(w, hess.matrix(), hess.cross_matrix(), self.asym, self.asym_ridge)
+            return gptaq_target(w, hess.matrix(), hess.cross_matrix(), self.gptaq, self.gptaq_ridge)
         return w
 
 
@@ -363,7 +363,7 @@ class QuantStream:
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
             "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "repass": cfg.repass,
-            "sweeps": cfg.sweeps, "asym": run.asym, "asym_ridge": run.asym_ridge, "min_tokens": run.min_tokens,
+            "sweeps": cfg.sweeps, "gptaq": run.gptaq, "gptaq_ridge": run.gptaq_ridge, "min_tokens": run.min_tokens,
             "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
@@ -430,19 +430,19 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
                         experts: str = "routed", nsamples: int = 128, seqlen: int = 2048, device="auto",
                         min_tokens: int | None = None, progress: Progress | None = None,
                         dtype: torch.dtype = torch.float32, quantizer: Callable | None = None,
-                        asym: float = 0.0, asym_ridge: float = 0.05) -> QuantStream:
+                        gptaq: float = 0.0, gptaq_ridge: float = 0.05) -> QuantStream:
     """A QuantStream that quantizes `ckpt` layer by layer (see the module docstring).
 
     tokens_or_chunks: the tokenized calibration text (flat, no BOS) or ready samples [n, T]; unused for "rtn".
     min_tokens: Hessian tokens below which a Linear falls back to RTN (default MIN_TOKEN_FRACTION x hidden size).
     quantizer: another per-matrix quantizer (see _Run.quantizer); cfg's packing limits then do not apply.
-    asym, asym_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
-    (gptq.asym_target), for either quantizer.
+    gptaq, gptaq_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
+    (gptq.gptaq_target), for either quantizer.
     """
-    if not (is_kind(asym, float) and 0 <= asym <= 1 and is_kind(asym_ridge, float)
-            and 0 <= asym_ridge < 1):
-        raise MxError(f"the asymmetric objective's share (--gptaq, recipe key asym) {asym!r} must be in [0, 1] "
-                      f"and asym_ridge {asym_ridge!r} in [0, 1)")
+    if not (is_kind(gptaq, float) and 0 <= gptaq <= 1 and is_kind(gptaq_ridge, float)
+            and 0 <= gptaq_ridge < 1):
+        raise MxError(f"the asymmetric objective's share (--gptaq, recipe key gptaq) {gptaq!r} must be in [0, 1] "
+                      f"and gptaq_ridge {gptaq_ridge!r} in [0, 1)")
     if method not in METHODS:
         raise MxError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if experts not in EXPERT_MODES:
@@ -456,9 +456,9 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     spec = ckpt.spec
     nbytes = samples.numel() * spec.dim * dtype.itemsize if samples is not None else 0
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
-    copies = 6 if asym else 4  # the unquantized stream's hidden states and attention output
+    copies = 6 if gptaq else 4  # the unquantized stream's hidden states and attention output
     run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes, copies), dtype, min_tokens,
-               quantizer=quantizer, asym=float(asym), asym_ridge=float(asym_ridge))
+               quantizer=quantizer, gptaq=float(gptaq), gptaq_ridge=float(gptaq_ridge))
     return QuantStream(ckpt, samples, info, run, progress)
 
 
