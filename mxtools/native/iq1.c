@@ -192,9 +192,13 @@ MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *
 /* Split sums of one half of a 16-value sub-block: prefix sums over the sorted values of that half only. */
 typedef struct { float px[2][17 + 8], pw[2][17 + 8]; } halves_t;
 
-/* Candidate k of a split (0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half), in ggml's order. */
-MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, int l, int i1, int i2) {
-    for (int k = 0; k < 4; ++k) consider(b, best, qx[k][l], q2[k][l], i1, i2, k);
+/* The four candidates of lane l (k = 0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half) in ggml's order;
+ * wk[k]: whether candidate k beat `before`, the best when the lanes were compared (one that lost to it loses to
+ * any larger best too). */
+MX_INLINE void m_consider(split_t *b, float *best, float before, const vf *qx, const vf *q2, const vi *wk, int l,
+                          int i1, int i2) {
+    for (int k = 0; k < 4; ++k)
+        if (wk[k][l] || *best < before) consider(b, best, qx[k][l], q2[k][l], i1, i2, k);
 }
 
 /* The best split of 16 sorted values and the shifts of its two halves (b.shift = k above). */
@@ -222,13 +226,13 @@ MX_CLONES static split_t m_split(const halves_t *h, float max) {
             }
             const vf qx[4] = {qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]};
             const vf q2[4] = {q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]};
-            vi win = splati(0);
-            for (int k = 0; k < 4; ++k) win |= (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]);
-            win &= lane <= splat((float)(bs - i2));
+            const vi valid = lane <= splat((float)(bs - i2));
+            vi wk[4], win = splati(0);
+            for (int k = 0; k < 4; ++k) win |= wk[k] = valid & (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]);
             if (!or_lanes(win)[0]) continue;
-            const float before = best;  /* a lane that lost to it loses to any larger best too */
+            const float before = best;
             for (int l = 0; l < NL && i2 + l <= bs; ++l)
-                if (win[l] || best < before) m_consider(&b, &best, qx, q2, l, i1, i2 + l);
+                if (win[l] || best < before) m_consider(&b, &best, before, qx, q2, wk, l, i1, i2 + l);
         }
     return b;
 }
