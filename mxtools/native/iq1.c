@@ -34,11 +34,21 @@ static const float X_M[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
 /* Indices of x[0..n) in ascending order of value, equal values (-0 and +0 among them) in their original order, as
  * glibc's qsort (a merge sort for arrays this small) leaves them: value j goes to the place counting the values
  * below it and the equal ones before it. */
-static void sort_index(const float *x, int n, int *idx) {
+MX_INLINE void sort_index(const float *x, int n, int *idx) {
+    vf xs[4];
+    vi pos[4];
+    for (int c = 0; c < n / 8; ++c) {
+        memcpy(&xs[c], x + 8 * c, sizeof xs[c]);
+        pos[c] = (vi){0, 1, 2, 3, 4, 5, 6, 7} + 8 * c;
+    }
     for (int j = 0; j < n; ++j) {
-        int rank = 0;
-        for (int k = 0; k < n; ++k) rank += (x[k] < x[j]) | ((x[k] == x[j]) & (k < j));
-        idx[rank] = j;
+        const vf xj = splat(x[j]);
+        vi below = splati(0);  /* -1 per value placed before value j */
+        for (int c = 0; c < n / 8; ++c) below += (xs[c] < xj) | ((xs[c] == xj) & (pos[c] < j));
+        below += __builtin_shuffle(below, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+        below += __builtin_shuffle(below, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+        below += __builtin_shuffle(below, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+        idx[-below[0]] = j;
     }
 }
 
@@ -120,7 +130,7 @@ MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max
 }
 
 /* One 32-value sub-block: grid indices into y's qs and qh; returns its scale, shift in *shift (1 or -1). */
-static float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, uint16_t *qh, int *shift) {
+MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, uint16_t *qh, int *shift) {
     float weight[32], sumx[33 + 8] = {0}, sumw[33 + 8] = {0};
     int idx[32];
     int8_t L[32];
@@ -248,7 +258,7 @@ static void m_weights(const float *xb, const float *qw, float sigma2, float *wei
 static const float *m_values(int code, int k) { return (k == 0 ? code < 2 : code % 2 == 0) ? X_P : X_M; }
 
 /* One 16-value sub-block: grid indices into qs[2] and qh; returns its scale, shift code in *code. */
-static float m_sub(const float *xb, const float *weight, uint8_t *qs, uint8_t *qh, int *code) {
+MX_INLINE float m_sub(const float *xb, const float *weight, uint8_t *qs, uint8_t *qh, int *code) {
     halves_t h;
     int idx[16];
     int8_t L[16];
