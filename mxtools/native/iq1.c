@@ -97,6 +97,12 @@ MX_INLINE void consider(split_t *b, float *best, float sqx, float sq2, int i1, i
     }
 }
 
+/* Candidate c of lane l at bit pos = 2 l + c (c = 0: shift +, 1: shift -). */
+MX_INLINE void s_consider(split_t *b, float *best, const vf *q, const vf *w, int pos, int i1, int i2) {
+    const int l = pos >> 1, c = pos & 1;
+    consider(b, best, q[c][l], w[c][l], i1, i2 + l, 1 - 2 * c);
+}
+
 /* The best split of 32 sorted values (prefix sums sumx, sumw with 8 floats of padding) and its shift. */
 MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max) {
     const int bs = 32;
@@ -116,13 +122,19 @@ MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max
             const vf qm = a * X_M[0] + bx * X_M[1] + cx * X_M[2];
             const vf wm = aw * X_M[0] * X_M[0] + bw * X_M[1] * X_M[1] + cw * X_M[2] * X_M[2];
             const vi valid = lane <= splat((float)(bs - i2));
-            const vi win = valid & (((wp > 0) & (qp * qp > splat(best) * wp)) | ((wm > 0) & (qm * qm > splat(best) * wm)));
-            if (!or_lanes(win)[0]) continue;  /* no candidate beats the best so far: the sequential loop changes nothing */
-            const float before = best;  /* a lane that lost to it loses to any larger best too */
-            for (int l = 0; l < NL && i2 + l <= bs; ++l) {
-                if (!win[l] && best >= before) continue;
-                consider(&b, &best, qp[l], wp[l], i1, i2 + l, 1);
-                consider(&b, &best, qm[l], wm[l], i1, i2 + l, -1);
+            const vi wp_ = valid & (wp > 0) & (qp * qp > splat(best) * wp);
+            const vi wm_ = valid & (wm > 0) & (qm * qm > splat(best) * wm);
+            /* candidate c of lane l (c = 0: shift +, 1: shift -) at bit 2 l + c: ggml's order */
+            const vi bit = {1, 1 << 2, 1 << 4, 1 << 6, 1 << 8, 1 << 10, 1 << 12, 1 << 14};
+            uint32_t mask = (uint32_t)or_lanes((wp_ & bit) | (wm_ & (bit << 1)))[0];
+            const float before = best;  /* a candidate that lost to it loses to any larger best too */
+            const vf q[2] = {qp, qm}, w[2] = {wp, wm};
+            for (int pos = 0; mask; mask &= mask - 1) {
+                pos = __builtin_ctz(mask);
+                s_consider(&b, &best, q, w, pos, i1, i2);
+                if (best < before)  /* the best went down: every later candidate, in order */
+                    for (mask = 0, ++pos; pos < 16 && i2 + (pos >> 1) <= bs; ++pos)
+                        s_consider(&b, &best, q, w, pos, i1, i2);
             }
         }
     }
@@ -202,13 +214,10 @@ MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *
 /* Split sums of one half of a 16-value sub-block: prefix sums over the sorted values of that half only. */
 typedef struct { float px[2][17 + 8], pw[2][17 + 8]; } halves_t;
 
-/* The four candidates of lane l (k = 0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half) in ggml's order;
- * wk[k]: whether candidate k beat `before`, the best when the lanes were compared (one that lost to it loses to
- * any larger best too). */
-MX_INLINE void m_consider(split_t *b, float *best, float before, const vf *qx, const vf *q2, const vi *wk, int l,
-                          int i1, int i2) {
-    for (int k = 0; k < 4; ++k)
-        if (wk[k][l] || *best < before) consider(b, best, qx[k][l], q2[k][l], i1, i2, k);
+/* Candidate k of lane l (k = 0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half). */
+MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, int pos, int i1, int i2) {
+    const int l = pos >> 2, k = pos & 3;
+    consider(b, best, qx[k][l], q2[k][l], i1, i2 + l, k);
 }
 
 /* The best split of 16 sorted values and the shifts of its two halves (b.shift = k above). */
@@ -237,12 +246,19 @@ MX_CLONES static split_t m_split(const halves_t *h, float max) {
             const vf qx[4] = {qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]};
             const vf q2[4] = {q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]};
             const vi valid = lane <= splat((float)(bs - i2));
-            vi wk[4], win = splati(0);
-            for (int k = 0; k < 4; ++k) win |= wk[k] = valid & (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]);
-            if (!or_lanes(win)[0]) continue;
-            const float before = best;
-            for (int l = 0; l < NL && i2 + l <= bs; ++l)
-                if (win[l] || best < before) m_consider(&b, &best, before, qx, q2, wk, l, i1, i2 + l);
+            const vi bit = {1, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28};
+            vi wins = splati(0);  /* candidate k of lane l at bit 4 l + k: ggml's order */
+            for (int k = 0; k < 4; ++k)
+                wins |= valid & (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]) & (bit << k);
+            uint32_t mask = (uint32_t)or_lanes(wins)[0];
+            const float before = best;  /* a candidate that lost to it loses to any larger best too */
+            for (int pos = 0; mask; mask &= mask - 1) {
+                pos = __builtin_ctz(mask);
+                m_consider(&b, &best, qx, q2, pos, i1, i2);
+                if (best < before)  /* the best went down: every later candidate, in order */
+                    for (mask = 0, ++pos; pos < 32 && i2 + (pos >> 2) <= bs; ++pos)
+                        m_consider(&b, &best, qx, q2, pos, i1, i2);
+            }
         }
     return b;
 }

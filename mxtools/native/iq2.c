@@ -153,7 +153,8 @@ typedef struct {
 MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
                          int k) {
     const float this_scale = 1 / id;
-    for (int g = 0; g < n / 8; ++g) tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+    for (int g = 0; g < n / 8; ++g)
+        tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
 }
 
 /* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
