@@ -17,9 +17,11 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, str(ROOT / "tests"))
 from ggml_clib import GGML, find_library
 
+from mxtools.io.ggml_blocks import NEEDS_IMATRIX
 from mxtools.native import quantize_rows
 
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+         T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]
 
 
 def cpu_seconds(fn, repeat: int = 3) -> float:
@@ -40,6 +42,8 @@ def main():
     rows = []
     for qtype in TYPES:
         for label, qw in (("no", None), ("yes", imatrix)):
+            if qw is None and qtype in NEEDS_IMATRIX:  # ggml aborts on these without an imatrix
+                continue
             ref = ggml.quantize(x, int(qtype), qw)
             ours = np.empty_like(ref)
             quantize_rows(int(qtype), x, "f32", ours, qw)
