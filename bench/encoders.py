@@ -17,10 +17,11 @@ from gguf import GGMLQuantizationType as Q
 sys.path.insert(0, str(ROOT / "tests"))
 from ggml_clib import GGML, find_library
 
+from mxtools.io.ggml_blocks import NEEDS_IMATRIX
 from mxtools.native import quantize_rows
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-         Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S]
+         Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M]
 
 
 def cpu_seconds(fn, repeat: int = 3) -> float:
@@ -41,6 +42,8 @@ def main():
     rows = []
     for qtype in TYPES:
         for label, qw in (("no", None), ("yes", imatrix)):
+            if qw is None and qtype in NEEDS_IMATRIX:  # ggml aborts on these without an imatrix
+                continue
             ref = ggml.quantize(x, int(qtype), qw)
             ours = np.empty_like(ref)
             quantize_rows(int(qtype), x, "f32", ours, qw)

@@ -1,7 +1,7 @@
 """GGUF block quantization that writes exactly the bytes llama.cpp's quantizer writes.
 
-The arithmetic is C (mxtools/native/quants.c: every type of SUPPORTED, with and without an importance
-matrix, in ggml's float evaluation order). This module validates the input, splits the matrix into row chunks
+The arithmetic is C (mxtools/native/quants.c, and iq2.c / iq1.c for the 2-bit and 1-bit i-quants: every type of
+SUPPORTED, with and without an importance matrix where ggml allows both, in ggml's float evaluation order). This module validates the input, splits the matrix into row chunks
 and runs them on `torch.get_num_threads()` threads (the C calls release the GIL).
 """
 

@@ -24,7 +24,10 @@ typedef struct {
     uint16_t *lists;       /* neighbour lists: a count, then that many codebook indices */
     uint16_t *codes;       /* parallel to lists: each neighbour's packed levels (8 entries of padding at the end) */
     int8_t *points;        /* codebook points unpacked, 8 values 2 l + 1 per entry */
+    uint32_t on[IQ_MAP_SIZE / 32 + 1];  /* bit key: key is a codebook point (a small copy of map >= 0) */
 } iq_table;
+
+MX_INLINE int iq_on_grid(const iq_table *t, int key) { return (t->on[key >> 5] >> (key & 31)) & 1; }
 
 /* The bitwise OR of the 8 lanes (in every lane). */
 MX_INLINE vi or_lanes(vi v) {

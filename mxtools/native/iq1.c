@@ -34,11 +34,21 @@ static const float X_M[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
 /* Indices of x[0..n) in ascending order of value, equal values (-0 and +0 among them) in their original order, as
  * glibc's qsort (a merge sort for arrays this small) leaves them: value j goes to the place counting the values
  * below it and the equal ones before it. */
-static void sort_index(const float *x, int n, int *idx) {
+MX_INLINE void sort_index(const float *x, int n, int *idx) {
+    vf xs[4];
+    vi pos[4];
+    for (int c = 0; c < n / 8; ++c) {
+        memcpy(&xs[c], x + 8 * c, sizeof xs[c]);
+        pos[c] = (vi){0, 1, 2, 3, 4, 5, 6, 7} + 8 * c;
+    }
     for (int j = 0; j < n; ++j) {
-        int rank = 0;
-        for (int k = 0; k < n; ++k) rank += (x[k] < x[j]) | ((x[k] == x[j]) & (k < j));
-        idx[rank] = j;
+        const vf xj = splat(x[j]);
+        vi below = splati(0);  /* -1 per value placed before value j */
+        for (int c = 0; c < n / 8; ++c) below += (xs[c] < xj) | ((xs[c] == xj) & (pos[c] < j));
+        below += __builtin_shuffle(below, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+        below += __builtin_shuffle(below, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+        below += __builtin_shuffle(below, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+        idx[-below[0]] = j;
     }
 }
 
@@ -87,6 +97,12 @@ MX_INLINE void consider(split_t *b, float *best, float sqx, float sq2, int i1, i
     }
 }
 
+/* Candidate c of lane l at bit pos = 2 l + c (c = 0: shift +, 1: shift -). */
+MX_INLINE void s_consider(split_t *b, float *best, const vf *q, const vf *w, int pos, int i1, int i2) {
+    const int l = pos >> 1, c = pos & 1;
+    consider(b, best, q[c][l], w[c][l], i1, i2 + l, 1 - 2 * c);
+}
+
 /* The best split of 32 sorted values (prefix sums sumx, sumw with 8 floats of padding) and its shift. */
 MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max) {
     const int bs = 32;
@@ -106,13 +122,19 @@ MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max
             const vf qm = a * X_M[0] + bx * X_M[1] + cx * X_M[2];
             const vf wm = aw * X_M[0] * X_M[0] + bw * X_M[1] * X_M[1] + cw * X_M[2] * X_M[2];
             const vi valid = lane <= splat((float)(bs - i2));
-            const vi win = valid & (((wp > 0) & (qp * qp > splat(best) * wp)) | ((wm > 0) & (qm * qm > splat(best) * wm)));
-            if (!or_lanes(win)[0]) continue;  /* no candidate beats the best so far: the sequential loop changes nothing */
-            const float before = best;  /* a lane that lost to it loses to any larger best too */
-            for (int l = 0; l < NL && i2 + l <= bs; ++l) {
-                if (!win[l] && best >= before) continue;
-                consider(&b, &best, qp[l], wp[l], i1, i2 + l, 1);
-                consider(&b, &best, qm[l], wm[l], i1, i2 + l, -1);
+            const vi wp_ = valid & (wp > 0) & (qp * qp > splat(best) * wp);
+            const vi wm_ = valid & (wm > 0) & (qm * qm > splat(best) * wm);
+            /* candidate c of lane l (c = 0: shift +, 1: shift -) at bit 2 l + c: ggml's order */
+            const vi bit = {1, 1 << 2, 1 << 4, 1 << 6, 1 << 8, 1 << 10, 1 << 12, 1 << 14};
+            uint32_t mask = (uint32_t)or_lanes((wp_ & bit) | (wm_ & (bit << 1)))[0];
+            const float before = best;  /* a candidate that lost to it loses to any larger best too */
+            const vf q[2] = {qp, qm}, w[2] = {wp, wm};
+            for (int pos = 0; mask; mask &= mask - 1) {
+                pos = __builtin_ctz(mask);
+                s_consider(&b, &best, q, w, pos, i1, i2);
+                if (best < before)  /* the best went down: every later candidate, in order */
+                    for (mask = 0, ++pos; pos < 16 && i2 + (pos >> 1) <= bs; ++pos)
+                        s_consider(&b, &best, q, w, pos, i1, i2);
             }
         }
     }
@@ -120,7 +142,7 @@ MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max
 }
 
 /* One 32-value sub-block: grid indices into y's qs and qh; returns its scale, shift in *shift (1 or -1). */
-static float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, uint16_t *qh, int *shift) {
+MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, uint16_t *qh, int *shift) {
     float weight[32], sumx[33 + 8] = {0}, sumw[33 + 8] = {0};
     int idx[32];
     int8_t L[32];
@@ -192,9 +214,10 @@ MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *
 /* Split sums of one half of a 16-value sub-block: prefix sums over the sorted values of that half only. */
 typedef struct { float px[2][17 + 8], pw[2][17 + 8]; } halves_t;
 
-/* Candidate k of a split (0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half), in ggml's order. */
-MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, int l, int i1, int i2) {
-    for (int k = 0; k < 4; ++k) consider(b, best, qx[k][l], q2[k][l], i1, i2, k);
+/* Candidate k of lane l (k = 0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half). */
+MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, int pos, int i1, int i2) {
+    const int l = pos >> 2, k = pos & 3;
+    consider(b, best, qx[k][l], q2[k][l], i1, i2 + l, k);
 }
 
 /* The best split of 16 sorted values and the shifts of its two halves (b.shift = k above). */
@@ -222,13 +245,20 @@ MX_CLONES static split_t m_split(const halves_t *h, float max) {
             }
             const vf qx[4] = {qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]};
             const vf q2[4] = {q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]};
-            vi win = splati(0);
-            for (int k = 0; k < 4; ++k) win |= (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]);
-            win &= lane <= splat((float)(bs - i2));
-            if (!or_lanes(win)[0]) continue;
-            const float before = best;  /* a lane that lost to it loses to any larger best too */
-            for (int l = 0; l < NL && i2 + l <= bs; ++l)
-                if (win[l] || best < before) m_consider(&b, &best, qx, q2, l, i1, i2 + l);
+            const vi valid = lane <= splat((float)(bs - i2));
+            const vi bit = {1, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28};
+            vi wins = splati(0);  /* candidate k of lane l at bit 4 l + k: ggml's order */
+            for (int k = 0; k < 4; ++k)
+                wins |= valid & (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]) & (bit << k);
+            uint32_t mask = (uint32_t)or_lanes(wins)[0];
+            const float before = best;  /* a candidate that lost to it loses to any larger best too */
+            for (int pos = 0; mask; mask &= mask - 1) {
+                pos = __builtin_ctz(mask);
+                m_consider(&b, &best, qx, q2, pos, i1, i2);
+                if (best < before)  /* the best went down: every later candidate, in order */
+                    for (mask = 0, ++pos; pos < 32 && i2 + (pos >> 2) <= bs; ++pos)
+                        m_consider(&b, &best, qx, q2, pos, i1, i2);
+            }
         }
     return b;
 }
@@ -244,7 +274,7 @@ static void m_weights(const float *xb, const float *qw, float sigma2, float *wei
 static const float *m_values(int code, int k) { return (k == 0 ? code < 2 : code % 2 == 0) ? X_P : X_M; }
 
 /* One 16-value sub-block: grid indices into qs[2] and qh; returns its scale, shift code in *code. */
-static float m_sub(const float *xb, const float *weight, uint8_t *qs, uint8_t *qh, int *code) {
+MX_INLINE float m_sub(const float *xb, const float *weight, uint8_t *qs, uint8_t *qh, int *code) {
     halves_t h;
     int idx[16];
     int8_t L[16];

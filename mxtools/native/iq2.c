@@ -60,6 +60,7 @@ static void append_list(iq_table *t, const int *d2, int limit, int *used) {
 int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
     t->grid = grid;
     t->ngrid = ngrid;
+    memset(t->on, 0, sizeof t->on);
     t->map = malloc(IQ_MAP_SIZE * sizeof(int32_t));
     t->points = malloc((size_t)ngrid * 8);
     int *d2 = malloc((size_t)ngrid * sizeof(int));
@@ -70,6 +71,7 @@ int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
     for (int j = 0; j < ngrid; ++j) {
         for (int k = 0; k < 8; ++k) t->points[8 * j + k] = (int8_t)(2 * ((grid[j] >> 2 * k) & 3) + 1);
         t->map[grid[j]] = j;
+        t->on[grid[j] >> 5] |= 1u << (grid[j] & 31);
     }
     int used = 0;
     for (int key = 0; key < IQ_MAP_SIZE; ++key) {
@@ -136,7 +138,7 @@ MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float
     vf X;
     memcpy(&X, x, sizeof X);
     const int key = or_lanes(vnearest(0.5f * (splat(id) * X - 1), 0, 2) << (vi){0, 2, 4, 6, 8, 10, 12, 14})[0];
-    *on_grid = t->map[key] >= 0;
+    *on_grid = iq_on_grid(t, key);
     return *on_grid ? key : t->grid[best_neighbour(t, key, x, wa, scale)];
 }
 
@@ -151,7 +153,8 @@ typedef struct {
 MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
                          int k) {
     const float this_scale = 1 / id;
-    for (int g = 0; g < n / 8; ++g) tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+    for (int g = 0; g < n / 8; ++g)
+        tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
 }
 
 /* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
