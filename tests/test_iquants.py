@@ -154,11 +154,11 @@ def test_iq4_nl_hand_blocks():
     """Layout and sign convention on blocks derived by hand: byte j holds values j (low nibble) and j + 16."""
     x = np.zeros((1, 32), dtype=np.float32)
     # All zero: d = 0, every value at level 8 (the level 1, nearest to 0).
-    assert quantize(x, T.IQ4_NL).tobytes().hex(" ") == "00 00" + " 88" * 16
+    assert quantize(x, Q.IQ4_NL).tobytes().hex(" ") == "00 00" + " 88" * 16
     # One value 127 (the only weight, x^2): level 15 (113) with d = 127/113 = 1.1239 (f16 0x3c7f); no candidate
     # scale fits strictly better.
     x[0, 5] = 127.0
-    assert quantize(x, T.IQ4_NL).tobytes().hex(" ") == "7f 3c" + " 88" * 5 + " 8f" + " 88" * 10
+    assert quantize(x, Q.IQ4_NL).tobytes().hex(" ") == "7f 3c" + " 88" * 5 + " 8f" + " 88" * 10
     # -127 at value 21: the scale turns negative (-127/113, 0xbc7f) and the value again takes level 15.
     x[0, 5], x[0, 21] = 0.0, -127.0
-    assert quantize(x, T.IQ4_NL).tobytes().hex(" ") == "7f bc" + " 88" * 5 + " f8" + " 88" * 10
+    assert quantize(x, Q.IQ4_NL).tobytes().hex(" ") == "7f bc" + " 88" * 5 + " f8" + " 88" * 10
