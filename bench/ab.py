@@ -3,8 +3,9 @@
     python bench/ab.py --base REV [--head REV] [--reps 3] [--jobs f16,q8_0,q4_k_m,mistral,gptq]
 
 Each REV is checked out in a temporary git worktree (its native kernels are this checkout's build, copied; REV
-must share their C sources, which the script checks); without --head the head side is this working tree. Jobs alternate base, head, base, head... so a noisy machine
-slows both sides alike; the table gives each side's median wall time and peak RSS and the ratio head / base.
+must share their C sources, which the script checks); without --head the head side is this working tree. Jobs alternate
+base, head, base, head... so a noisy machine slows both sides alike; the table gives each side's median wall time and
+peak RSS and the ratio head / base.
 Conversions read `synth --preset 8x7b --layers 2` (6.3 GB bf16, bench/out); quantization is GPTQ int4 of the
 bundled model with the base's default recipe on both sides and a small calibration (32 x 512 tokens).
 Results: bench/out/ab.json.

@@ -143,7 +143,9 @@ def main():
         for label, im, extra in runs:
             t = time.time()
             path = out / f"{mix}-{label.replace(' ', '-')}.gguf"
-            report = run_quantize_gguf(MODEL, path, mix, QuantizeSettings(calib=CALIB, nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, device="cpu", force=True), imatrix_path=im)
+            report = run_quantize_gguf(MODEL, path, mix,
+                                       QuantizeSettings(calib=CALIB, nsamples=args.nsamples, seqlen=args.seqlen,
+                                                        damp=args.damp, device="cpu", force=True), imatrix_path=im)
             times[f"{mix} {label}"] = {"wall_s": round(time.time() - t, 1), "layers_s": report["timings"]["layers_s"],
                                        "fallbacks": len(report["totals"]["fallbacks"])}
             files[f"{mix} {label}"] = path

@@ -10,8 +10,8 @@ attention_mask, batch 1; its settings are recorded in the JSON. Its outputs are 
 (bytes untouched) and every output is checked by `mxtools verify` on eval.txt (every 512-token chunk) against
 the bf16 reference's log-probs, saved once (`--save-base`) and reused for every row. Both sides run with
 --threads threads (default 2; the quantized bytes, hence the KLDs, depend on it through float summation order,
-so compare rows run at the same count). Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be run apart, --rows)
-and the table of all kept rows is written to bench/out/gptqmodel_compare.json.
+so compare rows run at the same count). Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be
+run apart, --rows) and the table of all kept rows is written to bench/out/gptqmodel_compare.json.
 
     python bench/gptqmodel_compare.py [--rows NAME,...] [--threads T] [--nsamples N --seqlen L]   # small N, L: smoke
 """

@@ -127,7 +127,8 @@ def gptq_layer_compute(path: Path, nsamples: int = 16, seqlen: int = 2048):
         mats = [(w.q, "attn_q", None), (w.k, "attn_q", None), (w.v, "attn_q", None), (w.o, "attn_output", None)]
         for e, (w1, w2, w3) in enumerate(w.experts):
             mats += [(w1, "ffn_gate", e), (w3, "ffn_gate", e), (w2, "ffn_down", e)]
-        tokens_per_expert = {e: hess[("ffn_gate", e)].n_tokens for e in range(spec.n_experts) if ("ffn_gate", e) in hess}
+        tokens_per_expert = {e: hess[("ffn_gate", e)].n_tokens for e in range(spec.n_experts)
+                             if ("ffn_gate", e) in hess}
         for mat, kind, e in mats:  # plain GPTQ, one matrix at a time: the reference of bench/gptq_launches.py
             gptq_quantize(mat, hess[(kind, e)].matrix(), cfg)
         torch.cuda.synchronize()
@@ -161,7 +162,8 @@ def gptq_layer(path: Path, root: Path):
     calib = root / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8"))
     t = time.time()
-    report = run_quantize(path, root / "gptq", QuantizeSettings(calib=calib, bits=4, method="gptq", group_size=128, nsamples=32, seqlen=2048, device="cuda"))
+    report = run_quantize(path, root / "gptq", QuantizeSettings(calib=calib, bits=4, method="gptq", group_size=128,
+                                                                nsamples=32, seqlen=2048, device="cuda"))
     return {"wall_s": round(time.time() - t, 2), "layers": 2, "nsamples": 32, "seqlen": 2048,
             "time_s": report["timings"]["time_s"], "per_layer_s": report["timings"]["layers_s"],
             "totals": report.get("totals"), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}

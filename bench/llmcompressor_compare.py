@@ -148,7 +148,8 @@ for p in prefixes:
     gidx = src.pop(f"{p}.weight_g_idx", None)
     assert f"{p}.weight_zero_point" not in src, "symmetric scheme saved a zero point"
     facts["scale_dtype"] = str(sd["weight_scale"].dtype)
-    exact = PackedQuantizationCompressor.decompress({**sd, "weight_scale": sd["weight_scale"].float()}, scheme)["weight"]
+    exact = PackedQuantizationCompressor.decompress({**sd, "weight_scale": sd["weight_scale"].float()},
+                                                    scheme)["weight"]
     loader = PackedQuantizationCompressor.decompress(dict(sd), scheme)["weight"]   # the stored-dtype product
     assert exact.dtype == torch.float32, exact.dtype
     d = (exact - loader.float()).abs()

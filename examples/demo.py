@@ -18,12 +18,14 @@ from mxtools.commands.verify import VerifySettings, run_verify
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 
 ARTIFACTS = [("gguf", "f16", "model-f16.gguf"), ("gguf", "q8_0", "model-q8_0.gguf"),
-             ("gguf", "q4_k_m", "model-q4_k_m.gguf"), ("mistral", "bf16", "mistral"), ("gptq", "int4", "gptq-int4-g128")]
+             ("gguf", "q4_k_m", "model-q4_k_m.gguf"), ("mistral", "bf16", "mistral"),
+             ("gptq", "int4", "gptq-int4-g128")]
 
 
 def make(ref: Path, layout: str, outtype: str, out: Path) -> Path:
     if layout == "gptq":  # calibrated on the held-out text's sibling, the bundled calibration text
-        run_quantize(ref, out, QuantizeSettings(calib=CALIB, bits=4, group_size=128, nsamples=16, seqlen=2048, force=True))
+        run_quantize(ref, out, QuantizeSettings(calib=CALIB, bits=4, group_size=128, nsamples=16, seqlen=2048,
+                                                force=True))
         return out
     return convert(ref, layout, out, outtype, force=True)
 

@@ -7,8 +7,9 @@
 --no-build-isolation gensim==4.4.0`), or the Wikipedia dump inside it, and never downloads anything.
 `train` trains a 4-layer hidden-256 Mixtral on calib.txt (4 passes, or less when the wall-clock budget runs
 out) and records how in TRAINING.json. `--device cuda` runs the same recipe on a GPU: the shipped weights were
-trained that way (84 s on an H100), since the shared 2-core development machine managed ~14 s per step. The load-balancing loss is computed per layer: transformers' `load_balancing_loss_func`
-pools all layers, which let one expert of one layer die unnoticed (docs/QUALITY.md, section 5).
+trained that way (84 s on an H100), since the shared 2-core development machine managed ~14 s per step. The
+load-balancing loss is computed per layer: transformers' `load_balancing_loss_func` pools all layers, which let one
+expert of one layer die unnoticed (docs/QUALITY.md, section 5).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def _strip_markup(text: str) -> str:
     text = html.unescape(text)
     text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
     text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL | re.IGNORECASE)
-    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>", "", text, flags=re.DOTALL | re.IGNORECASE)
+    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>", "", text,
+                  flags=re.DOTALL | re.IGNORECASE)
     text = _remove_nested(text, r"\{\{[^{}]*\}\}")
     text = _remove_nested(text, r"\{\|(?:(?!\{\|).)*?\|\}")
     text = _remove_nested_links(text)
@@ -179,8 +181,10 @@ section headings are kept as `== Heading ==` lines.
 
 | file | articles | bytes | use |
 |---|---|---|---|
-| calib.txt | {info['calib_articles']} | {sizes['calib.txt']} | training of the bundled tiny model, calibration (GPTQ, imatrix) |
-| eval.txt | {info['eval_articles']} | {sizes['eval.txt']} | held-out evaluation only; no article appears in both files |
+| calib.txt | {info['calib_articles']} | {sizes['calib.txt']} | \
+training of the bundled tiny model, calibration (GPTQ, imatrix) |
+| eval.txt | {info['eval_articles']} | {sizes['eval.txt']} | \
+held-out evaluation only; no article appears in both files |
 
 Held-out articles: {', '.join(info['eval_titles'])}.
 

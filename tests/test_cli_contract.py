@@ -259,7 +259,8 @@ def cli_table() -> str:
     """The README's command-line table, made from the definitions."""
     rows = ["| command | arguments and options |", "|---|---|"]
     for verb, cmd in VERBS.items():
-        args = [p.make_metavar(click.Context(cmd)) if isinstance(p, click.Argument) else "/".join(p.opts + p.secondary_opts)
+        args = [p.make_metavar(click.Context(cmd)) if isinstance(p, click.Argument)
+                else "/".join(p.opts + p.secondary_opts)
                 for p in cmd.params if not getattr(p, "hidden", False) and p.name not in ("out_old",)]
         rows.append(f"| `{verb}` | {' '.join(f'`{a}`' for a in args)} |")
     return "\n".join(rows) + "\n"

@@ -282,10 +282,10 @@ def test_full_vocabulary_gguf_header(models, synth_dir, tmp_path):
 
 
 def test_known_failures(models, tmp_path):
-    """The failures found by hand when the fuzz suites were written, each once: a negative token type (it drove a protobuf varint encoder into
-    an endless, growing loop), a vocabulary SentencePiece refuses (a piece defined twice; its error escaped as a
-    traceback), a saved base with a valid magic and a broken JSON header (a JSONDecodeError); and what the
-    long run (bench/fuzz.py) found."""
+    """The failures found by hand when the fuzz suites were written, each once: a negative token type (it drove a
+    protobuf varint encoder into an endless, growing loop), a vocabulary SentencePiece refuses (a piece defined twice;
+    its error escaped as a traceback), a saved base with a valid magic and a broken JSON header (a JSONDecodeError); and
+    what the long run (bench/fuzz.py) found."""
     feeds_ = feeds(models, tmp_path)
     data = models["gguf"].read_bytes()
     field = next(f for f in gguf_fields(data) if f[0] == "tokenizer.ggml.token_type[0]")

@@ -53,7 +53,8 @@ def _edge_rows() -> np.ndarray:
     # signed zeros where the block's min (or max) is zero: which zero comes first decides the stored sign
     signed = np.where(rng.random(N) < 0.5, -0.0, 0.0)
     some = rng.random(N) < 0.5
-    rows += [np.where(some, np.abs(rng.standard_normal(N)), signed), np.where(some, -np.abs(rng.standard_normal(N)), signed),
+    rows += [np.where(some, np.abs(rng.standard_normal(N)), signed),
+             np.where(some, -np.abs(rng.standard_normal(N)), signed),
              signed]
     return np.array(rows, dtype=np.float32)
 

@@ -134,7 +134,8 @@ def _types(path):
 @pytest.mark.parametrize("mix", ["q4_k_m", "q3_k_m", "q2_k"])
 def test_gptq_file_has_llama_cpps_tensors_and_loads(model, tmp_path, mix):
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", mix)
-    report = run_quantize_gguf(model["hf"], tmp_path / "gptq.gguf", mix, QuantizeSettings(nsamples=8, seqlen=64, min_tokens=16))
+    report = run_quantize_gguf(model["hf"], tmp_path / "gptq.gguf", mix,
+                               QuantizeSettings(nsamples=8, seqlen=64, min_tokens=16))
     meta, ours = gguf_tensors(tmp_path / "gptq.gguf")
     assert _types(tmp_path / "gptq.gguf") == _types(ref)
     changed = [n for n, (_, _, data) in ours.items() if data != gguf_tensors(ref)[1][n][2]]
@@ -189,7 +190,8 @@ def test_cli_gptaq_is_used_and_recorded(model, tmp_path):
 def test_starved_matrices_fall_back_to_llama_cpps_rounding(model, tmp_path):
     """Below min_tokens every matrix (experts, attention, output) is rounded as llama.cpp rounds it, reported."""
     ref = convert(model["gguf"], "gguf", tmp_path / "convert.gguf", "q4_k_m")
-    report = run_quantize_gguf(model["hf"], tmp_path / "starved.gguf", "q4_k_m", QuantizeSettings(nsamples=4, seqlen=64, min_tokens=10 ** 6))
+    report = run_quantize_gguf(model["hf"], tmp_path / "starved.gguf", "q4_k_m",
+                               QuantizeSettings(nsamples=4, seqlen=64, min_tokens=10 ** 6))
     assert gguf_tensors(tmp_path / "starved.gguf")[1] == gguf_tensors(ref)[1]
     t = report["totals"]
     assert t["gptq"] == 0 and len(t["fallbacks"]) == t["linears"] > 0 and "fallback" in report["output"]
@@ -207,7 +209,8 @@ def test_embedding_gptq_lowers_first_layer_error():
         spec = ckpt.spec
         table = forward.load_weight(ckpt, names.weight_name("token_embd"), "cpu", torch.float32)
         hess = embedding_hessian(ckpt, calib, table)
-        assert hess.n_tokens == calib.numel() and torch.equal(hess.matrix(), embedding_hessian(ckpt, calib, table).matrix())
+        assert hess.n_tokens == calib.numel() and torch.equal(hess.matrix(),
+                                                              embedding_hessian(ckpt, calib, table).matrix())
         h = hess.matrix()
         assert torch.equal(h, h.T) and float(torch.linalg.eigvalsh(h.double()).min()) > -1e-6 * float(h.diag().max())
         layer = forward.load_layer(ckpt, 0, "cpu", torch.float32)

@@ -114,7 +114,8 @@ def test_recipes_name_the_sweep_and_gptaq_settings(tmp_path):
     src = write_synth(tmp_path / "src", "hf", "f32", spec=small_spec())
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB.read_text(encoding="utf-8")[:8000], encoding="utf-8")
-    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="gptq-int4-g128-gptaq", nsamples=2, seqlen=64, group_size=32, device="cpu"))
+    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="gptq-int4-g128-gptaq", nsamples=2,
+                                                                seqlen=64, group_size=32, device="cpu"))
     assert (report["gptaq"], report["gptaq_ridge"], report["sweeps"]) == (0.25, 0.05, 1)
     assert report["totals"]["gptq"] == report["totals"]["linears"]
 

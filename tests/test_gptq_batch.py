@@ -131,7 +131,8 @@ def test_the_pipeline_gives_the_same_weights_in_any_expert_batching(monkeypatch)
     assert alone.keys() == together.keys() and len(alone) == 2 * (4 + 3 * spec.n_experts)
     for name in alone:
         assert_same(together[name], alone[name])
-    assert [x["tokens"] for x in report["layers"][1]["experts"]] == [x["tokens"] for x in report_b["layers"][1]["experts"]]
+    assert ([x["tokens"] for x in report["layers"][1]["experts"]]
+            == [x["tokens"] for x in report_b["layers"][1]["experts"]])
 
 
 def test_gptq_error_names_the_problem():

@@ -1,6 +1,6 @@
 """The GPTQ v1 checkpoint: what we write reads back as exactly the fake-quantized weights, has the names,
-dtypes and shapes of docs/FORMATS.md section 7, is claimed by the "gptq" layout only, loads in an independent implementation (GPTQModel) with
-the same logits, and passes `mxtools verify` against its source."""
+dtypes and shapes of docs/FORMATS.md section 7, is claimed by the "gptq" layout only, loads in an independent
+implementation (GPTQModel) with the same logits, and passes `mxtools verify` against its source."""
 from __future__ import annotations
 
 import json
@@ -164,12 +164,14 @@ def _g_idx(out, base):
 
 
 def test_run_quantize_and_convert_to_gptq(src, calib, tmp_path):
-    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="rtn-int4-g128", nsamples=2, seqlen=64))
+    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, recipe="rtn-int4-g128", nsamples=2,
+                                                                seqlen=64))
     assert report["method"] == "rtn" and report["totals"]["rtn"] == report["totals"]["linears"]
     assert detect(tmp_path / "q").name == "gptq"
     with pytest.raises(Exception, match="exists"):
         run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, method="rtn"))
-    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, group_size=64, nsamples=2, seqlen=64, force=True))
+    report = run_quantize(src, tmp_path / "q", QuantizeSettings(calib=calib, group_size=64, nsamples=2, seqlen=64,
+                                                                force=True))
     assert report["method"] == "gptq" and report["group_size"] == 64 and report["calibration"]["samples"] == 2
     assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["group_size"] == 64
     out = convert(src, "gptq", tmp_path / "c", "f16")  # the layout writer: round to nearest, int4 g128
@@ -190,7 +192,8 @@ def test_verify_int4_reports_gptq_and_small_kld(int4, src, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text(EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     # Random synth logits are nearly flat (ppl ~ vocab size), so top-1 agreement says little: relax only it.
-    r = run_verify(int4[0], src, VerifySettings(text=text, ctx=128, chunks=4, overrides={"min_same_top_p": 0.5}, device="cpu"))
+    r = run_verify(int4[0], src, VerifySettings(text=text, ctx=128, chunks=4, overrides={"min_same_top_p": 0.5},
+                                                device="cpu"))
     assert r["passed"], r["failures"]
     assert r["outtype"] == "gptq-int4" and r["kld_mean"] < 0.07 and r["first_divergent_layer"] is None
 

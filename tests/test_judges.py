@@ -10,7 +10,8 @@ from mxtools.core.tokenizer import Tokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1923, the river froze\tand\nthe town moved east."
 TEXTS = ["Hello world", "  leading spaces and  double  spaces", "tabs\tand\nnewlines\n\n", "digits 1234567890 3.14",
-         "accents: café, naïve, Ærøskøbing", "CJK: 日本語の文章と中文", "emoji: 🙂🚀 done", "[INST] What is 2+2? [/INST]"]
+         "accents: café, naïve, Ærøskøbing", "CJK: 日本語の文章と中文", "emoji: 🙂🚀 done",
+         "[INST] What is 2+2? [/INST]"]
 
 
 @pytest.fixture(scope="module")

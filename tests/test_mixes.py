@@ -2,7 +2,8 @@
 
 Judges: llama.cpp's type selection (`llama_quant_compute_types`, exported by the libllama that
 llama-cpp-python ships) for the per-tensor types on real Mixtral shapes; `llama_cpp.llama_model_quantize`
-for whole files without an importance matrix; the `llama-quantize` binary (built with the bindings, tools/llama_cpp.sh) with one.
+for whole files without an importance matrix; the `llama-quantize` binary (built with the bindings,
+tools/llama_cpp.sh) with one.
 Also used by test_imatrix.py: the helpers and the model builders below.
 """
 from __future__ import annotations

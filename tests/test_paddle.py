@@ -94,7 +94,8 @@ def test_numpy2_pickles_ordered_dicts_fortran_order_and_tensor_tuples(tmp_path):
     sd = _numpy_state_dict()
     assert int(np.__version__.split(".")[0]) >= 2  # so pickle writes numpy._core.multiarray._reconstruct
     mixed = collections.OrderedDict((k, np.asfortranarray(a) if i % 3 == 0 else
-                                     PaddleTensor(f"t_{i}", a) if i % 3 == 1 else a) for i, (k, a) in enumerate(sd.items()))
+                                     PaddleTensor(f"t_{i}", a) if i % 3 == 1 else a)
+                                    for i, (k, a) in enumerate(sd.items()))
     data = pickle.dumps(mixed, protocol=4)
     assert b"numpy._core.multiarray" in data and b"OrderedDict" in data and b"builtins" in data
     (tmp_path / "m.pdparams").write_bytes(data)

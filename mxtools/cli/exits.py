@@ -82,7 +82,8 @@ def _out_of_memory(command: str, exc: BaseException):
 
 def _internal(command: str, exc: BaseException):
     text = "".join(traceback.format_exception(exc))
-    summary = f"internal error in `mxtools {command}`: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    summary = (f"internal error in `mxtools {command}`: {type(exc).__name__}: "
+               f"{str(exc).splitlines()[0] if str(exc) else ''}")
     if os.environ.get("MXTOOLS_DEBUG") == "1":
         click.echo(text, err=True, nl=False)
         fail(summary.rstrip(": "), INTERNAL_ERROR)

@@ -273,7 +273,8 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
 
 def _verify(job: Job, candidate: Path, outtype: str | None, save_base=None, base=None) -> dict:
     from .verify import VerifySettings, run_verify
-    return run_verify(candidate, None, VerifySettings(text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype, save_base=save_base, base=base, device=job.device, dtype="f32"))
+    return run_verify(candidate, None, VerifySettings(text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype,
+                                                      save_base=save_base, base=base, device=job.device, dtype="f32"))
 
 
 def _candidate(job: Job, fmt: Format, base: Path, params: tuple[int, int], progress, keep: bool) -> dict:

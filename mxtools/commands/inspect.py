@@ -59,13 +59,14 @@ def _bytes(path: Path) -> int:
 def render(r: dict) -> str:
     c = r["config"]
     weights = f" ({r['info']['weights']})" if "weights" in r["info"] else ""  # the files of a multi-format layout
-    lines = [(f"{r['path']}: {r['layout']} layout{weights}, {r['tensors']} tensors, {r['parameters'] / 1e9:.3f} B params, "
-              f"{r['file_bytes'] / 2**30:.2f} GiB"),
+    lines = [(f"{r['path']}: {r['layout']} layout{weights}, {r['tensors']} tensors, "
+              f"{r['parameters'] / 1e9:.3f} B params, {r['file_bytes'] / 2**30:.2f} GiB"),
              (f"  dim {c['dim']}, layers {c['n_layers']}, heads {c['n_heads']}/{c['n_kv_heads']} x {c['head_dim']}, "
               f"experts {c['n_experts']} (top-{c['n_experts_per_tok']}) x ffn {c['hidden_dim']}, vocab "
               f"{c['vocab_size']}, rope_theta {c['rope_theta']:g}"),
              "  types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())),
-             f"  tokenizer: {'yes' if r['tokenizer'] else 'no'}, chat template: {'yes' if r['chat_template'] else 'no'}"]
+             (f"  tokenizer: {'yes' if r['tokenizer'] else 'no'}, "
+              f"chat template: {'yes' if r['chat_template'] else 'no'}")]
     lines += _chat_line(r["chat_template_check"])
     lines += [f"  problem: {p}" for p in r["problems"]] or ["  no problems found"]
     return "\n".join(lines)

@@ -251,7 +251,8 @@ def describe_difference(diff: dict) -> str:
         return f"conversation {diff['conversation']!r}: {diff['error']}"
     show = lambda i, p: "end of tokens" if i is None else f"{i} {p!r}"
     return (f"conversation {diff['conversation']!r}, token {diff['token']}: mistral-common has "
-            f"{show(diff['expected'], diff['expected_piece'])}, the template gives {show(diff['got'], diff['got_piece'])}")
+            f"{show(diff['expected'], diff['expected_piece'])}, the template gives "
+            f"{show(diff['got'], diff['got_piece'])}")
 
 
 def report(tok: Tokenizer | None) -> dict | None:
@@ -278,7 +279,8 @@ def choose_template(tok: Tokenizer, choice: str) -> tuple[Tokenizer, str | None]
         return dataclasses.replace(tok, chat_template=MISTRAL_COMMON_TEMPLATE), note
     template = MISTRAL_COMMON_TEMPLATE if choice == "mistral-common" else _read_template(Path(choice))
     diff = first_difference(template, tok)
-    verdict = "reproduces mistral-common" if diff is None else f"differs from mistral-common at {describe_difference(diff)}"
+    verdict = ("reproduces mistral-common" if diff is None
+               else f"differs from mistral-common at {describe_difference(diff)}")
     return dataclasses.replace(tok, chat_template=template), f"chat template: {choice}, which {verdict}"
 
 

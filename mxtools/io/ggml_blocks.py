@@ -83,8 +83,8 @@ def quantize(x: torch.Tensor, qtype: Q, imatrix: torch.Tensor | None = None, out
     imatrix (float32 [n], mean squared activation per input column) selects llama.cpp's importance
     weighted path (`quantize_*` with quant_weights); None selects `quantize_row_*_ref` (NEEDS_IMATRIX types refuse
     None). Q8_0 ignores it.
-    Returns uint8 [rows, n // block_size * type_size] (`out` when given). Raises ValueError for an unsupported type, a row
-    length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
+    Returns uint8 [rows, n // block_size * type_size] (`out` when given). Raises ValueError for an unsupported type, a
+    row length that is not a multiple of the block size, a mismatched imatrix or non-finite input.
     """
     x, src = _as_matrix(x)
     qw = _check(x, qtype, imatrix)

@@ -105,7 +105,8 @@ def attention(x: torch.Tensor, w: LayerWeights, spec: ModelSpec, rope, observer:
     """Causal GQA self-attention update for normalised input x [B, T, D] (no residual)."""
     if observer:
         observer("attn_q", x, None)  # also the input of k_proj and v_proj
-    pieces = [attention_heads(x[s:s + SEQS_PER_ATTENTION], w, spec, rope) for s in range(0, x.shape[0], SEQS_PER_ATTENTION)]
+    pieces = [attention_heads(x[s:s + SEQS_PER_ATTENTION], w, spec, rope)
+              for s in range(0, x.shape[0], SEQS_PER_ATTENTION)]
     out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     if observer:
         observer("attn_output", out, None)

@@ -138,7 +138,8 @@ def pack(qtype: Q, y: np.ndarray, q: np.ndarray) -> None:
     else:  # Q6_K
         v = q.reshape(-1, 2, 4, 32)
         lo, hi = v & 0x0F, v >> 4
-        y[:, :128] = np.concatenate([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], 2).reshape(-1, 128)
+        y[:, :128] = np.concatenate([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4],
+                                    2).reshape(-1, 128)
         y[:, 128:192] = (hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6).reshape(-1, 64)
 
 
@@ -174,7 +175,8 @@ def _k_grid(qtype: Q, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _f16(y, 0)[:, None] * s.astype(np.float32), _f16(y, 2)[:, None] * m.astype(np.float32)
     if qtype == Q.Q2_K:
         sc = y[:, :16]
-        return _f16(y, 80)[:, None] * (sc & 0x0F).astype(np.float32), _f16(y, 82)[:, None] * (sc >> 4).astype(np.float32)
+        return (_f16(y, 80)[:, None] * (sc & 0x0F).astype(np.float32),
+                _f16(y, 82)[:, None] * (sc >> 4).astype(np.float32))
     if qtype == Q.Q3_K:
         sc = y[:, 96:108].astype(np.int32)
         j = np.arange(16)

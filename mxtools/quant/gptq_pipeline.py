@@ -1,7 +1,7 @@
 """GPTQ (or round-to-nearest) for a whole Mixtral, one decoder layer at a time, through the real router.
 
-The calibration samples run through the reference forward pass (mxtools.model.forward) layer by layer. Inside a layer the
-Linears are quantized in GPTQ's sequential order, each group's Hessian built from inputs that already went through
+The calibration samples run through the reference forward pass (mxtools.model.forward) layer by layer. Inside a layer
+the Linears are quantized in GPTQ's sequential order, each group's Hessian built from inputs that already went through
 the quantized earlier groups (docs/QUALITY.md, section 4):
   [q, k, v]   from the normed attention input
   [o]         from the attention output before o_proj, computed with the quantized q/k/v

@@ -46,7 +46,8 @@ from ..io.gguf_tables import TABLE
 # tensor_type_fallback: a 256-block type on rows that are no multiple of 256 becomes this 32-block type;
 # 32-block types stay; if the row is still no multiple of the new block, F16.
 ROW_LENGTH_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
-                       **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)}}
+                       **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS,
+                                                Q.IQ3_S, Q.IQ4_XS)}}
 
 # tensor_requires_imatrix: llama-quantize writes these types only with an importance matrix (Q2_K joins them in a
 # Q2_K_S file, a mix not shipped here); token_embd and output are exempt.

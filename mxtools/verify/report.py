@@ -1,8 +1,8 @@
 """The verification report: a plain JSON-able dict, its pass/fail thresholds, a text table and a plot.
 
 Default thresholds per outtype. Sources (docs/QUALITY.md, section 3): Mixtral-8x7B wikitext-2 PPLs (fp16 4.4091,
-Q8_0 4.4088, Q6_K 4.424, Q5_K_M 4.4396, Q4_K_M 4.5111, Q4_0 4.5087, i.e. ratios 1.000 / 1.003 / 1.007 / 1.023 / 1.023) and
-llama.cpp's LLaMA-3-8B mean KLDs (q8_0 0.0014, q6_K 0.0055, q5_K_M 0.0108); each limit is roughly twice the
+Q8_0 4.4088, Q6_K 4.424, Q5_K_M 4.4396, Q4_K_M 4.5111, Q4_0 4.5087, i.e. ratios 1.000 / 1.003 / 1.007 / 1.023 / 1.023)
+and llama.cpp's LLaMA-3-8B mean KLDs (q8_0 0.0014, q6_K 0.0055, q5_K_M 0.0108); each limit is roughly twice the
 published value so a healthy artifact passes with margin while a broken one (KLD ~1 and up) fails by orders of
 magnitude. The layer limits (`max_layer_error` on the local sublayer error, `max_routing` on the local top-k
 set disagreement, see lockstep.py) sit above the weight rounding error of the type and far below the ~1 of a
@@ -23,9 +23,9 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
 Unknown outtypes get the q4_0 row. Aliases: q5_k_s / q5_0 / q5_1 -> q5_k_m, q4_k_s -> q4_k_m, q4_1 -> q4_0,
-q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats). The q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured
-on the bundled model (plain q3_k_m 3.4x, q2_k 15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a
-broken artifact.
+q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats). The
+q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured on the bundled model (plain q3_k_m 3.4x, q2_k
+15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a broken artifact.
 
 Thresholds and noise. ppl_ratio, kld_mean and same_top_p are means over the scored tokens, and the report
 carries each one's standard error (`ppl_ratio_unc`, `kld_unc`, `same_top_p_unc` in `stats`, llama.cpp's
