@@ -1,8 +1,9 @@
 """GGUF block quantization that writes exactly the bytes llama.cpp's quantizer writes.
 
-The arithmetic is C (mxtools/native/quants.c, and iq2.c / iq1.c for the 2-bit and 1-bit i-quants: every type of
-SUPPORTED, with and without an importance matrix where ggml allows both, in ggml's float evaluation order). This module validates the input, splits the matrix into row chunks
-and runs them on `torch.get_num_threads()` threads (the C calls release the GIL).
+The arithmetic is C (mxtools/native/quants.c for the legacy and K-quant types, iq4.c, iq3.c, iq2.c and iq1.c for
+the i-quants: every type of SUPPORTED, with and without an importance matrix where ggml allows both, in ggml's
+float evaluation order). This module validates the input, splits the matrix into row chunks and runs them on
+`torch.get_num_threads()` threads (the C calls release the GIL).
 """
 
 from concurrent.futures import ThreadPoolExecutor
