@@ -1,13 +1,14 @@
 """llama.cpp's i-quant mixes: `mxtools convert` against `llama-quantize`, same source, same threads, same run.
 
-Input: `synth --preset 8x7b --layers 2` (6.3 GB bf16, real per-layer widths 4096 and 14336) and its f16 GGUF
-(llama.cpp's own converter). The importance matrix is llama-imatrix's, over a few chunks of the bundled
-calibration text, so every expert has one. For each mix: llama-quantize from the f16 GGUF, mxtools from the same
-f16 GGUF (throughput of the quantizer alone), and mxtools in one pass from the HF directory (against llama.cpp's
-two steps); every tensor of mxtools' f16-GGUF output is compared with llama-quantize's, byte for byte.
-Writes bench/out/iquants.json and prints the table docs/BENCHMARKS.md holds.
+Input: `synth --preset 8x7b --layers 2` (6.3 GB bf16, real per-layer widths 4096 and 14336), or with `--small` a
+narrower 8-expert model (2 layers, hidden 1024, expert width 3584: a quarter of each width, 0.5 GB) for a quicker
+run, and its f16 GGUF (llama.cpp's own converter). The importance matrix is llama-imatrix's, over a few chunks of
+the bundled calibration text, so every expert has one. For each mix: llama-quantize from the f16 GGUF, mxtools from
+the same f16 GGUF (throughput of the quantizer alone), and mxtools in one pass from the HF directory (against
+llama.cpp's two steps); every tensor of mxtools' f16-GGUF output is compared with llama-quantize's, byte for byte.
+Writes bench/out/iquants-MODEL.json and prints the table docs/BENCHMARKS.md holds.
 
-    python bench/iquants.py [--mixes iq2_xs,iq4_xs] [--threads 2]
+    python bench/iquants.py [--mixes iq2_xs,iq4_xs] [--threads 2] [--small]
 """
 from __future__ import annotations
 
@@ -33,16 +34,27 @@ def llama_imatrix(f16: Path, out: Path, threads: int) -> Path:
     return out
 
 
+def small_model() -> Path:
+    """An 8-expert Mixtral with a quarter of 8x7B's widths (hidden 1024, expert width 3584), 2 layers, bf16."""
+    path = OUT / "synth-small-2L"
+    if not path.exists():
+        subprocess.run([PY, "-m", "mxtools.cli", "synth", "--preset", "8x7b", "--layers", "2", "--hidden", "1024",
+                        "--intermediate", "3584", "--heads", "8", "--kv-heads", "2", "-o", str(path)], check=True)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="a quarter of 8x7B's widths instead of the real ones")
     args = ap.parse_args()
-    src, llama, quantize = synth_8x7b_2layers(), llama_cpp_source(), llama_quantize()
+    src = small_model() if args.small else synth_8x7b_2layers()
+    llama, quantize = llama_cpp_source(), llama_quantize()
     f16 = OUT / "llama-f16.gguf"
     conv = timed([PY, llama / "convert_hf_to_gguf.py", src, "--outtype", "f16", "--outfile", f16],
                  {"PYTHONPATH": str(llama / "gguf-py")})
-    imat = llama_imatrix(f16, OUT / "imatrix-8x7b-2L.gguf", args.threads)
+    imat = llama_imatrix(f16, OUT / f"imatrix-{src.name}.gguf", args.threads)
     threads = {"OMP_NUM_THREADS": str(args.threads)}
     rows = []
     for mix in args.mixes.split(","):
@@ -60,7 +72,7 @@ def main():
         for p in (theirs, ours, one):
             p.unlink()
     f16.unlink()
-    (OUT / "iquants.json").write_text(json.dumps(rows, indent=2))
+    (OUT / f"iquants-{src.name}.json").write_text(json.dumps(rows, indent=2))
     print_table(["mix", "llama-quantize s (RSS MB)", "mxtools from f16 s (RSS MB)", "speed-up",
                  "mxtools one pass from HF s (RSS MB)", "one pass / (convert + quantize)", "identical bytes"],
                 [[r["mix"], f"{r['llama_quantize']['wall_s']} ({r['llama_quantize']['peak_rss_mb']})",
