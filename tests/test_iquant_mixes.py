@@ -298,3 +298,37 @@ def test_compare_offers_the_iquant_mixes():
         parse_formats("iq2_xs")
     assert not any(f.startswith("iq") for f in DEFAULT_FORMATS)
     assert {"q4_k_m", "q4_k_m+imatrix", "q4_k_m+gptq"} <= set(known)
+
+
+@pytest.mark.parametrize("judged", ["bundled"], indirect=True)
+def test_inspect_verify_and_llama_cpp_read_llama_quantizes_iquant_files(judged, tmp_path):
+    """A llama-quantize IQ2_XS and IQ4_XS file of the bundled model: inspect names its types, verify scores it
+    against the f16 file (finite, IQ4_XS closer than IQ2_XS), llama.cpp loads ours and gives finite logits."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from test_mixes import llama_cpp
+
+    from mxtools.cli import main
+    kld = {}
+    for mix in ("iq2_xs", "iq4_xs"):
+        theirs = tmp_path / f"llama-{mix}.gguf"
+        assert llama_quantize(judged["gguf"], theirs, mix, "--imatrix", judged["imatrix"]).returncode == 0
+        r = CliRunner().invoke(main, ["inspect", str(theirs), "--json", "-"])
+        assert r.exit_code == 0, r.output
+        assert mix.upper() in json.loads(r.stdout)["types"]
+        r = CliRunner().invoke(main, ["verify", str(theirs), "--reference", str(judged["gguf"]), "--ctx", "128",
+                                      "--chunks", "2", "--json", str(tmp_path / f"{mix}.json"), "--max-kld", "100",
+                                      "--min-same-top", "0", "--max-ppl-ratio", "100"])
+        assert r.exit_code == 0, r.output
+        kld[mix] = json.loads((tmp_path / f"{mix}.json").read_text())["kld_mean"]
+        ours = convert(judged["gguf"], "gguf", tmp_path / f"ours-{mix}.gguf", mix, imatrix_path=judged["imatrix"])
+        llm = llama_cpp.Llama(model_path=str(ours), n_ctx=32, logits_all=True, n_threads=2, verbose=False)
+        try:
+            llm.eval([1, 415, 2936, 9060, 285, 1142])
+            scores = np.array(llm.scores[:6], dtype=np.float32)
+        finally:
+            llm.close()
+        assert np.isfinite(scores).all() and scores.std() > 0
+    assert 0 < kld["iq4_xs"] < kld["iq2_xs"] < 10
