@@ -1,8 +1,9 @@
 """GPTQ checkpoints written by other tools: every expert naming (vLLM's w1/w2/w3, transformers 5's
 mlp.experts.E.*, AutoRound's block_sparse_moe.experts.E.gate_proj/up_proj/down_proj; the router under either
-block name) found from the tensor names, GPTQModel's v2 zero points, act-order g_idx, a checkpoint that carries
-only tokenizer.json; and the checkpoint AutoRound itself wrote (tests/fixtures/autoround, made by
-tools/autoround_fixture.py), read as the tool dequantizes it, verified, inspected, and refused when damaged."""
+block name) found from the tensor names, GPTQModel's v2 zero points, act-order g_idx, per-module dynamic bits, a
+checkpoint that carries only tokenizer.json; and the checkpoints AutoRound 0.16.1 and GPTQModel 7.6 themselves
+wrote (tests/fixtures/autoround and gptqmodel, made by tools/autoround_fixture.py and tools/gptqmodel_fixture.py),
+read as each tool dequantizes them, verified, inspected, and refused when damaged."""
 from __future__ import annotations
 
 import json
@@ -212,43 +213,63 @@ def ar_text(tmp_path_factory):
     return path
 
 
-def test_autoround_checkpoint_reads_as_autoround_dequantizes_it():
-    """expected.safetensors: AutoRound's own CPU GPTQ Linear run on the identity; it multiplies in fp16, so its
-    weight is ours rounded to fp16, bit for bit."""
-    expected = load_file(AUTOROUND / "expected.safetensors")
-    assert len(expected) == 4
-    with open_checkpoint(AR_CHECKPOINT) as ck:
-        assert ck.info["tensor_names"] == "autoround" and ck.info["gptq"]["group_size"] == 32
+CANONICAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# fixture -> (tensor naming, router, packing format, desc_act, tool) as the files say
+PEERS = {"autoround": ("autoround", "block_sparse_moe.gate", "gptq", False, "auto-round:0.16.1"),
+         "gptqmodel": ("transformers", "mlp.gate", "gptq_v2", True, "gptqmodel:7.6.0")}
+
+
+def canonical(key: str) -> str:
+    key = key.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+    return re.sub(r"(gate|up|down)_proj", lambda m: CANONICAL_EXPERT[m[0]], key)
+
+
+@pytest.mark.parametrize("tool", sorted(PEERS))
+def test_peer_checkpoint_reads_as_the_tool_dequantizes_it(tool):
+    """expected.safetensors: the tool's own dequantization (AutoRound's CPU GPTQ Linear run on the identity,
+    GPTQModel's TorchQuantLinear.dequantize_weight()); both compute in fp16, so theirs is ours rounded to fp16,
+    bit for bit. GPTQModel's is act-order (g_idx not monotone) and v2-packed."""
+    expected = load_file(FIXTURES / tool / "expected.safetensors")
+    assert len(expected) >= 3
+    with open_checkpoint(FIXTURES / tool / "checkpoint") as ck:
+        naming, router, fmt, desc_act, _ = PEERS[tool]
+        assert (ck.info["tensor_names"], ck.info["router_name"], ck.info["checkpoint_format"]) == (naming, router, fmt)
+        assert ck.info["gptq"]["group_size"] == 32 and ck.info["gptq"]["desc_act"] == desc_act
         for key, want in expected.items():
-            ours = ck.tensors[re.sub(r"(gate|up|down)_proj", lambda m: {"gate": "w1", "up": "w3", "down": "w2"}[m[1]],
-                                     key)].load()
+            ours = ck.tensors[canonical(key)].load()
             assert ours.dtype == torch.float32 and ours.shape == want.shape
             assert torch.equal(ours.half().float(), want), key
             assert not torch.equal(ours, torch.zeros_like(ours))
+    g_idx = load_file(FIXTURES / tool / "checkpoint" / "model.safetensors")["model.layers.0.self_attn.q_proj.g_idx"]
+    assert bool((g_idx[1:] < g_idx[:-1]).any()) == desc_act
 
 
-def test_autoround_checkpoint_is_the_float_model_quantized(ar_float):
-    """Every quantized Linear is within int4 g32's error of the float model the fixture was made from, and the
-    float tensors AutoRound kept (bf16) are that model's."""
-    with open_checkpoint(AR_CHECKPOINT) as q, open_checkpoint(ar_float) as f:
+@pytest.mark.parametrize("tool", sorted(PEERS))
+def test_peer_checkpoint_is_the_float_model_quantized(ar_float, tool):
+    """Every quantized Linear is within int4 g32's error of the float model the fixtures were made from, and the
+    float tensors the tool kept (AutoRound: bf16, GPTQModel: f16) are that model's, rounded to their dtype."""
+    with open_checkpoint(FIXTURES / tool / "checkpoint") as q, open_checkpoint(ar_float) as f:
         assert sorted(q.tensors) == sorted(f.tensors)
         for name, t in q.tensors.items():
             w, ref = t.load(), f.tensors[name].load().float()
             if t.stored_as and t.stored_as.startswith("gptq"):
                 assert (w - ref).norm() < 0.15 * ref.norm(), name
             else:
-                assert torch.equal(w.float(), ref.to(torch.bfloat16).float()), name
+                assert torch.equal(w.float(), ref.to(w.dtype).float()), name
 
 
-def test_inspect_names_the_naming_and_the_tool():
-    r = cli("inspect", AR_CHECKPOINT, "--json")
+@pytest.mark.parametrize("tool", sorted(PEERS))
+def test_inspect_names_the_naming_and_the_tool(tool):
+    naming, router, fmt, _, writer = PEERS[tool]
+    r = cli("inspect", FIXTURES / tool / "checkpoint", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
-    assert report["info"]["tensor_names"] == "autoround" and report["info"]["router_name"] == "block_sparse_moe.gate"
-    assert report["info"]["written_by"] == "auto-round:0.16.1" and not report["problems"]
+    info = report["info"]
+    assert (info["tensor_names"], info["router_name"], info["checkpoint_format"]) == (naming, router, fmt)
+    assert info["written_by"] == writer and not report["problems"]
     assert report["types"]["gptq-int4"] == 32
-    text = cli("inspect", AR_CHECKPOINT).output
-    assert "tensor names autoround" in text and "written by auto-round:0.16.1" in text
+    text = cli("inspect", FIXTURES / tool / "checkpoint").output
+    assert f"tensor names {naming}" in text and f"written by {writer}" in text
 
 
 def _verify(candidate, reference, text, json_out, *extra):
@@ -258,18 +279,23 @@ def _verify(candidate, reference, text, json_out, *extra):
     return r, json.loads(json_out.read_text()) if json_out.exists() else None
 
 
-def test_verify_autoround_against_the_float_model(ar_float, ar_text, tmp_path):
-    """verify runs on AutoRound's checkpoint and reports; against mxtools' own round-to-nearest int4 g32 of the
-    same model its KLD is lower (AutoRound tuned the rounding on text of the same words: 0.0017 against 0.0145 on
-    these 4 chunks, measured 2026-12-06 on the 2-core x86-64 dev box), so the weights are read as AutoRound
-    meant them."""
-    r, report = _verify(AR_CHECKPOINT, ar_float, ar_text, tmp_path / "ar.json")
+@pytest.fixture(scope="module")
+def rtn_kld(ar_float, ar_text, tmp_path_factory):
+    """mxtools' own round-to-nearest int4 g32 of the float model, verified the same way: the yardstick."""
+    root = tmp_path_factory.mktemp("rtn")
+    run_quantize(ar_float, root / "rtn", QuantizeSettings(method="rtn", group_size=32))
+    return _verify(root / "rtn", ar_float, ar_text, root / "rtn.json")[1]["kld_mean"]
+
+
+@pytest.mark.parametrize("tool", sorted(PEERS))
+def test_verify_peer_checkpoint_against_the_float_model(ar_float, ar_text, rtn_kld, tmp_path, tool):
+    """verify runs on the tool's checkpoint and reports; its KLD is below round-to-nearest's (both tools fitted
+    the rounding on text of the same words; on these 4 chunks, 2026-12-06, 2-core x86-64 dev box: AutoRound
+    0.0017, GPTQModel 0.0010, mxtools RTN 0.0145), so the weights are read as the tool meant them."""
+    r, report = _verify(FIXTURES / tool / "checkpoint", ar_float, ar_text, tmp_path / "v.json")
     assert r.exit_code in (0, 1) and report is not None, r.output
     assert report["outtype"] == "gptq-int4" and report["n_chunks"] == 4
-    rtn = tmp_path / "rtn"
-    run_quantize(ar_float, rtn, QuantizeSettings(method="rtn", group_size=32))
-    _, rtn_report = _verify(rtn, ar_float, ar_text, tmp_path / "rtn.json")
-    assert 0 < report["kld_mean"] < rtn_report["kld_mean"] / 2, (report["kld_mean"], rtn_report["kld_mean"])
+    assert 0 < report["kld_mean"] < rtn_kld / 2, (report["kld_mean"], rtn_kld)
 
 
 def test_autoround_checkpoint_with_its_tokenizer_json(ar_float, ar_text, tmp_path):
