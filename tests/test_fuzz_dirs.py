@@ -313,7 +313,7 @@ def verb_argv(verb: str, case: Path, work: Path) -> list:
     short = ["--text", text, "--ctx", "32", "--chunks", "1", "--device", "cpu"]
     return {"inspect": ["inspect", case],
             "convert": ["convert", case, "--to", "gguf", "--outtype", "q8_0", "-o", work / "out.gguf"],
-            "imatrix": ["imatrix", case, *short, "-o", work / "out.imatrix.gguf"],
+            "imatrix": ["imatrix", case, "--calib", *short[1:], "-o", work / "out.imatrix.gguf"],
             "verify": ["verify", case, "--reference", case, *short],
             "quantize": ["quantize", case, "--calib", text, "--nsamples", "2", "--seqlen", "32", "--group-size",
                          "32", "--device", "cpu", "-o", work / "out-gptq"]}[verb]

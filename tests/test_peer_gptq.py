@@ -165,12 +165,10 @@ def test_tokenizer_json_gives_sentencepieces_ids(tmp_path, text):
 
 
 def test_a_checkpoint_with_only_tokenizer_json(ours, tmp_path):
-    only = tmp_path / "only"
-    shutil.copytree(ours, only)
-    (only / "tokenizer.model").unlink()
+    only = _without_tokenizer_model(ours, tmp_path / "only")
     r = cli("inspect", only, "--no-weights")
     assert r.exit_code == 0 and "tokenizer.json only" in r.output, r.output
-    r = CliRunner().invoke(main, ["verify", str(only), "--reference", str(ours), "--ctx", "64",
+    r = CliRunner().invoke(main, ["verify", str(ours), "--reference", str(only), "--ctx", "64",
                                                   "--chunks", "2", "--device", "cpu",
                                                   "--json", str(tmp_path / "v.json")])
     assert r.exit_code == 0, r.output
@@ -298,18 +296,35 @@ def test_verify_peer_checkpoint_against_the_float_model(ar_float, ar_text, rtn_k
     assert 0 < report["kld_mean"] < rtn_kld / 2, (report["kld_mean"], rtn_kld)
 
 
+def _without_tokenizer_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "tokenizer.model").unlink()
+    return dst
+
+
 def test_autoround_checkpoint_with_its_tokenizer_json(ar_float, ar_text, tmp_path):
-    """AutoRound saves tokenizer.json and no tokenizer.model: tokenized through the tokenizers library, the same
-    ids as the float model's SentencePiece model, so verify's statistics are those of the bare checkpoint."""
+    """AutoRound saves tokenizer.json and no tokenizer.model: tokenized through the tokenizers library (verify
+    takes the reference's tokenizer first, so the reference carries only tokenizer.json too), the same ids as
+    SentencePiece's, so verify's statistics are those of the SentencePiece run, to the bit."""
     with_json = tmp_path / "ar"
     shutil.copytree(AR_CHECKPOINT, with_json)
     write_tokenizer_json(Tokenizer.default(), with_json)
     r = cli("inspect", with_json, "--no-weights")
     assert "tokenizer.json only" in r.output, r.output
-    r, report = _verify(with_json, ar_float, ar_text, tmp_path / "a.json")
-    assert "assuming the Mixtral v1 tokenizer" not in r.stderr
-    _, bare = _verify(AR_CHECKPOINT, ar_float, ar_text, tmp_path / "b.json")
-    assert report["kld_mean"] == bare["kld_mean"] and report["ppl"] == bare["ppl"]
+    json_ref = _without_tokenizer_model(ar_float, tmp_path / "float-json")
+    r, report = _verify(with_json, json_ref, ar_text, tmp_path / "a.json")
+    assert r.exit_code in (0, 1) and "assuming the Mixtral v1 tokenizer" not in r.stderr, r.output
+    _, sentencepiece = _verify(with_json, ar_float, ar_text, tmp_path / "b.json")
+    assert report["kld_mean"] == sentencepiece["kld_mean"] and report["ppl"] == sentencepiece["ppl"]
+    # the bare checkpoint against the bare reference: the tokenizer.json given with --tokenizer
+    bare_ref = tmp_path / "float-bare"
+    shutil.copytree(json_ref, bare_ref)
+    (bare_ref / "tokenizer.json").unlink()
+    r, given = _verify(AR_CHECKPOINT, bare_ref, ar_text, tmp_path / "c.json", "--tokenizer", with_json / "tokenizer.json")
+    assert r.exit_code in (0, 1) and "assuming the Mixtral v1 tokenizer" not in r.stderr, r.output
+    assert given["kld_mean"] == sentencepiece["kld_mean"]
+    r, _ = _verify(AR_CHECKPOINT, bare_ref, ar_text, tmp_path / "d.json")
+    assert "assuming the Mixtral v1 tokenizer" in r.stderr  # the fallback, said, where there is no file at all
 
 
 def _damaged(tmp_path, name, tensors=None, qc=None) -> Path:

@@ -95,7 +95,7 @@ def json_option(what: str):
 
 def tokenizer_option():
     return click.option("--tokenizer", type=InputPath(dir_okay=False), metavar="FILE",
-                        help="the SentencePiece tokenizer.model to tokenize with (default: the checkpoint's own; "
+                        help="the SentencePiece tokenizer.model (or a tokenizer.json) to tokenize with (default: the checkpoint's own; "
                              "for one without, the Mixtral v1 tokenizer, said on stderr)")
 
 

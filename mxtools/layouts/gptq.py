@@ -12,7 +12,9 @@ never holding more than that layer's results; `quantize_report.json` records how
 
 Tensor names (`--names`, NAMINGS): "vllm" (default) stores the canonical transformers 4.x names, which vLLM's
 Mixtral loader maps onto its fused MoE; "transformers" stores transformers 5's per-expert names, which GPTQModel
-7.x checks for. The reader takes either; `convert --to gptq` of a GPTQ checkpoint re-exports it byte for byte.
+7.x checks for. The reader also takes AutoRound's spelling ("autoround", READ_NAMINGS) and either router name,
+found from the tensor names alone; GPTQModel's v2 packing ("gptq_v2") and per-module `dynamic` bits; `convert
+--to gptq` of a GPTQ checkpoint re-exports it byte for byte.
 """
 from __future__ import annotations
 
