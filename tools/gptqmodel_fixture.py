@@ -3,7 +3,9 @@ tools/autoround_fixture.py starts from (its `float` step makes it), with act-ord
 monotone) and GPTQModel's v2 packing (checkpoint_format "gptq_v2": zero points stored without v1's offset).
 
     .venv/bin/python tools/autoround_fixture.py float /tmp/ar-float
-    .venv/bin/python tools/gptqmodel_fixture.py /tmp/ar-float tests/fixtures/gptqmodel
+    GPTQMODEL_CPU_WORKERS=2 .venv/bin/python tools/gptqmodel_fixture.py /tmp/ar-float tests/fixtures/gptqmodel
+
+(GPTQModel 7.6 refuses to start on CPU with fewer than 2 workers.)
 
 GPTQModel 7.6 is a test judge of the project's .venv. After saving, the checkpoint is loaded back with GPTQModel
 (its CPU torch kernel) and each module of EXPECTED dequantized by the kernel's own `dequantize_weight()`, stored
