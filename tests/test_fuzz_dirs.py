@@ -52,7 +52,8 @@ def _spec(vocab=512, **kw):
 
 def build_sources(root: Path) -> dict[str, Path]:
     """One synthetic checkpoint per reader under root: hf (three shards + index), mistral (safetensors),
-    mistral-pth, concat (two .pt files), paddle, paddle-pdparams (PaddleNLP's fixture), gptq (RTN int4)."""
+    mistral-pth, concat (two .pt files), paddle, paddle-pdparams (PaddleNLP's fixture), gptq (RTN int4),
+    gptq-autoround (AutoRound's own, a fixture)."""
     root.mkdir(parents=True, exist_ok=True)
     ck = synth_checkpoint(_spec(), 0, torch.bfloat16)
     out = {"hf": write_checkpoint(ck, "hf", root / "hf", "bf16", shard_bytes=400_000),
@@ -66,6 +67,8 @@ def build_sources(root: Path) -> dict[str, Path]:
     shutil.copy(out["hf"] / "tokenizer.model", out["paddle-pdparams"] / "sentencepiece.bpe.model")
     gptq_spec = _spec(dim=128, hidden_dim=256, head_dim=32)
     out["gptq"] = write_checkpoint(synth_checkpoint(gptq_spec, 0, torch.float16), "gptq", root / "gptq", "f16")
+    # another tool's GPTQ checkpoint: AutoRound's expert names, bf16 router, `dynamic` rules, quantization_config.json
+    out["gptq-autoround"] = Path(shutil.copytree(AUTOROUND, root / "gptq-autoround"))
     return out
 
 
@@ -195,6 +198,7 @@ HF_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "n
            "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters", "max_position_embeddings", "_name_or_path")
 CONCAT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok")
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "format", "quant_method")
+AUTOROUND = Path(__file__).parent / "fixtures" / "autoround" / "checkpoint"
 
 
 def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_key: bool = False
@@ -284,6 +288,14 @@ def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_
         yield from each(gq, shard, byte_cases(shard, data, rng, n(25), [(0, safetensors_header_end(data))]))
         yield from each(gq, shard, truncation_cases(shard, data, rng, n(5)))
 
+    ar = sources["gptq-autoround"]
+    ar_keys = None if every_key else [("quantization_config", k) for k in (*GPTQ_KEYS, "dynamic")]
+    yield from each(ar, "config.json", structured_cases("config.json", json.loads(read(ar, "config.json")), ar_keys))
+    data = read(ar, "model.safetensors")
+    yield from each(ar, "model.safetensors", byte_cases("model.safetensors", data, rng, n(25),
+                                                        [(0, safetensors_header_end(data))]))
+    yield from each(ar, "model.safetensors", truncation_cases("model.safetensors", data, rng, n(5)))
+
 
 def pdparams_cases(pdp: Path, rng: random.Random, n: Callable, each: Callable) -> Iterator[tuple[str, Path, Changes]]:
     """PaddleNLP's sharded .pdparams: opcode operands of the first shard set to extremes and neighbours,
@@ -333,7 +345,7 @@ def verb_argv(verb: str, case: Path, work: Path) -> list:
     short = ["--text", text, "--ctx", "32", "--chunks", "1", "--device", "cpu"]
     return {"inspect": ["inspect", case],
             "convert": ["convert", case, "--to", "gguf", "--outtype", "q8_0", "-o", work / "out.gguf"],
-            "imatrix": ["imatrix", case, *short, "-o", work / "out.imatrix.gguf"],
+            "imatrix": ["imatrix", case, "--calib", *short[1:], "-o", work / "out.imatrix.gguf"],
             "verify": ["verify", case, "--reference", case, *short],
             "quantize": ["quantize", case, "--calib", text, "--nsamples", "2", "--seqlen", "32", "--group-size",
                          "32", "--device", "cpu", "-o", work / "out-gptq"]}[verb]

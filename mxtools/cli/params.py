@@ -95,8 +95,8 @@ def json_option(what: str):
 
 def tokenizer_option():
     return click.option("--tokenizer", type=InputPath(dir_okay=False), metavar="FILE",
-                        help="the SentencePiece tokenizer.model to tokenize with (default: the checkpoint's own; "
-                             "for one without, the Mixtral v1 tokenizer, said on stderr)")
+                        help="the SentencePiece tokenizer.model (or a tokenizer.json) to tokenize with (default: the "
+                             "checkpoint's own; for one without, the Mixtral v1 tokenizer, said on stderr)")
 
 
 def device_option():

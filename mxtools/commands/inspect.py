@@ -25,6 +25,7 @@ def describe(path: Path, scan: bool = True) -> dict:
         return {"path": str(path), "layout": ckpt.layout, "config": ckpt.spec.to_dict(),
                 "tensors": len(ckpt.tensors), "parameters": params, "types": dict(types),
                 "file_bytes": _bytes(Path(path)), "tokenizer": ckpt.tokenizer is not None,
+                "tokenizer_file": ckpt.tokenizer.kind if ckpt.tokenizer else None,
                 "chat_template": bool(ckpt.tokenizer and ckpt.tokenizer.chat_template),
                 "chat_template_check": chat_report(ckpt.tokenizer),
                 "info": {k: v for k, v in ckpt.info.items() if isinstance(v, (int, str, float, bool, type(None)))},
@@ -65,8 +66,8 @@ def render(r: dict) -> str:
               f"experts {c['n_experts']} (top-{c['n_experts_per_tok']}) x ffn {c['hidden_dim']}, vocab "
               f"{c['vocab_size']}, rope_theta {c['rope_theta']:g}"),
              "  types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())),
-             (f"  tokenizer: {'yes' if r['tokenizer'] else 'no'}, "
-              f"chat template: {'yes' if r['chat_template'] else 'no'}")]
+             f"  tokenizer: {_tokenizer_words(r)}, chat template: {'yes' if r['chat_template'] else 'no'}"]
+    lines += _gptq_line(r["info"])
     lines += _chat_line(r["chat_template_check"])
     lines += [f"  problem: {p}" for p in r["problems"]] or ["  no problems found"]
     return "\n".join(lines)
@@ -78,3 +79,19 @@ def _chat_line(check: dict | None) -> list[str]:
     if check["reproduces_mistral_common"]:
         return [f"  chat template: reproduces mistral-common's token ids on all {check['conversations']} conversations"]
     return ["  chat template: differs from mistral-common at " + describe_difference(check["first_difference"])]
+
+
+def _tokenizer_words(r: dict) -> str:
+    if not r["tokenizer"]:
+        return "no"
+    if r.get("tokenizer_file") == "tokenizer.json":
+        return "tokenizer.json only (tokenized through the tokenizers library)"
+    return "yes"
+
+
+def _gptq_line(info: dict) -> list[str]:
+    """GPTQ checkpoints: the packing format, the tensor naming found and the tool the config names."""
+    if "tensor_names" not in info:
+        return []
+    return [(f"  gptq: checkpoint_format {info.get('checkpoint_format')}, tensor names {info['tensor_names']} "
+            f"(router {info.get('router_name')}), written by {info.get('written_by') or 'an unnamed tool'}")]

@@ -257,7 +257,7 @@ def describe_difference(diff: dict) -> str:
 
 def report(tok: Tokenizer | None) -> dict | None:
     """What `inspect` shows: whether the checkpoint's own template reproduces mistral-common on CONVERSATIONS."""
-    if tok is None or not tok.chat_template:
+    if tok is None or not tok.chat_template or not tok.sp_model:  # sp_model b"": a tokenizer.json of another vocabulary
         return None
     diff = first_difference(tok.chat_template, tok)
     return {"reproduces_mistral_common": diff is None, "conversations": len(CONVERSATIONS),

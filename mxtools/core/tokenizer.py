@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import sentencepiece as spm
 
@@ -34,6 +35,7 @@ class Tokenizer:
     unk_id: int = 0
     add_bos: bool = True
     add_eos: bool = False
+    kind: ClassVar[str] = "tokenizer.model"  # the file it came from (tokenizer_json.JsonTokenizer: tokenizer.json)
 
     @classmethod
     def from_file(cls, path, **kw) -> Tokenizer:

@@ -79,13 +79,14 @@ def pack(result: Codes, out_dtype: torch.dtype = torch.float16) -> dict[str, tor
     }
 
 
-def unpack(tensors: dict[str, torch.Tensor], bits: int):
-    """(q uint8 [out, in], zeros int32 [n_groups, out] (the real zero, stored + 1), scales as stored, g_idx)."""
+def unpack(tensors: dict[str, torch.Tensor], bits: int, zero_offset: int = 1):
+    """(q uint8 [out, in], zeros int32 [n_groups, out] (the real zero: stored + `zero_offset`, 1 in v1 and 0 in
+    GPTQModel's v2 "gptq_v2" format), scales as stored, g_idx)."""
     missing = [s for s in SUFFIXES if s not in tensors]
     if missing:
         raise ShapeError(f"GPTQ tensors missing: {', '.join(missing)}")
     q = _unpack_rows(tensors["qweight"], bits).T.to(torch.uint8)
-    zeros = (_unpack_rows(tensors["qzeros"].T, bits).T + 1).to(torch.int32)
+    zeros = (_unpack_rows(tensors["qzeros"].T, bits).T + zero_offset).to(torch.int32)
     scales, g_idx = tensors["scales"], tensors["g_idx"].to(torch.int32)
     if q.shape[1] != g_idx.shape[0] or zeros.shape != scales.shape or scales.shape[1] != q.shape[0]:
         raise ShapeError(f"inconsistent GPTQ shapes: qweight {tuple(tensors['qweight'].shape)}, "
@@ -94,8 +95,8 @@ def unpack(tensors: dict[str, torch.Tensor], bits: int):
     return q.contiguous(), zeros.contiguous(), scales, g_idx
 
 
-def dequantize(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """The float32 weight [out, in] a v1 loader computes from the four tensors."""
-    q, zeros, scales, g_idx = unpack(tensors, bits)
+def dequantize(tensors: dict[str, torch.Tensor], bits: int, zero_offset: int = 1) -> torch.Tensor:
+    """The float32 weight [out, in] a v1 loader (`zero_offset` 1; a v2 one: 0) computes from the four tensors."""
+    q, zeros, scales, g_idx = unpack(tensors, bits, zero_offset)
     gi = g_idx.long()
     return (scales.float()[gi] * (q.T.float() - zeros.float()[gi])).T.contiguous()

@@ -14,11 +14,13 @@ from ..core.names import NameTable
 from ..core.spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe, spec_of
 from ..core.tensors import Checkpoint, dense_nbytes
 from ..core.tokenizer import Tokenizer
+from ..core.tokenizer_json import JsonTokenizer
 from ..core.values import ConfigValues, is_kind, json_object
 from .buffers import POOL
 from .safetensors import SafetensorsFile, SafetensorsWriter
 
 TOKENIZER_FILES = ("tokenizer.model", "sentencepiece.bpe.model")  # the second is the PaddleNLP mirror's name
+FAST_TOKENIZER_FILE = "tokenizer.json"  # read when no SentencePiece model is there (GPTQModel, AutoRound outputs)
 QUANT_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ / GPTQModel's copy of the quantization config
 
 
@@ -91,8 +93,10 @@ def shard_files(path: Path, index_name: str = "model.safetensors.index.json",
 
 
 def read_tokenizer(path: Path) -> Tokenizer | None:
+    """The directory's tokenizer.model (or its Paddle name), else its tokenizer.json (read through the tokenizers
+    library), with tokenizer_config.json's settings; None when it has neither."""
     model = next((path / n for n in TOKENIZER_FILES if (path / n).exists()), None)
-    if model is None:
+    if model is None and not (path / FAST_TOKENIZER_FILE).exists():
         return None
     cfg_file = path / "tokenizer_config.json"
     cfg = read_json_object(cfg_file, "tokenizer config") if cfg_file.exists() else {}
@@ -102,7 +106,20 @@ def read_tokenizer(path: Path) -> Tokenizer | None:
     add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
     if not (template is None or is_kind(template, str)) or not is_kind(add_bos, bool) or not is_kind(add_eos, bool):
         raise FormatError("chat_template must be a string and add_bos_token/add_eos_token booleans", file=cfg_file)
+    if model is None:
+        specials = {k: _token_text(cfg.get(f"{k}_token"), d)
+                    for k, d in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"))}
+        return JsonTokenizer.from_json_file(path / FAST_TOKENIZER_FILE, chat_template=template, add_bos=add_bos,
+                                            add_eos=add_eos, bos_token=specials["bos"], eos_token=specials["eos"],
+                                            unk_token=specials["unk"])
     return Tokenizer.from_file(model, chat_template=template, add_bos=add_bos, add_eos=add_eos)
+
+
+def _token_text(value, default: str):
+    """A special token of tokenizer_config.json: a string, or transformers' AddedToken object {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return default if value is None else value
 
 
 def _read_text(path: Path) -> str:
@@ -216,6 +233,7 @@ def write_shards(out: Path, items: list[tuple[str, torch.dtype, tuple]], data, s
 
 def write_tokenizer(tok: Tokenizer | None, out: Path) -> None:
     tok = tok or Tokenizer.default()
+    tok.processor()  # a tokenizer.json of another vocabulary than v1's has no SentencePiece model: refused here
     (out / "tokenizer.model").write_bytes(tok.sp_model)
     write_tokenizer_json(tok, out)
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

@@ -12,10 +12,13 @@ never holding more than that layer's results; `quantize_report.json` records how
 
 Tensor names (`--names`, NAMINGS): "vllm" (default) stores the canonical transformers 4.x names, which vLLM's
 Mixtral loader maps onto its fused MoE; "transformers" stores transformers 5's per-expert names, which GPTQModel
-7.x checks for. The reader takes either; `convert --to gptq` of a GPTQ checkpoint re-exports it byte for byte.
+7.x checks for. The reader also takes AutoRound's spelling ("autoround", READ_NAMINGS) and either router name,
+found from the tensor names alone; GPTQModel's v2 packing ("gptq_v2") and per-module `dynamic` bits; `convert
+--to gptq` of a GPTQ checkpoint re-exports it byte for byte.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -47,20 +50,38 @@ from . import Layout, WriteOptions, register
 
 REPORT_FILE = "quantize_report.json"
 V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero - 1 (v1); missing means v1
+V2_FORMAT = "gptq_v2"  # GPTQModel's v2: qzeros store the zero itself
 TOOL = "mxtools"
 
-# Tensor names per runtime, as name tables over names.KINDS (only these rows differ from the canonical ones).
+# Tensor names per runtime, as name tables over names.KINDS (only the router and expert rows differ from the
+# canonical ones). Each naming: the MoE block holding the experts, their gate/up/down names, the default router.
 # vllm: vllm/model_executor/models/mixtral.py maps `block_sparse_moe.experts.{e}.w1|w2|w3` (its
 #   expert_params_mapping) and keeps `block_sparse_moe.gate` a plain unquantized Linear.
 # transformers: transformers 5 calls the MoE block `mlp` and the experts gate/up/down_proj; GPTQModel 7.x
 #   (models/definitions/mixtral.py, module_tree "mlp|block_sparse_moe" > "experts" > "gate_proj|w1" ...) looks
 #   for the quantized tensors under these names before any renaming.
-_TRANSFORMERS_ROWS = {"ffn_gate_inp": "mlp.gate", "ffn_gate": "mlp.experts.{e}.gate_proj",
-                      "ffn_up": "mlp.experts.{e}.up_proj", "ffn_down": "mlp.experts.{e}.down_proj"}
-NAMINGS = dict(zip(GPTQ_NAMINGS, (  # the names the command line offers (core.defaults), in its order
-    CANONICAL_TABLE,
-    NameTable({**CANONICAL_TABLE.rows, **{k: f"model.layers.{{i}}.{v}.weight" for k, v in _TRANSFORMERS_ROWS.items()}}),
-), strict=True))
+# autoround: transformers 5's expert names under the transformers 4.x block, `block_sparse_moe.experts.{e}.
+#   gate_proj|up_proj|down_proj` (read only: no runtime asks for it).
+# The router is read under `block_sparse_moe.gate` or `mlp.gate`, whichever the checkpoint holds.
+_SPELLINGS = {
+    "vllm": ("block_sparse_moe", "w1", "w3", "w2", "block_sparse_moe.gate"),
+    "transformers": ("mlp", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
+    "autoround": ("block_sparse_moe", "gate_proj", "up_proj", "down_proj", "block_sparse_moe.gate"),
+}
+ROUTERS = ("block_sparse_moe.gate", "mlp.gate")
+READ_NAMINGS = tuple(_SPELLINGS)
+
+
+def name_table(naming: str, router: str | None = None) -> NameTable:
+    """The name table of `naming` (a READ_NAMINGS key), the router under `router` (default: the naming's own)."""
+    block, gate, up, down, default_router = _SPELLINGS[naming]
+    layer, experts = "model.layers.{i}.", f"model.layers.{{i}}.{block}.experts.{{e}}."
+    return NameTable({**CANONICAL_TABLE.rows, "ffn_gate_inp": f"{layer}{router or default_router}.weight",
+                      "ffn_gate": f"{experts}{gate}.weight", "ffn_up": f"{experts}{up}.weight",
+                      "ffn_down": f"{experts}{down}.weight"})
+
+
+NAMINGS = {n: name_table(n) for n in GPTQ_NAMINGS}  # the names the command line offers (core.defaults), in order
 DEFAULT_NAMES = GPTQ_NAMINGS[0]
 
 
@@ -70,22 +91,50 @@ def is_gptq(path: Path) -> bool:
     return gptq_quant_config(Path(path)) is not None
 
 
-def stored_name(canonical: str, naming: str) -> str:
-    """The key a canonical tensor (`x.weight`, or a quantized part `x.qweight` ...) has under `naming`."""
+def stored_name(canonical: str, table: NameTable) -> str:
+    """The key a canonical tensor (`x.weight`, or a quantized part `x.qweight` ...) has under `table`."""
     base, _, suffix = canonical.rpartition(".")
-    return NAMINGS[naming].to_layout(base + ".weight")[0].removesuffix("weight") + suffix
+    return table.to_layout(base + ".weight")[0].removesuffix("weight") + suffix
 
 
-def canonical_name(key: str, naming: str) -> str:
-    """The canonical name of a stored key under `naming` (an unknown key is returned as it is)."""
+def canonical_name(key: str, table: NameTable) -> str:
+    """The canonical name of a stored key under `table` (an unknown key is returned as it is)."""
     base, _, suffix = key.rpartition(".")
-    hit = NAMINGS[naming].to_canonical(base + ".weight")
+    hit = table.to_canonical(base + ".weight")
     return hit[0].removesuffix("weight") + suffix if hit else key
 
 
-def naming_of(keys) -> str:
-    """"transformers" when any key has one of its own names (mlp.experts.0.gate_proj.qweight ...), else "vllm"."""
-    return "transformers" if any(canonical_name(k, "transformers") != k for k in keys) else DEFAULT_NAMES
+def _expert_keys(naming: str) -> re.Pattern:
+    block, gate, up, down, _ = _SPELLINGS[naming]
+    return re.compile(rf"model\.layers\.\d+\.{block}\.experts\.\d+\.({gate}|{up}|{down})\.")
+
+
+def naming_of(keys, source=None) -> tuple[str, str]:
+    """(naming, router) of a checkpoint, from its tensor names only: the naming whose expert names the keys use
+    (vllm when none does), the router spelling the keys use (else the naming's own). Keys in two expert
+    namings are a FormatError naming `source`."""
+    keys = list(keys)
+    found = [n for n in READ_NAMINGS if any(_expert_keys(n).match(k) for k in keys)]
+    if len(found) > 1:
+        raise FormatError(f"expert tensors are named in two ways ({' and '.join(found)})", file=source)
+    naming = found[0] if found else DEFAULT_NAMES
+    routers = [r for r in ROUTERS if any(re.match(rf"model\.layers\.\d+\.{re.escape(r)}\.", k) for k in keys)]
+    return naming, routers[0] if routers else _SPELLINGS[naming][4]
+
+
+def writer_of(qc: dict) -> str | None:
+    """The tool that probably wrote a GPTQ config, from what the config itself says: GPTQModel's and mxtools'
+    `meta.quantizer` (or a top-level `quantizer`), a `packer`, AutoRound's `autoround_version` or a `provider`;
+    None when it says nothing."""
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    for field in (meta.get("quantizer"), qc.get("quantizer"), meta.get("packer"), qc.get("packer")):
+        names_ = field if isinstance(field, list) else [field]
+        hit = next((n for n in names_ if isinstance(n, str) and n), None)
+        if hit:
+            return hit[:80]
+    if isinstance(qc.get("autoround_version"), str):  # AutoRound also writes "provider": "auto-round"
+        return f"auto-round:{qc['autoround_version'][:40]}"
+    return qc["provider"][:80] if isinstance(qc.get("provider"), str) and qc["provider"] else None
 
 
 class Settings(Protocol):
@@ -114,10 +163,11 @@ def gptq_config(cfg: Settings, model_name: str, naming: str = DEFAULT_NAMES) -> 
 
 
 def _settings(qc: dict, source) -> dict:
-    """bits, group_size, ... of a GPTQ config; refuses the formats whose packing differs from v1."""
+    """bits, group_size, ... of a GPTQ config; refuses the formats whose packing differs from v1 and v2."""
     fmt = qc.get("checkpoint_format") or qc.get("format")
-    if fmt not in V1_FORMATS:
-        raise FormatError(f"GPTQ checkpoint_format {fmt!r:.40} is not supported (only v1 \"gptq\")", file=source)
+    if fmt not in (*V1_FORMATS, V2_FORMAT):
+        raise FormatError(f"GPTQ checkpoint_format {fmt!r:.40} is not supported (v1 \"gptq\" or \"gptq_v2\")",
+                          file=source)
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     sym, desc_act = qc.get("sym", True), qc.get("desc_act", False)
     if not is_kind(bits, int) or bits not in (2, 4, 8):
@@ -126,7 +176,38 @@ def _settings(qc: dict, source) -> dict:
         raise FormatError(f"GPTQ group_size={str(group)[:40]} is not -1 or a positive integer", file=source)
     if not is_kind(sym, bool) or not is_kind(desc_act, bool):
         raise FormatError("GPTQ sym and desc_act must be true or false", file=source)
-    return {"bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act, "checkpoint_format": fmt or "gptq"}
+    return {"bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act, "checkpoint_format": fmt or "gptq",
+            "dynamic": _dynamic_bits(qc.get("dynamic"), source)}
+
+
+def _dynamic_bits(dynamic, source) -> list[tuple[re.Pattern, int]]:
+    """GPTQModel's per-module overrides (`dynamic`, which AutoRound writes too): regex -> settings, a "-:" regex
+    leaving modules unquantized (they are stored as float weights, so nothing to read), a "+:" or bare one
+    overriding `bits` for the modules it matches. Returned: (pattern, bits) of the overrides that set bits."""
+    if dynamic is None:
+        return []
+    if not isinstance(dynamic, dict):
+        raise FormatError("GPTQ dynamic is not an object", file=source)
+    rules = []
+    for rule, override in dynamic.items():
+        if not isinstance(override, dict):
+            raise FormatError(f"GPTQ dynamic rule {rule[:40]!r} is not an object", file=source)
+        if rule.startswith("-:") or "bits" not in override:
+            continue
+        bits = override["bits"]
+        if type(bits) is not int or bits not in (2, 4, 8):
+            raise FormatError(f"GPTQ dynamic rule {rule[:40]!r}: bits={str(bits)[:40]} is not supported (2, 4 or 8)",
+                              file=source)
+        try:
+            rules.append((re.compile(rule.removeprefix("+:")), bits))
+        except (re.error, RecursionError, OverflowError):
+            raise FormatError(f"GPTQ dynamic rule {rule[:40]!r} is no regular expression", file=source) from None
+    return rules
+
+
+def layer_bits(module: str, settings: dict) -> int:
+    """The bits of the stored module `module`: the first dynamic override matching it, else the config's."""
+    return next((bits for rx, bits in settings["dynamic"] if rx.match(module)), settings["bits"])
 
 
 # ---------------------------------------------------------------- reader
@@ -151,8 +232,8 @@ def _check_parts(base: str, parts: dict, bits: int, source) -> None:
             file=scales.source, tensor=base)
 
 
-def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
-    """The canonical `<base>.weight` whose load() dequantizes the four v1 tensors of `base`."""
+def _dequantized(base: str, parts: dict, bits: int, zero_offset: int) -> LazyTensor:
+    """The canonical `<base>.weight` whose load() dequantizes the four tensors of `base` (v1: `zero_offset` 1)."""
     scales, g_idx = parts["scales"], parts["g_idx"]
     shape = (scales.shape[1], g_idx.shape[0])
     name = base + ".weight"
@@ -164,7 +245,7 @@ def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
             raise FormatError(f"g_idx holds group {int(gi.min()) if int(gi.min()) < 0 else int(gi.max())} "
                               f"outside 0..{scales.shape[0] - 1}", file=g_idx.source, tensor=base + ".g_idx")
         try:
-            return dequantize(loaded, bits)
+            return dequantize(loaded, bits, zero_offset)
         except (MxError, IndexError, RuntimeError) as exc:
             raise FormatError(f"cannot dequantize: {exc}", file=scales.source, tensor=name) from None
     return LazyTensor(name, shape, torch.float32, load, scales.source, f"gptq-int{bits}")
@@ -173,6 +254,7 @@ def _dequantized(base: str, parts: dict, bits: int) -> LazyTensor:
 def read(path: Path) -> Checkpoint:
     qc = gptq_quant_config(path)
     settings = _settings(qc, path / "config.json")
+    zero_offset = 0 if settings["checkpoint_format"] == V2_FORMAT else 1
     spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
     files = shard_files(path)
     if not files:
@@ -188,16 +270,20 @@ def read(path: Path) -> Checkpoint:
             else:
                 tensors[key] = lazy  # HF naming is the canonical one; unknown keys fail validation
         for base, parts in groups.items():
-            _check_parts(base, parts, settings["bits"], path)
-            tensors[base + ".weight"] = _dequantized(base, parts, settings["bits"])
+            bits = layer_bits(base, settings)
+            _check_parts(base, parts, bits, path)
+            tensors[base + ".weight"] = _dequantized(base, parts, bits, zero_offset)
+        naming, router = naming_of(tensors, path)
     except BaseException:
         for f in opened:
             f.close()
         raise
-    naming = naming_of(tensors)
-    tensors = {canonical_name(k, naming): t.renamed(canonical_name(k, naming)) for k, t in tensors.items()}
-    ckpt = Checkpoint(spec, tensors, "gptq", path, tok,
-                      info={"quant_method": "gptq", "gptq": settings, "tensor_names": naming})
+    table = name_table(naming, router)
+    tensors = {canonical_name(k, table): t.renamed(canonical_name(k, table)) for k, t in tensors.items()}
+    info = {"quant_method": "gptq", "gptq": {k: v for k, v in settings.items() if k != "dynamic"},
+            "tensor_names": naming, "router_name": router, "checkpoint_format": settings["checkpoint_format"],
+            "written_by": writer_of(qc)}
+    ckpt = Checkpoint(spec, tensors, "gptq", path, tok, info=info)
     ckpt.closers += [f.close for f in opened]
     return ckpt
 
@@ -244,7 +330,7 @@ def write_quantized(ckpt: Checkpoint, out: Path, stream, cfg: Settings, outtype:
     """Write the GPTQ v1 directory into `out` (an existing empty dir; callers make it atomic) from `stream`,
     its tensors under the `names` naming (NAMINGS)."""
     dtype = FLOAT_DTYPES[outtype]
-    items = [(stored_name(n, names), dt, shape) for n, dt, shape in plan(ckpt.spec, cfg, dtype)]
+    items = [(stored_name(n, NAMINGS[names]), dt, shape) for n, dt, shape in plan(ckpt.spec, cfg, dtype)]
     data = _tensors(ckpt, stream, dtype)
     write_shards(out, items, data, shard_bytes, {"format": "pt", "quantizer": TOOL}, progress)
     next(data, None)  # let the generator finish the stream (its totals) after the last tensor
@@ -274,16 +360,17 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
     """Every stored tensor of the GPTQ checkpoint `ckpt` byte for byte, in canonical order, under `naming`'s
     names; the two configs record the naming; every other file of the directory is copied as it is."""
     src = Path(ckpt.path)
+    source = name_table(ckpt.info["tensor_names"], ckpt.info["router_name"])  # read() named them from the same keys
+    target = source if naming == ckpt.info["tensor_names"] else name_table(naming)
     raw, opened = read_tensors(shard_files(src), NameTable({}))
     try:
-        source_naming = ckpt.info["tensor_names"]  # read() named it from the same keys
-        stored = {canonical_name(k, source_naming): t for k, t in raw.items()}
+        stored = {canonical_name(k, source): t for k, t in raw.items()}
         order = list(_stored_order(ckpt.spec, stored))
         left = sorted(set(stored) - set(order))
         if left:
             raise FormatError(f"{len(left)} stored tensor(s) are no part of the model: {', '.join(left[:5])}",
                               file=src, tensor=left[0])
-        items = [(stored_name(n, naming), stored[n].dtype, tuple(stored[n].shape)) for n in order]
+        items = [(stored_name(n, target), stored[n].dtype, tuple(stored[n].shape)) for n in order]
         write_shards(out, items, (stored[n].load() for n in order), shard_bytes,
                         {"format": "pt", "quantizer": TOOL}, progress)
     finally:
