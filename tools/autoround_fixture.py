@@ -8,14 +8,14 @@ Two steps, each in its own environment (AutoRound pins its own torch and transfo
     /work/venvs/autoround/bin/python tools/autoround_fixture.py quantize /tmp/ar-float tests/fixtures/autoround
 
 Step 2 quantizes with AutoRound (int4, group size 32, symmetric, a few sign-gradient iterations on a short
-calibration text whose token ids fit the model's 512-token vocabulary), saves it with format "auto_gptq" and
-then, for the tensors in EXPECTED, builds AutoRound's own packed Linear (auto_round_extension's torch_zp
-QuantLinear: the class its exporter packs with and its CPU inference backend for GPTQ checkpoints, built as that
-backend builds it, without g_idx for desc_act false) from the saved tensors and runs it on the identity matrix:
-its forward pass computes the weight it multiplies by, which is stored as expected.safetensors (float32 [out, in]) beside the
-checkpoint (OUT/checkpoint is what AutoRound saved, less its tokenizer.json). The large
-tokenizer.json AutoRound saves is dropped (the tests add mxtools' own, which transformers re-saved unchanged),
-and VERSIONS records the tools' versions and the settings.
+calibration text whose token ids fit the model's 512-token vocabulary), saves it with format "auto_gptq" and then,
+for the tensors in EXPECTED, builds AutoRound's own packed Linear (auto_round_extension's torch_zp QuantLinear: the
+class its exporter packs with and its CPU inference backend for GPTQ checkpoints, built as that backend builds it,
+without g_idx for desc_act false) from the saved tensors and runs it on the identity matrix: its forward pass
+computes the weight it multiplies by, which is stored as expected.safetensors (float32 [out, in]) beside the
+checkpoint (OUT/checkpoint is what AutoRound saved, less its tokenizer.json). The large tokenizer.json AutoRound
+saves is dropped (the tests add mxtools' own, which transformers re-saved unchanged), and VERSIONS records the
+tools' versions and the settings.
 """
 from __future__ import annotations
 
