@@ -203,6 +203,7 @@ def test_types_with_imatrix_match_llama_quantize(judged, tmp_path, mix):
     assert run.returncode == 0, f"llama-quantize {mix} failed:\n{run.stderr[-3000:]}"
     ours = convert(judged["gguf"], "gguf", tmp_path / "ours.gguf", mix, imatrix_path=judged["imatrix"])
     assert_same_tensors(ours, tmp_path / "llama.gguf")
+    assert_llama_cpp_runs(ours)
     theirs = file_types(tmp_path / "llama.gguf")
     policy = load_mix(mix).policy(judged["spec"], imatrix=True)
     assert_same_types(policy_types(policy, judged["spec"]), theirs, f"{mix} on {judged['name']}")
@@ -303,12 +304,10 @@ def test_compare_offers_the_iquant_mixes():
 @pytest.mark.parametrize("judged", ["bundled"], indirect=True)
 def test_inspect_verify_and_llama_cpp_read_llama_quantizes_iquant_files(judged, tmp_path):
     """A llama-quantize IQ2_XS and IQ4_XS file of the bundled model: inspect names its types, verify scores it
-    against the f16 file (finite, IQ4_XS closer than IQ2_XS), llama.cpp loads ours and gives finite logits."""
+    against the f16 file (finite, IQ4_XS closer than IQ2_XS)."""
     import json
 
-    import numpy as np
     from click.testing import CliRunner
-    from test_mixes import llama_cpp
 
     from mxtools.cli import main
     kld = {}
@@ -323,12 +322,17 @@ def test_inspect_verify_and_llama_cpp_read_llama_quantizes_iquant_files(judged, 
                                       "--min-same-top", "0", "--max-ppl-ratio", "100"])
         assert r.exit_code == 0, r.output
         kld[mix] = json.loads((tmp_path / f"{mix}.json").read_text())["kld_mean"]
-        ours = convert(judged["gguf"], "gguf", tmp_path / f"ours-{mix}.gguf", mix, imatrix_path=judged["imatrix"])
-        llm = llama_cpp.Llama(model_path=str(ours), n_ctx=32, logits_all=True, n_threads=2, verbose=False)
-        try:
-            llm.eval([1, 415, 2936, 9060, 285, 1142])
-            scores = np.array(llm.scores[:6], dtype=np.float32)
-        finally:
-            llm.close()
-        assert np.isfinite(scores).all() and scores.std() > 0
     assert 0 < kld["iq4_xs"] < kld["iq2_xs"] < 10
+
+
+def assert_llama_cpp_runs(path: Path) -> None:
+    """llama.cpp loads the file and gives finite, non-constant logits for a few tokens."""
+    import numpy as np
+    from test_mixes import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, n_threads=2, verbose=False)
+    try:
+        llm.eval([1, 415, 2936, 9060, 285, 1142])
+        scores = np.array(llm.scores[:6], dtype=np.float32)
+    finally:
+        llm.close()
+    assert np.isfinite(scores).all() and scores.std() > 0
