@@ -2,8 +2,8 @@
 
     python bench/ab.py --base REV [--head REV] [--reps 3] [--jobs f16,q8_0,q4_k_m,mistral,gptq]
 
-Each REV is checked out in a temporary git worktree (its native kernels are this checkout's build, copied; REV
-must share their C sources, which the script checks); without --head the head side is this working tree. Jobs alternate
+Each REV is checked out in a temporary git worktree (its native kernels are this checkout's build, copied, when
+it has the same C sources, else built there); without --head the head side is this working tree. Jobs alternate
 base, head, base, head... so a noisy machine slows both sides alike; the table gives each side's median wall time and
 peak RSS and the ratio head / base.
 Conversions read `synth --preset 8x7b --layers 2` (6.3 GB bf16, bench/out); quantization is GPTQ int4 of the
@@ -30,8 +30,9 @@ def _worktree(rev: str, where: Path) -> Path:
                    capture_output=True)
     native = ROOT / "mxtools" / "native"
     changed = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", rev, "--", "mxtools/native"], check=False)
-    if changed.returncode:
-        raise SystemExit(f"{rev} has other native sources than this checkout: build it instead")
+    if changed.returncode:  # its own C sources: built there, with its own setup.py's flags
+        subprocess.run([PY, "setup.py", "-q", "build_ext", "--inplace"], cwd=where, check=True, capture_output=True)
+        return where
     for lib in native.glob("_lib*.so"):
         shutil.copy(lib, where / "mxtools" / "native" / lib.name)
     return where
