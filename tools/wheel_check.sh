@@ -19,7 +19,7 @@ VPY="$WORK/venv/bin/python"
 cd "$WORK"  # nothing of the checkout is importable from here
 MX="$WORK/venv/bin/mxtools"
 "$VPY" -c 'import mxtools, sys; sys.exit("mxtools imported from the checkout" if "site-packages" not in mxtools.__file__ else 0)'
-"$MX" example ex
+"$MX" example -o ex
 test -f ex/model/tokenizer.json
 "$MX" convert ex/model --to gguf --outtype q4_k_m -o q4_k_m.gguf
 "$MX" quantize ex/model --recipe gptq-int4-g128 --calib ex/calib.txt --nsamples 4 --seqlen 256 -o gptq
