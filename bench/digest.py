@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 JOBS = [
-    ["example", "-o", "ex"],
+    ["example", "ex"],  # the positional OUT every version takes
     ["convert", "ex/model", "--to", "gguf", "--outtype", "f16", "-o", "f16.gguf"],
     ["convert", "ex/model", "--to", "gguf", "--outtype", "q8_0", "-o", "q8_0.gguf"],
     ["convert", "ex/model", "--to", "gguf", "--outtype", "q4_k_m", "-o", "q4_k_m.gguf"],
