@@ -85,3 +85,17 @@ def synth_dir(tmp_path_factory):
             cache[key] = write_synth(root / name, layout, dtype)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="module")
+def clib():
+    """llama.cpp's own quantizer, the judge of the GGML encoders: libggml-base from the installed llama-cpp-python
+    (or $MXTOOLS_GGML_LIB)."""
+    from ggml_clib import GGML, find_library
+    from judges import require
+
+    if not os.environ.get("MXTOOLS_GGML_LIB"):
+        require("llama_cpp")
+    path = find_library()
+    assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"
+    return GGML(path)

@@ -1,13 +1,11 @@
 """GGML block quantizers: byte-identical to llama.cpp's C code, decodable by gguf-py, exact on hand blocks."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
-from judges import require
 
 from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import SUPPORTED, quantize
@@ -57,18 +55,6 @@ def _edge_rows() -> np.ndarray:
              np.where(some, -np.abs(rng.standard_normal(N)), signed),
              signed]
     return np.array(rows, dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def clib():
-    from ggml_clib import GGML, find_library
-
-    if not os.environ.get("MXTOOLS_GGML_LIB"):
-        require("llama_cpp")
-
-    path = find_library()
-    assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"
-    return GGML(path)
 
 
 def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:

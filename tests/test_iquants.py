@@ -1,14 +1,12 @@
 """The i-quant encoders IQ4_NL, IQ4_XS, IQ3_XXS and IQ3_S: byte-identical to llama.cpp's ggml_quantize_chunk with
 and without an importance matrix, decodable by gguf-py, non-finite rows refused."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
-from judges import require
 
 from mxtools import native
 from mxtools.io import ggml_blocks
@@ -57,17 +55,6 @@ def _edge_rows() -> np.ndarray:
             hole, -np.abs(rng.standard_normal(N)), rng.integers(-8, 8, N) * 1.0, rng.standard_normal(N) * 60000.0,
             np.where(rng.random(N) < 0.5, -0.0, 0.0)]
     return np.array(rows, dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def clib():
-    from ggml_clib import GGML, find_library
-
-    if not os.environ.get("MXTOOLS_GGML_LIB"):
-        require("llama_cpp")
-    path = find_library()
-    assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"
-    return GGML(path)
 
 
 def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:

@@ -1,31 +1,18 @@
 """The 2-bit and 1-bit i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): byte-identical to llama.cpp's
 ggml_quantize_chunk, decodable by gguf-py."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
-from judges import require
 
 from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import NEEDS_IMATRIX, SUPPORTED, quantize
 
 TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M]
 N = 512  # two super-blocks per row
-
-
-@pytest.fixture(scope="module")
-def clib():
-    from ggml_clib import GGML, find_library
-
-    if not os.environ.get("MXTOOLS_GGML_LIB"):
-        require("llama_cpp")
-    path = find_library()
-    assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"
-    return GGML(path)
 
 
 def _imatrix(kind: str, n: int = N) -> np.ndarray | None:
