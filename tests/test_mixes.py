@@ -307,7 +307,10 @@ def test_mix_with_imatrix_is_byte_identical_to_llama_quantize(model, tmp_path, m
     meta = assert_same_tensors(ours, theirs)
     keys = [k for k in gguf_tensors(theirs)[0] if k.startswith("quantize.imatrix.")]
     assert len(keys) >= 3 and {k: meta.get(k) for k in keys} == {k: gguf_tensors(theirs)[0][k] for k in keys}
-    if mix != "q8_0":  # the imatrix must have changed something (Q8_0 ignores it)
+    if load_mix(mix).may_need_imatrix():  # without one, refused as llama-quantize refuses it
+        with pytest.raises(MxError, match="add --imatrix FILE"):
+            our_convert(model["gguf"], tmp_path / "plain.gguf", mix)
+    elif mix != "q8_0":  # the imatrix must have changed something (Q8_0 ignores it)
         plain = our_convert(model["gguf"], tmp_path / "plain.gguf", mix)
         assert gguf_tensors(plain)[1] != gguf_tensors(ours)[1]
 
