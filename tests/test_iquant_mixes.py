@@ -195,7 +195,12 @@ def assert_same_types(ours: dict, theirs: dict, what: str) -> None:
     assert not bad, f"{what}: (ours, llama-quantize) {bad}"
 
 
-@pytest.mark.parametrize("mix", IQ_MIXES)
+# One mix per family in `make test` (test_mixes.py compares every mix's bytes on a synthetic 8-expert model there);
+# every mix on every model in `make bench`.
+QUICK = ("iq1_m", "iq2_xs", "iq3_xxs", "iq4_xs")
+
+
+@pytest.mark.parametrize("mix", [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow) for m in IQ_MIXES])
 def test_types_with_imatrix_match_llama_quantize(judged, tmp_path, mix):
     """Every tensor's type is llama-quantize's, and so are its bytes: `mxtools convert F16.gguf --outtype MIX
     --imatrix F` against llama-quantize on the same file with the same llama-imatrix file."""
