@@ -50,3 +50,10 @@ class GGML:
         if size != out.size:
             raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes, expected {out.size}")
         return out
+
+
+def assert_same_rows(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """Our encoded rows are llama.cpp's, byte for byte; the message names the first row that is not."""
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    bad = np.flatnonzero((ours != ref).any(axis=1))
+    assert bad.size == 0, f"{what}: {bad.size} rows differ from llama.cpp, first row {bad[0]}"

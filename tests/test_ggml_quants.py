@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from ggml_clib import assert_same_rows
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
@@ -57,12 +58,6 @@ def _edge_rows() -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
-def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    bad = np.flatnonzero((ours != ref).any(axis=1))
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    assert bad.size == 0, f"{what}: {bad.size} rows differ from llama.cpp, first row {bad[0]}"
-
-
 # 1. Differential, byte for byte, against llama.cpp's C quantizer.
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -71,14 +66,14 @@ def test_matches_llama_cpp(clib, qtype, imat):
     qw = _imatrix(imat)
     for name, x in DISTS.items():
         ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-        _assert_same(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+        assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense"])
 def test_edge_rows_match_llama_cpp(clib, qtype, imat):
     x, qw = _edge_rows(), _imatrix(imat)
-    _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows")
+    assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows")
 
 
 def test_chunking_and_threads_do_not_change_bytes(clib, monkeypatch):
@@ -88,7 +83,7 @@ def test_chunking_and_threads_do_not_change_bytes(clib, monkeypatch):
     torch.set_num_threads(2)
     try:
         for qtype in (Q.Q4_0, Q.Q4_K):
-            _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
+            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
     finally:
         torch.set_num_threads(old)
 

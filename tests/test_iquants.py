@@ -5,6 +5,7 @@ and without an importance matrix, decodable by gguf-py, non-finite rows refused.
 import numpy as np
 import pytest
 import torch
+from ggml_clib import assert_same_rows
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
@@ -57,26 +58,20 @@ def _edge_rows() -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
-def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    bad = np.flatnonzero((ours != ref).any(axis=1))
-    assert bad.size == 0, f"{what}: {bad.size} rows differ from llama.cpp, first row {bad[0]}"
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense", "sparse"])
 def test_matches_llama_cpp(clib, qtype, imat):
     qw = _imatrix(imat)
     for name, x in DISTS.items():
         ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-        _assert_same(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+        assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense", "sparse"])
 def test_edge_rows_match_llama_cpp(clib, qtype, imat):
     x, qw = _edge_rows(), _imatrix(imat)
-    _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows imatrix={imat}")
+    assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -85,7 +80,7 @@ def test_mixtral_widths_match_llama_cpp(clib, qtype, width):
     x = (np.random.default_rng(width).standard_normal((3, width)) * 0.02).astype(np.float32)
     for imat in ("none", "dense"):
         qw = _imatrix(imat, width)
-        _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={width} {imat}")
+        assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={width} {imat}")
 
 
 def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
@@ -96,7 +91,7 @@ def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
     torch.set_num_threads(2)
     try:
         for qtype in TYPES:
-            _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
+            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
     finally:
         torch.set_num_threads(old)
 

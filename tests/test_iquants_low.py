@@ -5,6 +5,7 @@ ggml_quantize_chunk, decodable by gguf-py."""
 import numpy as np
 import pytest
 import torch
+from ggml_clib import assert_same_rows
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
@@ -52,19 +53,13 @@ def _imats(qtype: Q) -> list[str]:
     return ["dense", "sparse"] + ([] if qtype in NEEDS_IMATRIX else ["none"])
 
 
-def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    bad = np.flatnonzero((ours != ref).any(axis=1))
-    assert bad.size == 0, f"{what}: {bad.size} rows differ from llama.cpp, first row {bad[0]}"
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matches_llama_cpp(clib, qtype):
     for imat in _imats(qtype):
         qw = _imatrix(imat)
         for name, x in ROWS.items():
             ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-            _assert_same(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+            assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -75,7 +70,7 @@ def test_mixtral_widths_match_llama_cpp(clib, qtype):
         x = (rng.standard_normal((3, n)) * 0.015).astype(np.float32)
         for imat in _imats(qtype):
             qw = _imatrix(imat, n)
-            _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={n} {imat}")
+            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={n} {imat}")
 
 
 def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
@@ -85,7 +80,7 @@ def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
     torch.set_num_threads(2)
     try:
         for qtype in TYPES:
-            _assert_same(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} threaded")
+            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} threaded")
     finally:
         torch.set_num_threads(old)
 
