@@ -7,4 +7,5 @@ ASSETS = Path(__file__).parent.parent / "assets"
 MODEL = ASSETS / "tiny-mixtral"
 CALIB = ASSETS / "text" / "calib.txt"
 EVAL = ASSETS / "text" / "eval.txt"
+FICTION = ASSETS / "text" / "fiction.txt"  # held-out text of another domain (19th-century fiction)
 

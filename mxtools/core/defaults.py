@@ -2,7 +2,7 @@
 nothing (no torch, no C extension): `mxtools --help` reads it."""
 from __future__ import annotations
 
-from .bundled import CALIB, EVAL
+from .bundled import CALIB, EVAL, FICTION
 
 __all__ = [
            "CALIB",
@@ -10,6 +10,7 @@ __all__ = [
            "CTX",
            "DEVICES",
            "EVAL",
+           "EVAL_TEXTS",
            "GPTQ_NAMINGS",
            "QUANTIZE",
            "SHARD_BYTES",
@@ -19,6 +20,10 @@ __all__ = [
 CTX = 512  # tokens per evaluation or importance-matrix chunk: llama-perplexity's and llama-imatrix's default
 SHARD_BYTES = 5 * 10**9  # the largest HF-style shard, as transformers' save_pretrained
 DEVICES = ("auto", "cuda", "cpu")
+
+# The held-out texts every quality figure is reported on: the calibration domain (Wikipedia) and another one
+# (Moby-Dick); mxtools/assets/text/SOURCES.md says where each comes from.
+EVAL_TEXTS = {"wikipedia": EVAL, "fiction": FICTION}
 
 # The layouts `convert --to` writes, in the order the layout registry (mxtools/layouts) registers them; the
 # registry checks that it agrees.
