@@ -138,3 +138,40 @@ def test_chunks_are_llama_perplexity_s(tmp_path, synth_dir, text):
     with open_checkpoint(gguf_path) as ck:
         ours = chunking.chunk_tokens(chunking.tokenize_file(ck.tokenizer, text), CTX, 4)
     assert np.array_equal(ours.numpy(), theirs)
+
+
+LOOSE = ("--min-same-top", 0, "--max-ppl-ratio", 100)  # a random model: only the KLD limit is under test
+
+
+def test_every_text_is_judged_and_any_failing_text_fails(tmp_path, synth_dir, text):
+    """Two texts: a report per text; the verdict fails when one text fails (a KLD limit between the two texts'
+    KLDs, each many of its standard errors away from it) and names only that text; bases go one per text."""
+    ref = synth_dir("hf", "f32")
+    cand = convert(ref, "gguf", tmp_path / "c.gguf", "q4_0")
+    other = tmp_path / "repeat.txt"
+    other.write_text("a " * 8000)  # on this random model a constant text's KLD sits far from prose's
+    bases = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    code, out, err = verify(cand, "--reference", ref, "--text", text, "--text", other, "--json", tmp_path / "r.json",
+                            "--save-base", bases[0], "--save-base", bases[1], *LOOSE, "--max-kld", 1)
+    r = report(tmp_path / "r.json")
+    assert code == 0 and r["passed"], err
+    assert list(r["texts"]) == ["eval.txt", "repeat.txt"] and "== repeat.txt" in out
+    assert all(len(t["stats"]["chunk_kld"]) == 4 for t in r["texts"].values())
+    kld = {name: (t["kld_mean"], t["stats"]["kld_unc"]) for name, t in r["texts"].items()}
+    limit = (kld["eval.txt"][0] + kld["repeat.txt"][0]) / 2
+    assert all(abs(k - limit) > 4 * unc for k, unc in kld.values()), kld
+    worse = max(kld, key=lambda n: kld[n][0])
+    code, _, err = verify(cand, "--base", bases[0], "--base", bases[1], "--text", text, "--text", other,
+                          *LOOSE, "--max-kld", limit, "--json", tmp_path / "r2.json")
+    r2 = report(tmp_path / "r2.json")
+    assert code == 1 and r2["failures"] == [f"{worse}: max_kld_mean"] and "verification failed" in err
+    assert [name for name, t in r2["texts"].items() if t["passed"]] == [n for n in kld if n != worse]
+    code, _, err = verify(cand, "--base", bases[0], "--text", text, "--text", other)
+    assert code == 2 and "one file per evaluation text" in err.strip().splitlines()[-1]
+
+
+def test_without_a_text_both_bundled_texts_are_judged():
+    from mxtools.commands.verify import eval_texts
+    from mxtools.core.defaults import EVAL_TEXTS
+    assert eval_texts(()) == EVAL_TEXTS and list(EVAL_TEXTS) == ["wikipedia", "fiction"]
+    assert list(eval_texts((EVAL_TEXTS["fiction"],))) == ["fiction"]

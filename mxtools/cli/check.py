@@ -24,7 +24,9 @@ from .params import (
 @main.command(cls=Verb, epilog="Example: mxtools verify model-q4_k_m.gguf --reference ex/model --json report.json")
 @click.argument("candidate", type=InputPath())
 @click.option("--reference", type=InputPath(), help="the fp16/bf16 reference model")
-@click.option("--text", type=InputPath(dir_okay=False), help="evaluation text (default: the bundled held-out text)")
+@click.option("--text", type=InputPath(dir_okay=False), multiple=True,
+              help="evaluation text; repeat for several (default: both bundled held-out texts, Wikipedia and fiction; "
+                   "the verdict fails when any text fails)")
 @click.option("--ctx", default=CTX, show_default=True, help="tokens per chunk")
 @click.option("--chunks", type=int, help="evaluate only the first N chunks")
 @json_option("the full report")
@@ -34,8 +36,10 @@ from .params import (
 @click.option("--max-kld", type=float, help="fail when the mean KL divergence is above this")
 @click.option("--min-same-top", type=float, help="fail when the share of same top tokens is below this")
 @click.option("--max-ppl-ratio", type=float, help="fail when PPL(candidate) / PPL(reference) is above this")
-@click.option("--save-base", type=OutputPath(), metavar="FILE", help="save the reference's log-probs for reuse")
-@click.option("--base", type=InputPath(dir_okay=False), metavar="FILE", help="compare with saved log-probs")
+@click.option("--save-base", type=OutputPath(), metavar="FILE", multiple=True,
+              help="save the reference's log-probs for reuse (one per text, in the texts' order)")
+@click.option("--base", type=InputPath(dir_okay=False), metavar="FILE", multiple=True,
+              help="compare with saved log-probs (one per text, in the texts' order)")
 @device_option()
 @click.option("--dtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16"]),
               help="the type the forward pass computes in")
@@ -48,11 +52,11 @@ def verify(candidate, reference, text, ctx, chunks, json_out, thresholds_for, ou
     from ..commands.verify import VerifySettings, run_verify
     overrides = {k: v for k, v in (("max_kld_mean", max_kld), ("min_same_top_p", min_same_top),
                                    ("max_ppl_ratio", max_ppl_ratio)) if v is not None}
-    settings = VerifySettings(text=text, ctx=ctx, chunks=chunks,
+    settings = VerifySettings(text=tuple(text), ctx=ctx, chunks=chunks,
                               outtype=deprecated("--thresholds-for", "--outtype", thresholds_for, outtype_old,
                                                  "verify"),
-                              overrides=overrides, save_base=save_base, base=base, device=device, dtype=dtype,
-                              plot=plot, tokenizer=tokenizer)
+                              overrides=overrides, save_base=tuple(save_base), base=tuple(base), device=device,
+                              dtype=dtype, plot=plot, tokenizer=tokenizer)
     report = run_verify(candidate, reference, settings)
     write_json({k: v for k, v in report.items() if k != "_text"}, json_out)
     click.echo(report["_text"], err=str(json_out) == "-")
@@ -68,7 +72,8 @@ def verify(candidate, reference, text, ctx, chunks, json_out, thresholds_for, ou
                    "the i-quant mixes +imatrix, some also alone), gptq-int8, rtn-int8, bnb-fp4")
 @click.option("--calib", type=InputPath(dir_okay=False), metavar="TEXT",
               help="calibration text for GPTQ and the imatrix (default: the bundled calibration text)")
-@click.option("--text", type=InputPath(dir_okay=False), help="evaluation text (default: the bundled held-out text)")
+@click.option("--text", type=InputPath(dir_okay=False), multiple=True,
+              help="evaluation text; repeat for several (default: both bundled held-out texts, Wikipedia and fiction)")
 @click.option("--chunks", type=int, help="evaluate only the first N chunks")
 @json_option("the rows")
 @click.option("--plot", type=OutputPath(), metavar="FILE", help="draw mean KLD against bits per weight (PNG)")
@@ -78,8 +83,8 @@ def verify(candidate, reference, text, ctx, chunks, json_out, thresholds_for, ou
 def compare(model_path, fmts, calib, text, chunks, json_out, plot, keep, device, force):
     """Build every candidate format from MODEL, verify each against MODEL, print one table sorted by size."""
     from ..commands.compare import render, run_compare
-    result = run_compare(model_path, fmts=fmts, calib=calib, text=text, chunks=chunks, device=device, keep=keep,
-                         plot=plot, progress=lambda msg: click.echo(msg, err=True))
+    result = run_compare(model_path, fmts=fmts, calib=calib, text=tuple(text), chunks=chunks, device=device,
+                         keep=keep, plot=plot, progress=lambda msg: click.echo(msg, err=True))
     write_json(result, json_out)
     click.echo(render(result), err=str(json_out) == "-")
 

@@ -60,7 +60,7 @@ class Job:
 
     model: Path
     calib: Path
-    text: Path
+    texts: dict  # name -> evaluation text (verify.eval_texts)
     chunks: int | None
     device: str
     scratch: Path
@@ -242,9 +242,10 @@ def param_counts(spec) -> tuple[int, int]:
 def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks: int | None = None,
                 device: str = "auto", keep=None, plot=None, progress=lambda msg: None) -> dict:
     """`mxtools compare`: build, verify and tabulate every format; returns {"rows": [...], ...} (rows by size)."""
-    from ..core.bundled import CALIB, EVAL
+    from ..core.bundled import CALIB
     from ..io.atomic import check_output
     from ..layouts import open_checkpoint
+    from .verify import eval_texts
     chosen = parse_formats(fmts)
     if keep is not None:
         check_output(Path(keep), [Path(model)], force=True)  # never inside the model
@@ -254,45 +255,61 @@ def run_compare(model, *, fmts: str | None = None, calib=None, text=None, chunks
         spec = ckpt.spec
     scratch = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="mxtools-compare-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    job = Job(Path(model), Path(calib or CALIB), Path(text or EVAL), chunks, device, scratch)
+    job = Job(Path(model), Path(calib or CALIB), eval_texts(text), chunks, device, scratch)
     try:
-        progress(f"reference log-probabilities of {model}")
-        base = scratch / "base.logprobs"
-        _verify(job, job.model, None, save_base=base)
+        bases = {}
+        for name, path in job.texts.items():
+            progress(f"reference log-probabilities of {model} on {name}")
+            bases[name] = scratch / ("base.logprobs" if len(job.texts) == 1 else f"base-{name}.logprobs")
+            _verify(job, path, job.model, None, save_base=bases[name])
         counts = param_counts(spec)
-        rows = [_candidate(job, fmt, base, counts, progress, keep is not None) for fmt in chosen]
+        rows = [_candidate(job, fmt, bases, counts, progress, keep is not None) for fmt in chosen]
     finally:
         if keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    result = {"model": str(model), "text": str(job.text), "calib": str(job.calib), "chunks": chunks,
-              "rows": sorted(rows, key=lambda r: (r["bytes"], r["format"]))}
+    first = next(iter(job.texts.values()))
+    result = {"model": str(model), "text": str(first), "texts": {k: str(v) for k, v in job.texts.items()},
+              "calib": str(job.calib), "chunks": chunks, "rows": sorted(rows, key=lambda r: (r["bytes"], r["format"]))}
     if plot:
         draw(result, Path(plot))
     return result
 
 
-def _verify(job: Job, candidate: Path, outtype: str | None, save_base=None, base=None) -> dict:
+def _verify(job: Job, text: Path, candidate: Path, outtype: str | None, save_base=None, base=None) -> dict:
     from .verify import VerifySettings, run_verify
-    return run_verify(candidate, None, VerifySettings(text=job.text, ctx=CTX, chunks=job.chunks, outtype=outtype,
+    return run_verify(candidate, None, VerifySettings(text=text, ctx=CTX, chunks=job.chunks, outtype=outtype,
                                                       save_base=save_base, base=base, device=job.device, dtype="f32"))
 
 
-def _candidate(job: Job, fmt: Format, base: Path, params: tuple[int, int], progress, keep: bool) -> dict:
-    """Build one candidate, verify it against the saved base, and return its table row."""
+def _candidate(job: Job, fmt: Format, bases: dict, params: tuple[int, int], progress, keep: bool) -> dict:
+    """Build one candidate, verify it against the saved base of every text, and return its table row: the first
+    text's figures at the top level (as with one text), every text's under "texts"; passed only when it passes
+    on every text."""
     progress(f"building {fmt.name}")
     path = fmt.build(job, job.scratch / fmt.name)
     try:
-        progress(f"verifying {fmt.name}")
-        report = _verify(job, path, fmt.outtype, base=base)
+        per_text = {}
+        for name, text in job.texts.items():
+            progress(f"verifying {fmt.name} on {name}")
+            per_text[name] = _quality(_verify(job, text, path, fmt.outtype, base=bases[name]))
         total, layers = stored_bytes(path, job.model, fmt)
     finally:
         if not keep:
             _remove(path)
+    first = next(iter(per_text.values()))
+    failures = [f for r in per_text.values() for f in r["failures"]] if len(per_text) == 1 else \
+        [f"{name}: {f}" for name, r in per_text.items() for f in r["failures"]]
     return {"format": fmt.name, "bytes": total, "bpw": 8 * total / params[0], "bpw_layers": 8 * layers / params[1],
-            "kld_mean": report["kld_mean"], "kld_unc": report["stats"].get("kld_unc"),
-            "ppl_ratio": report["ppl_ratio"], "same_top_p": report["same_top_p"], "outtype": fmt.outtype,
-            "passed": report["passed"], "failures": report["failures"], "within": within(report),
+            **{k: first[k] for k in ("kld_mean", "kld_unc", "ppl_ratio", "same_top_p", "within")},
+            "outtype": fmt.outtype, "passed": not failures, "failures": failures, "texts": per_text,
             "path": str(path) if keep else None}
+
+
+def _quality(report: dict) -> dict:
+    """One text's figures of a candidate (chunk_kld: per-chunk mean KLDs, for paired comparisons)."""
+    return {"kld_mean": report["kld_mean"], "kld_unc": report["stats"].get("kld_unc"),
+            "ppl_ratio": report["ppl_ratio"], "same_top_p": report["same_top_p"], "passed": report["passed"],
+            "failures": report["failures"], "within": within(report), "chunk_kld": report["stats"].get("chunk_kld")}
 
 
 def _remove(path: Path) -> None:
@@ -313,14 +330,17 @@ def within(report: dict) -> str | None:
 # ---------------------------------------------------------------- outputs
 
 def render(result: dict) -> str:
-    """The table, smallest first."""
-    head = (f"{'format':<16} {'bpw':>6} {'bpw(layers)':>11} {'size':>10} {'mean KLD':>10} {'PPL ratio':>9} "
-            f"{'same top':>8}  verify defaults")
+    """The table, smallest first: mean KLD, PPL ratio and same-top share per text (one column group each)."""
+    names = list(result.get("texts") or {"": result.get("text")})
+    cols = "".join(f" {'KLD ' + n if len(names) > 1 else 'mean KLD':>14} {'PPL ratio':>9} {'same top':>8}"
+                   for n in names)
+    head = f"{'format':<16} {'bpw':>6} {'bpw(layers)':>11} {'size':>10}{cols}  verify defaults"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         verdict = "pass" if r["passed"] else "FAIL " + ",".join(r["failures"])
-        lines.append(f"{r['format']:<16} {r['bpw']:>6.2f} {r['bpw_layers']:>11.2f} {_mb(r['bytes']):>10} "
-                     f"{r['kld_mean']:>10.3g} {r['ppl_ratio']:>9.4f} {r['same_top_p']:>8.3f}  "
+        per = list(r.get("texts", {}).values()) or [r]
+        vals = "".join(f" {t['kld_mean']:>14.3g} {t['ppl_ratio']:>9.4f} {t['same_top_p']:>8.3f}" for t in per)
+        lines.append(f"{r['format']:<16} {r['bpw']:>6.2f} {r['bpw_layers']:>11.2f} {_mb(r['bytes']):>10}{vals}  "
                      f"{verdict} ({r['outtype']}); within {r['within'] or 'none'}")
     return "\n".join(lines)
 

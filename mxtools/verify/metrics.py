@@ -110,6 +110,7 @@ class Accumulator:
                                       "dp", "dp2", "dp4")}
         self.same_top = 0
         self.kld_values, self.dp_values = [], []
+        self.chunk_kld = []  # each chunk's mean KLD over its scored tokens (paired comparisons: verify/paired.py)
         self.with_base = None
 
     def add(self, logp: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None = None) -> dict:
@@ -140,6 +141,7 @@ class Accumulator:
         s["dp4"] += float((dp2 ** 2).sum())
         self.same_top += int(v["same_top"].sum())
         self.kld_values.append(v["kld"].float().cpu().numpy())
+        self.chunk_kld.append(float(v["kld"].double().mean()) if v["kld"].numel() else 0.0)
         self.dp_values.append(v["p_diff"].float().cpu().numpy())
 
     def result(self) -> dict:
@@ -182,6 +184,7 @@ class Accumulator:
             "same_top_p": same,
             "same_top_p_unc": math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
             "kld_histogram": _histogram(kv),
+            "chunk_kld": list(self.chunk_kld),
         }
 
 
