@@ -7,8 +7,9 @@ transformers' Mixtral; at group size -1 with act_group_aware off, which GPTQMode
 fed the very token ids our pipeline calibrates on (mxtools.quant.gptq_pipeline.make_samples: 128 windows of
 2047 tokens, each after BOS, spread evenly over the tokenized calib.txt), as input_ids + all-ones
 attention_mask, batch 1; its settings are recorded in the JSON. Its outputs are renamed to our tensor names
-(bytes untouched) and every output is checked by `mxtools verify` on eval.txt (every 512-token chunk) against
-the bf16 reference's log-probs, saved once (`--save-base`) and reused for every row. Both sides run with
+(bytes untouched) and every output is judged by bench/judge.py: `mxtools verify` on both bundled held-out texts
+(Wikipedia, the calibration domain, and fiction; every 512-token chunk) against the bf16 reference's log-probs,
+saved once per text and reused for every row; ratios paired over chunks. Both sides run with
 --threads threads (default 2; the quantized bytes, hence the KLDs, depend on it through float summation order,
 so compare rows run at the same count). Each row's result is kept in bench/out/gptqmodel_compare/rows/ (so rows can be
 run apart, --rows) and the table of all kept rows is written to bench/out/gptqmodel_compare.json.
@@ -19,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import judge
 import torch
 from common import OUT, PY, ROOT, timed
+from judge import judge_row, table
 
 sys.path.insert(0, str(ROOT))
-from mxtools.core.bundled import CALIB, EVAL, MODEL
+from mxtools.core.bundled import CALIB, MODEL
 from mxtools.layouts import open_checkpoint
 from mxtools.quant.gptq_pipeline import make_samples
 
@@ -130,42 +130,6 @@ def our_log(out: Path) -> dict:
     return {"totals": report.get("totals"), "calibration": report.get("calibration")}
 
 
-def save_base(base: Path) -> None:
-    """The reference's log-probs on every eval chunk, computed once for all rows (runs in parallel wait for it)."""
-    with open(base.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not base.exists():
-            subprocess.run([PY, "-m", "mxtools.cli", "verify", MODEL, "--text", EVAL, "--device", "cpu",
-                            "--save-base", base], check=True, capture_output=True,
-                           env={**os.environ, **THREADS, "PYTHONPATH": str(ROOT)})
-
-
-def verify(cand: Path, json_path: Path, base: Path) -> dict:
-    """`mxtools verify CAND --base BASE` on eval.txt (ctx 512, all chunks); the report, pass or fail."""
-    json_path.unlink(missing_ok=True)
-    p = subprocess.run([PY, "-m", "mxtools.cli", "verify", cand, "--base", base, "--text", EVAL,
-                        "--device", "cpu", "--json", json_path], check=False, capture_output=True, text=True,
-                       env={**os.environ, **THREADS, "PYTHONPATH": str(ROOT)})
-    if not json_path.exists():  # exit 1 with a report is a failed threshold, still a measurement
-        raise RuntimeError(f"verify {cand} failed:\n{p.stderr[-3000:]}")
-    return json.loads(json_path.read_text())
-
-
-def row(method: str, report: dict, timing: dict) -> dict:
-    return {"method": method, "kld_mean": report.get("kld_mean"), "kld_unc": report["stats"].get("kld_unc"),
-            "ppl": report.get("ppl"), "ppl_ratio": report.get("ppl_ratio"), "same_top_p": report.get("same_top_p"),
-            "n_chunks": report.get("meta", {}).get("n_chunks", report.get("n_chunks")), "passed": report.get("passed"),
-            **timing}
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| method | mean KLD | PPL ratio | same-top-p | quantization wall s |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['kld_mean']:.5f} ± {r['kld_unc']:.5f} | {r['ppl_ratio']:.4f} | "
-                     f"{r['same_top_p']:.4f} | {r['wall_s']} |")
-    return "\n".join(lines)
-
-
 # Every row: (label, who, settings). Ours: `mxtools quantize` options; GPTQModel: QuantizeConfig overrides.
 ROWS = {
     "ours-int4-g128": ("mxtools GPTQ int4 g128 (defaults)", "ours", []),
@@ -216,7 +180,6 @@ def main():
         WORK = OUT / f"gptqmodel_compare-t{args.threads}"
     (WORK / "rows").mkdir(parents=True, exist_ok=True)
     calibration = calibration_samples(args.nsamples, args.seqlen, WORK / "calib_samples.pt")
-    base = WORK / "eval-base.bin"
     for name in args.rows.split(","):
         done = WORK / "rows" / f"{name}-quantize.json"
         if args.reuse and done.exists():
@@ -224,15 +187,15 @@ def main():
         else:
             path, timing, log = quantize(name, args)
             done.write_text(json.dumps([timing, log], default=str))
-        save_base(base)
-        result = {**row(ROWS[name][0], verify(path, WORK / f"verify-{name}.json", base), timing),
-                  "row": name, "threads": args.threads, "quantize_log": log, "calibration": calibration}
+        judge.THREADS.update(THREADS)
+        result = {**judge_row(ROWS[name][0], path, WORK, name, timing), "row": name, "threads": args.threads,
+                  "quantize_log": log, "calibration": calibration}
         (WORK / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
         print(json.dumps({k: v for k, v in result.items() if k != "quantize_log"}, default=str), flush=True)
     rows = [json.loads((WORK / "rows" / f"{n}.json").read_text()) for n in ROWS
             if (WORK / "rows" / f"{n}.json").exists()]
-    (WORK.parent / f"{WORK.name}.json").write_text(json.dumps({"model": str(MODEL), "eval": str(EVAL), "rows": rows},
-                                                           indent=2, default=str))
+    (WORK.parent / f"{WORK.name}.json").write_text(json.dumps({"model": str(MODEL), "rows": rows}, indent=2,
+                                                              default=str))
     print(table(rows))
 
 

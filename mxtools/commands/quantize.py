@@ -25,6 +25,7 @@ from ..quant.gguf_gptq import on_grids
 from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
+from ..quant.gptq_tune import TuneConfig
 from ..quant.imatrix import imatrix_for_writer, read_imatrix
 from ..quant.mixes import MIXES, gguf_options, load_mix, read_yaml
 from .convert import write_checkpoint
@@ -34,12 +35,12 @@ from .inputs import open_model
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
                "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "repass", "sweeps",
-               "gptaq", "gptaq_ridge")
+               "gptaq", "gptaq_ridge", "tune_iters", "tune_scales")
 
 
 RENAMED_KEYS = {"asym": "gptaq", "asym_ridge": "gptaq_ridge"}  # old name -> new (GPTAQ's share is no grid's asym)
 RECIPE_CHOICES = {"method": ("gptq", "rtn"), "experts": ("routed", "all")}
-RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0}  # integer settings outside QuantConfig
+RECIPE_MIN = {"nsamples": 1, "seqlen": 2, "min_tokens": 0, "tune_iters": 0}  # integer settings outside QuantConfig
 MAX_SETTING = 2**31 - 1
 
 
@@ -130,13 +131,15 @@ class QuantizeSettings:
     min_tokens: int | None = None
     gptaq: float | None = None
     gptaq_ridge: float | None = None
+    tune_iters: int | None = None  # block-output reconstruction after GPTQ: iterations per layer (0: off)
+    tune_scales: bool | None = None  # ... also tuning the group scales
 
     def resolved(self) -> dict:
         return resolve_settings(self.recipe, **{k: getattr(self, k) for k in GIVEN_KEYS})
 
 
 GIVEN_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-              "min_tokens", "gptaq", "gptaq_ridge")
+              "min_tokens", "gptaq", "gptaq_ridge", "tune_iters", "tune_scales")
 GPTQ_ONLY_KEYS = ("bits", "group_size", "sym", "act_order", "recipe")  # the int grid's; --to gguf has the mix's
 
 
@@ -163,7 +166,8 @@ def run_quantize(src, out, settings: QuantizeSettings = QuantizeSettings(),
         tokens = calibration_tokens(ckpt, settings.calib or CALIB) if s["method"] == "gptq" else None
         stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress, gptaq=s["gptaq"],
-                                     gptaq_ridge=s["gptaq_ridge"])
+                                     gptaq_ridge=s["gptaq_ridge"],
+                                     tune=TuneConfig(iters=s["tune_iters"], scales=s["tune_scales"]))
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(settings.recipe) if settings.recipe else None
         with atomic_output(Path(out), directory=True, force=settings.force) as tmp:

@@ -48,6 +48,7 @@ from ..core.values import is_kind
 from ..model import forward
 from .gptq import Hessian, QuantConfig, gptaq_target
 from .gptq_groups import quantize_weights
+from .gptq_tune import TuneConfig, dequantized_layer, layer_outputs, tune_layer
 
 # The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
 QUANTIZED_KINDS = names.GPTQ_KINDS
@@ -122,6 +123,7 @@ class _Run:
     quantizer: Callable | None = None
     gptaq: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
     gptaq_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
+    tune: TuneConfig = field(default_factory=TuneConfig)  # block-output reconstruction after GPTQ (off: iters 0)
 
     @property
     def cross(self) -> bool:
@@ -331,13 +333,21 @@ def _rtn_layer(run: _Run, i: int) -> dict:
 
 def _gptq_layer(run: _Run, i: int, h: torch.Tensor, h_float: torch.Tensor | None = None):
     """Quantize layer i on the calibration hidden states h (and h_float, the unquantized stream's, for the asymmetric
-    objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
-    w = forward.load_layer(run.ckpt, i, run.dev, run.dtype)
-    w_float = replace(w, experts=list(w.experts)) if h_float is not None else None  # the float weights, kept
+    objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None).
+    With block-output reconstruction on (run.tune), GPTQ's rounding of the layer is then tuned (gptq_tune)."""
+    w, spec = forward.load_layer(run.ckpt, i, run.dev, run.dtype), run.ckpt.spec
+    tune = run.tune.on and run.quantizer is None
+    w_float = replace(w, experts=list(w.experts)) if h_float is not None or tune else None  # the float weights, kept
     mid, mid_float, attn_report = _attention_stage(run, w, h, i, w_float, h_float)
+    h_in = h if tune else None
     del h, h_float
     nxt, nxt_float, experts = _moe_stage(run, w, mid, i, w_float, mid_float)
-    return {"attention": attn_report, "experts": experts}, nxt, nxt_float
+    report = {"attention": attn_report, "experts": experts}
+    if tune:  # the next layer's inputs from the kept (tuned or GPTQ's) weights
+        kept, report["tune"] = tune_layer(w_float, run.results, i, h_in, spec, run.rope, run.tune, run.dev, run.store)
+        run.results.update(kept)
+        nxt = layer_outputs(h_in, dequantized_layer(w_float, run.results, i), spec, run.rope, run.dev, run.store)
+    return report, nxt, nxt_float
 
 
 # ---------------------------------------------------------------- the whole model
@@ -364,6 +374,7 @@ class QuantStream:
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
             "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "repass": cfg.repass,
             "sweeps": cfg.sweeps, "gptaq": run.gptaq, "gptaq_ridge": run.gptaq_ridge, "min_tokens": run.min_tokens,
+            "tune_iters": run.tune.iters, "tune_scales": run.tune.scales,
             "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
@@ -430,7 +441,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
                         experts: str = "routed", nsamples: int = 128, seqlen: int = 2048, device="auto",
                         min_tokens: int | None = None, progress: Progress | None = None,
                         dtype: torch.dtype = torch.float32, quantizer: Callable | None = None,
-                        gptaq: float = 0.0, gptaq_ridge: float = 0.05) -> QuantStream:
+                        gptaq: float = 0.0, gptaq_ridge: float = 0.05, tune: TuneConfig | None = None) -> QuantStream:
     """A QuantStream that quantizes `ckpt` layer by layer (see the module docstring).
 
     tokens_or_chunks: the tokenized calibration text (flat, no BOS) or ready samples [n, T]; unused for "rtn".
@@ -438,6 +449,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     quantizer: another per-matrix quantizer (see _Run.quantizer); cfg's packing limits then do not apply.
     gptaq, gptaq_ridge: the asymmetric objective's scale (0: off, 1: the whole least-squares correction) and damping
     (gptq.gptaq_target), for either quantizer.
+    tune: block-output reconstruction of each layer after GPTQ (gptq_tune.TuneConfig; None or iters 0: off).
     """
     if not (is_kind(gptaq, float) and 0 <= gptaq <= 1 and is_kind(gptaq_ridge, float)
             and 0 <= gptaq_ridge < 1):
@@ -458,7 +470,7 @@ def quantize_checkpoint(ckpt: Checkpoint, tokens_or_chunks, cfg: QuantConfig, me
     min_tokens = math.ceil(MIN_TOKEN_FRACTION * spec.dim) if min_tokens is None else int(min_tokens)
     copies = 6 if gptaq else 4  # the unquantized stream's hidden states and attention output
     run = _Run(ckpt, cfg, method, experts, dev, _store_device(dev, nbytes, copies), dtype, min_tokens,
-               quantizer=quantizer, gptaq=float(gptaq), gptaq_ridge=float(gptaq_ridge))
+               quantizer=quantizer, gptaq=float(gptaq), gptaq_ridge=float(gptaq_ridge), tune=tune or TuneConfig())
     return QuantStream(ckpt, samples, info, run, progress)
 
 
