@@ -23,8 +23,9 @@ insists on a tokenizer when given a dataset, and the bundled model has only toke
    at channel-wise), renamed to our tensor names and written as a float32 HF directory with our
    tokenizer.model. The unquantized tensors (embeddings, norms, routers, lm_head) are checked to be the
    reference's own.
-3. judge: `mxtools verify` (project venv) on eval.txt, every 512-token chunk, against the saved base of the
-   bf16 reference's log-probs, exactly as bench/gptqmodel_compare.py does; the row lands in its rows/ folder.
+3. judge: bench/judge.py, as bench/gptqmodel_compare.py does: `mxtools verify` (project venv) on both bundled
+   held-out texts, every 512-token chunk, against the saved bases of the bf16 reference's log-probs; the row
+   lands in its rows/ folder.
 
 Threads: --threads (default 1: torch.set_num_threads and OMP/MKL in the child, verify at the same count),
 rows kept in bench/out/gptqmodel_compare-t1/rows/ beside the 1-thread mxtools and GPTQModel rows (at 2
@@ -42,8 +43,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import OUT, PY, ROOT, timed
-from gptqmodel_compare import calibration_samples, row, save_base, table
+import judge
+from common import OUT, ROOT, timed
+from gptqmodel_compare import calibration_samples
+from judge import judge_row, table
 
 sys.path.insert(0, str(ROOT))
 from mxtools.core.bundled import MODEL
@@ -251,22 +254,6 @@ def quantize(name: str, samples: Path, work: Path, args) -> tuple[Path, dict, di
     return dst, timing, log
 
 
-def verify(cand: Path, json_path: Path, base: Path, threads: int, outtype: str) -> dict:
-    """`mxtools verify CAND --base BASE` on eval.txt (all 512-token chunks), niced; the report, pass or fail.
-    `outtype` picks the thresholds (gptq-int4 / gptq-int8, as the GPTQModel rows get; a float32 directory would
-    otherwise be held to the f32 ones); the measurements do not depend on it."""
-    from mxtools.core.bundled import EVAL
-    json_path.unlink(missing_ok=True)
-    p = subprocess.run(nice([PY, "-m", "mxtools.cli", "verify", cand, "--base", base, "--text", EVAL,
-                             "--device", "cpu", "--outtype", outtype, "--json", json_path]), check=False,
-                       capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                            "PYTHONPATH": str(ROOT)})
-    if not json_path.exists():
-        raise RuntimeError(f"verify {cand} failed:\n{p.stderr[-3000:]}")
-    return json.loads(json_path.read_text())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="llmc-int4-g128", help=f"comma-separated, from {', '.join(ROWS)}")
@@ -282,8 +269,7 @@ def main():
     (work / "rows").mkdir(parents=True, exist_ok=True)
     samples = work / f"calib_samples-{args.nsamples}x{args.seqlen}.pt"
     calibration = calibration_samples(args.nsamples, args.seqlen, samples)
-    base = OUT / "gptqmodel_compare" / "eval-base.bin"  # the one saved base every row is judged against
-    save_base(base)
+    judge.THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     for name in args.rows.split(","):
         done = work / "rows" / f"{name}-quantize.json"
         if args.reuse and done.exists():
@@ -291,8 +277,7 @@ def main():
         else:
             path, timing, log = quantize(name, samples, work, args)
             done.write_text(json.dumps([timing, log], default=str, indent=1))
-        result = {**row(ROWS[name][0], verify(path, work / f"verify-{name}.json", base, args.threads,
-                                                 f"gptq-int{log['decompressed']['bits']}"), timing),
+        result = {**judge_row(ROWS[name][0], path, work, name, timing, f"gptq-int{log['decompressed']['bits']}"),
                   "row": name, "threads": args.threads, "versions": log.get("versions"),
                   "quantize_log": log, "calibration": calibration}
         (work / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
