@@ -1,9 +1,10 @@
 """Block-level proxy for out-of-domain quality: GPTQ with the defaults against GPTQ + block-output reconstruction
-(`tune_iters` = argv[1]), on the bundled model with all 128 x 2048 calibration ids. For the first LAYERS layers,
-each variant through its own quantized layers, the relative squared error of the hidden state against the float
-model at the scored positions (the second half) of CHUNKS chunks of 512 of each held-out text (EVAL_TEXTS).
+(`tune_iters` = argv[1], the float weight's pull on the start argv[2]), on the bundled model with all 128 x 2048
+calibration ids. For the first argv[3] layers, each variant through its own quantized layers, the relative squared
+error of the hidden state against the float model at the scored positions (the second half) of 16 chunks of 512
+of each held-out text (EVAL_TEXTS).
 
-    python bench/tune_proxy.py 25
+    python bench/tune_proxy.py 25 0.5 2
 """
 import sys
 import time
@@ -20,7 +21,7 @@ from mxtools.quant.gptq_pipeline import quantize_checkpoint
 from mxtools.quant.gptq_tune import TuneConfig, dequantized_layer
 
 torch.set_num_threads(2)
-LAYERS, CHUNKS, iters = 2, 16, int(sys.argv[1])
+iters, pull, LAYERS, CHUNKS = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), 16
 s = resolve_settings()
 cfg = quant_config(s)
 with open_checkpoint(MODEL) as ck:
@@ -32,7 +33,7 @@ with open_checkpoint(MODEL) as ck:
     h_f = {n: forward.embed(ck, t, "cpu", torch.float32) for n, t in evals.items()}
     floats = [forward.load_layer(ck, i, "cpu", torch.float32) for i in range(LAYERS)]
     out = {}
-    for name, tune in (("gptq", None), (f"tune{iters}", TuneConfig(iters=iters))):
+    for name, tune in (("gptq", None), (f"tune{iters}", TuneConfig(iters=iters, pull=pull))):
         t0 = time.process_time()
         stream = quantize_checkpoint(ck, toks, cfg, "gptq", "routed", 128, 2048, "cpu", None, tune=tune)
         h_q = {n: h.clone() for n, h in h_f.items()}

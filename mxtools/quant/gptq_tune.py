@@ -41,7 +41,7 @@ class TuneConfig:
     """Block-output reconstruction settings: iterations per layer (0: off), step size (None: 1 / iters),
     sequences per step, the positions of each sequence used (its first `window`: with causal attention their
     outputs are exactly those of the whole sequence; 512 is verify's chunk), whether the group scales are tuned
-    too, sequences held out to judge the result, seed."""
+    too, sequences held out to judge the result, seed, and the float weight's pull on the start (FLOAT_PULL)."""
 
     iters: int = 0
     lr: float | None = None
@@ -50,6 +50,7 @@ class TuneConfig:
     scales: bool = False
     holdout: int = 8
     seed: int = 0
+    pull: float = FLOAT_PULL
 
     @property
     def on(self) -> bool:
@@ -59,12 +60,12 @@ class TuneConfig:
 class _Rounding:
     """One Linear's tunable rounding around GPTQ's result (see the module docstring)."""
 
-    def __init__(self, w: torch.Tensor, res: QuantResult, dev, tune_scales: bool):
+    def __init__(self, w: torch.Tensor, res: QuantResult, dev, tune_scales: bool, pull: float = FLOAT_PULL):
         self.res, self.gi = res, res.g_idx.long().to(dev)
         self.s = res.scales.to(torch.float16).float().to(dev)  # [n_groups, out], as a loader reads it
         z = res.zeros.float().to(dev)[self.gi].T  # [out, in]
         r = res.q.to(dev).float() - z  # GPTQ's codes less the zero
-        self.base = r + FLOAT_PULL * (w.float().to(dev) / self.s[self.gi].T - r).clamp(-0.5, 0.5)
+        self.base = r + pull * (w.float().to(dev) / self.s[self.gi].T - r).clamp(-0.499, 0.499)
         self.low, self.high = -z, res.cfg.maxq - z
         self.v = torch.zeros_like(self.base, requires_grad=True)
         self.a = torch.zeros_like(self.s, requires_grad=True) if tune_scales else None
@@ -99,14 +100,14 @@ class _Rounding:
         return replace(self.res, q=q, scales=scales.contiguous())
 
 
-def _roundings(w: forward.LayerWeights, results: dict, i: int, dev, tune_scales: bool) -> dict:
+def _roundings(w: forward.LayerWeights, results: dict, i: int, dev, tune_scales: bool, pull: float) -> dict:
     """A rounding per quantized Linear of layer i, keyed by its canonical name."""
-    out = {weight_name(key, i): _Rounding(getattr(w, attr), results[weight_name(key, i)], dev, tune_scales)
+    out = {weight_name(key, i): _Rounding(getattr(w, attr), results[weight_name(key, i)], dev, tune_scales, pull)
            for key, attr in ATTENTION}
     for e, mats in enumerate(w.experts):
         for key, j in EXPERT:
             name = weight_name(key, i, e)
-            out[name] = _Rounding(mats[j], results[name], dev, tune_scales)
+            out[name] = _Rounding(mats[j], results[name], dev, tune_scales, pull)
     return out
 
 
@@ -174,7 +175,7 @@ def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Te
     h = h[:, :cfg.window]
     target = layer_outputs(h, w_float, spec, rope, dev, store)
     train, hold = _split(h.shape[0], cfg.holdout)
-    rounds = _roundings(w_float, results, i, dev, cfg.scales)
+    rounds = _roundings(w_float, results, i, dev, cfg.scales, cfg.pull)
     before = _error(h, target, hold, _weights(w_float, rounds, i), spec, rope, dev) if hold.numel() else None
     first, last = _descend(w_float, rounds, i, h, target, train, spec, rope, cfg, dev)
     tuned = {name: r.result() for name, r in rounds.items()}
