@@ -105,7 +105,7 @@ def quantize(name: str, args) -> tuple[Path, dict, dict]:
     extra = {**settings, **({"iters": args.iters} if args.iters is not None else {})}
     timing = autoround_quantize(WORK / "calib_samples.pt", raw, Path(args.venv), **extra)
     timing["tensors"] = to_our_layout(raw, WORK / name)
-    return WORK / name, timing, {"config": json.loads((WORK / name / "quantize_config.json").read_text())}
+    return WORK / name, timing, {"config": json.loads((WORK / name / "quantization_config.json").read_text())}
 
 
 def main():
