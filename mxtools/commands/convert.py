@@ -17,13 +17,13 @@ GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
 
 def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
-    """'auto' keeps the source's float type (f32 for block-quantized sources, whose values f32 holds exactly)."""
+    """'auto' keeps the source's float type (f32 for sources with any quantized tensor, whose values f32 holds
+    exactly)."""
     if requested != "auto":
         return requested
     by_dtype = {v: k for k, v in FLOAT_DTYPES.items()}
-    t = next(iter(ckpt.tensors.values()))
     main = ckpt.main_dtype()
-    return "f32" if t.stored_as or main not in by_dtype else by_dtype[main]
+    return "f32" if any(t.stored_as for t in ckpt.tensors.values()) or main not in by_dtype else by_dtype[main]
 
 
 def outtypes(layout: str) -> tuple[str, ...]:

@@ -140,7 +140,7 @@ def _modules(raw: dict, st: dict, source) -> dict[str, LazyTensor]:
             eight.setdefault(base, {})[part] = lazy
         else:
             tensors[key] = lazy
-    for base in set(four) | set(eight):
+    for base in sorted(set(four) | set(eight)):
         weight = tensors.get(base + ".weight")
         if weight is None:
             raise FormatError("quantization state without its weight", file=source, tensor=base + ".weight")

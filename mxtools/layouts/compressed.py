@@ -86,10 +86,13 @@ def settings(qc: dict, source) -> dict:
                               f"({', '.join(FORMATS)})", file=source)
         if group.get("weights") is not None:
             schemes.append(_scheme(str(name), group, gfmt, source))
-    for key, what in (("sparsity_config", "sparse compression"), ("transform_config", "weight transforms")):
-        extra = qc.get(key)
-        if extra not in (None, {}) and not (is_kind(extra, dict) and extra.get("format") in (None, "dense")):
-            raise FormatError(f"{key}: {what} are not supported (the weights would need them undone)", file=source)
+    sparsity = qc.get("sparsity_config")
+    if sparsity not in (None, {}) and not (is_kind(sparsity, dict) and sparsity.get("format") in (None, "dense")):
+        raise FormatError("sparsity_config: sparse compression is not supported", file=source)
+    transform = qc.get("transform_config")
+    if transform not in (None, {}) and not (is_kind(transform, dict) and not transform.get("config_groups")):
+        raise FormatError("transform_config: weight transforms are not supported (the weights would need them "
+                          "undone)", file=source)
     version = qc.get("version")
     return {"format": fmt, "schemes": schemes, "version": version if is_kind(version, str) else None}
 
@@ -198,7 +201,7 @@ def _modules(raw: dict, st: dict, source) -> dict[str, LazyTensor]:
             parts.setdefault(base, {})[suffix] = lazy
         else:
             tensors[key] = lazy
-    for base, p in parts.items():
+    for base, p in sorted(parts.items()):
         sc = scheme_of(base, st["schemes"], source) if st["schemes"] else None
         fmt = sc["format"] if sc else "dense"
         if fmt == "dense":  # float weights saved uncompressed: the parameters only describe them
@@ -209,6 +212,9 @@ def _modules(raw: dict, st: dict, source) -> dict[str, LazyTensor]:
             raise FormatError("pack-quantized module also stores a float weight", file=source, tensor=base)
         else:
             tensors[base + ".weight"] = _packed(base, p, sc, source)
+    fp8 = next((k for k, t in tensors.items() if t.dtype == torch.float8_e4m3fn and not t.stored_as), None)
+    if fp8 is not None:
+        raise FormatError("FP8 weight without its weight_scale", file=tensors[fp8].source, tensor=fp8)
     return tensors
 
 
