@@ -302,3 +302,15 @@ def test_damaged_checkpoints_exit_2_with_one_line(float_model, text, tmp_path, d
         assert str(bad) in r.output
         assert f"tensor {tensor}" in r.output if tensor else "config.json" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_early_llm_compressor_compression_config_is_read_alike(tmp_path):
+    """Early llm-compressor versions wrote the same object under config.json's `compression_config`."""
+    old = tmp_path / "old"
+    shutil.copytree(ckpt_dir("llmcompressor/w8a16-channel"), old)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["compression_config"] = cfg.pop("quantization_config")
+    (old / "config.json").write_text(json.dumps(cfg))
+    with open_checkpoint(old) as a, open_checkpoint(ckpt_dir("llmcompressor/w8a16-channel")) as b:
+        assert a.layout == "compressed-tensors"
+        assert all(torch.equal(t.load(), b.tensors[n].load()) for n, t in a.tensors.items())

@@ -188,8 +188,9 @@ QUANT_METHODS = ("gptq", "compressed-tensors", "bitsandbytes")
 
 
 def quant_config(path: Path, method: str | None = None) -> dict | None:
-    """config.json's quantization_config when its quant_method is `method` (any of QUANT_METHODS when None);
-    None otherwise, and for a directory without a readable config (the HF reader reports that)."""
+    """config.json's quantization_config (or the `compression_config` early llm-compressor versions wrote) when
+    its quant_method is `method` (any of QUANT_METHODS when None); None otherwise, and for a directory without a
+    readable config (the HF reader reports that)."""
     cfg_file = path / "config.json"
     if not (path.is_dir() and cfg_file.exists()):
         return None
@@ -197,7 +198,7 @@ def quant_config(path: Path, method: str | None = None) -> dict | None:
         cfg = read_json(cfg_file)
     except MxError:
         return None
-    qc = cfg.get("quantization_config") if is_kind(cfg, dict) else None
+    qc = (cfg.get("quantization_config") or cfg.get("compression_config")) if is_kind(cfg, dict) else None
     found = str(qc.get("quant_method", "")).lower() if is_kind(qc, dict) else None
     return qc if found in ((method,) if method else QUANT_METHODS) else None
 
