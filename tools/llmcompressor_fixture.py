@@ -8,7 +8,8 @@ llm-compressor 0.14.0.1 needs transformers 5.15-5.17, so it runs in its own envi
 llmcompressor 0.14.0.1, compressed-tensors and transformers as it pins them). One checkpoint per RECIPES entry,
 each under OUT/<name>/checkpoint:
 
-- w4a16-asym-g32: GPTQ, int4, group size 32, asymmetric (format pack-quantized, weight_zero_point stored)
+- w4a16-g32: GPTQ, int4, group size 32, symmetric (format pack-quantized)
+- w4a16-asym-g32: GPTQ, int4, group size 32, asymmetric (pack-quantized, weight_zero_point stored)
 - w8a16-channel: GPTQ, int8, one scale per output row, symmetric (pack-quantized)
 - fp8-dynamic: round to nearest FP8 e4m3, one scale per output row (FP8_DYNAMIC: float-quantized)
 - fp8-tensor: FP8 e4m3 with one scale per tensor and static input scales (FP8: float-quantized)
@@ -32,10 +33,13 @@ WORDS = ["in", "the", "of", "to", "and", "a", "on", "at", "by", "is"]  # Mixtral
 IGNORE = ["lm_head", "re:.*gate$"]
 W4_ASYM_G32 = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": False,
                            "dynamic": False}, "targets": ["Linear"]}
+W4_G32 = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True,
+                      "dynamic": False}, "targets": ["Linear"]}
 W8_CHANNEL = {"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
               "targets": ["Linear"]}
 # name -> (modifier, its settings)
 RECIPES = {
+    "w4a16-g32": ("gptq", {"config_groups": {"group_0": W4_G32}}),
     "w4a16-asym-g32": ("gptq", {"config_groups": {"group_0": W4_ASYM_G32}}),
     "w8a16-channel": ("gptq", {"config_groups": {"group_0": W8_CHANNEL}}),
     "fp8-dynamic": ("rtn", {"scheme": "FP8_DYNAMIC", "targets": ["Linear"]}),
