@@ -55,10 +55,11 @@ def llama(path):
                  n_threads=THREADS, verbose=False)
 
 
-def logprobs(llm, chunk: list[int]) -> torch.Tensor:
+def logprobs(llm, chunk: list[int], rows: slice) -> torch.Tensor:
+    """log-softmax (float64) of the logits at positions `rows` of the chunk."""
     llm.reset()
     llm.eval(chunk)
-    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[:CTX], dtype=np.float32)).double(), -1)
+    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[rows], dtype=np.float32)).double(), -1)
 
 
 def bits_per_weight(path) -> float:
@@ -79,12 +80,13 @@ def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
     for c in range(min(chunks or len(tokens), len(tokens) // body)):
         chunk = [1] + tokens[c * body:(c + 1) * body]
         targets = torch.tensor(chunk[half + 1:])
-        p = logprobs(ref, chunk)[half:-1]
+        p = logprobs(ref, chunk, slice(half, CTX - 1))
+        p_exp = p.exp()
         ref_nll.append(float(-p.gather(1, targets[:, None]).sum()))
         for k, llm in models.items():
-            q = logprobs(llm, chunk)[half:-1]
+            q = logprobs(llm, chunk, slice(half, CTX - 1))
             a = acc[k]
-            a["kld"].append(float((p.exp() * (p - q)).sum(-1).mean()))
+            a["kld"].append(float((p_exp * (p - q)).sum(-1).mean()))
             a["nll"].append(float(-q.gather(1, targets[:, None]).sum()))
             a["same"] += int((p.argmax(-1) == q.argmax(-1)).sum())
             a["n"] += len(targets)

@@ -33,9 +33,13 @@ from .gptq_refine import one_cpu_thread
 
 IQ_TYPES = [t for t in SUPPORTED if t in LAYOUTS]
 SNAP_WEIGHTS = ("importance", "gptq")  # the snap's per-column weights: the search's importance, or 1 / U_kk^2
-# quantize_matrix's i-quant options per type as `quantize --to gguf` uses them (chosen by measurement,
-# docs/BENCHMARKS.md); types not named take the defaults.
-IQ_OPTIONS: dict = {}
+# quantize_matrix's i-quant options as `quantize --to gguf` uses them, and the asymmetric objective's share it uses
+# for a mix with i-quant types unless --gptaq is given. Chosen by measurement on the bundled model (32 chunks of
+# eval.txt, mean KLD over the imatrix file's; docs/BENCHMARKS.md): the second pass 0.54x against 0.60x (iq2_xs),
+# 0.42x against 0.50x (iq3_xxs), 0.45x against 0.51x (iq4_xs); --gptaq 1 0.20x, 0.34x, 0.42x; the snap weighted by
+# 1 / U_kk^2 instead of the importance 0.61x, 0.45x, 0.51x.
+IQ_OPTIONS: dict = {t: {"repass": True} for t in IQ_TYPES}
+IQ_GPTAQ = 1.0
 
 
 def encode_rows(qtype: Q, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
