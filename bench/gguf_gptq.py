@@ -18,14 +18,15 @@ bench/out/gguf_gptq.json.
 (the decoder layers' share alone); --iq-variants adds GPTQ runs with the i-quants' options (gguf_iq.iq_loop) on
 every i-quant type.
 
-`--speed TYPES` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2 4096 x 14336;
-random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type beside the int4 g128 GPTQ core,
-wall and process CPU seconds.
+`--speed TYPES [--shapes w1]` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2
+4096 x 14336; random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type (the i-quants with
+`quantize`'s options) beside the int4 g128 GPTQ core, wall and process CPU seconds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
     acc = {k: {"kld": [], "nll": [], "same": 0, "n": 0} for k in files}
     ref_nll, half = [], CTX // 2
     body = CTX - 1
-    for c in range(min(chunks or len(tokens), len(tokens) // body)):
+    n = min(chunks or len(tokens), len(tokens) // body)
+    for c in range(n):
+        if c % 10 == 0:
+            print(f"chunk {c}/{n}", file=sys.stderr, flush=True)
         chunk = [1] + tokens[c * body:(c + 1) * body]
         targets = torch.tensor(chunk[half + 1:])
         p = logprobs(ref, chunk, slice(half, CTX - 1))
@@ -102,20 +106,24 @@ def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
     return out
 
 
-def speed(types: list[str], tokens: int = 2048) -> dict:
+def speed(types: list[str], shapes: list[str], tokens: int = 2048) -> dict:
     from gguf import GGMLQuantizationType as Q
 
     from mxtools.quant.gguf_gptq import quantize_matrix
+    from mxtools.quant.gguf_iq import IQ_OPTIONS
     from mxtools.quant.gptq import Hessian, QuantConfig, gptq_quantize
     rows = {}
     for name, (out, inp) in {"w1": (14336, 4096), "w2": (4096, 14336)}.items():
+        if name not in shapes:
+            continue
         gen = torch.Generator().manual_seed(0)
         w = 0.02 * torch.randn(out, inp, generator=gen)
         hs = Hessian(inp)
         hs.add(torch.randn(tokens, inp, generator=gen))
         h = hs.matrix()
         runs = {"int4 g128": lambda w=w, h=h: gptq_quantize(w, h, QuantConfig())}
-        runs.update({t: (lambda t=t, w=w, h=h: quantize_matrix(w, Q[t.upper()], h)) for t in types})
+        runs.update({t: (lambda t=t, w=w, h=h: quantize_matrix(w, Q[t.upper()], h, **IQ_OPTIONS.get(Q[t.upper()], {})))
+                     for t in types})
         for label, fn in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -128,6 +136,7 @@ def speed(types: list[str], tokens: int = 2048) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--speed", help="time full-size expert matrices on these GGML types (e.g. q4_k,q6_k)")
+    ap.add_argument("--shapes", default="w1,w2", help="--speed: which expert matrices (w1 14336 x 4096, w2)")
     ap.add_argument("--mixes", default="q2_k,q3_k_m,q4_k_m,q5_k_m,q6_k")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -135,6 +144,9 @@ def main():
     ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="held-out texts (names of EVAL_TEXTS)")
     ap.add_argument("--keep-embedding", default="", help="also GPTQ with llama.cpp's token embedding for these mixes")
     ap.add_argument("--name", default="gguf_gptq", help="results file bench/out/NAME.json")
+    ap.add_argument("--reuse", action="store_true", help="keep files already written by an earlier run")
+    ap.add_argument("--no-plain", action="store_true", help="no plain (`convert` without --imatrix) files")
+    ap.add_argument("--imatrix-only", default="", help="mixes for which only llama.cpp's imatrix file is made")
     ap.add_argument("--iq-variants", default="", help=f"also GPTQ with these i-quant options ({', '.join(VARIANTS)})")
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
@@ -146,19 +158,23 @@ def main():
     torch.set_num_threads(THREADS)
     if args.speed:
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "gguf_gptq_speed.json").write_text(json.dumps(speed(args.speed.split(",")), indent=1))
+        (OUT / "gguf_gptq_speed.json").write_text(json.dumps(speed(args.speed.split(","), args.shapes.split(",")),
+                                                             indent=1))
         return
     out = OUT / "gguf_gptq"
     out.mkdir(parents=True, exist_ok=True)
     ref = convert(MODEL, "gguf", out / "bf16.gguf", "bf16", force=True)
-    imat = imatrix_from_text(MODEL, CALIB, out / "imatrix.gguf", ctx=args.seqlen, chunks=args.nsamples,
-                             device="cpu", force=True)
+    imat = out / "imatrix.gguf"
+    if not (args.reuse and imat.exists()):
+        imat = imatrix_from_text(MODEL, CALIB, imat, ctx=args.seqlen, chunks=args.nsamples, device="cpu", force=True)
     files, times = {}, {}
     for mix in args.mixes.split(","):
-        if not load_mix(mix).may_need_imatrix():
+        if not load_mix(mix).may_need_imatrix() and not args.no_plain:
             files[f"{mix} plain"] = convert(MODEL, "gguf", out / f"{mix}-plain.gguf", mix, force=True)
         files[f"{mix} imatrix"] = convert(MODEL, "gguf", out / f"{mix}-imatrix.gguf", mix, force=True,
                                           imatrix_path=imat)
+        if mix in args.imatrix_only.split(","):
+            continue
         runs = [("gptq", None, {}, {})] + ([("gptq+imatrix", imat, {}, {})] if args.gptq_imatrix else [])
         runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}, {}) for a in args.gptaq.split(",") if a]
         runs += [(f"gptq {v}", None, {}, {"iq_options": {t: VARIANTS[v] for t in IQ_TYPES}})
@@ -166,7 +182,9 @@ def main():
         runs += [("gptq embd-llama", None, {}, {"embedding": False})] if mix in args.keep_embedding.split(",") else []
         for label, im, extra, kw in runs:
             t = time.time()
-            path = out / f"{mix}-{label.replace(' ', '-')}.gguf"
+            path = files[f"{mix} {label}"] = out / f"{mix}-{label.replace(' ', '-')}.gguf"
+            if args.reuse and path.exists():
+                continue
             report = run_quantize_gguf(MODEL, path, mix,
                                        QuantizeSettings(calib=CALIB, nsamples=args.nsamples, seqlen=args.seqlen,
                                                         damp=args.damp, device="cpu", force=True, **extra),
