@@ -13,11 +13,12 @@ from ggml_clib import GGML, find_library
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
 from test_gguf_gptq import _correlated, _imatrix, _weights
-from test_iquant_mixes import file_types, llama_imatrix, llama_quantize
+from test_iquant_mixes import file_types, llama_imatrix, llama_quantize, policy_types
 from test_mixes import finite_logits, synth, write_pair
 
 from mxtools.commands.compare import formats
 from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
+from mxtools.layouts import open_checkpoint
 from mxtools.quant.gguf_gptq import on_grids, quantize_matrix
 from mxtools.quant.gguf_iq import IQ_TYPES, BlockSnap, decode_rows, encode_rows
 from mxtools.quant.gguf_iq_layout import LAYOUTS
@@ -124,6 +125,21 @@ def test_encode_rows_is_the_encoders_bytes(ggml):
 def test_compare_offers_gptq_for_every_iquant_mix():
     fmts = formats()
     assert all(f"{m}+gptq" in fmts for m in IQ_MIXES)
+
+
+def test_iq3_xxs_file_has_the_imatrix_mix_types_and_loads(tmp_path):
+    """`quantize --to gguf --outtype iq3_xxs` without --imatrix on a synthetic 8-expert model: every tensor has the
+    type of the mix's policy with an importance matrix (test_iquant_mixes.py checks that policy against
+    llama-quantize's file; the slow test below checks an IQ2_XS file directly), and llama.cpp runs it."""
+    _, hf_path = write_pair(tmp_path, synth(seed=3))
+    report = run_quantize_gguf(hf_path, tmp_path / "gptq.gguf", "iq3_xxs", QuantizeSettings(nsamples=2, seqlen=32))
+    with open_checkpoint(hf_path) as ckpt:
+        spec = ckpt.spec
+    want = policy_types(load_mix("iq3_xxs").policy(spec, imatrix=True), spec)
+    ours = file_types(tmp_path / "gptq.gguf")
+    assert {g: ours[g] for g in want} == want and {t.name for t in want.values()} >= {"IQ3_XXS", "IQ2_S", "IQ3_S"}
+    assert report["totals"]["gptq"] > 0 and report["gptaq"] == 1.0
+    finite_logits(tmp_path / "gptq.gguf")
 
 
 @pytest.mark.slow
