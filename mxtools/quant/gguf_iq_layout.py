@@ -124,7 +124,7 @@ class IQ3XXS(Layout):
         second four's must match (int32 [rows])."""
         ib, k = g // 8, (g % 8) // 2
         first = (_u32(y, 66 + 4 * ib) >> np.uint32(7 * k)) & np.uint32(15)
-        return (np.bitwise_count(first) & 1).astype(np.int32)
+        return (np.unpackbits(first.astype(np.uint8)[:, None], axis=1).sum(1) & 1).astype(np.int32)
 
     def write(self, y, g, index, bits):
         y[:, 2 + g] = index.astype(np.uint8)
