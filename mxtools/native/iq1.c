@@ -55,7 +55,7 @@ MX_INLINE void sort_index(const float *x, int n, int *idx) {
 
 /* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale xx[l] - x)^2. */
 MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
-    float tab[24];
+    vf tab[4];
     const float scaled[3] = {scale * xx[0], scale * xx[1], scale * xx[2]};
     iq_terms(x, w, scaled, tab);
     return iq_nearest(&table, key, tab);

@@ -57,6 +57,13 @@ static void append_list(iq_table *t, const int *d2, int limit, int *used) {
     *start = (uint16_t)n;
 }
 
+/* A codebook point's levels as iq_nearest reads them: 3 bits per position, the level plus 4 from position 4 on. */
+static uint32_t spread_levels(uint16_t g) {
+    uint32_t c = 0;
+    for (int i = 0; i < 8; ++i) c |= (uint32_t)(((g >> 2 * i) & 3) | (i >= 4 ? 4 : 0)) << 3 * i;
+    return c;
+}
+
 int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
     t->grid = grid;
     t->ngrid = ngrid;
@@ -89,13 +96,13 @@ int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
         if (len > IQ_MAX_LIST) return -1;
     }
     free(d2);
-    t->codes = malloc(((size_t)used + 8) * sizeof(uint16_t));
+    t->codes = malloc(((size_t)used + 8) * sizeof(uint32_t));
     if (!t->codes) return -1;
     for (int k = 0; k < used + 8; ++k) t->codes[k] = 0;
     for (int key = 0; key < IQ_MAP_SIZE; ++key) {
         if (t->map[key] >= 0 || !ternary_key(key)) continue;
         const int off = -t->map[key] - 1;
-        for (int j = 1; j <= t->lists[off]; ++j) t->codes[off + j] = grid[t->lists[off + j]];
+        for (int j = 1; j <= t->lists[off]; ++j) t->codes[off + j] = spread_levels(grid[t->lists[off + j]]);
     }
     return 0;
 }
@@ -125,7 +132,7 @@ int mx_iq_prepare(int type, const float *qw) {
 
 /* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2, q = 2 l + 1. */
 MX_INLINE int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale) {
-    float tab[24];
+    vf tab[4];
     const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};
     iq_terms(x, w, scaled, tab);
     return iq_nearest(t, key, tab);
