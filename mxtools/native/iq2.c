@@ -152,16 +152,41 @@ MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float
 /* The sweep's trials side by side: group g of trial k snapped to the packed levels code[g][k] (lanes: trials). */
 #define MAX_TRIALS 24
 typedef struct {
-    int32_t code[4][MAX_TRIALS];
+    int32_t code[4][MAX_TRIALS + NL];
     int on[MAX_TRIALS][4];
 } trials_t;
 
-/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
-MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
-                         int k) {
-    const float this_scale = 1 / id;
+/* The packed levels of 8 values x at eight inverse scales ids (lanes: trials), (id x - 1) / 2 rounded into 0..2. */
+MX_INLINE vi trial_keys(const float *x, vf ids) {
+    vi key = splati(0);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) key |= vnearest(0.5f * (ids * splat(x[i]) - 1), 0, 2) << 2 * i;
+    return key;
+}
+
+/* Trials k < ntrial: the n values snapped group by group at inverse scale ids[k] (neighbours judged at 1 / ids[k]).
+ * All the rounded keys first, eight trials at a time; then a neighbour search for each one off the codebook. */
+MX_INLINE void run_trials(const iq_table *t, int n, int ntrial, const float *xval, const float *waux, const float *ids,
+                          trials_t *tr) {
+    int todo[4 * MAX_TRIALS], m = 0;
     for (int g = 0; g < n / 8; ++g)
-        tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+        for (int k0 = 0; k0 < ntrial; k0 += NL) {
+            vf id;
+            memcpy(&id, ids + k0, sizeof id);
+            const vi keys = trial_keys(xval + 8 * g, id);
+            memcpy(tr->code[g] + k0, &keys, sizeof keys);
+        }
+    for (int k = 0; k < ntrial; ++k)
+        for (int g = 0; g < n / 8; ++g) {
+            const int on = iq_on_grid(t, tr->code[g][k]);
+            tr->on[k][g] = on;
+            todo[m] = 4 * k + g;
+            m += !on;
+        }
+    for (int i = 0; i < m; ++i) {
+        const int k = todo[i] >> 2, g = todo[i] & 3;
+        tr->code[g][k] = t->grid[best_neighbour(t, tr->code[g][k], xval + 8 * g, waux + 8 * g, 1 / ids[k])];
+    }
 }
 
 /* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
@@ -251,7 +276,9 @@ MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const flo
     float best = 0, sqx[MAX_TRIALS], sq2[MAX_TRIALS];
     trials_t tr;
     int on_grid;
-    for (int is = -6; is <= 6; ++is) run_trial(t, 32, xval, waux, (2 * 3 - 1 + is * 0.1f) / eff_max, &tr, is + 6);
+    float ids[MAX_TRIALS] = {0};
+    for (int is = -6; is <= 6; ++is) ids[is + 6] = (2 * 3 - 1 + is * 0.1f) / eff_max;
+    run_trials(t, 32, 13, xval, waux, ids, &tr);
     trial_sums(32, 13, weight, xval, &tr, sqx, sq2);
     for (int k = 0; k < 13; ++k)
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
@@ -322,7 +349,9 @@ MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const f
     int on[2] = {1, 1};
     trials_t tr;
     codes[0] = codes[1] = 0;  /* levels 0 (a codebook point of every grid) unless a trial wins */
-    for (int is = -9; is <= 9; ++is) run_trial(t, 16, xval, waux, (2 * 3 - 1 + is * 0.1f) / max, &tr, is + 9);
+    float ids[MAX_TRIALS] = {0};
+    for (int is = -9; is <= 9; ++is) ids[is + 9] = (2 * 3 - 1 + is * 0.1f) / max;
+    run_trials(t, 16, 19, xval, waux, ids, &tr);
     trial_sums(16, 19, weight, xval, &tr, sqx, sq2);
     for (int k = 0; k < 19; ++k)
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
