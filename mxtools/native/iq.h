@@ -85,22 +85,38 @@ MX_INLINE void iq_terms(const float *x, const float *w, const float *scaled, vf 
     tab[3] = __builtin_shuffle(Q, T[2], (vi){2, 3, 11, 11, 6, 7, 15, 15});
 }
 
-/* Build a table (once per process; callers serialize with pthread_once). Returns 0, or -1 when out of memory. */
-int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant);
+/* The tables (iq_tables.c), each ready once mx_iq_prepare returned 0 for a type using it. */
+enum { IQT_2XXS, IQT_2XS, IQT_2S, IQT_1, IQT_COUNT };
+extern iq_table mx_iq_tables[IQT_COUNT];
 
 /* ggml type ids of these encoders */
 enum { T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ1_S = 19, T_IQ2_S = 22, T_IQ1_M = 29 };
 
-/* Row encoders (x: n values, n a multiple of 256; qw: n importance weights or NULL where ggml allows it). */
-void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw);
+/* Row encoders (x: n values, n a multiple of 256; qw: n importance weights or NULL where ggml allows it), each
+ * running the AVX2 build (iq1_avx2.c, iq2_avx2.c: iq1.c and iq2.c compiled with AVX2 enabled for the whole file,
+ * which GCC vectorizes better than target_clones functions) where the CPU has it, else the build for any x86-64. */
+#define MX_ROW(name) void name(const float *x, uint8_t *y, int64_t n, const float *qw)
+#if defined(__x86_64__) && !defined(MX_NO_CLONES)
+#define MX_IQ_AVX2
+#define MX_ROWS(name) MX_ROW(name); MX_ROW(name##_base); MX_ROW(name##_avx2)
+#else
+#define MX_ROWS(name) MX_ROW(name); MX_ROW(name##_base)
+#endif
+MX_ROWS(mx_iq2_xxs_row);
+MX_ROWS(mx_iq2_xs_row);
+MX_ROWS(mx_iq2_s_row);
+MX_ROWS(mx_iq1_s_row);
+MX_ROWS(mx_iq1_m_row);
+
+/* The name of an encoder of this build of iq1.c / iq2.c */
+#ifdef MX_IQ_BUILD_AVX2
+#define MX_ISA(name) name##_avx2
+#else
+#define MX_ISA(name) name##_base
+#endif
 
 /* Before encoding `type`: builds its tables; 0 when ready, -1 when the type needs an importance matrix and qw is
  * NULL (ggml_quantize_requires_imatrix: IQ2_XXS, IQ2_XS, IQ1_S), -3 when out of memory. 0 for other types. */
 int mx_iq_prepare(int type, const float *qw);
-int mx_iq1_prepare(void);
 
 #endif

@@ -2,32 +2,21 @@
  *
  * Values are ternary (-1, 0, 1) shifted by +-delta (one shift per 32 values in IQ1_S, per 8 in IQ1_M). With three
  * levels the weighted least-squares problem of a sub-block is solved exhaustively: sorting the values, every
- * split into low / middle / high levels is scored from prefix sums (eight splits at a time, then ggml's sequential
- * comparison wherever one of the eight could win). The levels are then snapped onto the 2048-point codebook.
- * Float expressions keep ggml's evaluation order.
+ * split into low / middle / high levels is scored from prefix sums, eight splits at a time, and ggml's sequential
+ * choice among them replayed (iq1_split.h). The levels are then snapped onto the 2048-point codebook. Float
+ * expressions keep ggml's evaluation order. Compiled twice: for any x86-64 and, through iq1_avx2.c, for AVX2.
  */
 #include <float.h>
-#include <pthread.h>
 
 #include "common.h"
 #include "iq.h"
-#include "iq1_grids.h"
 #include "iq1_split.h"
 #include "search.h"
 
 #define QK_K 256
 #define DELTA 0.125f
 
-static iq_table table;
-static int table_error;
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-
-static void init_table(void) { table_error = mx_iq_build(&table, iq1_grid_2048, 2048, 3); }
-
-int mx_iq1_prepare(void) {
-    pthread_once(&once, init_table);
-    return table_error ? -3 : 0;
-}
+#define table (mx_iq_tables[IQT_1])
 
 static const float X_P[3] = {-1 + DELTA, DELTA, 1 + DELTA};
 static const float X_M[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
@@ -54,7 +43,7 @@ MX_INLINE void sort_index(const float *x, int n, int *idx) {
 }
 
 /* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale xx[l] - x)^2. */
-MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
+static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
     vf tab[4];
     const float scaled[3] = {scale * xx[0], scale * xx[1], scale * xx[2]};
     iq_terms(x, w, scaled, tab);
@@ -97,7 +86,7 @@ static void group_sums(int g, const float *xb, const float *w, const float *xx, 
 
 /* Every split of 32 sorted values (prefix sums sumx, sumw, NaN past the end) with shift + (k = 0) and - (k = 1),
  * into s: ggml's sums, in its order. */
-MX_CLONES static void s_candidates(const float *sumx, const float *sumw, split_cands *s) {
+static void s_candidates(const float *sumx, const float *sumw, split_cands *s) {
     const int bs = 32;
     int j = 0;
     for (int i1 = 0; i1 <= bs; ++i1) {
@@ -120,7 +109,7 @@ MX_CLONES static void s_candidates(const float *sumx, const float *sumw, split_c
     s->n = j;
 }
 
-MX_CLONES static split_t s_split(const float *sumx, const float *sumw, int finite) {
+static split_t s_split(const float *sumx, const float *sumw, int finite) {
     split_cands s;
     s_candidates(sumx, sumw, &s);
     return split_winner(&s, 2, finite);
@@ -170,7 +159,7 @@ MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *q
     return b.scale;
 }
 
-MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+void MX_ISA(mx_iq1_s_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 50) {
         float sumx2 = 0;
         for (int i = 0; i < QK_K; ++i) sumx2 += x[i] * x[i];
@@ -244,7 +233,7 @@ MX_INLINE void half_sums(const halves_t *h, int s, int i1, int i2, vf *qxp, vf *
 
 /* Every split of 16 sorted values with the shifts of its two halves (k = 0: +,+  1: +,-  2: -,+  3: -,-) into
  * s: ggml's sums, in its order (qx = (txs p2 - (px[i1] + px[i2])) + ..., q2 = (ap[i1] + wp[i2]) + ...). */
-MX_CLONES static void m_candidates(const halves_t *h, split_cands *s) {
+static void m_candidates(const halves_t *h, split_cands *s) {
     int j = 0;
     for (int i1 = 0; i1 <= 16; ++i1)
         for (int i2 = i1; i2 <= 16; i2 += 8, ++j) {
@@ -263,7 +252,7 @@ MX_CLONES static void m_candidates(const halves_t *h, split_cands *s) {
     s->n = j;
 }
 
-MX_CLONES static split_t m_split(const halves_t *h, int finite) {
+static split_t m_split(const halves_t *h, int finite) {
     split_cands s;
     m_candidates(h, &s);
     return split_winner(&s, 4, finite);
@@ -339,7 +328,7 @@ static void m_refit(const float *xb, const float *weight, const uint8_t *qs, int
     }
 }
 
-MX_CLONES void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+void MX_ISA(mx_iq1_m_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
     static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 56) {
         const float *qwb = qw ? qw + QK_K * ibl : 0;

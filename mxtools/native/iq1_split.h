@@ -105,7 +105,7 @@ MX_INLINE float first_max(const split_cands *s, int K, int *jmax, int *pmax) {
         if (acc[l] == M && M > -INFINITY && (jj < 0 || at[l] < jj)) { jj = at[l]; ll = l; }
     int kk = 0;
     if (jj >= 0)
-        while (s->v[jj][2][kk][ll] != M) ++kk;
+        while (kk < K - 1 && s->v[jj][2][kk][ll] != M) ++kk;  /* found: top is the largest B over k */
     *jmax = jj;
     *pmax = K * ll + kk;
     return M;
