@@ -7,8 +7,9 @@
  * Pass one computes qx, q2 and B of every candidate, eight at a time (NaN stands for "never accepted": padding
  * lanes and q2 <= 0). Pass two replays ggml's scan without visiting the ~30 candidates it accepts on the way up:
  * let c* be the first candidate with the largest B and X the largest B before it (at least ggml's start value
- * -FLT_MAX). Whatever ggml's best b is on reaching c*, it is -FLT_MAX or the B of an earlier candidate, so b <= X,
- * and rounding is monotonic: fl(b q2*) <= fl(X q2*). So when qx* qx* > fl(X q2*), ggml accepts c* whatever
+ * -FLT_MAX). Whatever ggml's best b is on reaching c*, it is -FLT_MAX or the B of an earlier candidate it accepted
+ * (never NaN while the sums are finite, which the caller checks), so b <= X, and rounding is monotonic:
+ * fl(b q2*) <= fl(X q2*). So when qx* qx* > fl(X q2*), ggml accepts c* whatever
  * happened before, and its state after c* is (B*, c*) exactly. From there the scan goes on as ggml's, eight
  * candidates at a time; when the test fails (near ties) the whole scan is replayed from the start.
  *
