@@ -1,23 +1,32 @@
 """GPTQ on llama.cpp's block grids against llama.cpp's own quantization, on the bundled tiny Mixtral.
 
-For each mix: plain (`convert --outtype MIX`), imatrix (`convert --outtype MIX --imatrix`, the imatrix from the
-calibration text) and GPTQ (`quantize --to gguf --outtype MIX`, the same calibration text). Each file runs in
-llama.cpp (llama-cpp-python, f32 KV cache) over the held-out eval text beside the bf16 GGUF as reference, in
-chunks of CTX tokens (BOS first), scoring the second half of each chunk as llama-perplexity does: mean KL
-divergence to the reference (with its standard error over chunks), perplexity ratio, same top token, bits per
-weight. Prints one JSON line per file and a Markdown table; writes bench/out/gguf_gptq.json.
+For each mix: plain (`convert --outtype MIX`; not for the mixes llama-quantize writes only with an importance
+matrix), imatrix (`convert --outtype MIX --imatrix`, the imatrix from the calibration text) and GPTQ (`quantize
+--to gguf --outtype MIX`, the same calibration text). Each file runs in llama.cpp (llama-cpp-python, f32 KV cache)
+over each held-out text (EVAL_TEXTS: eval.txt, Wikipedia as the calibration text; fiction.txt, Moby-Dick) beside
+the bf16 GGUF as reference, in chunks of CTX tokens (BOS first), scoring the second half of each chunk as
+llama-perplexity does: mean KL divergence to the reference (with its standard error over chunks), its ratio to
+the imatrix file's with the paired standard error (the delta method on the per-chunk pairs), perplexity ratio,
+same top token, bits per weight. Prints one JSON line per file and a Markdown table per text; writes
+bench/out/gguf_gptq.json.
 
-    python bench/gguf_gptq.py [--mixes q4_k_m,q3_k_m] [--nsamples 128] [--seqlen 512] [--chunks 64] [--gptaq 1]
-                              [--threads 2]
+    python bench/gguf_gptq.py [--mixes q4_k_m,iq2_xs] [--nsamples 128] [--seqlen 512] [--chunks 0 (all)]
+                              [--texts wikipedia,fiction] [--gptaq 1] [--keep-embedding MIXES]
+                              [--iq-variants repass,gptq-weights] [--threads 2]
 
-`--speed TYPES` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2 4096 x 14336;
-random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type beside the int4 g128 GPTQ core,
-wall and process CPU seconds.
+--keep-embedding adds, for the mixes named, a GPTQ run whose token embedding is left as llama.cpp encodes it
+(the decoder layers' share alone); --iq-variants adds GPTQ runs with the i-quants' options (gguf_iq.iq_loop) on
+every i-quant type.
+
+`--speed TYPES [--shapes w1]` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2
+4096 x 14336; random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type (the i-quants with
+`quantize`'s options) beside the int4 g128 GPTQ core, wall and process CPU seconds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,12 +37,17 @@ from common import OUT
 from mxtools.commands.convert import convert
 from mxtools.commands.imatrix import imatrix_from_text
 from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
-from mxtools.core.bundled import CALIB, EVAL, MODEL
+from mxtools.core.bundled import CALIB, MODEL
+from mxtools.core.defaults import EVAL_TEXTS
 from mxtools.core.tokenizer import Tokenizer
 from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
+from mxtools.quant.gguf_iq import IQ_TYPES
+from mxtools.quant.mixes import load_mix
 
 CTX, THREADS = 512, 2
+VARIANTS = {"repass": {"repass": True}, "gptq-weights": {"snap_weights": "gptq"},
+            "repass+gptq-weights": {"repass": True, "snap_weights": "gptq"}}
 
 
 def llama(path):
@@ -42,10 +56,11 @@ def llama(path):
                  n_threads=THREADS, verbose=False)
 
 
-def logprobs(llm, chunk: list[int]) -> torch.Tensor:
+def logprobs(llm, chunk: list[int], rows: slice) -> torch.Tensor:
+    """log-softmax (float64) of the logits at positions `rows` of the chunk."""
     llm.reset()
     llm.eval(chunk)
-    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[:CTX], dtype=np.float32)).double(), -1)
+    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[rows], dtype=np.float32)).double(), -1)
 
 
 def bits_per_weight(path) -> float:
@@ -63,15 +78,19 @@ def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
     acc = {k: {"kld": [], "nll": [], "same": 0, "n": 0} for k in files}
     ref_nll, half = [], CTX // 2
     body = CTX - 1
-    for c in range(min(chunks, len(tokens) // body)):
+    n = min(chunks or len(tokens), len(tokens) // body)
+    for c in range(n):
+        if c % 10 == 0:
+            print(f"chunk {c}/{n}", file=sys.stderr, flush=True)
         chunk = [1] + tokens[c * body:(c + 1) * body]
         targets = torch.tensor(chunk[half + 1:])
-        p = logprobs(ref, chunk)[half:-1]
+        p = logprobs(ref, chunk, slice(half, CTX - 1))
+        p_exp = p.exp()
         ref_nll.append(float(-p.gather(1, targets[:, None]).sum()))
         for k, llm in models.items():
-            q = logprobs(llm, chunk)[half:-1]
+            q = logprobs(llm, chunk, slice(half, CTX - 1))
             a = acc[k]
-            a["kld"].append(float((p.exp() * (p - q)).sum(-1).mean()))
+            a["kld"].append(float((p_exp * (p - q)).sum(-1).mean()))
             a["nll"].append(float(-q.gather(1, targets[:, None]).sum()))
             a["same"] += int((p.argmax(-1) == q.argmax(-1)).sum())
             a["n"] += len(targets)
@@ -81,25 +100,30 @@ def evaluate(files: dict, ref_path, tokens: list[int], chunks: int) -> dict:
     for k, a in acc.items():
         kld = np.array(a["kld"])
         out[k] = {"kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / np.sqrt(len(kld))),
+                  "kld_chunks": kld.tolist(),
                   "ppl_ratio": float(np.exp((sum(a["nll"]) - sum(ref_nll)) / a["n"])),
                   "same_top": a["same"] / a["n"], "bpw": bits_per_weight(files[k]), "chunks": len(kld)}
     return out
 
 
-def speed(types: list[str], tokens: int = 2048) -> dict:
+def speed(types: list[str], shapes: list[str], tokens: int = 2048) -> dict:
     from gguf import GGMLQuantizationType as Q
 
     from mxtools.quant.gguf_gptq import quantize_matrix
+    from mxtools.quant.gguf_iq import IQ_OPTIONS
     from mxtools.quant.gptq import Hessian, QuantConfig, gptq_quantize
     rows = {}
     for name, (out, inp) in {"w1": (14336, 4096), "w2": (4096, 14336)}.items():
+        if name not in shapes:
+            continue
         gen = torch.Generator().manual_seed(0)
         w = 0.02 * torch.randn(out, inp, generator=gen)
         hs = Hessian(inp)
         hs.add(torch.randn(tokens, inp, generator=gen))
         h = hs.matrix()
         runs = {"int4 g128": lambda w=w, h=h: gptq_quantize(w, h, QuantConfig())}
-        runs.update({t: (lambda t=t, w=w, h=h: quantize_matrix(w, Q[t.upper()], h)) for t in types})
+        runs.update({t: (lambda t=t, w=w, h=h: quantize_matrix(w, Q[t.upper()], h, **IQ_OPTIONS.get(Q[t.upper()], {})))
+                     for t in types})
         for label, fn in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -112,10 +136,18 @@ def speed(types: list[str], tokens: int = 2048) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--speed", help="time full-size expert matrices on these GGML types (e.g. q4_k,q6_k)")
+    ap.add_argument("--shapes", default="w1,w2", help="--speed: which expert matrices (w1 14336 x 4096, w2)")
     ap.add_argument("--mixes", default="q2_k,q3_k_m,q4_k_m,q5_k_m,q6_k")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--chunks", type=int, default=0, help="chunks of each text (0: all)")
+    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="held-out texts (names of EVAL_TEXTS)")
+    ap.add_argument("--keep-embedding", default="", help="also GPTQ with llama.cpp's token embedding for these mixes")
+    ap.add_argument("--name", default="gguf_gptq", help="results file bench/out/NAME.json")
+    ap.add_argument("--reuse", action="store_true", help="keep files already written by an earlier run")
+    ap.add_argument("--no-plain", action="store_true", help="no plain (`convert` without --imatrix) files")
+    ap.add_argument("--imatrix-only", default="", help="mixes for which only llama.cpp's imatrix file is made")
+    ap.add_argument("--iq-variants", default="", help=f"also GPTQ with these i-quant options ({', '.join(VARIANTS)})")
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
     ap.add_argument("--gptaq", default="", help="also GPTQ with the asymmetric objective at these scales (e.g. 1)")
@@ -126,42 +158,77 @@ def main():
     torch.set_num_threads(THREADS)
     if args.speed:
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "gguf_gptq_speed.json").write_text(json.dumps(speed(args.speed.split(",")), indent=1))
+        (OUT / "gguf_gptq_speed.json").write_text(json.dumps(speed(args.speed.split(","), args.shapes.split(",")),
+                                                             indent=1))
         return
     out = OUT / "gguf_gptq"
     out.mkdir(parents=True, exist_ok=True)
     ref = convert(MODEL, "gguf", out / "bf16.gguf", "bf16", force=True)
-    imat = imatrix_from_text(MODEL, CALIB, out / "imatrix.gguf", ctx=args.seqlen, chunks=args.nsamples,
-                             device="cpu", force=True)
+    imat = out / "imatrix.gguf"
+    if not (args.reuse and imat.exists()):
+        imat = imatrix_from_text(MODEL, CALIB, imat, ctx=args.seqlen, chunks=args.nsamples, device="cpu", force=True)
     files, times = {}, {}
     for mix in args.mixes.split(","):
-        files[f"{mix} plain"] = convert(MODEL, "gguf", out / f"{mix}-plain.gguf", mix, force=True)
+        if not load_mix(mix).may_need_imatrix() and not args.no_plain:
+            files[f"{mix} plain"] = convert(MODEL, "gguf", out / f"{mix}-plain.gguf", mix, force=True)
         files[f"{mix} imatrix"] = convert(MODEL, "gguf", out / f"{mix}-imatrix.gguf", mix, force=True,
                                           imatrix_path=imat)
-        runs = [("gptq", None, {})] + ([("gptq+imatrix", imat, {})] if args.gptq_imatrix else [])
-        runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}) for a in args.gptaq.split(",") if a]
-        for label, im, extra in runs:
+        if mix in args.imatrix_only.split(","):
+            continue
+        runs = [("gptq", None, {}, {})] + ([("gptq+imatrix", imat, {}, {})] if args.gptq_imatrix else [])
+        runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}, {}) for a in args.gptaq.split(",") if a]
+        runs += [(f"gptq {v}", None, {}, {"iq_options": {t: VARIANTS[v] for t in IQ_TYPES}})
+                 for v in args.iq_variants.split(",") if v and load_mix(mix).types() & set(IQ_TYPES)]
+        runs += [("gptq embd-llama", None, {}, {"embedding": False})] if mix in args.keep_embedding.split(",") else []
+        for label, im, extra, kw in runs:
             t = time.time()
-            path = out / f"{mix}-{label.replace(' ', '-')}.gguf"
+            path = files[f"{mix} {label}"] = out / f"{mix}-{label.replace(' ', '-')}.gguf"
+            if args.reuse and path.exists():
+                continue
             report = run_quantize_gguf(MODEL, path, mix,
                                        QuantizeSettings(calib=CALIB, nsamples=args.nsamples, seqlen=args.seqlen,
-                                                        damp=args.damp, device="cpu", force=True), imatrix_path=im)
+                                                        damp=args.damp, device="cpu", force=True, **extra),
+                                       imatrix_path=im, **kw)
             times[f"{mix} {label}"] = {"wall_s": round(time.time() - t, 1), "layers_s": report["timings"]["layers_s"],
                                        "fallbacks": len(report["totals"]["fallbacks"])}
             files[f"{mix} {label}"] = path
             print(json.dumps({f"{mix} {label}": times[f"{mix} {label}"]}), flush=True)
-    tokens = Tokenizer.default().encode(EVAL.read_text(encoding="utf-8"), bos=False)
-    res = evaluate(files, ref, tokens, args.chunks)
+    results = {}
+    for text in args.texts.split(","):
+        tokens = Tokenizer.default().encode(EVAL_TEXTS[text].read_text(encoding="utf-8"), bos=False)
+        res = with_ratios(evaluate(files, ref, tokens, args.chunks))
+        results[text] = res
+        for k, r in res.items():
+            print(json.dumps({text: {k: {m: v for m, v in r.items() if m != "kld_chunks"}}}), flush=True)
+        print(table(text, res))
+    settings = {k: v for k, v in vars(args).items()} | {"ctx": CTX, "calib": CALIB.name}
+    Path(OUT / f"{args.name}.json").write_text(json.dumps({"settings": settings, "results": results, "times": times},
+                                                       indent=1))
+
+
+def with_ratios(res: dict) -> dict:
+    """Each file's mean KLD over the same mix's imatrix file's, with the paired standard error of the ratio
+    (delta method: s.d. of d_i = a_i - R b_i over chunks / sqrt(n) / mean(b))."""
     for k, r in res.items():
-        print(json.dumps({k: r}), flush=True)
-    print("| mix | method | mean KLD (± s.e.) | PPL ratio | same top | bits/weight |\n|---|---|---|---|---|---|")
+        base = res.get(f"{k.split(' ', 1)[0]} imatrix")
+        if base is None:
+            continue
+        a, b = np.array(r["kld_chunks"]), np.array(base["kld_chunks"])
+        ratio = a.mean() / b.mean()
+        r["ratio"] = float(ratio)
+        r["ratio_se"] = float((a - ratio * b).std(ddof=1) / np.sqrt(len(a)) / b.mean())
+    return res
+
+
+def table(text: str, res: dict) -> str:
+    head = "| mix | method | mean KLD (± s.e.) | / imatrix (± paired s.e.) | PPL ratio | same top | bits/weight |"
+    rows = [f"{text}:", head, "|---|---|---|---|---|---|---|"]
     for k, r in res.items():
         mix, method = k.split(" ", 1)
-        print(f"| {mix} | {method} | {r['kld_mean']:.5f} ± {r['kld_se']:.5f} | {r['ppl_ratio']:.4f} | "
-              f"{r['same_top']:.4f} | {r['bpw']:.3f} |")
-    settings = {k: v for k, v in vars(args).items()} | {"ctx": CTX, "calib": CALIB.name, "eval": EVAL.name}
-    Path(OUT / "gguf_gptq.json").write_text(json.dumps({"settings": settings, "results": res, "times": times},
-                                                       indent=1))
+        ratio = f"{r['ratio']:.3f} ± {r['ratio_se']:.3f}" if "ratio" in r else "-"
+        rows.append(f"| {mix} | {method} | {r['kld_mean']:.5f} ± {r['kld_se']:.5f} | {ratio} | {r['ppl_ratio']:.4f} | "
+                    f"{r['same_top']:.4f} | {r['bpw']:.3f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

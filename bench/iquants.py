@@ -8,7 +8,7 @@ the same f16 GGUF (throughput of the quantizer alone), and mxtools in one pass f
 llama.cpp's two steps); every tensor of mxtools' f16-GGUF output is compared with llama-quantize's, byte for byte.
 Writes bench/out/iquants-MODEL.json and prints the table docs/BENCHMARKS.md holds.
 
-    python bench/iquants.py [--mixes iq2_xs,iq4_xs] [--threads 2] [--small]
+    python bench/iquants.py [--mixes iq2_xs,iq4_xs] [--threads 2] [--small | --layers 1]
 """
 from __future__ import annotations
 
@@ -43,13 +43,25 @@ def small_model() -> Path:
     return path
 
 
+def full_model(layers: int) -> Path:
+    """8x7B's real widths with `layers` layers (2: the model the other benchmarks share)."""
+    if layers == 2:
+        return synth_8x7b_2layers()
+    path = OUT / f"synth-8x7b-{layers}L"
+    if not path.exists():
+        subprocess.run([PY, "-m", "mxtools.cli", "synth", "--preset", "8x7b", "--layers", str(layers), "-o", str(path)],
+                       check=True)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a quarter of 8x7B's widths instead of the real ones")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the real-width model (not with --small)")
     args = ap.parse_args()
-    src = small_model() if args.small else synth_8x7b_2layers()
+    src = small_model() if args.small else full_model(args.layers)
     llama, quantize = llama_cpp_source(), llama_quantize()
     f16 = OUT / "llama-f16.gguf"
     conv = timed([PY, llama / "convert_hf_to_gguf.py", src, "--outtype", "f16", "--outfile", f16],

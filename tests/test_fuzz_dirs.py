@@ -53,7 +53,7 @@ def _spec(vocab=512, **kw):
 def build_sources(root: Path) -> dict[str, Path]:
     """One synthetic checkpoint per reader under root: hf (three shards + index), mistral (safetensors),
     mistral-pth, concat (two .pt files), paddle, paddle-pdparams (PaddleNLP's fixture), gptq (RTN int4),
-    gptq-autoround (AutoRound's own, a fixture)."""
+    gptq-autoround (AutoRound's own, a fixture), compressed (llm-compressor's), bnb (transformers + bitsandbytes)."""
     root.mkdir(parents=True, exist_ok=True)
     ck = synth_checkpoint(_spec(), 0, torch.bfloat16)
     out = {"hf": write_checkpoint(ck, "hf", root / "hf", "bf16", shard_bytes=400_000),
@@ -69,6 +69,12 @@ def build_sources(root: Path) -> dict[str, Path]:
     out["gptq"] = write_checkpoint(synth_checkpoint(gptq_spec, 0, torch.float16), "gptq", root / "gptq", "f16")
     # another tool's GPTQ checkpoint: AutoRound's expert names, bf16 router, `dynamic` rules, quantization_config.json
     out["gptq-autoround"] = Path(shutil.copytree(AUTOROUND, root / "gptq-autoround"))
+    # llm-compressor's compressed-tensors W4A16 (asymmetric, packed zero points) and transformers' bitsandbytes
+    # NF4 with nested quantization (quant_state JSON in uint8 tensors), both fixtures, with the tokenizer the tools
+    # were given (their fixtures carry none)
+    for name, fixture in (("compressed", LLMCOMPRESSOR), ("bnb", BNB)):
+        out[name] = Path(shutil.copytree(fixture, root / name))
+        shutil.copy(out["hf"] / "tokenizer.model", out[name] / "tokenizer.model")
     return out
 
 
@@ -199,6 +205,15 @@ HF_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "n
 CONCAT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok")
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "format", "quant_method")
 AUTOROUND = Path(__file__).parent / "fixtures" / "autoround" / "checkpoint"
+LLMCOMPRESSOR = Path(__file__).parent / "fixtures" / "llmcompressor" / "w4a16-asym-g32" / "checkpoint"
+BNB = Path(__file__).parent / "fixtures" / "bnb" / "nf4-double" / "checkpoint"
+_GROUP = ("quantization_config", "config_groups", "group_0")
+COMPRESSED_KEYS = (("quantization_config", "format"), ("quantization_config", "config_groups"),
+                   (*_GROUP, "format")) + tuple((*_GROUP, "weights", k) for k in (
+                       "num_bits", "strategy", "group_size", "symmetric"))
+BNB_KEYS = tuple(("quantization_config", k) for k in ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                                                      "quant_method"))
+STATE_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_offset")  # of bitsandbytes' quant_state JSON
 
 
 def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_key: bool = False
@@ -295,6 +310,33 @@ def cases(sources: dict[str, Path], seed: int = SEED, scale: float = 1.0, every_
     yield from each(ar, "model.safetensors", byte_cases("model.safetensors", data, rng, n(25),
                                                         [(0, safetensors_header_end(data))]))
     yield from each(ar, "model.safetensors", truncation_cases("model.safetensors", data, rng, n(5)))
+
+    for name, qkeys in (("compressed", COMPRESSED_KEYS), ("bnb", BNB_KEYS)):
+        src = sources[name]
+        config = json.loads(read(src, "config.json"))
+        yield from each(src, "config.json", structured_cases("config.json", config, None if every_key else qkeys))
+        data = read(src, "model.safetensors")
+        yield from each(src, "model.safetensors", byte_cases("model.safetensors", data, rng, n(25),
+                                                             [(0, safetensors_header_end(data))]))
+        yield from each(src, "model.safetensors", truncation_cases("model.safetensors", data, rng, n(5)))
+    yield from each(sources["bnb"], "model.safetensors", quant_state_cases(sources["bnb"] / "model.safetensors"))
+
+
+def quant_state_cases(shard: Path) -> Iterator[tuple[str, bytes]]:
+    """bitsandbytes' quant_state JSON (stored as uint8 bytes) of one module: each field of STATE_KEYS replaced by
+    every STRUCTURED value, and the bytes replaced by other JSON than an object and by text that is no JSON."""
+    from safetensors.torch import save
+    tensors = load_file(shard)
+    key = next(k for k in sorted(tensors) if ".quant_state.bitsandbytes__" in k)
+    state = json.loads(bytes(tensors[key].tolist()))
+
+    def with_bytes(raw: bytes) -> bytes:
+        return save({**tensors, key: torch.tensor(list(raw) or [0], dtype=torch.uint8)}, metadata={"format": "pt"})
+    for field in STATE_KEYS:
+        for label, value in STRUCTURED:
+            yield f"quant_state:{field}={label}", with_bytes(json.dumps(_replaced(state, (field,), value)).encode())
+    for label, raw in (("array", b"[1]"), ("null", b"null"), ("text", b"nf4"), ("latin1", b"{\"q\xe9\": 1}")):
+        yield f"quant_state:<{label}>", with_bytes(raw)
 
 
 def pdparams_cases(pdp: Path, rng: random.Random, n: Callable, each: Callable) -> Iterator[tuple[str, Path, Changes]]:

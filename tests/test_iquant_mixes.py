@@ -296,7 +296,7 @@ def test_compare_offers_the_iquant_mixes():
     known = formats()
     for mix in IQ_MIXES:
         assert f"{mix}+imatrix" in known and (mix in known) == (mix not in NEEDS_ONE)
-        assert f"{mix}+gptq" not in known  # GPTQ's block grids are the K and legacy types'
+        assert f"{mix}+gptq" in known  # GPTQ onto the i-quant codebooks
         assert known[f"{mix}+imatrix"].outtype == mix
     assert [f.name for f in parse_formats("iq2_xs+imatrix,iq4_nl,iq4_xs+imatrix")] == \
         ["iq2_xs+imatrix", "iq4_nl", "iq4_xs+imatrix"]

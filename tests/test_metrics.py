@@ -16,6 +16,7 @@ from hf_tiny import (
 from mxtools.core import chunking, names, transforms
 from mxtools.core.errors import FormatError
 from mxtools.model import forward
+from mxtools.quant.mixes import MIXES
 from mxtools.verify import (
     BaseMismatchError,
     load_base,
@@ -257,6 +258,10 @@ def test_chunk_groups_pool_to_the_same_report(tiny, tokens):
 def test_thresholds_table_and_outtype_guess(tiny):
     assert report.thresholds_for("Q4_K_S")["max_kld_mean"] == report.DEFAULT_THRESHOLDS["q4_k_m"]["max_kld_mean"]
     assert report.thresholds_for("mystery") == report.DEFAULT_THRESHOLDS[report.UNKNOWN_OUTTYPE_ROW]
+    for outtype, row in [("IQ1_S", "q2_k"), ("iq2_m", "q3_k_m"), ("iq4_xs", "q4_k_m"), ("w8a16", "gptq-int8"),
+                         ("bnb-int8", "q8_0"), ("fp8", "q5_k_m")]:
+        assert report.thresholds_for(outtype) == report.DEFAULT_THRESHOLDS[row], outtype
+    assert {m for m in MIXES if m.startswith("iq")} <= set(report.ALIASES)  # every i-quant mix has a row
     assert report.thresholds_for("q8_0", {"max_kld_mean": 1.0})["max_kld_mean"] == 1.0
     with pytest.raises(ValueError, match="unknown threshold"):
         report.thresholds_for("q8_0", {"max_kdl": 1})

@@ -154,7 +154,7 @@ def bnb_bytes(shape: tuple, kind: str) -> int:
 def formats() -> dict[str, Format]:
     """Every format compare can build: the GGUF mixes (each also +imatrix, and +gptq: `quantize --to gguf`),
     GPTQ and RTN int4/int8, bnb. A mix that may need an importance matrix (the IQ1/IQ2/IQ3_XXS/IQ3_XS mixes)
-    is offered only +imatrix, and +gptq only where all its types are on GPTQ's block grids (K and legacy)."""
+    is offered only +imatrix; +gptq is offered for every mix (GPTQ onto the K, legacy and i-quant types)."""
     from ..quant.gguf_gptq import on_grids
     from ..quant.mixes import MIXES, load_mix
     out = {}

@@ -17,13 +17,13 @@ GGUF_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
 
 def resolve_outtype(ckpt: Checkpoint, requested: str) -> str:
-    """'auto' keeps the source's float type (f32 for block-quantized sources, whose values f32 holds exactly)."""
+    """'auto' keeps the source's float type (f32 for sources with any quantized tensor, whose values f32 holds
+    exactly)."""
     if requested != "auto":
         return requested
     by_dtype = {v: k for k, v in FLOAT_DTYPES.items()}
-    t = next(iter(ckpt.tensors.values()))
     main = ckpt.main_dtype()
-    return "f32" if t.stored_as or main not in by_dtype else by_dtype[main]
+    return "f32" if any(t.stored_as for t in ckpt.tensors.values()) or main not in by_dtype else by_dtype[main]
 
 
 def outtypes(layout: str) -> tuple[str, ...]:
@@ -128,6 +128,7 @@ def run_convert(src, out, s: ConvertSettings, progress_bar: Callable | None = No
     with open_model(src, s.tokenizer) as ckpt:
         note = set_chat_template(ckpt, s.chat_template) if s.layout != "mistral" else None  # params.json has none
         resolved = resolve_outtype(ckpt, s.outtype)
+        notes = [n for n in (note, requantize_note(ckpt, s.layout, resolved, src)) if n]
         overrides = _overrides(s)
         names = _names(s, ckpt)
         bar = progress_bar(estimate_bytes(ckpt, resolved), f"{s.layout} {resolved}") if progress_bar else None
@@ -135,7 +136,21 @@ def run_convert(src, out, s: ConvertSettings, progress_bar: Callable | None = No
             write_checkpoint(ckpt, s.layout, Path(out), s.outtype, inputs=[Path(src)], force=s.force,
                              progress=b.update, shard_bytes=s.shard_bytes, imatrix_path=s.imatrix,
                              overrides=overrides, **names)
-    return [note] if note else []
+    return notes
+
+
+def requantize_note(ckpt: Checkpoint, layout: str, outtype: str, src) -> str | None:
+    """What to tell the user when a quantized output is made from weights that are already quantized (GPTQ,
+    compressed-tensors, bitsandbytes, GGUF block types): they are dequantized and quantized again, so the
+    output carries both roundings. None otherwise."""
+    from ..quant.mixes import MIXES
+    kinds = sorted({t.stored_as for t in ckpt.tensors.values() if t.stored_as})
+    quantizing = (layout == "gguf" and outtype in MIXES) or (layout == "gptq" and ckpt.layout != "gptq")
+    if not kinds or not quantizing:
+        return None
+    what = f"--to gguf --outtype {outtype}" if layout == "gguf" else "--to gptq"
+    return (f"note: {src} holds already-quantized weights ({', '.join(kinds[:4])}); {what} re-quantizes them "
+            "(dequantized to float first), so the output carries both roundings")
 
 
 class _NoBar:

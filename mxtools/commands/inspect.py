@@ -67,7 +67,7 @@ def render(r: dict) -> str:
               f"{c['vocab_size']}, rope_theta {c['rope_theta']:g}"),
              "  types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())),
              f"  tokenizer: {_tokenizer_words(r)}, chat template: {'yes' if r['chat_template'] else 'no'}"]
-    lines += _gptq_line(r["info"])
+    lines += _quant_line(r["layout"], r["info"])
     lines += _chat_line(r["chat_template_check"])
     lines += [f"  problem: {p}" for p in r["problems"]] or ["  no problems found"]
     return "\n".join(lines)
@@ -89,9 +89,14 @@ def _tokenizer_words(r: dict) -> str:
     return "yes"
 
 
-def _gptq_line(info: dict) -> list[str]:
-    """GPTQ checkpoints: the packing format, the tensor naming found and the tool the config names."""
+def _quant_line(layout: str, info: dict) -> list[str]:
+    """Quantized HF-style checkpoints: the format (GPTQ's packing, compressed-tensors' format, bitsandbytes'
+    type), the tensor naming found and the tool that probably wrote it (from what the files say)."""
     if "tensor_names" not in info:
         return []
+    if layout != "gptq":
+        return [(f"  {layout}: format {info.get('format')} ({info.get('outtype')}), tensor names "
+                 f"{info['tensor_names']} (router {info.get('router_name')}), written by "
+                 f"{info.get('written_by') or 'an unnamed tool'}")]
     return [(f"  gptq: checkpoint_format {info.get('checkpoint_format')}, tensor names {info['tensor_names']} "
             f"(router {info.get('router_name')}), written by {info.get('written_by') or 'an unnamed tool'}")]

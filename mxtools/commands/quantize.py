@@ -21,7 +21,7 @@ from ..core.errors import MxError
 from ..core.tensors import Checkpoint
 from ..io.atomic import atomic_output, check_output
 from ..layouts.gptq import write_quantized
-from ..quant.gguf_gptq import on_grids
+from ..quant.gguf_iq import IQ_GPTAQ, IQ_TYPES
 from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
@@ -178,9 +178,15 @@ def run_quantize(src, out, settings: QuantizeSettings = QuantizeSettings(),
 # ---------------------------------------------------------------- --to gguf
 
 def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings = QuantizeSettings(),
-                      imatrix_path=None, progress: Progress | None = None) -> dict:
-    """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids (quant/gguf_quantize); write one
-    GGUF at out atomically. Returns the pipeline's report with "timings"."""
+                      imatrix_path=None, progress: Progress | None = None, iq_options: dict | None = None,
+                      embedding: bool = True) -> dict:
+    """Quantize src to the llama.cpp mix `outtype` with GPTQ on its block grids and codebooks (quant/gguf_quantize);
+    write one GGUF at out atomically. Returns the pipeline's report with "timings".
+
+    A mix with i-quant types takes the types llama.cpp's mix gives with an importance matrix (GPTQ's Hessian plays
+    its role) and the asymmetric objective at gguf_iq.IQ_GPTAQ unless --gptaq is given. iq_options: GGML type ->
+    quantize_matrix's i-quant options, over gguf_iq.IQ_OPTIONS; embedding=False leaves the token embedding as
+    llama.cpp encodes it (no GPTQ)."""
     given = sorted(k.replace("_", "-") for k in GPTQ_ONLY_KEYS if getattr(settings, k) is not None)
     if given:
         raise MxError(f"--{', --'.join(given)} apply to --to gptq; --to gguf takes the mix's own grids (--outtype)")
@@ -189,28 +195,27 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
     outtype = outtype.lower()
     if outtype not in MIXES:
         raise MxError(f"--to gguf wants a block-quantized mix as --outtype ({', '.join(MIXES)}), got {outtype!r}")
-    if not on_grids(load_mix(outtype).types()):
-        raise MxError(f"--to gguf puts GPTQ on the legacy and K-quant grids; the {outtype} mix has i-quant "
-                      f"(codebook) types: write it with `mxtools convert SRC --to gguf --outtype {outtype} "
-                      "--imatrix FILE`")
     s = settings.resolved()
     method, experts, damp = s["method"], s["experts"], s["damp"]
     cfg = quant_config({"damp": damp})  # its checks are the option's
     calib = Path(settings.calib or CALIB)
     with open_model(src, settings.tokenizer) as ckpt:
         raw = read_imatrix(imatrix_path) if imatrix_path else None
-        opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None)
+        importance = method == "gptq" and bool(load_mix(outtype).types() & set(IQ_TYPES))
+        gptaq = IQ_GPTAQ if importance and settings.gptaq is None else s["gptaq"]
+        opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None,
+                            importance=importance)
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
-        hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp)
+        hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp, iq_options)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress=progress, quantizer=hook,
-                                     gptaq=s["gptaq"], gptaq_ridge=s["gptaq_ridge"])
+                                     gptaq=gptaq, gptaq_ridge=s["gptaq_ridge"])
         for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
             stream.report.pop(key, None)
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
-        extra = metadata(method, calib, stream.report["calibration"], damp, experts, s["gptaq"])
+        extra = metadata(method, calib, stream.report["calibration"], damp, experts, gptaq)
         extra += raw.quantize_metadata(imatrix_path) if raw else []
-        source = LayerBytes(stream, hook)
+        source = LayerBytes(stream, hook, embedding)
         write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=settings.force, **opts,
                          extra_metadata=extra, encoded=source)
         source.finish()

@@ -183,6 +183,26 @@ def gptq_quant_config(path: Path) -> dict | None:
     return None
 
 
+# quant_method values of config.json's quantization_config that a quantized layout reads (the HF layout does not)
+QUANT_METHODS = ("gptq", "compressed-tensors", "bitsandbytes")
+
+
+def quant_config(path: Path, method: str | None = None) -> dict | None:
+    """config.json's quantization_config (or the `compression_config` early llm-compressor versions wrote) when
+    its quant_method is `method` (any of QUANT_METHODS when None); None otherwise, and for a directory without a
+    readable config (the HF reader reports that)."""
+    cfg_file = path / "config.json"
+    if not (path.is_dir() and cfg_file.exists()):
+        return None
+    try:
+        cfg = read_json(cfg_file)
+    except MxError:
+        return None
+    qc = (cfg.get("quantization_config") or cfg.get("compression_config")) if is_kind(cfg, dict) else None
+    found = str(qc.get("quant_method", "")).lower() if is_kind(qc, dict) else None
+    return qc if found in ((method,) if method else QUANT_METHODS) else None
+
+
 def read_dir(path: Path, table: NameTable, layout: str, transform=None, files=None,
              opener=SafetensorsFile) -> Checkpoint:
     """The checkpoint of an HF-style directory whose tensors `table` names (`transform`: applied to each named

@@ -86,7 +86,7 @@ def open_checkpoint(path, validate: bool = True) -> Checkpoint:
         raise
 
 
-from . import gguf, hf, gptq, mistral, paddle  # noqa: F401, I001  (registration, in the order `--to` lists them)
+from . import gguf, hf, gptq, mistral, paddle, compressed, bnb  # noqa: F401, I001  (registration, in the order `--to` lists them)
 
 if tuple(writable()) != WRITABLE_LAYOUTS:  # the command line offers core.defaults' list without importing this
     raise ImportError(f"core.defaults.WRITABLE_LAYOUTS is {WRITABLE_LAYOUTS}, the registry has {tuple(writable())}")

@@ -28,7 +28,8 @@ import torch
 from ..core import names
 from ..core.defaults import GPTQ_NAMINGS, SHARD_BYTES
 from ..core.errors import FormatError, MxError
-from ..core.names import CANONICAL_TABLE, NameTable
+from ..core.expert_names import SPELLINGS, name_table, naming_of
+from ..core.names import NameTable
 from ..core.names import is_gptq_quantized as is_quantized
 from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
 from ..core.values import MAX_DIM, is_kind
@@ -53,34 +54,12 @@ V1_FORMATS = ("gptq", None)  # checkpoint_format values whose qzeros store zero 
 V2_FORMAT = "gptq_v2"  # GPTQModel's v2: qzeros store the zero itself
 TOOL = "mxtools"
 
-# Tensor names per runtime, as name tables over names.KINDS (only the router and expert rows differ from the
-# canonical ones). Each naming: the MoE block holding the experts, their gate/up/down names, the default router.
-# vllm: vllm/model_executor/models/mixtral.py maps `block_sparse_moe.experts.{e}.w1|w2|w3` (its
-#   expert_params_mapping) and keeps `block_sparse_moe.gate` a plain unquantized Linear.
-# transformers: transformers 5 calls the MoE block `mlp` and the experts gate/up/down_proj; GPTQModel 7.x
-#   (models/definitions/mixtral.py, module_tree "mlp|block_sparse_moe" > "experts" > "gate_proj|w1" ...) looks
-#   for the quantized tensors under these names before any renaming.
-# autoround: transformers 5's expert names under the transformers 4.x block, `block_sparse_moe.experts.{e}.
-#   gate_proj|up_proj|down_proj` (read only: no runtime asks for it).
-# The router is read under `block_sparse_moe.gate` or `mlp.gate`, whichever the checkpoint holds.
-_SPELLINGS = {
-    "vllm": ("block_sparse_moe", "w1", "w3", "w2", "block_sparse_moe.gate"),
-    "transformers": ("mlp", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
-    "autoround": ("block_sparse_moe", "gate_proj", "up_proj", "down_proj", "block_sparse_moe.gate"),
-}
-ROUTERS = ("block_sparse_moe.gate", "mlp.gate")
-READ_NAMINGS = tuple(_SPELLINGS)
-
-
-def name_table(naming: str, router: str | None = None) -> NameTable:
-    """The name table of `naming` (a READ_NAMINGS key), the router under `router` (default: the naming's own)."""
-    block, gate, up, down, default_router = _SPELLINGS[naming]
-    layer, experts = "model.layers.{i}.", f"model.layers.{{i}}.{block}.experts.{{e}}."
-    return NameTable({**CANONICAL_TABLE.rows, "ffn_gate_inp": f"{layer}{router or default_router}.weight",
-                      "ffn_gate": f"{experts}{gate}.weight", "ffn_up": f"{experts}{up}.weight",
-                      "ffn_down": f"{experts}{down}.weight"})
-
-
+# Tensor names per runtime (core/expert_names.py): vllm: vllm/model_executor/models/mixtral.py maps
+# `block_sparse_moe.experts.{e}.w1|w2|w3` (its expert_params_mapping) and keeps `block_sparse_moe.gate` a plain
+# unquantized Linear. transformers: transformers 5 calls the MoE block `mlp` and the experts gate/up/down_proj;
+# GPTQModel 7.x (models/definitions/mixtral.py, module_tree "mlp|block_sparse_moe" > "experts" > "gate_proj|w1"
+# ...) looks for the quantized tensors under these names before any renaming. autoround: read only.
+READ_NAMINGS = tuple(SPELLINGS)
 NAMINGS = {n: name_table(n) for n in GPTQ_NAMINGS}  # the names the command line offers (core.defaults), in order
 DEFAULT_NAMES = GPTQ_NAMINGS[0]
 
@@ -102,24 +81,6 @@ def canonical_name(key: str, table: NameTable) -> str:
     base, _, suffix = key.rpartition(".")
     hit = table.to_canonical(base + ".weight")
     return hit[0].removesuffix("weight") + suffix if hit else key
-
-
-def _expert_keys(naming: str) -> re.Pattern:
-    block, gate, up, down, _ = _SPELLINGS[naming]
-    return re.compile(rf"model\.layers\.\d+\.{block}\.experts\.\d+\.({gate}|{up}|{down})\.")
-
-
-def naming_of(keys, source=None) -> tuple[str, str]:
-    """(naming, router) of a checkpoint, from its tensor names only: the naming whose expert names the keys use
-    (vllm when none does), the router spelling the keys use (else the naming's own). Keys in two expert
-    namings are a FormatError naming `source`."""
-    keys = list(keys)
-    found = [n for n in READ_NAMINGS if any(_expert_keys(n).match(k) for k in keys)]
-    if len(found) > 1:
-        raise FormatError(f"expert tensors are named in two ways ({' and '.join(found)})", file=source)
-    naming = found[0] if found else DEFAULT_NAMES
-    routers = [r for r in ROUTERS if any(re.match(rf"model\.layers\.\d+\.{re.escape(r)}\.", k) for k in keys)]
-    return naming, routers[0] if routers else _SPELLINGS[naming][4]
 
 
 def writer_of(qc: dict) -> str | None:

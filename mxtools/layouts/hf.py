@@ -11,6 +11,7 @@ from ..io.hf_dir import (
     config_from_spec,
     first_shard_keys,
     gptq_quant_config,
+    quant_config,
     read_dir,
     write_json,
     write_shards,
@@ -25,7 +26,8 @@ TABLE = CANONICAL_TABLE
 
 def is_hf(path: Path) -> bool:
     keys = first_shard_keys(path)
-    return keys is not None and not any(k.startswith("mixtral.") for k in keys) and gptq_quant_config(path) is None
+    return keys is not None and not any(k.startswith("mixtral.") for k in keys) and gptq_quant_config(path) is None \
+        and quant_config(path) is None
 
 
 def read(path: Path) -> Checkpoint:

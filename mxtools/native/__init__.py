@@ -21,6 +21,7 @@ SIGNATURES = {
     "mx_quantize_rows": (_i64, [_int, _int, _ptr, _ptr, _i64, _i64, _ptr, ctypes.POINTER(_i64)]),
     "mx_quantize_grid": (_i64, [_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr]),
     "mx_mean_squares": (None, [_ptr, _i64, _i64, _ptr]),
+    "mx_iq_snap": (_i64, [_int, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]),
     **{name: (None, [_ptr, _ptr, _i64]) for name in ("mx_bf16_to_f16", "mx_f32_to_f16", "mx_bf16_to_f32",
                                                      "mx_f32_to_f16_soft")},
 }
@@ -107,3 +108,19 @@ def quantize_grid(type_id: int, x: np.ndarray, y: np.ndarray, block: int, weight
 def mean_squares(x: np.ndarray, out: np.ndarray) -> None:
     """out[r] = the mean square of row r of x (float32 [rows, n], C-contiguous), in ggml's summation order."""
     lib().mx_mean_squares(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data)
+
+
+def iq_snap(type_id: int, x: np.ndarray, weights: np.ndarray, scale: np.ndarray, given: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Snap each row of x (float32 [rows, g], C-contiguous; g 8, or 4 for IQ3) onto GGML type `type_id`'s codebook
+    at that row's scale (float32 [rows]), weights [g]: (point index, sign bits or IQ1 shift bit, decoded values).
+    `given` (int32 [rows]): IQ3_XXS the parity the negatives must have (-1: any), IQ1_S the shift bit."""
+    rows = x.shape[0]
+    index, bits = np.empty(rows, np.int32), np.empty(rows, np.int32)
+    out = np.empty_like(x)
+    ptr = lambda a: None if a is None else a.ctypes.data
+    g = lib().mx_iq_snap(type_id, x.ctypes.data, rows, weights.ctypes.data, scale.ctypes.data, ptr(given),
+                         index.ctypes.data, bits.ctypes.data, out.ctypes.data)
+    if g != x.shape[1]:
+        raise MxError(f"mx_iq_snap answered {g} for GGML type {type_id} with groups of {x.shape[1]}")
+    return index, bits, out

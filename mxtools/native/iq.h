@@ -22,7 +22,8 @@ typedef struct {
     int ngrid;
     int32_t *map;          /* key -> codebook index (>= 0), or -(offset + 1) of its neighbour list */
     uint16_t *lists;       /* neighbour lists: a count, then that many codebook indices */
-    uint16_t *codes;       /* parallel to lists: each neighbour's packed levels (8 entries of padding at the end) */
+    uint32_t *codes;       /* parallel to lists: each neighbour's levels, 3 bits per position, 4 added from position 4
+                              on (iq_nearest); 8 entries of padding at the end */
     int8_t *points;        /* codebook points unpacked, 8 values 2 l + 1 per entry */
     uint32_t on[IQ_MAP_SIZE / 32 + 1];  /* bit key: key is a codebook point (a small copy of map >= 0) */
 } iq_table;
@@ -38,63 +39,84 @@ MX_INLINE vi or_lanes(vi v) {
 
 /* The neighbour of `key`'s list nearest to x in sum_i w_i (scale v_l - x_i)^2 over its positions i (v_l the value
  * of the neighbour's level l there); the first of equals, as ggml's strict `<` scan keeps it. Every term has one
- * of three values per position: tab[8 l + i] = w_i (scale v_l - x_i)^2 (iq_terms), so the distance of a neighbour
- * is a sum of table entries in ggml's order, eight neighbours at a time. Returns the codebook index. */
-MX_INLINE int iq_nearest(const iq_table *t, int key, const float *tab) {
-    typedef uint16_t vu16 __attribute__((vector_size(16)));
+ * of three values per position, w_i (scale v_l - x_i)^2, held by iq_terms in four vectors: tab[i % 4] has the three
+ * terms of position i in lanes 0-2 (i < 4) or 4-6 (i >= 4). A neighbour's code gives 3 bits per position, its
+ * level plus 4 from position 4 on, so one permutation per position picks the terms of eight neighbours, added in
+ * ggml's order. Returns the codebook index. */
+MX_INLINE int iq_nearest(const iq_table *t, int key, const vf *tab) {
     const int off = -t->map[key] - 1, n = t->lists[off];
-    const vf lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    float d2s[IQ_MAX_LIST + 8];
+    const uint32_t *codes = t->codes + off + 1;
     vf low = splat(FLT_MAX);
-    for (int j = 0; j < n; j += 8) {
-        vu16 c16;
-        memcpy(&c16, t->codes + off + 1 + j, sizeof c16);
-        vi c = __builtin_convertvector(c16, vi);
-        vf d2 = splat(0);
+    vi at = splati(0), j8 = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int j = 0; j < n; j += 8, j8 += 8) {
+        vi c;
+        memcpy(&c, codes + j, sizeof c);
+        vf d2 = __builtin_shuffle(tab[0], c);
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i, c >>= 2) {
-            const vi f = c & splati(3);
-            d2 += pick(f == splati(0), splat(tab[i]), pick(f == splati(1), splat(tab[8 + i]), splat(tab[16 + i])));
-        }
-        memcpy(d2s + j, &d2, sizeof d2);
-        low = pick((d2 < low) & (lane < splat((float)(n - j))), d2, low);
+        for (int i = 1; i < 8; ++i) d2 += __builtin_shuffle(tab[i % 4], c >> 3 * i);
+        const vi better = (d2 < low) & (j8 < splati(n));
+        low = pick(better, d2, low);
+        at = picki(better, j8, at);
     }
-    float best = FLT_MAX;
-    for (int k = 0; k < NL; ++k) best = low[k] < best ? low[k] : best;
-    int pick_j = 0;  /* ggml finds no neighbour only when every distance is inf or NaN; the first entry here */
-    if (best < FLT_MAX)
-        while (d2s[pick_j] != best) ++pick_j;  /* the first neighbour at the smallest distance */
+    float best = low[0];
+    int pick_j = at[0];  /* ggml finds no neighbour only when every distance is inf or NaN; the first entry here */
+    for (int l = 1; l < NL; ++l)
+        if (low[l] < best || (low[l] == best && at[l] < pick_j)) {
+            best = low[l];
+            pick_j = at[l];
+        }
     return t->lists[off + 1 + pick_j];
 }
 
-/* The table of iq_nearest for values x, weights w and the three level values scale * v_l. */
-MX_INLINE void iq_terms(const float *x, const float *w, const float *scaled, float *tab) {
-    vf X, W;
+/* The tables of iq_nearest for values x, weights w and the three level values scale * v_l. */
+MX_INLINE void iq_terms(const float *x, const float *w, const float *scaled, vf *tab) {
+    vf X, W, T[3];
     memcpy(&X, x, sizeof X);
     memcpy(&W, w, sizeof W);
     for (int l = 0; l < 3; ++l) {
         const vf diff = splat(scaled[l]) - X;
-        const vf term = W * diff * diff;
-        memcpy(tab + 8 * l, &term, sizeof term);
+        T[l] = W * diff * diff;
     }
+    const vf P = __builtin_shuffle(T[0], T[1], (vi){0, 8, 1, 9, 4, 12, 5, 13});
+    const vf Q = __builtin_shuffle(T[0], T[1], (vi){2, 10, 3, 11, 6, 14, 7, 15});
+    tab[0] = __builtin_shuffle(P, T[2], (vi){0, 1, 8, 8, 4, 5, 12, 12});
+    tab[1] = __builtin_shuffle(P, T[2], (vi){2, 3, 9, 9, 6, 7, 13, 13});
+    tab[2] = __builtin_shuffle(Q, T[2], (vi){0, 1, 10, 10, 4, 5, 14, 14});
+    tab[3] = __builtin_shuffle(Q, T[2], (vi){2, 3, 11, 11, 6, 7, 15, 15});
 }
 
-/* Build a table (once per process; callers serialize with pthread_once). Returns 0, or -1 when out of memory. */
-int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant);
+/* The tables (iq_tables.c), each ready once mx_iq_prepare returned 0 for a type using it. */
+enum { IQT_2XXS, IQT_2XS, IQT_2S, IQT_1, IQT_COUNT };
+extern iq_table mx_iq_tables[IQT_COUNT];
 
 /* ggml type ids of these encoders */
 enum { T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ1_S = 19, T_IQ2_S = 22, T_IQ1_M = 29 };
 
-/* Row encoders (x: n values, n a multiple of 256; qw: n importance weights or NULL where ggml allows it). */
-void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw);
-void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw);
+/* Row encoders (x: n values, n a multiple of 256; qw: n importance weights or NULL where ggml allows it), each
+ * running the AVX2 build (iq1_avx2.c, iq2_avx2.c: iq1.c and iq2.c compiled with AVX2 enabled for the whole file,
+ * which GCC vectorizes better than target_clones functions) where the CPU has it, else the build for any x86-64. */
+#define MX_ROW(name) void name(const float *x, uint8_t *y, int64_t n, const float *qw)
+#if defined(__x86_64__) && !defined(MX_NO_CLONES)
+#define MX_IQ_AVX2
+#define MX_ROWS(name) MX_ROW(name); MX_ROW(name##_base); MX_ROW(name##_avx2)
+#else
+#define MX_ROWS(name) MX_ROW(name); MX_ROW(name##_base)
+#endif
+MX_ROWS(mx_iq2_xxs_row);
+MX_ROWS(mx_iq2_xs_row);
+MX_ROWS(mx_iq2_s_row);
+MX_ROWS(mx_iq1_s_row);
+MX_ROWS(mx_iq1_m_row);
+
+/* The name of an encoder of this build of iq1.c / iq2.c */
+#ifdef MX_IQ_BUILD_AVX2
+#define MX_ISA(name) name##_avx2
+#else
+#define MX_ISA(name) name##_base
+#endif
 
 /* Before encoding `type`: builds its tables; 0 when ready, -1 when the type needs an importance matrix and qw is
  * NULL (ggml_quantize_requires_imatrix: IQ2_XXS, IQ2_XS, IQ1_S), -3 when out of memory. 0 for other types. */
 int mx_iq_prepare(int type, const float *qw);
-int mx_iq1_prepare(void);
 
 #endif

@@ -2,31 +2,21 @@
  *
  * Values are ternary (-1, 0, 1) shifted by +-delta (one shift per 32 values in IQ1_S, per 8 in IQ1_M). With three
  * levels the weighted least-squares problem of a sub-block is solved exhaustively: sorting the values, every
- * split into low / middle / high levels is scored from prefix sums (eight splits at a time, then ggml's sequential
- * comparison wherever one of the eight could win). The levels are then snapped onto the 2048-point codebook.
- * Float expressions keep ggml's evaluation order.
+ * split into low / middle / high levels is scored from prefix sums, eight splits at a time, and ggml's sequential
+ * choice among them replayed (iq1_split.h). The levels are then snapped onto the 2048-point codebook. Float
+ * expressions keep ggml's evaluation order. Compiled twice: for any x86-64 and, through iq1_avx2.c, for AVX2.
  */
 #include <float.h>
-#include <pthread.h>
 
 #include "common.h"
 #include "iq.h"
-#include "iq1_grids.h"
+#include "iq1_split.h"
 #include "search.h"
 
 #define QK_K 256
 #define DELTA 0.125f
 
-static iq_table table;
-static int table_error;
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-
-static void init_table(void) { table_error = mx_iq_build(&table, iq1_grid_2048, 2048, 3); }
-
-int mx_iq1_prepare(void) {
-    pthread_once(&once, init_table);
-    return table_error ? -3 : 0;
-}
+#define table (mx_iq_tables[IQT_1])
 
 static const float X_P[3] = {-1 + DELTA, DELTA, 1 + DELTA};
 static const float X_M[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
@@ -53,8 +43,8 @@ MX_INLINE void sort_index(const float *x, int n, int *idx) {
 }
 
 /* iq1_find_best_neighbour2: the list entry with the smallest sum w (scale xx[l] - x)^2. */
-MX_CLONES static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
-    float tab[24];
+static int best_neighbour(int key, const float *x, const float *w, float scale, const float *xx) {
+    vf tab[4];
     const float scaled[3] = {scale * xx[0], scale * xx[1], scale * xx[2]};
     iq_terms(x, w, scaled, tab);
     return iq_nearest(&table, key, tab);
@@ -71,6 +61,16 @@ static int snap(const float *xb, const float *w, float scale, const float *xx, c
     return best_neighbour(key, xb, w, scale, xx);
 }
 
+/* Whether sum |w x| and sum |w| are below 2^100: then every sum of a split search is finite. */
+static int bounded(const float *w, const float *x, int n) {
+    float a = 0, b = 0;
+    for (int i = 0; i < n; ++i) {
+        a += fabsf(w[i] * x[i]);
+        b += fabsf(w[i]);
+    }
+    return a < 0x1p100f && b < 0x1p100f;
+}
+
 /* sum w x q and sum w q^2 of group k at codebook point g, q = xx[level] (accumulated into *sqx, *sq2) */
 static void group_sums(int g, const float *xb, const float *w, const float *xx, float *sqx, float *sq2) {
     const int8_t *pg = table.points + 8 * g;
@@ -84,66 +84,40 @@ static void group_sums(int g, const float *xb, const float *w, const float *xx, 
 /* ---- IQ1_S: d (f16), 32 low bytes of 11-bit grid indices, 8 uint16 (4 x 3 high index bits, 3-bit scale << 12,
  * shift sign << 15); 50 bytes per 256 values ------------------------------------------------------------------ */
 
-typedef struct { float scale; int i1, i2, shift; } split_t;
-
-/* Sequential ggml comparison of one candidate: accept when sumqx^2 > best sumq2. */
-MX_INLINE void consider(split_t *b, float *best, float sqx, float sq2, int i1, int i2, int shift) {
-    if (sq2 > 0 && sqx * sqx > *best * sq2) {
-        b->scale = sqx / sq2;
-        *best = b->scale * sqx;
-        b->i1 = i1;
-        b->i2 = i2;
-        b->shift = shift;
-    }
-}
-
-/* Candidate c of lane l at bit pos = 2 l + c (c = 0: shift +, 1: shift -). */
-MX_INLINE void s_consider(split_t *b, float *best, const vf *q, const vf *w, int pos, int i1, int i2) {
-    const int l = pos >> 1, c = pos & 1;
-    consider(b, best, q[c][l], w[c][l], i1, i2 + l, 1 - 2 * c);
-}
-
-/* The best split of 32 sorted values (prefix sums sumx, sumw with 8 floats of padding) and its shift. */
-MX_CLONES static split_t s_split(const float *sumx, const float *sumw, float max) {
+/* Every split of 32 sorted values (prefix sums sumx, sumw, NaN past the end) with shift + (k = 0) and - (k = 1),
+ * into s: ggml's sums, in its order. */
+static void s_candidates(const float *sumx, const float *sumw, split_cands *s) {
     const int bs = 32;
-    split_t b = {max, -1, -1, 0};
-    float best = -FLT_MAX;
-    const vf lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    int j = 0;
     for (int i1 = 0; i1 <= bs; ++i1) {
         const vf a = splat(sumx[i1] - sumx[0]), aw = splat(sumw[i1] - sumw[0]);
-        for (int i2 = i1; i2 <= bs; i2 += 8) {
+        for (int i2 = i1; i2 <= bs; i2 += 8, ++j) {
             vf X2, W2;
             memcpy(&X2, sumx + i2, sizeof X2);
             memcpy(&W2, sumw + i2, sizeof W2);
             const vf bx = X2 - splat(sumx[i1]), cx = splat(sumx[bs]) - X2;
             const vf bw = W2 - splat(sumw[i1]), cw = splat(sumw[bs]) - W2;
-            const vf qp = a * X_P[0] + bx * X_P[1] + cx * X_P[2];
-            const vf wp = aw * X_P[0] * X_P[0] + bw * X_P[1] * X_P[1] + cw * X_P[2] * X_P[2];
-            const vf qm = a * X_M[0] + bx * X_M[1] + cx * X_M[2];
-            const vf wm = aw * X_M[0] * X_M[0] + bw * X_M[1] * X_M[1] + cw * X_M[2] * X_M[2];
-            const vi valid = lane <= splat((float)(bs - i2));
-            const vi wp_ = valid & (wp > 0) & (qp * qp > splat(best) * wp);
-            const vi wm_ = valid & (wm > 0) & (qm * qm > splat(best) * wm);
-            /* candidate c of lane l (c = 0: shift +, 1: shift -) at bit 2 l + c: ggml's order */
-            const vi bit = {1, 1 << 2, 1 << 4, 1 << 6, 1 << 8, 1 << 10, 1 << 12, 1 << 14};
-            uint32_t mask = (uint32_t)or_lanes((wp_ & bit) | (wm_ & (bit << 1)))[0];
-            const float before = best;  /* a candidate that lost to it loses to any larger best too */
-            const vf q[2] = {qp, qm}, w[2] = {wp, wm};
-            for (int pos = 0; mask; mask &= mask - 1) {
-                pos = __builtin_ctz(mask);
-                s_consider(&b, &best, q, w, pos, i1, i2);
-                if (best < before)  /* the best went down: every later candidate, in order */
-                    for (mask = 0, ++pos; pos < 16 && i2 + (pos >> 1) <= bs; ++pos)
-                        s_consider(&b, &best, q, w, pos, i1, i2);
-            }
+            cand_put(s, j, 0, a * X_P[0] + bx * X_P[1] + cx * X_P[2],
+                     aw * X_P[0] * X_P[0] + bw * X_P[1] * X_P[1] + cw * X_P[2] * X_P[2]);
+            cand_put(s, j, 1, a * X_M[0] + bx * X_M[1] + cx * X_M[2],
+                     aw * X_M[0] * X_M[0] + bw * X_M[1] * X_M[1] + cw * X_M[2] * X_M[2]);
+            s->top[j] = vmax_nan(s->v[j][2][1], vmax_nan(s->v[j][2][0], splat(-INFINITY)));
+            s->i1[j] = (uint8_t)i1;
+            s->i2[j] = (uint8_t)i2;
         }
     }
-    return b;
+    s->n = j;
+}
+
+static split_t s_split(const float *sumx, const float *sumw, int finite) {
+    split_cands s;
+    s_candidates(sumx, sumw, &s);
+    return split_winner(&s, 2, finite);
 }
 
 /* One 32-value sub-block: grid indices into y's qs and qh; returns its scale, shift in *shift (1 or -1). */
 MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *qs, uint16_t *qh, int *shift) {
-    float weight[32], sumx[33 + 8] = {0}, sumw[33 + 8] = {0};
+    float weight[32], sumx[33 + 8], sumw[33 + 8];
     int idx[32];
     int8_t L[32];
     *shift = 1;
@@ -152,19 +126,22 @@ MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *q
     for (int i = 1; i < 32; ++i) max = max > fabsf(xb[i]) ? max : fabsf(xb[i]);
     if (max < 1e-12f) return 0;
     sort_index(xb, 32, idx);
+    sumx[0] = sumw[0] = 0;
     for (int j = 0; j < 32; ++j) {
         sumx[j + 1] = sumx[j] + weight[idx[j]] * xb[idx[j]];
         sumw[j + 1] = sumw[j] + weight[idx[j]];
     }
-    split_t b = s_split(sumx, sumw, max);
-    if (b.i1 < 0 || b.i2 < 0 || b.shift == 0) return 0;
+    for (int j = 33; j < 33 + 8; ++j) sumx[j] = sumw[j] = __builtin_nanf("");
+    split_t b = s_split(sumx, sumw, bounded(weight, xb, 32));
+    if (b.i1 < 0) return 0;
+    int sh = 1 - 2 * b.k;
     for (int j = 0; j < 32; ++j) L[idx[j]] = (int8_t)(j < b.i1 ? 0 : j < b.i2 ? 1 : 2);
     if (b.scale < 0) {
         for (int j = 0; j < 32; ++j) L[j] = (int8_t)(2 - L[j]);
         b.scale = -b.scale;
-        b.shift = -b.shift;
+        sh = -sh;
     }
-    const float *xx = b.shift == 1 ? X_P : X_M;
+    const float *xx = sh == 1 ? X_P : X_M;
     int on = 1, index[4];
     for (int k = 0; k < 4; ++k) index[k] = snap(xb + 8 * k, weight + 8 * k, b.scale, xx, L + 8 * k, &on);
     if (!on) {
@@ -178,11 +155,11 @@ MX_INLINE float s_sub(const float *xb, const float *qw, float sigma2, uint8_t *q
         h |= (uint16_t)((index[k] >> 8) << 3 * k);
     }
     *qh = h;
-    *shift = b.shift;
+    *shift = sh;
     return b.scale;
 }
 
-MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+void MX_ISA(mx_iq1_s_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 50) {
         float sumx2 = 0;
         for (int i = 0; i < QK_K; ++i) sumx2 += x[i] * x[i];
@@ -211,56 +188,74 @@ MX_CLONES void mx_iq1_s_row(const float *x, uint8_t *y, int64_t n, const float *
 /* ---- IQ1_M: 32 low bytes of 11-bit grid indices, 16 bytes (2 x (3 high index bits, shift sign bit)), 8 bytes
  * of 3-bit scales whose spare high nibbles hold the f16 super-block scale; 56 bytes per 256 values ---------- */
 
-/* Split sums of one half of a 16-value sub-block: prefix sums over the sorted values of that half only. */
-typedef struct { float px[2][17 + 8], pw[2][17 + 8]; } halves_t;
+/* Split sums of the halves of a 16-value sub-block: prefix sums over the sorted values of one half only (NaN past
+ * the end), and what ggml's candidate sums take from them, per half: w[i] * cp2 and w[i] * cm2 of each prefix i,
+ * and per first split point i1: tws p2 p2 + w[i1] cp1 and tws m2 m2 + w[i1] cm1 (tws, txs: the half's totals). */
+typedef struct {
+    float px[2][17 + 8], pw[2][17 + 8];
+    float wp[2][17 + 8], wm[2][17 + 8], ap[2][17], am[2][17], tp[2], tm[2];
+} halves_t;
 
-/* Candidate k of lane l (k = 0: +,+  1: +,-  2: -,+  3: -,-: the shift of each half). */
-MX_INLINE void m_consider(split_t *b, float *best, const vf *qx, const vf *q2, int pos, int i1, int i2) {
-    const int l = pos >> 2, k = pos & 3;
-    consider(b, best, qx[k][l], q2[k][l], i1, i2 + l, k);
+static const float P2 = 1 + DELTA, M2 = 1 - DELTA;
+#define CP1 (X_P[0] * X_P[0] - X_P[1] * X_P[1])
+#define CP2 (X_P[1] * X_P[1] - X_P[2] * X_P[2])
+#define CM1 (X_M[0] * X_M[0] - X_M[1] * X_M[1])
+#define CM2 (X_M[1] * X_M[1] - X_M[2] * X_M[2])
+
+static void halves_terms(halves_t *h) {
+    for (int s = 0; s < 2; ++s) {
+        const float txs = h->px[s][16], tws = h->pw[s][16];
+        h->tp[s] = txs * P2;
+        h->tm[s] = txs * M2;
+        for (int i = 0; i < 17 + 8; ++i) {
+            h->wp[s][i] = h->pw[s][i] * CP2;
+            h->wm[s][i] = h->pw[s][i] * CM2;
+        }
+        for (int i = 0; i < 17; ++i) {
+            h->ap[s][i] = tws * P2 * P2 + h->pw[s][i] * CP1;
+            h->am[s][i] = tws * M2 * M2 + h->pw[s][i] * CM1;
+        }
+    }
 }
 
-/* The best split of 16 sorted values and the shifts of its two halves (b.shift = k above). */
-MX_CLONES static split_t m_split(const halves_t *h, float max) {
-    const int bs = 16;
-    split_t b = {max, -1, -1, -1};
-    float best = -FLT_MAX;
-    const float p2 = X_P[2], m2 = X_M[2];
-    const float cp1 = X_P[0] * X_P[0] - X_P[1] * X_P[1], cp2 = X_P[1] * X_P[1] - X_P[2] * X_P[2];
-    const float cm1 = X_M[0] * X_M[0] - X_M[1] * X_M[1], cm2 = X_M[1] * X_M[1] - X_M[2] * X_M[2];
-    const vf lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    for (int i1 = 0; i1 <= bs; ++i1)
-        for (int i2 = i1; i2 <= bs; i2 += 8) {
-            vf qxp[2], qxm[2], q2p[2], q2m[2];
-            for (int s = 0; s < 2; ++s) {
-                vf X2, W2;
-                memcpy(&X2, h->px[s] + i2, sizeof X2);
-                memcpy(&W2, h->pw[s] + i2, sizeof W2);
-                const vf sx = splat(h->px[s][i1]) + X2;
-                const float txs = h->px[s][bs], tws = h->pw[s][bs];
-                qxp[s] = splat(txs * p2) - sx;
-                qxm[s] = splat(txs * m2) - sx;
-                q2p[s] = splat(tws * p2 * p2 + h->pw[s][i1] * cp1) + W2 * cp2;
-                q2m[s] = splat(tws * m2 * m2 + h->pw[s][i1] * cm1) + W2 * cm2;
-            }
-            const vf qx[4] = {qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]};
-            const vf q2[4] = {q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]};
-            const vi valid = lane <= splat((float)(bs - i2));
-            const vi bit = {1, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28};
-            vi wins = splati(0);  /* candidate k of lane l at bit 4 l + k: ggml's order */
-            for (int k = 0; k < 4; ++k)
-                wins |= valid & (q2[k] > 0) & (qx[k] * qx[k] > splat(best) * q2[k]) & (bit << k);
-            uint32_t mask = (uint32_t)or_lanes(wins)[0];
-            const float before = best;  /* a candidate that lost to it loses to any larger best too */
-            for (int pos = 0; mask; mask &= mask - 1) {
-                pos = __builtin_ctz(mask);
-                m_consider(&b, &best, qx, q2, pos, i1, i2);
-                if (best < before)  /* the best went down: every later candidate, in order */
-                    for (mask = 0, ++pos; pos < 32 && i2 + (pos >> 2) <= bs; ++pos)
-                        m_consider(&b, &best, qx, q2, pos, i1, i2);
-            }
+/* Half s's sums for first split point i1 and second split points i2.. i2 + 7: qx and q2 with shift + and -. */
+MX_INLINE void half_sums(const halves_t *h, int s, int i1, int i2, vf *qxp, vf *qxm, vf *q2p, vf *q2m) {
+    vf X2, WP, WM;
+    memcpy(&X2, h->px[s] + i2, sizeof X2);
+    memcpy(&WP, h->wp[s] + i2, sizeof WP);
+    memcpy(&WM, h->wm[s] + i2, sizeof WM);
+    const vf sx = splat(h->px[s][i1]) + X2;
+    *qxp = splat(h->tp[s]) - sx;
+    *qxm = splat(h->tm[s]) - sx;
+    *q2p = splat(h->ap[s][i1]) + WP;
+    *q2m = splat(h->am[s][i1]) + WM;
+}
+
+/* Every split of 16 sorted values with the shifts of its two halves (k = 0: +,+  1: +,-  2: -,+  3: -,-) into
+ * s: ggml's sums, in its order (qx = (txs p2 - (px[i1] + px[i2])) + ..., q2 = (ap[i1] + wp[i2]) + ...). */
+static void m_candidates(const halves_t *h, split_cands *s) {
+    int j = 0;
+    for (int i1 = 0; i1 <= 16; ++i1)
+        for (int i2 = i1; i2 <= 16; i2 += 8, ++j) {
+            vf qxp0, qxm0, q2p0, q2m0, qxp1, qxm1, q2p1, q2m1;
+            half_sums(h, 0, i1, i2, &qxp0, &qxm0, &q2p0, &q2m0);
+            half_sums(h, 1, i1, i2, &qxp1, &qxm1, &q2p1, &q2m1);
+            cand_put(s, j, 0, qxp0 + qxp1, q2p0 + q2p1);
+            cand_put(s, j, 1, qxp0 + qxm1, q2p0 + q2m1);
+            cand_put(s, j, 2, qxm0 + qxp1, q2m0 + q2p1);
+            cand_put(s, j, 3, qxm0 + qxm1, q2m0 + q2m1);
+            const vf t01 = vmax_nan(s->v[j][2][1], vmax_nan(s->v[j][2][0], splat(-INFINITY)));
+            s->top[j] = vmax_nan(s->v[j][2][3], vmax_nan(s->v[j][2][2], t01));
+            s->i1[j] = (uint8_t)i1;
+            s->i2[j] = (uint8_t)i2;
         }
-    return b;
+    s->n = j;
+}
+
+static split_t m_split(const halves_t *h, int finite) {
+    split_cands s;
+    m_candidates(h, &s);
+    return split_winner(&s, 4, finite);
 }
 
 static void m_weights(const float *xb, const float *qw, float sigma2, float *weight) {
@@ -291,27 +286,31 @@ MX_INLINE float m_sub(const float *xb, const float *weight, uint8_t *qs, uint8_t
         h.pw[s][j + 1] = h.pw[s][j] + weight[i];
         h.pw[1 - s][j + 1] = h.pw[1 - s][j];
     }
-    split_t b = m_split(&h, max);
-    if (b.i1 < 0 || b.i2 < 0 || b.shift < 0) return 0;
+    for (int s = 0; s < 2; ++s)
+        for (int j = 17; j < 17 + 8; ++j) h.px[s][j] = h.pw[s][j] = __builtin_nanf("");
+    halves_terms(&h);
+    split_t b = m_split(&h, bounded(weight, xb, 16));
+    if (b.i1 < 0) return 0;
+    int code_k = b.k;
     for (int j = 0; j < 16; ++j) L[idx[j]] = (int8_t)(j < b.i1 ? 0 : j < b.i2 ? 1 : 2);
     if (b.scale < 0) {
         for (int j = 0; j < 16; ++j) L[j] = (int8_t)(2 - L[j]);
         b.scale = -b.scale;
-        b.shift = 3 - b.shift;
+        code_k = 3 - code_k;
     }
     int on = 1, index[2];
     for (int k = 0; k < 2; ++k)
-        index[k] = snap(xb + 8 * k, weight + 8 * k, b.scale, m_values(b.shift, k), L + 8 * k, &on);
+        index[k] = snap(xb + 8 * k, weight + 8 * k, b.scale, m_values(code_k, k), L + 8 * k, &on);
     if (!on) {
         float sumqx = 0, sumq2 = 0;
         for (int k = 0; k < 2; ++k)
-            group_sums(index[k], xb + 8 * k, weight + 8 * k, m_values(b.shift, k), &sumqx, &sumq2);
+            group_sums(index[k], xb + 8 * k, weight + 8 * k, m_values(code_k, k), &sumqx, &sumq2);
         if (sumqx > 0 && sumq2 > 0) b.scale = sumqx / sumq2;
     }
     qs[0] = (uint8_t)(index[0] & 255);
     qs[1] = (uint8_t)(index[1] & 255);
     *qh = (uint8_t)((index[0] >> 8) | ((index[1] >> 8) << 4));
-    *code = b.shift;
+    *code = code_k;
     return b.scale;
 }
 
@@ -329,7 +328,7 @@ static void m_refit(const float *xb, const float *weight, const uint8_t *qs, int
     }
 }
 
-MX_CLONES void mx_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
+void MX_ISA(mx_iq1_m_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
     static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 56) {
         const float *qwb = qw ? qw + QK_K * ibl : 0;

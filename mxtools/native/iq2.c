@@ -1,131 +1,27 @@
-/* IQ2_XXS, IQ2_XS and IQ2_S: byte for byte as quantize_row_iq2_{xxs,xs,s}_impl of ggml-quants.c, and the
- * codebook tables all five 2-bit and 1-bit i-quants share (iq.h).
+/* IQ2_XXS, IQ2_XS and IQ2_S: byte for byte as quantize_row_iq2_{xxs,xs,s}_impl of ggml-quants.c (the codebook
+ * tables in iq_tables.c). Compiled twice: for any x86-64 and, through iq2_avx2.c, for AVX2 (iq.h: MX_ISA).
  *
  * A sub-block (32 values for IQ2_XXS, 16 for the others) is quantized in magnitudes, the signs stored apart
  * (IQ2_XXS and IQ2_XS keep an even number of negatives per 8 values by flipping the least important one). A
  * sweep over inverse scales rounds each group of 8 magnitudes to levels {0, 1, 2}, snaps it onto the codebook
- * (iq2_snap) and keeps the scale with the best weighted least-squares fit; the super-block stores one f16 scale
- * and a 4-bit scale per sub-block. Float expressions keep ggml's evaluation order.
+ * (run_trials, iq2_snap) and keeps the scale with the best weighted least-squares fit; the super-block stores one
+ * f16 scale and a 4-bit scale per sub-block. Float expressions keep ggml's evaluation order.
  */
 #include <float.h>
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "common.h"
 #include "iq.h"
-#include "iq2_grids.h"
 #include "scalar.h"
 #include "search.h"
 
 #define QK_K 256
 
-/* ---- codebook tables ------------------------------------------------------------------------------------ */
-
-/* The keys whose 2-bit fields are all at most 2, and squared distances between unpacked points. */
-static int ternary_key(int i) {
-    for (int k = 0; k < 8; ++k)
-        if (((i >> 2 * k) & 3) == 3) return 0;
-    return 1;
-}
-
-static int point_d2(const int8_t *p, int key) {
-    int d2 = 0;
-    for (int k = 0; k < 8; ++k) {
-        const int d = p[k] - (2 * ((key >> 2 * k) & 3) + 1);
-        d2 += d * d;
-    }
-    return d2;
-}
-
-/* The largest squared distance a neighbour list of `key` keeps: its nwant-th smallest distinct distance. */
-static int list_limit(const int *d2, int ngrid, int nwant) {
-    int seen[129] = {0};  /* distances between points with coordinates in {1, 3, 5} are at most 8 * 16 */
-    for (int j = 0; j < ngrid; ++j) seen[d2[j]] = 1;
-    int have = 0;
-    for (int v = 0; v <= 128; ++v)
-        if (seen[v] && ++have == nwant) return v;
-    return 128;
-}
-
-/* Append key's list (count, then indices by distance, then index) to t->lists at *used. */
-static void append_list(iq_table *t, const int *d2, int limit, int *used) {
-    uint16_t *start = t->lists + (*used)++;
-    int n = 0;
-    for (int v = 0; v <= limit; ++v)
-        for (int j = 0; j < t->ngrid; ++j)
-            if (d2[j] == v) { t->lists[(*used)++] = (uint16_t)j; ++n; }
-    *start = (uint16_t)n;
-}
-
-int mx_iq_build(iq_table *t, const uint16_t *grid, int ngrid, int nwant) {
-    t->grid = grid;
-    t->ngrid = ngrid;
-    memset(t->on, 0, sizeof t->on);
-    t->map = malloc(IQ_MAP_SIZE * sizeof(int32_t));
-    t->points = malloc((size_t)ngrid * 8);
-    int *d2 = malloc((size_t)ngrid * sizeof(int));
-    size_t cap = 1 << 16;
-    t->lists = malloc(cap * sizeof(uint16_t));
-    if (!t->map || !t->points || !d2 || !t->lists) return -1;
-    for (int i = 0; i < IQ_MAP_SIZE; ++i) t->map[i] = INT32_MIN;
-    for (int j = 0; j < ngrid; ++j) {
-        for (int k = 0; k < 8; ++k) t->points[8 * j + k] = (int8_t)(2 * ((grid[j] >> 2 * k) & 3) + 1);
-        t->map[grid[j]] = j;
-        t->on[grid[j] >> 5] |= 1u << (grid[j] & 31);
-    }
-    int used = 0;
-    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
-        if (t->map[key] >= 0 || !ternary_key(key)) continue;
-        for (int j = 0; j < ngrid; ++j) d2[j] = point_d2(t->points + 8 * j, key);
-        if ((size_t)used + 1 + ngrid > cap) {
-            cap *= 2;
-            uint16_t *grown = realloc(t->lists, cap * sizeof(uint16_t));
-            if (!grown) return -1;
-            t->lists = grown;
-        }
-        t->map[key] = -(used + 1);
-        append_list(t, d2, list_limit(d2, ngrid, nwant), &used);
-        const int len = t->lists[-t->map[key] - 1];
-        if (len > IQ_MAX_LIST) return -1;
-    }
-    free(d2);
-    t->codes = malloc(((size_t)used + 8) * sizeof(uint16_t));
-    if (!t->codes) return -1;
-    for (int k = 0; k < used + 8; ++k) t->codes[k] = 0;
-    for (int key = 0; key < IQ_MAP_SIZE; ++key) {
-        if (t->map[key] >= 0 || !ternary_key(key)) continue;
-        const int off = -t->map[key] - 1;
-        for (int j = 1; j <= t->lists[off]; ++j) t->codes[off + j] = grid[t->lists[off + j]];
-    }
-    return 0;
-}
-
-enum { G_XXS, G_XS, G_S, G_COUNT };
-static iq_table tables[G_COUNT];
-static int table_error[G_COUNT];
-static pthread_once_t once[G_COUNT] = {PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT};
-
-/* nwant: IQ2_XXS and IQ2_XS keep two distances, IQ2_S one (iq2xs_init_impl) */
-static void init_xxs(void) { table_error[G_XXS] = mx_iq_build(&tables[G_XXS], iq2_grid_256, 256, 2); }
-static void init_xs(void) { table_error[G_XS] = mx_iq_build(&tables[G_XS], iq2_grid_512, 512, 2); }
-static void init_s(void) { table_error[G_S] = mx_iq_build(&tables[G_S], iq2_grid_1024, 1024, 1); }
-
-int mx_iq_prepare(int type, const float *qw) {
-    switch (type) {
-    case T_IQ2_XXS: if (!qw) return -1; pthread_once(&once[G_XXS], init_xxs); return table_error[G_XXS] ? -3 : 0;
-    case T_IQ2_XS: if (!qw) return -1; pthread_once(&once[G_XS], init_xs); return table_error[G_XS] ? -3 : 0;
-    case T_IQ2_S: pthread_once(&once[G_S], init_s); return table_error[G_S] ? -3 : 0;
-    case T_IQ1_S: if (!qw) return -1; return mx_iq1_prepare();
-    case T_IQ1_M: return mx_iq1_prepare();
-    default: return 0;
-    }
-}
-
 /* ---- snapping a group of 8 onto the codebook ------------------------------------------------------------ */
 
 /* iq2_find_best_neighbour: the list entry with the smallest sum w (scale q - x)^2, q = 2 l + 1. */
 MX_INLINE int best_neighbour(const iq_table *t, int key, const float *x, const float *w, float scale) {
-    float tab[24];
+    vf tab[4];
     const float scaled[3] = {scale * 1.f, scale * 3.f, scale * 5.f};
     iq_terms(x, w, scaled, tab);
     return iq_nearest(t, key, tab);
@@ -145,16 +41,41 @@ MX_INLINE int iq2_snap(const iq_table *t, const float *x, const float *wa, float
 /* The sweep's trials side by side: group g of trial k snapped to the packed levels code[g][k] (lanes: trials). */
 #define MAX_TRIALS 24
 typedef struct {
-    int32_t code[4][MAX_TRIALS];
+    int32_t code[4][MAX_TRIALS + NL];
     int on[MAX_TRIALS][4];
 } trials_t;
 
-/* Trial k: the n values snapped group by group at inverse scale id (neighbours judged at 1 / id). */
-MX_INLINE void run_trial(const iq_table *t, int n, const float *xval, const float *waux, float id, trials_t *tr,
-                         int k) {
-    const float this_scale = 1 / id;
+/* The packed levels of 8 values x at eight inverse scales ids (lanes: trials), (id x - 1) / 2 rounded into 0..2. */
+MX_INLINE vi trial_keys(const float *x, vf ids) {
+    vi key = splati(0);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) key |= vnearest(0.5f * (ids * splat(x[i]) - 1), 0, 2) << 2 * i;
+    return key;
+}
+
+/* Trials k < ntrial: the n values snapped group by group at inverse scale ids[k] (neighbours judged at 1 / ids[k]).
+ * All the rounded keys first, eight trials at a time; then a neighbour search for each one off the codebook. */
+MX_INLINE void run_trials(const iq_table *t, int n, int ntrial, const float *xval, const float *waux, const float *ids,
+                          trials_t *tr) {
+    int todo[4 * MAX_TRIALS], m = 0;
     for (int g = 0; g < n / 8; ++g)
-        tr->code[g][k] = iq2_snap(t, xval + 8 * g, waux + 8 * g, id, this_scale, &tr->on[k][g]);
+        for (int k0 = 0; k0 < ntrial; k0 += NL) {
+            vf id;
+            memcpy(&id, ids + k0, sizeof id);
+            const vi keys = trial_keys(xval + 8 * g, id);
+            memcpy(tr->code[g] + k0, &keys, sizeof keys);
+        }
+    for (int k = 0; k < ntrial; ++k)
+        for (int g = 0; g < n / 8; ++g) {
+            const int on = iq_on_grid(t, tr->code[g][k]);
+            tr->on[k][g] = on;
+            todo[m] = 4 * k + g;
+            m += !on;
+        }
+    for (int i = 0; i < m; ++i) {
+        const int k = todo[i] >> 2, g = todo[i] & 3;
+        tr->code[g][k] = t->grid[best_neighbour(t, tr->code[g][k], xval + 8 * g, waux + 8 * g, 1 / ids[k])];
+    }
 }
 
 /* sum w x q and sum w q^2 (q = 2 l + 1) over the n values of each of ntrial trials, in ggml's order ((w x) q,
@@ -238,13 +159,15 @@ MX_INLINE int scale4(float id, float s) { return clampi(nearest_int(0.5f * (id *
 
 /* The scale sweep of one 32-value sub-block from make_qp_quants' scale: the groups' packed levels in codes[4];
  * returns the fitted scale (possibly negative). */
-MX_CLONES static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+static float xxs_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
                                  float scale, int *codes) {
     const float eff_max = scale * 3;
     float best = 0, sqx[MAX_TRIALS], sq2[MAX_TRIALS];
     trials_t tr;
     int on_grid;
-    for (int is = -6; is <= 6; ++is) run_trial(t, 32, xval, waux, (2 * 3 - 1 + is * 0.1f) / eff_max, &tr, is + 6);
+    float ids[MAX_TRIALS] = {0};
+    for (int is = -6; is <= 6; ++is) ids[is + 6] = (2 * 3 - 1 + is * 0.1f) / eff_max;
+    run_trials(t, 32, 13, xval, waux, ids, &tr);
     trial_sums(32, 13, weight, xval, &tr, sqx, sq2);
     for (int k = 0; k < 13; ++k)
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
@@ -286,8 +209,8 @@ static float xxs_sub(const iq_table *t, const float *xb, const float *qw, float 
     return scale;
 }
 
-MX_CLONES void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    const iq_table *t = &tables[G_XXS];
+void MX_ISA(mx_iq2_xxs_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &mx_iq_tables[IQT_2XXS];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 66) {
         const float sigma2 = sum_sq256(x) / QK_K;
         uint32_t q2[16] = {0};
@@ -309,13 +232,15 @@ MX_CLONES void mx_iq2_xxs_row(const float *x, uint8_t *y, int64_t n, const float
 
 /* The scale sweep of one 16-value sub-block (max: its largest magnitude): the groups' packed levels in codes[2];
  * returns the scale. */
-MX_CLONES static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
+static float sub16_sweep(const iq_table *t, const float *xval, const float *weight, const float *waux,
                                    float max, int *codes) {
     float best = 0, scale = max / (2 * 3 - 1), sqx[MAX_TRIALS], sq2[MAX_TRIALS];
     int on[2] = {1, 1};
     trials_t tr;
     codes[0] = codes[1] = 0;  /* levels 0 (a codebook point of every grid) unless a trial wins */
-    for (int is = -9; is <= 9; ++is) run_trial(t, 16, xval, waux, (2 * 3 - 1 + is * 0.1f) / max, &tr, is + 9);
+    float ids[MAX_TRIALS] = {0};
+    for (int is = -9; is <= 9; ++is) ids[is + 9] = (2 * 3 - 1 + is * 0.1f) / max;
+    run_trials(t, 16, 19, xval, waux, ids, &tr);
     trial_sums(16, 19, weight, xval, &tr, sqx, sq2);
     for (int k = 0; k < 19; ++k)
         if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
@@ -360,8 +285,8 @@ static int sub16(const iq_table *t, const float *xb, const float *weight, int ev
 }
 
 /* IQ2_XS: d (f16), 32 uint16 (9-bit grid index | 7 sign bits << 9), 8 bytes of two 4-bit scales (74 bytes). */
-MX_CLONES void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    const iq_table *t = &tables[G_XS];
+void MX_ISA(mx_iq2_xs_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &mx_iq_tables[IQT_2XS];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, qw += QK_K, y += 74) {
         const float sigma2 = sum_sq256(x) / QK_K;
         uint16_t q2[32] = {0};
@@ -387,8 +312,8 @@ MX_CLONES void mx_iq2_xs_row(const float *x, uint8_t *y, int64_t n, const float 
 
 /* IQ2_S: d (f16), 32 low bytes of 10-bit grid indices, 32 sign bytes, 8 bytes of the indices' high 2 bits, 8 bytes
  * of two 4-bit scales (82 bytes). Without an importance matrix the weights are sigma2 / 4 + x^2. */
-MX_CLONES void mx_iq2_s_row(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    const iq_table *t = &tables[G_S];
+void MX_ISA(mx_iq2_s_row)(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    const iq_table *t = &mx_iq_tables[IQT_2S];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl, x += QK_K, y += 82) {
         const float sigma2 = 2 * sum_sq256(x) / QK_K;
         float scales[16], max_scale = 0;

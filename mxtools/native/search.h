@@ -16,7 +16,12 @@ typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 
 MX_INLINE vf splat(float v) { return (vf){v, v, v, v, v, v, v, v}; }
-MX_INLINE vi splati(int v) { return (vi){v, v, v, v, v, v, v, v}; }
+/* (through a float broadcast: GCC 12 builds the integer one lane by lane) */
+MX_INLINE vi splati(int v) {
+    float f;
+    memcpy(&f, &v, sizeof f);
+    return (vi)splat(f);
+}
 MX_INLINE vf pick(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 MX_INLINE vi picki(vi mask, vi a, vi b) { return (mask & a) | (~mask & b); }
 MX_INLINE vf vabs(vf v) { return (vf)((vi)v & splati(0x7fffffff)); }

@@ -31,6 +31,7 @@ from ..core.errors import ShapeError
 from ..io.ggml_blocks import SUPPORTED
 from ..io.gguf_format import tensor_nbytes
 from ..model import forward
+from .gguf_iq import IQ_TYPES, iq_loop
 from .gptq import BLOCK_SIZE, GPTQError, Hessian, inverse_cholesky
 from .gptq_refine import one_cpu_thread
 
@@ -151,14 +152,15 @@ LEGACY = {Q.Q4_0: ("sym", 8), Q.Q5_0: ("sym", 16), Q.Q4_1: ("affine", 15), Q.Q5_
 # K-quants: (values per sub-block, lowest level, highest level, affine)
 KQUANTS = {Q.Q2_K: (16, 0, 3, True), Q.Q3_K: (16, -4, 3, False), Q.Q4_K: (32, 0, 15, True),
            Q.Q5_K: (32, 0, 31, True), Q.Q6_K: (16, -32, 31, False)}
-# The types GPTQ can run on here: those whose final rounding is per value (not the i-quants' codebooks).
+# The types whose final rounding is per value on a grid (the legacy and K-quant types), and every type GPTQ runs on
+# here: those and the i-quants (gguf_iq.py: groups of values snapped onto codebook points, IQ4's scalar levels).
 GRID_TYPES = [t for t in SUPPORTED if t in LEGACY or t in KQUANTS]
+GPTQ_TYPES = GRID_TYPES + IQ_TYPES
 
 
 def on_grids(types) -> bool:
-    """Whether GPTQ here can put every one of these GGML types' values on a grid (the legacy and K-quant types;
-    the i-quants snap groups of values to codebook points, which this error feedback does not do)."""
-    return set(types) <= set(GRID_TYPES)
+    """Whether GPTQ here can quantize every one of these GGML types (the legacy, K-quant and i-quant types)."""
+    return set(types) <= set(GPTQ_TYPES)
 
 
 def _k4_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,14 +289,15 @@ class GGUFQuant:
 
 
 def quantize_matrix(w: torch.Tensor, qtype: Q, h: torch.Tensor | None = None, weights=None, damp: float = 0.01,
-                    feedback: bool = True) -> GGUFQuant:
+                    feedback: bool = True, snap_weights: str = "importance", repass: bool = False) -> GGUFQuant:
     """Quantize w [rows, cols] to `qtype` column by column on ggml's grids.
 
     h: the Hessian [cols, cols] of w's inputs; None (or feedback=False) rounds without error feedback.
     weights: the per-column importance (float32 [cols]) for ggml's searches; None with h: the damped Hessian
     diagonal; None without h: llama.cpp's unweighted (`_ref`) searches.
+    snap_weights, repass: the i-quants' options (gguf_iq.iq_loop).
     """
-    if qtype not in GRID_TYPES:
+    if qtype not in GPTQ_TYPES:
         raise ValueError(f"GGML type {qtype.name} has no block grid here")
     if w.dim() != 2 or w.shape[1] % SUPPORTED[qtype][0]:
         raise ShapeError(f"{qtype.name} needs a 2-D weight whose rows are multiples of {SUPPORTED[qtype][0]}, "
@@ -320,7 +323,10 @@ def quantize_matrix(w: torch.Tensor, qtype: Q, h: torch.Tensor | None = None, we
     if qw is not None and qw.shape != (cols,):
         raise ShapeError(f"importance weights have shape {qw.shape}, the rows have {cols} values")
     sigma2 = mean_squares(w) if qw is not None and qtype in LEGACY else None
-    data, loss = _loop(wt, qtype, hinv, qw, sigma2)
+    if qtype in IQ_TYPES:
+        data, loss = iq_loop(wt, qtype, hinv, qw, snap_weights, repass)
+    else:
+        data, loss = _loop(wt, qtype, hinv, qw, sigma2)
     deq = wt.T.contiguous()
     return GGUFQuant(qtype, data, deq, loss, used_damp, "gptq" if hinv is not None else "rtn")
 

@@ -24,6 +24,7 @@ from ..io.ggml_blocks import SUPPORTED
 from ..io.gguf_tables import FLOAT_TYPES
 from ..model import forward
 from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
+from .gguf_iq import IQ_OPTIONS, IQ_TYPES
 from .gptq import GPTQError, Hessian
 from .gptq_pipeline import QUANTIZED_KINDS
 
@@ -35,10 +36,14 @@ class MatrixQuantizer:
 
     GPTQ with the Hessian when it saw at least min_tokens tokens, else (and for --method rtn) llama.cpp's own
     rounding; ggml's searches are weighted by the importance matrix when one is given, else by the Hessian
-    diagonal. Types the mix keeps in float (a row length no block divides) are stored as llama.cpp would."""
+    diagonal. Types the mix keeps in float (a row length no block divides) are stored as llama.cpp would.
+    An i-quant rounded to nearest without an importance matrix (an expert with too few tokens) is weighted by the
+    Hessian diagonal it has, or uniformly without any token. iq_options: GGML type -> quantize_matrix keywords
+    for the i-quants, over gguf_iq.IQ_OPTIONS."""
 
-    def __init__(self, spec, policy, imatrix: dict | None, damp: float):
+    def __init__(self, spec, policy, imatrix: dict | None, damp: float, iq_options: dict | None = None):
         self.spec, self.policy, self.imatrix, self.damp = spec, policy, imatrix or {}, damp
+        self.iq_options = {**IQ_OPTIONS, **(iq_options or {})}
 
     def qtype(self, name: str) -> Q:
         kind, layer, _ = names.parse(name)
@@ -55,15 +60,31 @@ class MatrixQuantizer:
             entry["fallback"] = f"{n} calibration tokens < min_tokens {min_tokens}"
         elif method == "gptq":
             h = hess.matrix()
-        try:
-            res = quantize_matrix(w, qtype, h, imat, damp, feedback=h is not None)
-        except GPTQError as exc:  # Cholesky failed at every damping: round this one to nearest
-            entry["fallback"] = f"gptq failed: {exc}"
-            res = quantize_matrix(w, qtype, None, imat)
+        opts, res = self.iq_options.get(qtype, {}), None
+        if h is not None:
+            try:
+                res = quantize_matrix(w, qtype, h, imat, damp, **opts)
+            except GPTQError as exc:  # Cholesky failed at every damping: round this one to nearest
+                entry["fallback"] = f"gptq failed: {exc}"
+        if res is None:
+            if method == "gptq":
+                imat = _rtn_importance(qtype, imat, hess, w.shape[1], damp)
+            res = quantize_matrix(w, qtype, None, imat, **opts)
         entry.update(method=res.method, loss=res.loss, damp=res.damp)
         if res.damp is not None and res.damp > damp:
             entry["damp_raised"] = True
         return _Taken(res), entry
+
+
+def _rtn_importance(qtype: Q, imat, hess, cols: int, damp: float):
+    """The importance for rounding an i-quant to nearest without an importance matrix: the damped Hessian
+    diagonal, or uniform for a matrix that saw no token (ggml's IQ1_S/IQ2_XXS/IQ2_XS searches need one)."""
+    if imat is not None or qtype not in IQ_TYPES:
+        return imat
+    if hess is not None and hess.n_tokens > 0:
+        diag = torch.diagonal(hess.matrix()).float()
+        return diag + damp * diag.mean() + (diag.mean() == 0).float()
+    return torch.ones(cols)
 
 
 class _Taken:
@@ -92,8 +113,8 @@ class LayerBytes:
     layer, gets GPTQ too, its Hessian from the final normed hidden states of the quantized model; None for every
     other tensor (norms, router: encoded as `convert` does)."""
 
-    def __init__(self, stream, hook: MatrixQuantizer):
-        self.stream, self.hook, self.spec = stream, hook, hook.spec
+    def __init__(self, stream, hook: MatrixQuantizer, embedding: bool = True):
+        self.stream, self.hook, self.spec, self.embedding = stream, hook, hook.spec, embedding
         self.layers, self.current = iter(stream), None
 
     def __call__(self, t, qtype: Q):
@@ -117,7 +138,8 @@ class LayerBytes:
         """GPTQ of the token embedding table before the first layer; None without calibration (RTN) or for a type
         the mix keeps in float."""
         run, samples = self.stream.run, self.stream.samples
-        if run.method != "gptq" or samples is None or qtype not in SUPPORTED or self.current is not None:
+        if (not self.embedding or run.method != "gptq" or samples is None or qtype not in SUPPORTED
+                or self.current is not None):
             return None
         w = forward.load_weight(run.ckpt, name, run.dev, torch.float32)
         hess = embedding_hessian(run.ckpt, samples, w)

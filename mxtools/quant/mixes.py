@@ -294,18 +294,19 @@ def load_mix(name: str) -> Mix:
 
 
 def gguf_options(name: str, spec: ModelSpec, imatrix: dict | None = None,
-                 overrides: Overrides | None = None) -> dict:
+                 overrides: Overrides | None = None, importance: bool = False) -> dict:
     """Keyword arguments for the GGUF writer (`policy`, `file_type`, `imatrix`) that quantize to mix `name`.
 
     `imatrix`: canonical name -> vector (load_imatrix / imatrix_for_writer); its presence alone changes some
-    mixes' choices, as in llama.cpp (an empty one counts as none, as llama-quantize passes none).
+    mixes' choices, as in llama.cpp (an empty one counts as none, as llama-quantize passes none). `importance`:
+    the mix's choices with an importance matrix even without one (GPTQ, whose Hessian plays its role).
     A policy that gives any tensor but token_embd and output a type of NEEDS_IMATRIX is refused without an
     importance matrix (MxError), as llama-quantize refuses it; so is one that gives a tensor a type no encoder of
     mxtools writes.
     """
     mix = load_mix(name)
-    policy = mix.policy(spec, bool(imatrix), overrides)
-    if not imatrix:
+    policy = mix.policy(spec, bool(imatrix) or importance, overrides)
+    if not imatrix and not importance:
         require_imatrix(mix.name, policy, spec)
     require_encoders(mix.name, policy, spec)
     return {"policy": policy, "file_type": mix.file_type, "imatrix": imatrix}
