@@ -177,14 +177,14 @@ def synth(out_old, layout, preset, layers, hidden, intermediate, heads, kv_heads
 
 @main.command(cls=Verb, epilog="Example: mxtools example -o ex   (then: mxtools convert ex/model --to gguf ...)")
 @click.argument("out_old", metavar="[OUT]", required=False, type=OutputPath())
-@output_option(help="the directory to write (OUT/model, OUT/calib.txt, OUT/eval.txt)")
+@output_option(help="the directory to write (OUT/model, OUT/calib.txt, OUT/eval.txt, OUT/fiction.txt)")
 @force_option()
 def example(out_old, out, force):
-    """Write the bundled tiny trained Mixtral to OUT/model with OUT/calib.txt and OUT/eval.txt."""
+    """Write the bundled tiny trained Mixtral to OUT/model with OUT/calib.txt, OUT/eval.txt and OUT/fiction.txt."""
     from ..commands.example import write_example
     out = _output(out, out_old, "example")
     write_example(out, force)
-    click.echo(f"wrote {out}/model, {out}/calib.txt, {out}/eval.txt")
+    click.echo(f"wrote {out}/model, {out}/calib.txt, {out}/eval.txt, {out}/fiction.txt")
 
 
 def _output(out, out_old, verb: str):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..core.bundled import CALIB, EVAL, MODEL
+from ..core.bundled import CALIB, EVAL, FICTION, MODEL
 from ..core.errors import OutputError
 from ..io.hf_dir import read_tokenizer, write_tokenizer_json
 
 
 def write_example(out: Path, force: bool = False) -> Path:
-    """DIR/model (HF layout), DIR/calib.txt and DIR/eval.txt, ready for the demo pipeline."""
+    """DIR/model (HF layout), DIR/calib.txt and the held-out texts DIR/eval.txt (same domain) and DIR/fiction.txt
+    (another domain), ready for the demo pipeline."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputError("output exists and is not empty (use --force)", file=out)
@@ -23,4 +24,5 @@ def write_example(out: Path, force: bool = False) -> Path:
     write_tokenizer_json(read_tokenizer(out / "model"), out / "model")
     shutil.copy(CALIB, out / "calib.txt")
     shutil.copy(EVAL, out / "eval.txt")
+    shutil.copy(FICTION, out / "fiction.txt")
     return out
