@@ -143,17 +143,19 @@ def test_iq3_xxs_file_has_the_imatrix_mix_types_and_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_iq2_xs_file_has_llama_quantizes_imatrix_types_and_loads(tmp_path):
-    """`quantize --to gguf --outtype iq2_xs` (no --imatrix: the Hessian is the importance) on a synthetic
-    8-expert model: the tensor names, types and shapes of llama-quantize's IQ2_XS with an importance matrix."""
+@pytest.mark.parametrize("mix", IQ_MIXES)
+def test_file_has_llama_quantizes_imatrix_types_and_loads(tmp_path, mix):
+    """`quantize --to gguf --outtype MIX` (no --imatrix: the Hessian is the importance) on a synthetic 8-expert
+    model, for every i-quant mix: the tensor names, types and shapes of llama-quantize's MIX with an importance
+    matrix, and llama.cpp runs the file."""
     gguf_path, hf_path = write_pair(tmp_path, synth(seed=3))
-    report = run_quantize_gguf(hf_path, tmp_path / "gptq.gguf", "iq2_xs",
+    report = run_quantize_gguf(hf_path, tmp_path / "gptq.gguf", mix,
                                QuantizeSettings(nsamples=8, seqlen=64, min_tokens=16))
     imatrix = llama_imatrix(gguf_path, tmp_path / "imatrix.gguf")
-    run = llama_quantize(gguf_path, tmp_path / "llama.gguf", "iq2_xs", "--imatrix", imatrix)
+    run = llama_quantize(gguf_path, tmp_path / "llama.gguf", mix, "--imatrix", imatrix)
     assert run.returncode == 0, run.stderr[-3000:]
     ours, theirs = file_types(tmp_path / "gptq.gguf"), file_types(tmp_path / "llama.gguf")
-    assert ours == theirs and any(t.name == "IQ2_XS" for t in ours.values())
+    assert ours == theirs and any(t.name.startswith("IQ") for t in ours.values())
     shapes = [{t.name: tuple(t.shape) for t in GGUFReader(p).tensors} for p in (tmp_path / "gptq.gguf",
                                                                               tmp_path / "llama.gguf")]
     assert shapes[0] == shapes[1]
