@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from mxtools.cli import main
 from mxtools.commands.quantize import QuantizeSettings, run_quantize
+from mxtools.core.bundled import EVAL
 from mxtools.layouts import open_checkpoint
 
 # hidden and intermediate multiples of 128 and attention outputs multiples of 64: what Marlin needs
@@ -85,7 +86,7 @@ def test_inspect_and_verify_read_the_transformers_names(quantized):
     assert report["layout"] == "gptq" and report["info"]["tensor_names"] == "transformers" and not report["problems"]
     # verify reads them too: against the same weights under vLLM's names, every statistic is exact
     r = runner.invoke(main, ["verify", str(quantized / "transformers"), "--reference", str(quantized / "vllm"),
-                             "--ctx", "64", "--chunks", "2", "--device", "cpu", "--json",
+                             "--ctx", "64", "--chunks", "2", "--device", "cpu", "--text", str(EVAL), "--json",
                              str(quantized.parent / "verify.json")])
     assert r.exit_code == 0, r.output
     verdict = json.loads((quantized.parent / "verify.json").read_text())

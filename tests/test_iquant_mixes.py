@@ -20,6 +20,7 @@ from test_mixes import assert_same_tensors, gguf_plan, synth
 from mxtools.commands.convert import convert, write_checkpoint
 from mxtools.commands.example import write_example
 from mxtools.commands.synth import synth_spec
+from mxtools.core.bundled import EVAL
 from mxtools.core.errors import MxError
 from mxtools.layouts import open_checkpoint
 from mxtools.quant.imatrix import imatrix_for_writer, read_imatrix
@@ -323,8 +324,8 @@ def test_inspect_verify_and_llama_cpp_read_llama_quantizes_iquant_files(judged, 
         assert r.exit_code == 0, r.output
         assert mix.upper() in json.loads(r.stdout)["types"]
         r = CliRunner().invoke(main, ["verify", str(theirs), "--reference", str(judged["gguf"]), "--ctx", "128",
-                                      "--chunks", "2", "--json", str(tmp_path / f"{mix}.json"), "--max-kld", "100",
-                                      "--min-same-top", "0", "--max-ppl-ratio", "100"])
+                                      "--chunks", "2", "--text", str(EVAL), "--json", str(tmp_path / f"{mix}.json"),
+                                      "--max-kld", "100", "--min-same-top", "0", "--max-ppl-ratio", "100"])
         assert r.exit_code == 0, r.output
         kld[mix] = json.loads((tmp_path / f"{mix}.json").read_text())["kld_mean"]
     assert 0 < kld["iq4_xs"] < kld["iq2_xs"] < 10

@@ -261,7 +261,7 @@ def test_thresholds_table_and_outtype_guess(tiny):
     for outtype, row in [("IQ1_S", "q2_k"), ("iq2_m", "q3_k_m"), ("iq4_xs", "q4_k_m"), ("w8a16", "gptq-int8"),
                          ("bnb-int8", "q8_0"), ("fp8", "q5_k_m")]:
         assert report.thresholds_for(outtype) == report.DEFAULT_THRESHOLDS[row], outtype
-    assert {m for m in MIXES if m.startswith("iq")} <= set(report.ALIASES)  # every i-quant mix has a row
+    assert {m for m in MIXES if m.startswith("iq")} <= set(report.BORROWED_ROWS)  # every i-quant mix has a row
     assert report.thresholds_for("q8_0", {"max_kld_mean": 1.0})["max_kld_mean"] == 1.0
     with pytest.raises(ValueError, match="unknown threshold"):
         report.thresholds_for("q8_0", {"max_kdl": 1})

@@ -169,7 +169,7 @@ def test_a_checkpoint_with_only_tokenizer_json(ours, tmp_path):
     r = cli("inspect", only, "--no-weights")
     assert r.exit_code == 0 and "tokenizer.json only" in r.output, r.output
     r = CliRunner().invoke(main, ["verify", str(ours), "--reference", str(only), "--ctx", "64",
-                                                  "--chunks", "2", "--device", "cpu",
+                                                  "--chunks", "2", "--device", "cpu", "--text", str(EVAL),
                                                   "--json", str(tmp_path / "v.json")])
     assert r.exit_code == 0, r.output
     assert "assuming the Mixtral v1 tokenizer" not in r.stderr  # tokenizer.json won over the fallback

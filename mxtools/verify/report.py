@@ -23,11 +23,11 @@ real fault. Float rows assume the reference is the source the candidate was conv
 | gptq-int4  | 1.05          | 0.07         | 0.88           | 0.4             | 0.12        |
 | gptq-int8  | 1.005         | 0.003        | 0.97           | 0.05            | 0.03        |
 Unknown outtypes get the q4_0 row. Aliases: q5_k_s / q5_0 / q5_1 -> q5_k_m, q4_k_s -> q4_k_m, q4_1 -> q4_0,
-q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats);
-the i-quant mixes take the q4_k_m (iq4_*), q3_k_m (iq3_*, iq2_m) or q2_k (iq2_s and below) row; other tools'
-formats the row of their code width (w4a16 -> gptq-int4, w8a16 -> gptq-int8, bnb-int8 -> q8_0, bnb-nf4 / bnb-fp4
--> q4_0, fp8 -> q5_k_m). The
-q3_k_m and q2_k rows scale the q4_k_m row by the mean-KLD ratios measured on the bundled model (plain q3_k_m 3.4x, q2_k
+q3_k_l -> q3_k_m, q3_k_s -> q2_k, gptq -> gptq-int4 (and fp32 / float32, fp16 / float16, bfloat16 for the floats).
+Outtypes without a row keep their label and borrow a row (BORROWED_ROWS): the i-quant mixes the q4_k_m (iq4_*),
+q3_k_m (iq3_*, iq2_m) or q2_k (iq2_s and below) row; other tools' formats the row of their code width (w4a16 ->
+gptq-int4, w8a16 -> gptq-int8, bnb-int8 -> q8_0, bnb-nf4 / bnb-fp4 -> q4_0, fp8 -> q5_k_m). The q3_k_m and q2_k
+rows scale the q4_k_m row by the mean-KLD ratios measured on the bundled model (plain q3_k_m 3.4x, q2_k
 15x q4_k_m's; docs/BENCHMARKS.md), kept well below the ~1 of a broken artifact.
 
 Thresholds and noise. ppl_ratio, kld_mean and same_top_p are means over the scored tokens, and the report
@@ -69,14 +69,17 @@ _ROWS = {
 DEFAULT_THRESHOLDS = {k: dict(zip(_COLS, v)) for k, v in _ROWS.items()}
 ALIASES = {"q5_k_s": "q5_k_m", "q4_k_s": "q4_k_m", "q4_1": "q4_0", "q5_0": "q5_k_m", "q5_1": "q5_k_m",
            "q3_k_l": "q3_k_m", "q3_k_s": "q2_k",
-           "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4",
-           # llama.cpp's i-quant mixes: the K-quant row of the nearest or a larger error class
-           "iq4_xs": "q4_k_m", "iq4_nl": "q4_k_m", "iq3_m": "q3_k_m", "iq3_s": "q3_k_m", "iq3_xs": "q3_k_m",
-           "iq3_xxs": "q3_k_m", "iq2_m": "q3_k_m", "iq2_s": "q2_k", "iq2_xs": "q2_k", "iq2_xxs": "q2_k",
-           "iq1_m": "q2_k", "iq1_s": "q2_k",
-           # other tools' formats: the row of the same code width (FP8's 3 mantissa bits: the q5_k_m row)
-           "w4a16": "gptq-int4", "w8a16": "gptq-int8", "fp8": "q5_k_m", "bnb-nf4": "q4_0", "bnb-fp4": "q4_0",
-           "bnb-int8": "q8_0"}
+           "fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "gptq": "gptq-int4"}
+# outtypes without a row of their own, held to the row of their error class (the label stays theirs)
+BORROWED_ROWS = {
+    # llama.cpp's i-quant mixes: the K-quant row of the nearest or a larger error class
+    "iq4_xs": "q4_k_m", "iq4_nl": "q4_k_m", "iq3_m": "q3_k_m", "iq3_s": "q3_k_m", "iq3_xs": "q3_k_m",
+    "iq3_xxs": "q3_k_m", "iq2_m": "q3_k_m", "iq2_s": "q2_k", "iq2_xs": "q2_k", "iq2_xxs": "q2_k",
+    "iq1_m": "q2_k", "iq1_s": "q2_k",
+    # other tools' formats: the row of the same code width (FP8's 3 mantissa bits: the q5_k_m row)
+    "w4a16": "gptq-int4", "w8a16": "gptq-int8", "fp8": "q5_k_m", "bnb-nf4": "q4_0", "bnb-fp4": "q4_0",
+    "bnb-int8": "q8_0",
+}
 UNKNOWN_OUTTYPE_ROW = "q4_0"  # the thresholds an outtype without a row (or alias) is held to
 
 
@@ -111,6 +114,7 @@ def guess_outtype(ckpt: Checkpoint) -> str:
 def thresholds_for(outtype: str, overrides: dict | None = None) -> dict:
     """The default row for `outtype` (UNKNOWN_OUTTYPE_ROW's if it has none) with `overrides` applied."""
     key = normalise_outtype(outtype)
+    key = BORROWED_ROWS.get(key, key)
     row = dict(DEFAULT_THRESHOLDS.get(key, DEFAULT_THRESHOLDS[UNKNOWN_OUTTYPE_ROW]))
     unknown = set(overrides or {}) - set(_COLS)
     if unknown:
