@@ -52,8 +52,9 @@ def naming_of(keys, source=None) -> tuple[str, str]:
     return naming, routers[0] if routers else SPELLINGS[naming][4]
 
 
-def canonical_module(module: str, table: NameTable) -> str:
-    """The canonical module name (`...experts.0.w1`) of a stored module name under `table` (an unknown one is
-    returned as it is)."""
-    hit = table.to_canonical(module + ".weight")
-    return hit[0].removesuffix(".weight") if hit else module
+def canonical_key(key: str, table: NameTable) -> str:
+    """The canonical name of a stored key under `table`: `x.weight` or a quantized part of it (`x.qweight`,
+    `x.scales` ...) keeps its suffix, `x` mapped as `x.weight` is; an unknown key is returned as it is."""
+    base, _, suffix = key.rpartition(".")
+    hit = table.to_canonical(base + ".weight")
+    return hit[0].removesuffix("weight") + suffix if hit else key

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import FormatError, MxError, NotMixtralError
+from ..core.expert_names import canonical_key, name_table, naming_of
 from ..core.names import NameTable
 from ..core.spec import DEFAULT_ROPE_THETA, ModelSpec, require_moe, spec_of
 from ..core.tensors import Checkpoint, dense_nbytes
@@ -272,3 +273,28 @@ def write_tokenizer_json(tok: Tokenizer, out: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_decoded(path: Path, decode, opener=SafetensorsFile) -> tuple[dict, str, str, object, list]:
+    """What the readers of quantized HF-style directories share: every shard of `path` opened lazily (`opener`),
+    `decode(raw)` turning the stored tensors into {stored name: lazy float tensor}, the expert naming and router
+    found from those names, and each tensor renamed to its canonical name. Returns (tensors, naming, router,
+    tokenizer, closers); on any error every shard opened is closed."""
+    files = shard_files(path)
+    if not files:
+        raise FormatError("no .safetensors files", file=path)
+    tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
+    raw, opened = read_tensors(files, NameTable({}), opener=opener)
+    try:
+        tensors = decode(raw)
+        naming, router = naming_of(tensors, path)
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    table = name_table(naming, router)
+    renamed = {}
+    for key, t in tensors.items():
+        name = canonical_key(key, table)
+        renamed[name] = t.renamed(name)
+    return renamed, naming, router, tok, [f.close for f in opened]

@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 from ..core.errors import FormatError
-from ..core.expert_names import canonical_module, name_table, naming_of
-from ..core.names import NameTable
 from ..core.tensors import Checkpoint, LazyTensor
 from ..core.values import is_kind
 from ..io.bnb_decode import QUANT_TYPES, dequantize_4bit, dequantize_int8, functional, quant_state
-from ..io.hf_dir import quant_config, read_json, read_tensors, read_tokenizer, shard_files, spec_from_config
+from ..io.hf_dir import (
+    quant_config,
+    read_decoded,
+    read_json,
+    spec_from_config,
+)
 from . import Layout, register
 
 METHOD = "bitsandbytes"
@@ -157,23 +160,7 @@ def read(path: Path) -> Checkpoint:
     functional(cfg_file)  # bitsandbytes present, or one line naming the extra
     cfg = read_json(cfg_file)
     spec = spec_from_config(cfg, cfg_file)
-    files = shard_files(path)
-    if not files:
-        raise FormatError("no .safetensors files", file=path)
-    tok = read_tokenizer(path)
-    raw, opened = read_tensors(files, NameTable({}))
-    try:
-        tensors = _modules(raw, st, path)
-        naming, router = naming_of(tensors, path)
-    except BaseException:
-        for f in opened:
-            f.close()
-        raise
-    table = name_table(naming, router)
-    renamed = {}
-    for key, t in tensors.items():
-        name = canonical_module(key.removesuffix(".weight"), table) + ".weight" if key.endswith(".weight") else key
-        renamed[name] = t.renamed(name)
+    renamed, naming, router, tok, closers = read_decoded(path, lambda raw: _modules(raw, st, path))
     version = cfg.get("transformers_version")
     writer = f"transformers {version[:40]} with bitsandbytes" if is_kind(version, str) else \
         "transformers with bitsandbytes"
@@ -181,7 +168,7 @@ def read(path: Path) -> Checkpoint:
             "tensor_names": naming, "router_name": router, "written_by": writer, "outtype": f"bnb-{st['quant_type']}",
             "quantized": str(sum(1 for t in renamed.values() if t.stored_as))}
     ckpt = Checkpoint(spec, renamed, METHOD, path, tok, info=info)
-    ckpt.closers += [f.close for f in opened]
+    ckpt.closers += closers
     return ckpt
 
 

@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 
 from ..core.errors import FormatError, ShapeError
-from ..core.expert_names import canonical_module, name_table, naming_of
-from ..core.names import NameTable
 from ..core.tensors import Checkpoint, LazyTensor
 from ..core.values import MAX_DIM, is_kind
 from ..io.compressed_pack import PACK_BITS, fp8_weight, int_weight, packed_cols
-from ..io.hf_dir import quant_config, read_json, read_tensors, read_tokenizer, shard_files, spec_from_config
+from ..io.hf_dir import (
+    quant_config,
+    read_decoded,
+    read_json,
+    spec_from_config,
+)
 from ..io.safetensors import DTYPES, SafetensorsFile
 from . import Layout, register
 
@@ -222,29 +225,14 @@ def read(path: Path) -> Checkpoint:
     cfg_file = path / "config.json"
     st = settings(quant_config(path, METHOD), cfg_file)
     spec = spec_from_config(read_json(cfg_file), cfg_file)
-    files = shard_files(path)
-    if not files:
-        raise FormatError("no .safetensors files", file=path)
-    tok = read_tokenizer(path)
-    raw, opened = read_tensors(files, NameTable({}), opener=lambda f: SafetensorsFile(f, FP8_DTYPES))
-    try:
-        tensors = _modules(raw, st, path)
-        naming, router = naming_of(tensors, path)
-    except BaseException:
-        for f in opened:
-            f.close()
-        raise
-    table = name_table(naming, router)
-    renamed = {}
-    for key, t in tensors.items():
-        name = canonical_module(key.removesuffix(".weight"), table) + ".weight" if key.endswith(".weight") else key
-        renamed[name] = t.renamed(name)
+    renamed, naming, router, tok, closers = read_decoded(path, lambda raw: _modules(raw, st, path),
+                                                         opener=lambda f: SafetensorsFile(f, FP8_DTYPES))
     kinds = sorted({t.stored_as for t in renamed.values() if t.stored_as})
     info = {"quant_method": METHOD, "format": st["format"] or "mixed", "tensor_names": naming,
             "router_name": router, "written_by": _writer(path, st), "outtype": _outtype(kinds),
             "quantized": ", ".join(kinds) or "none"}
     ckpt = Checkpoint(spec, renamed, METHOD, path, tok, info=info)
-    ckpt.closers += [f.close for f in opened]
+    ckpt.closers += closers
     return ckpt
 
 

@@ -28,7 +28,7 @@ import torch
 from ..core import names
 from ..core.defaults import GPTQ_NAMINGS, SHARD_BYTES
 from ..core.errors import FormatError, MxError
-from ..core.expert_names import SPELLINGS, name_table, naming_of
+from ..core.expert_names import SPELLINGS, canonical_key, name_table
 from ..core.names import NameTable
 from ..core.names import is_gptq_quantized as is_quantized
 from ..core.tensors import FLOAT_DTYPES, Checkpoint, LazyTensor
@@ -38,9 +38,9 @@ from ..io.hf_dir import (
     QUANT_CONFIG_FILE,
     config_from_spec,
     gptq_quant_config,
+    read_decoded,
     read_json,
     read_tensors,
-    read_tokenizer,
     shard_files,
     spec_from_config,
     write_json,
@@ -74,13 +74,6 @@ def stored_name(canonical: str, table: NameTable) -> str:
     """The key a canonical tensor (`x.weight`, or a quantized part `x.qweight` ...) has under `table`."""
     base, _, suffix = canonical.rpartition(".")
     return table.to_layout(base + ".weight")[0].removesuffix("weight") + suffix
-
-
-def canonical_name(key: str, table: NameTable) -> str:
-    """The canonical name of a stored key under `table` (an unknown key is returned as it is)."""
-    base, _, suffix = key.rpartition(".")
-    hit = table.to_canonical(base + ".weight")
-    return hit[0].removesuffix("weight") + suffix if hit else key
 
 
 def writer_of(qc: dict) -> str | None:
@@ -217,12 +210,8 @@ def read(path: Path) -> Checkpoint:
     settings = _settings(qc, path / "config.json")
     zero_offset = 0 if settings["checkpoint_format"] == V2_FORMAT else 1
     spec = spec_from_config(read_json(path / "config.json"), path / "config.json")
-    files = shard_files(path)
-    if not files:
-        raise FormatError("no .safetensors files", file=path)
-    tok = read_tokenizer(path)  # before any shard is opened: nothing to close if it fails
-    raw, opened = read_tensors(files, NameTable({}))
-    try:
+
+    def decode(raw: dict) -> dict:
         tensors, groups = {}, {}
         for key, lazy in raw.items():
             base, _, suffix = key.rpartition(".")
@@ -234,18 +223,14 @@ def read(path: Path) -> Checkpoint:
             bits = layer_bits(base, settings)
             _check_parts(base, parts, bits, path)
             tensors[base + ".weight"] = _dequantized(base, parts, bits, zero_offset)
-        naming, router = naming_of(tensors, path)
-    except BaseException:
-        for f in opened:
-            f.close()
-        raise
-    table = name_table(naming, router)
-    tensors = {canonical_name(k, table): t.renamed(canonical_name(k, table)) for k, t in tensors.items()}
+        return tensors
+
+    tensors, naming, router, tok, closers = read_decoded(path, decode)
     info = {"quant_method": "gptq", "gptq": {k: v for k, v in settings.items() if k != "dynamic"},
             "tensor_names": naming, "router_name": router, "checkpoint_format": settings["checkpoint_format"],
             "written_by": writer_of(qc)}
     ckpt = Checkpoint(spec, tensors, "gptq", path, tok, info=info)
-    ckpt.closers += [f.close for f in opened]
+    ckpt.closers += closers
     return ckpt
 
 
@@ -325,7 +310,7 @@ def reexport(ckpt: Checkpoint, out: Path, naming: str, progress=lambda n: None, 
     target = source if naming == ckpt.info["tensor_names"] else name_table(naming)
     raw, opened = read_tensors(shard_files(src), NameTable({}))
     try:
-        stored = {canonical_name(k, source): t for k, t in raw.items()}
+        stored = {canonical_key(k, source): t for k, t in raw.items()}
         order = list(_stored_order(ckpt.spec, stored))
         left = sorted(set(stored) - set(order))
         if left:
