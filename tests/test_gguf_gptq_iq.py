@@ -13,7 +13,7 @@ from ggml_clib import GGML, find_library
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
 from test_gguf_gptq import _correlated, _imatrix, _weights
-from test_iquant_mixes import file_types, llama_imatrix, llama_quantize, policy_types
+from test_iquant_mixes import IQ_MIXES, file_types, llama_imatrix, llama_quantize, policy_types
 from test_mixes import finite_logits, synth, write_pair
 
 from mxtools.commands.compare import formats
@@ -24,9 +24,6 @@ from mxtools.quant.gguf_iq import IQ_TYPES, BlockSnap, decode_rows, encode_rows
 from mxtools.quant.gguf_iq_layout import LAYOUTS
 from mxtools.quant.gptq import Hessian
 from mxtools.quant.mixes import load_mix
-
-IQ_MIXES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
-            "iq4_nl", "iq4_xs")
 
 
 @pytest.fixture(scope="module")
