@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import small_spec, write_synth
+from conftest import write_synth
 from safetensors.torch import load_file, save_file
+from test_peer_gptq import AR_SPEC as SPEC  # the fixtures' float model: this spec, seed 0, f16
+from test_peer_gptq import SHORT_TEXT, cli
 
 from mxtools.cli import main
 from mxtools.commands.quantize import QuantizeSettings, run_quantize
 from mxtools.layouts import open_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SPEC = small_spec(vocab_size=512)  # tools/autoround_fixture.py's float model: this spec, seed 0, f16
-SHORT_TEXT = " ".join(["in the of to and a on at by is"] * 40)  # token ids below the 512-token vocabulary
 # fixture -> (layout, format the config names, verify's outtype label, tool as inspect names it,
 #             tensor naming, quantized Linears, relative error bound of a quantized Linear vs the float model)
 PEERS = {
@@ -55,10 +55,6 @@ def canonical(key: str) -> str:
 
 def ckpt_dir(peer: str) -> Path:
     return FIXTURES / peer / "checkpoint"
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
