@@ -14,7 +14,7 @@ from mxtools.core.tokenizer import Tokenizer
 from mxtools.model import forward
 from mxtools.quant.gptq import QuantConfig
 from mxtools.quant.gptq_pipeline import make_samples, quantize_checkpoint
-from mxtools.quant.gptq_tune import TuneConfig, _Rounding
+from mxtools.quant.gptq_tune import MIN_TRAIN, TuneConfig, _Rounding
 
 CFG = QuantConfig(bits=4, group_size=32, damp=0.05, act_group_aware=True, search="hessian", refit=True)
 
@@ -40,27 +40,31 @@ def test_rounding_starts_at_gptqs_solution(samples):
     results, _ = run(ckpt, samples, None)
     for name, res in results.items():
         w = ckpt.tensors[name].load()
-        r = _Rounding(w, res, torch.device("cpu"), tune_scales=True)
+        r = _Rounding(w, res, torch.device("cpu"), scales=True, codes=True)
         assert torch.equal(r.weight().detach(), res.dequantize())  # V = 0, scale factor 1: GPTQ's weight
         same = r.result()
         assert torch.equal(same.q, res.q) and torch.equal(same.scales, res.scales)
 
 
-@pytest.mark.slow
 def test_tuning_lowers_the_held_out_error_and_keeps_the_grid(samples):
     ckpt = synth_checkpoint(SPEC, 0, torch.float32)
     gptq, _ = run(ckpt, samples, None)
-    for scales in (False, True):
-        tuned, stream = run(ckpt, samples, TuneConfig(iters=100, batch=4, holdout=8, scales=scales))
+    # The codes need larger steps here than the defaults' 0.4 / iters (1/100 as on the bundled model's first runs).
+    # Held-out error after / before, measured: 0.93, 0.91 and 0.83.
+    for scales, codes, lr, limit in ((True, False, None, 0.97), (False, True, 0.01, 0.95), (True, True, 0.01, 0.9)):
+        tuned, stream = run(ckpt, samples, TuneConfig(iters=100, lr=lr, batch=4, holdout=8, scales=scales,
+                                                      codes=codes))
         t = stream.report["layers"][0]["tune"]
-        assert t["kept"] and t["holdout_after"] < 0.92 * t["holdout_before"], t  # measured 0.83x, 0.86x
-        assert 0 < t["codes_changed"] < 0.2
+        assert t["kept"] and t["holdout_after"] < limit * t["holdout_before"], t
+        assert t["best_step"] % 25 == 0 and 0 < t["best_step"] <= 100
+        assert (0 < t["codes_changed"] < 0.2) if codes else t["codes_changed"] == 0
         assert stream.report["tune_iters"] == 100 and stream.report["tune_scales"] == scales
+        assert stream.report["tune_codes"] == codes
         for name, res in tuned.items():
             ref = gptq[name]
             assert torch.equal(res.zeros, ref.zeros) and torch.equal(res.g_idx, ref.g_idx)
             assert res.q.dtype == torch.uint8 and int(res.q.max()) <= CFG.maxq
-            assert int((res.q.int() - ref.q.int()).abs().max()) <= 1  # a code moves at most to a neighbour
+            assert int((res.q.int() - ref.q.int()).abs().max()) <= (1 if codes else 0)  # at most to a neighbour
             if scales:
                 assert torch.equal(res.scales, res.scales.half().float())  # fp16 values, as the checkpoint stores
             else:
@@ -75,13 +79,23 @@ def test_tuning_lowers_the_held_out_error_and_keeps_the_grid(samples):
     assert torch.allclose(stream.hidden, forward.layer_forward(h, w, ckpt.spec, rope)[0], atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_tuning_that_hurts_the_held_out_error_is_dropped(samples):
     """Steps far too large scramble the rounding: the held-out error rises and GPTQ's results are kept as they are."""
     ckpt = synth_checkpoint(SPEC, 0, torch.float32)
     gptq, _ = run(ckpt, samples, None)
-    tuned, stream = run(ckpt, samples, TuneConfig(iters=10, lr=0.3, batch=4, holdout=8))
+    tuned, stream = run(ckpt, samples, TuneConfig(iters=10, lr=0.3, batch=4, holdout=8, check=5, codes=True))
     t = stream.report["layers"][0]["tune"]
-    assert not t["kept"] and t["holdout_after"] > t["holdout_before"] and t["codes_changed"] > 0
+    assert not t["kept"] and t["holdout_after"] > t["holdout_before"] and t["codes_changed"] == 0
+    for name, res in tuned.items():
+        assert torch.equal(res.q, gptq[name].q) and torch.equal(res.scales, gptq[name].scales)
+
+
+def test_too_few_samples_skip_the_tuning(samples):
+    """With fewer than MIN_TRAIN training sequences the rounding would fit the calibration text: GPTQ's results."""
+    ckpt = synth_checkpoint(SPEC, 0, torch.float32)
+    few = samples[:MIN_TRAIN + 7]  # 8 held out: one short
+    gptq, _ = run(ckpt, few, None)
+    tuned, stream = run(ckpt, few, TuneConfig(iters=5))
+    assert stream.report["layers"][0]["tune"]["skipped"].startswith(f"{MIN_TRAIN - 1} training samples")
     for name, res in tuned.items():
         assert torch.equal(res.q, gptq[name].q) and torch.equal(res.scales, gptq[name].scales)

@@ -35,7 +35,7 @@ from .inputs import open_model
 
 RECIPE_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
                "static_groups", "mse", "min_tokens", "act_group_aware", "search", "refit", "repass", "sweeps",
-               "gptaq", "gptaq_ridge", "tune_iters", "tune_scales")
+               "gptaq", "gptaq_ridge", "tune_iters", "tune_scales", "tune_codes")
 
 
 RENAMED_KEYS = {"asym": "gptaq", "asym_ridge": "gptaq_ridge"}  # old name -> new (GPTAQ's share is no grid's asym)
@@ -132,14 +132,15 @@ class QuantizeSettings:
     gptaq: float | None = None
     gptaq_ridge: float | None = None
     tune_iters: int | None = None  # block-output reconstruction after GPTQ: iterations per layer (0: off)
-    tune_scales: bool | None = None  # ... also tuning the group scales
+    tune_scales: bool | None = None  # ... tuning the group scales
+    tune_codes: bool | None = None  # ... tuning the codes (rounding offsets)
 
     def resolved(self) -> dict:
         return resolve_settings(self.recipe, **{k: getattr(self, k) for k in GIVEN_KEYS})
 
 
 GIVEN_KEYS = ("bits", "method", "group_size", "sym", "act_order", "damp", "nsamples", "seqlen", "experts",
-              "min_tokens", "gptaq", "gptaq_ridge", "tune_iters", "tune_scales")
+              "min_tokens", "gptaq", "gptaq_ridge", "tune_iters", "tune_scales", "tune_codes")
 GPTQ_ONLY_KEYS = ("bits", "group_size", "sym", "act_order", "recipe")  # the int grid's; --to gguf has the mix's
 
 
@@ -167,7 +168,8 @@ def run_quantize(src, out, settings: QuantizeSettings = QuantizeSettings(),
         stream = quantize_checkpoint(ckpt, tokens, cfg, s["method"], s["experts"], s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress, gptaq=s["gptaq"],
                                      gptaq_ridge=s["gptaq_ridge"],
-                                     tune=TuneConfig(iters=s["tune_iters"], scales=s["tune_scales"]))
+                                     tune=TuneConfig(iters=s["tune_iters"], scales=s["tune_scales"],
+                                                     codes=s["tune_codes"]))
         stream.report["source"] = str(src)
         stream.report["recipe"] = str(settings.recipe) if settings.recipe else None
         with atomic_output(Path(out), directory=True, force=settings.force) as tmp:

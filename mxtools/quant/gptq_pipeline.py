@@ -12,17 +12,17 @@ go in batches (as many as EXPERT_BATCH_FRACTION of an accelerator's free memory 
 8x7B expert at a time on a CPU), every [w1, w3] of a batch in one GPTQ batch and then every [w2] in another
 (quant/gptq_groups.py): on a GPU GPTQ's column loops cost kernel launches, so a batch costs about what one expert
 does (bench/gptq_launches.py). The results are those of one Linear at a time.
-The layer output always uses the normal routing and the quantized weights, so layer i+1 is calibrated on what the
-quantized layer i really produces. Only one layer's weights are loaded at a time; the calibration hidden states
-of all samples stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU).
+The layer output uses the normal routing and the quantized weights: layer i+1 is calibrated on what the quantized
+layer i produces. Only one layer's weights are loaded at a time; the calibration hidden states of all samples
+stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU). Block-output
+reconstruction (`tune`, quant/gptq_tune.py) then tunes each layer's scales towards the float model's outputs.
 
-The asymmetric objective (`gptaq` > 0, GPTAQ): a second stream of hidden states runs through the unquantized
-layers beside the quantized one, and every Linear's Hessian also accumulates the cross-covariance of the same
-tokens' unquantized inputs with its quantized-stream inputs (an expert: the tokens the quantized stream routes to
-it), so each weight is quantized towards min ||X_fp W^T - X Q^T|| (gptq.gptaq_target: the weight handed to the
-per-matrix quantizer, GPTQ int or a ggml grid, is moved by that least-squares correction, damped and scaled by
-`gptaq`). It costs one more copy of the hidden states and of the attention output, the unquantized forward and a
-second accumulation per Hessian.
+The asymmetric objective (`gptaq` > 0, GPTAQ): a second stream of hidden states runs through the unquantized layers
+beside the quantized one, and every Linear's Hessian also accumulates the cross-covariance of the same tokens'
+unquantized inputs with its quantized-stream inputs (an expert: the tokens the quantized stream routes to it), so
+each weight is quantized towards min ||X_fp W^T - X Q^T|| (gptq.gptaq_target moves the weight handed to the
+quantizer, GPTQ int or a ggml grid, by that least-squares correction, damped and scaled by `gptaq`). It costs a
+copy of the hidden states and of the attention output, the unquantized forward and a second Hessian accumulation.
 
 Starved experts: a Linear whose Hessian saw fewer than `min_tokens` tokens falls back to round-to-nearest (its
 experts are never zeroed). The default threshold is MIN_TOKEN_FRACTION (10%) of the model's hidden size (410
@@ -48,7 +48,7 @@ from ..core.values import is_kind
 from ..model import forward
 from .gptq import Hessian, QuantConfig, gptaq_target
 from .gptq_groups import quantize_weights
-from .gptq_tune import TuneConfig, dequantized_layer, layer_outputs, tune_layer
+from .gptq_tune import TuneConfig, tune_layer
 
 # The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
 QUANTIZED_KINDS = names.GPTQ_KINDS
@@ -124,6 +124,7 @@ class _Run:
     gptaq: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
     gptaq_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
     tune: TuneConfig = field(default_factory=TuneConfig)  # block-output reconstruction after GPTQ (off: iters 0)
+    tune_ref: torch.Tensor | None = None  # its targets' stream: the float model's hidden states (first positions)
 
     @property
     def cross(self) -> bool:
@@ -333,20 +334,19 @@ def _rtn_layer(run: _Run, i: int) -> dict:
 
 def _gptq_layer(run: _Run, i: int, h: torch.Tensor, h_float: torch.Tensor | None = None):
     """Quantize layer i on the calibration hidden states h (and h_float, the unquantized stream's, for the asymmetric
-    objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None).
-    With block-output reconstruction on (run.tune), GPTQ's rounding of the layer is then tuned (gptq_tune)."""
+    objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
     w, spec = forward.load_layer(run.ckpt, i, run.dev, run.dtype), run.ckpt.spec
     tune = run.tune.on and run.quantizer is None
     w_float = replace(w, experts=list(w.experts)) if h_float is not None or tune else None  # the float weights, kept
     mid, mid_float, attn_report = _attention_stage(run, w, h, i, w_float, h_float)
-    h_in = h if tune else None
-    del h, h_float
+    h_in, h, h_float = (h if tune else None), None, None  # the references dropped
     nxt, nxt_float, experts = _moe_stage(run, w, mid, i, w_float, mid_float)
     report = {"attention": attn_report, "experts": experts}
-    if tune:  # the next layer's inputs from the kept (tuned or GPTQ's) weights
-        kept, report["tune"] = tune_layer(w_float, run.results, i, h_in, spec, run.rope, run.tune, run.dev, run.store)
+    if tune:  # the next layer's inputs from the tuned weights when they are kept
+        kept, report["tune"], tuned, run.tune_ref = tune_layer(w_float, run.results, i, h_in, run.tune_ref, spec,
+                                                               run.rope, run.tune, run.dev, run.store)
         run.results.update(kept)
-        nxt = layer_outputs(h_in, dequantized_layer(w_float, run.results, i), spec, run.rope, run.dev, run.store)
+        nxt = nxt if tuned is None else tuned
     return report, nxt, nxt_float
 
 
@@ -374,7 +374,7 @@ class QuantStream:
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
             "act_group_aware": cfg.act_group_aware, "search": cfg.search, "refit": cfg.refit, "repass": cfg.repass,
             "sweeps": cfg.sweeps, "gptaq": run.gptaq, "gptaq_ridge": run.gptaq_ridge, "min_tokens": run.min_tokens,
-            "tune_iters": run.tune.iters, "tune_scales": run.tune.scales,
+            "tune_iters": run.tune.iters, "tune_scales": run.tune.scales, "tune_codes": run.tune.codes,
             "device": str(run.dev), "calibration": sample_info, "layers": [],
         }
 
