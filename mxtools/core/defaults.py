@@ -41,5 +41,5 @@ COMPARE_FORMATS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_m+imatrix", "gptq-i
 # Then block-output reconstruction of each layer's group scales (200 steps; codes kept: tuning them did not help).
 QUANTIZE = dict(bits=4, method="gptq", group_size=128, sym=True, act_order=False, damp=0.05, nsamples=128,
                 seqlen=2048, experts="routed", static_groups=False, mse=False, min_tokens=None, act_group_aware=True,
-                search="hessian", refit=True, repass=True, sweeps=1, gptaq=0.0, gptaq_ridge=0.05, tune_iters=0,
+                search="hessian", refit=True, repass=True, sweeps=1, gptaq=0.0, gptaq_ridge=0.05, tune_iters=200,
                 tune_scales=True, tune_codes=False)
