@@ -88,8 +88,8 @@ def to_our_layout(raw: Path, dst: Path) -> int:
 # Every row: (label, who, settings). Ours: `mxtools quantize` options; AutoRound: AutoRound() keyword overrides.
 ROWS = {
     "ours-int4-g128": ("mxtools GPTQ int4 g128 (defaults)", "ours", []),
-    "ours-int4-g128-tune": ("mxtools GPTQ int4 g128 + block-output reconstruction (recipe gptq-int4-g128-tune)",
-                            "ours", ["--recipe", "gptq-int4-g128-tune"]),
+    "ours-int4-g128-notune": ("mxtools GPTQ int4 g128 without block-output reconstruction", "ours",
+                              ["--recipe", "gptq-int4-g128-notune"]),
     "autoround-int4-g128": ("AutoRound 0.16.1 int4 g128 (its defaults: 200 iterations)", "autoround", {}),
 }
 

@@ -144,8 +144,12 @@ ROWS = {
     "ours-rtn": ("mxtools RTN int4 g128", "ours", ["--recipe", "rtn-int4-g128"]),
     "gptqmodel-int4-g128": ("GPTQModel GPTQ int4 g128 (its defaults)", "gptqmodel", {"bits": 4, "group_size": 128}),
     "ours-int8-g128": ("mxtools GPTQ int8 g128 (defaults)", "ours", ["--bits", "8"]),
+    "ours-int8-g128-notune": ("mxtools GPTQ int8 g128 without block-output reconstruction", "ours",
+                              ["--recipe", "gptq-int4-g128-notune", "--bits", "8"]),
     "gptqmodel-int8-g128": ("GPTQModel GPTQ int8 g128 (its defaults)", "gptqmodel", {"bits": 8, "group_size": 128}),
     "ours-int4-g-1": ("mxtools GPTQ int4 g-1 (defaults)", "ours", ["--group-size", "-1"]),
+    "ours-int4-g-1-notune": ("mxtools GPTQ int4 g-1 without block-output reconstruction", "ours",
+                             ["--recipe", "gptq-int4-g128-notune", "--group-size", "-1"]),
     "gptqmodel-int4-g-1": ("GPTQModel GPTQ int4 g-1 (its defaults, act_group_aware off)", "gptqmodel",
                            {"bits": 4, "group_size": -1, "act_group_aware": False}),
 }

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mxtools.commands.convert import write_checkpoint
 from mxtools.commands.synth import synth_checkpoint, synth_spec
-from mxtools.core import chunking
+from mxtools.core import chunking, names
 from mxtools.core.bundled import CALIB, EVAL, MODEL
 from mxtools.layouts import open_checkpoint
 from mxtools.model import forward
@@ -169,6 +169,41 @@ def gptq_layer(path: Path, root: Path):
             "totals": report.get("totals"), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+@step("tune_8x7b_layer")
+def tune_layer_time(path: Path, nsamples: int = 128, seqlen: int = 2048, device: str = "cuda"):
+    """Block-output reconstruction of layer 0 with the defaults (200 steps, 8 held out) on CUDA, from round-to-nearest
+    codes (the steps cost the same whatever the codes): the time the defaults add per 8x7B layer."""
+    from mxtools.commands.quantize import DEFAULTS
+    from mxtools.quant.gptq import QuantConfig
+    from mxtools.quant.gptq_groups import quantize_weights
+    from mxtools.quant.gptq_tune import TuneConfig, tune_layer
+    dev, cuda = torch.device(device), device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with open_checkpoint(path) as ck:
+        spec = ck.spec
+        cfg = QuantConfig(**{k: v for k, v in DEFAULTS.items() if k in QuantConfig.__dataclass_fields__})
+        w = forward.load_layer(ck, 0, dev, torch.float32)
+        mats = {"attn_q": w.q, "attn_k": w.k, "attn_v": w.v, "attn_output": w.o}
+        results = {names.weight_name(k, 0): r for k, (r, _) in
+                   zip(mats, [x[0] for x in quantize_weights([(None, [m]) for m in mats.values()], cfg, "rtn", 0)])}
+        for e, trio in enumerate(w.experts):
+            done = quantize_weights([(None, [m]) for m in trio], cfg, "rtn", 0)
+            for key, (res, _) in zip(("ffn_gate", "ffn_down", "ffn_up"), [d[0] for d in done]):
+                results[names.weight_name(key, 0, e)] = res
+        tune = TuneConfig(iters=DEFAULTS["tune_iters"], scales=DEFAULTS["tune_scales"], codes=DEFAULTS["tune_codes"])
+        tokens = torch.randint(3, spec.vocab_size, (nsamples, seqlen))  # the steps use the first tune.window
+        h = forward.embed(ck, forward.as_tokens(tokens, spec, dev), dev, torch.float32)
+        rope = forward.rope_tables(spec, seqlen, dev, torch.float32)
+        sync()
+        t = time.time()
+        _, report, _, _ = tune_layer(w, results, 0, h, None, spec, rope, tune, dev, dev)
+        sync()
+    return {"nsamples": nsamples, "seqlen": seqlen, "window": tune.window, "iters": tune.iters, "tune_s": round(time.time() - t, 2),
+            "report": report, "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
@@ -187,6 +222,8 @@ def main():
             gptq_layer_compute(path)
         if want("gptq_8x7b_layer"):
             gptq_layer(path, Path(tmp))
+        if want("tune_8x7b_layer"):
+            tune_layer_time(path)
     text = json.dumps(RESULTS, indent=2)
     print(text)
     if os.environ.get("OUT"):
