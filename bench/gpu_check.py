@@ -200,8 +200,9 @@ def tune_layer_time(path: Path, nsamples: int = 128, seqlen: int = 2048, device:
         t = time.time()
         _, report, _, _ = tune_layer(w, results, 0, h, None, spec, rope, tune, dev, dev)
         sync()
-    return {"nsamples": nsamples, "seqlen": seqlen, "window": tune.window, "iters": tune.iters, "tune_s": round(time.time() - t, 2),
-            "report": report, "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    return {"nsamples": nsamples, "seqlen": seqlen, "window": tune.window, "iters": tune.iters,
+            "tune_s": round(time.time() - t, 2), "report": report, "peak_gpu_gib": peak}
 
 
 def main():

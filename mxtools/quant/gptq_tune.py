@@ -50,7 +50,7 @@ MIN_TRAIN = 32
 @dataclass(frozen=True)
 class TuneConfig:
     """Block-output reconstruction settings: iterations per layer (0: off), the first step size (None:
-    0.4 / iters), sequences per step, the positions of each sequence used (its first `window`: with causal
+    1 / iters, AutoRound's), sequences per step, the positions of each sequence used (its first `window`: with causal
     attention their outputs are exactly those of the whole sequence; 512 is verify's chunk), whether the group
     scales and the codes are tuned, sequences held out to choose the result, steps between their checks, seed,
     and the float weight's pull on the start (FLOAT_PULL)."""
@@ -189,7 +189,7 @@ def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, 
     checkpoint, or None without held-out samples or when none was checked."""
     params = [p for r in rounds.values() for p in r.params()]
     gen = torch.Generator().manual_seed(cfg.seed + i)
-    lr0 = cfg.lr if cfg.lr is not None else 0.4 / cfg.iters
+    lr0 = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
     order, pos, errors, best = torch.randperm(train.numel(), generator=gen), 0, [], None
     for it in range(cfg.iters):
         if pos + cfg.batch > order.numel():
@@ -227,7 +227,8 @@ def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Te
     with _tf32(dev):
         target = layer_outputs(win if ref is None else ref, w_float, spec, rope, dev, store)
     rounds = _roundings(w_float, results, i, dev, cfg)
-    before = _error(win, target, hold, dequantized_layer(w_float, results, i), spec, rope, dev) if hold.numel() else None
+    before = None if not hold.numel() else _error(win, target, hold, dequantized_layer(w_float, results, i), spec,
+                                                  rope, dev)
     run = _descend(w_float, rounds, i, win, target, train, hold, spec, rope, cfg, dev)
     report = {"iters": cfg.iters, "scales": cfg.scales, "codes": cfg.codes, "first_batch_error": run["first"],
               "last_batch_error": run["last"]}
