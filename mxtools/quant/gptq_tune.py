@@ -100,8 +100,11 @@ class _Rounding:
         rounded = x + (torch.round(x) - x).detach() if straight_through else torch.round(x)
         return torch.minimum(torch.maximum(rounded, self.low), self.high)
 
-    def weight(self) -> torch.Tensor:
-        """The fake-quantized weight [out, in], differentiable in the tuned parameters."""
+    def weight(self, stored: bool = False) -> torch.Tensor:
+        """The fake-quantized weight [out, in], differentiable in the tuned parameters; `stored`: exactly what
+        result().dequantize() gives (fp16 scales, codes rounded), built on the device without a copy of the codes."""
+        if stored:
+            return fp16_round(self.scales())[self.gi].T * self.codes(straight_through=False)
         return self.scales()[self.gi].T * self.codes()
 
     def step(self, lr: float) -> None:
@@ -133,10 +136,10 @@ def _roundings(w: forward.LayerWeights, results: dict, i: int, dev, cfg: TuneCon
     return out
 
 
-def _weights(w: forward.LayerWeights, rounds: dict, i: int) -> forward.LayerWeights:
+def _weights(w: forward.LayerWeights, rounds: dict, i: int, stored: bool = False) -> forward.LayerWeights:
     """The layer with every quantized Linear's current fake-quantized weight (norms and router in float)."""
     def get(key, e=None):
-        return rounds[weight_name(key, i, e)].weight()
+        return rounds[weight_name(key, i, e)].weight(stored)
     experts = [tuple(get(key, e) for key, _ in sorted(EXPERT, key=lambda k: k[1])) for e in range(len(w.experts))]
     return replace(w, q=get("attn_q"), k=get("attn_k"), v=get("attn_v"), o=get("attn_output"), experts=experts)
 
@@ -151,9 +154,10 @@ def layer_outputs(h: torch.Tensor, w: forward.LayerWeights, spec, rope, dev, sto
     return out
 
 
-def _error(h, target, idx, w, spec, rope, dev) -> float:
-    """Mean squared output error over the samples idx (no gradient)."""
+def _error(h, target, idx, w_float, rounds: dict, i: int, spec, rope, dev) -> float:
+    """Mean squared output error over the samples idx of the layer as it would be stored now (no gradient)."""
     with torch.no_grad():
+        w = _weights(w_float, rounds, i, stored=True)
         total = sum(float(F.mse_loss(forward.layer_forward(h[j:j + 1].to(dev), w, spec, rope)[0],
                                      target[j:j + 1].to(dev), reduction="sum")) for j in idx.tolist())
     return total / (len(idx) * h[0].numel())
@@ -185,8 +189,8 @@ def _tf32(dev):
 def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, cfg: TuneConfig, dev) -> dict:
     """cfg.iters signed-gradient steps on batches of the training samples, the step sizes falling linearly to 0;
     every cfg.check steps (and after the last) the held-out samples' error of the rounding so far. Returns
-    {"first", "last"}: the first and last batches' errors; "best": (held-out error, step, results) of the best
-    checkpoint, or None without held-out samples or when none was checked."""
+    {"first", "last"}: the first and last batches' errors; "best": (held-out error, step, the tuned parameters'
+    values) of the best checkpoint, or None without held-out samples or when none was checked."""
     params = [p for r in rounds.values() for p in r.params()]
     gen = torch.Generator().manual_seed(cfg.seed + i)
     lr0 = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
@@ -206,10 +210,9 @@ def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, 
         for r in rounds.values():
             r.step(lr0 * (1 - it / cfg.iters))
         if hold.numel() and ((it + 1) % cfg.check == 0 or it + 1 == cfg.iters):
-            results = {name: r.result() for name, r in rounds.items()}
-            err = _error(h, target, hold, dequantized_layer(w_float, results, i), spec, rope, dev)
+            err = _error(h, target, hold, w_float, rounds, i, spec, rope, dev)
             if best is None or err < best[0]:
-                best = (err, it + 1, results)
+                best = (err, it + 1, [p.detach().clone() for p in params])
     return {"first": errors[0], "last": errors[-1], "best": best}
 
 
@@ -227,23 +230,25 @@ def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Te
     with _tf32(dev):
         target = layer_outputs(win if ref is None else ref, w_float, spec, rope, dev, store)
     rounds = _roundings(w_float, results, i, dev, cfg)
-    before = None if not hold.numel() else _error(win, target, hold, dequantized_layer(w_float, results, i), spec,
-                                                  rope, dev)
+    before = _error(win, target, hold, w_float, rounds, i, spec, rope, dev) if hold.numel() else None  # GPTQ's
     run = _descend(w_float, rounds, i, win, target, train, hold, spec, rope, cfg, dev)
     report = {"iters": cfg.iters, "scales": cfg.scales, "codes": cfg.codes, "first_batch_error": run["first"],
               "last_batch_error": run["last"]}
     if run["best"] is None:
         kept, report["kept"] = {name: r.result() for name, r in rounds.items()}, True
     else:
-        after, step, tuned = run["best"]
+        after, step, values = run["best"]
         report.update(holdout_before=before, holdout_after=after, best_step=step, kept=after < before)
-        kept = tuned if after < before else results
+        with torch.no_grad():
+            for p, value in zip((p for r in rounds.values() for p in r.params()), values):
+                p.copy_(value)
+        kept = {name: r.result() for name, r in rounds.items()} if after < before else results
     changed = sum(int((t.q != results[n].q).sum()) for n, t in kept.items())
     report["codes_changed"] = changed / sum(t.q.numel() for t in kept.values())
     if kept is results:
         return kept, report, None, target
-    with _tf32(dev):
-        return kept, report, layer_outputs(h, dequantized_layer(w_float, kept, i), spec, rope, dev, store), target
+    with torch.no_grad(), _tf32(dev):
+        return kept, report, layer_outputs(h, _weights(w_float, rounds, i, stored=True), spec, rope, dev, store), target
 
 
 def dequantized_layer(w: forward.LayerWeights, results: dict, i: int) -> forward.LayerWeights:
