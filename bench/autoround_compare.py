@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import OUT, ROOT, timed
 from gptqmodel_compare import THREADS, calibration_samples, mxtools_quantize, our_log
-from judge import judge_row, table
+from judge import judge_row, keep_row, write_table
 
 sys.path.insert(0, str(ROOT))
 from mxtools.core.bundled import MODEL
@@ -131,14 +131,8 @@ def main():
             continue
         result = {**judge_row(ROWS[name][0], path, WORK, name, timing), "row": name, "quantize_log": log,
                   "calibration": calibration}
-        (WORK / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
-        print(json.dumps({k: v for k, v in result.items() if k != "quantize_log"}, default=str), flush=True)
-    rows = [json.loads((WORK / "rows" / f"{n}.json").read_text()) for n in ROWS
-            if (WORK / "rows" / f"{n}.json").exists()]
-    (WORK.parent / f"{WORK.name}.json").write_text(json.dumps({"model": str(MODEL), "rows": rows}, indent=2,
-                                                              default=str))
-    if rows:
-        print(table(rows))
+        keep_row(WORK, name, result)
+    write_table(WORK, ROWS)
 
 
 if __name__ == "__main__":

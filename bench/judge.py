@@ -98,3 +98,19 @@ def table(rows: list[dict], ref: dict | None = None) -> str:
             cells += [f"{q['kld_mean']:.6f} ± {q['kld_unc']:.6f}", f"{p['ratio']:.3f} ± {p['ratio_se']:.3f}"]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r.get('cpu_s')} | {r.get('wall_s')} |")
     return "\n".join(lines) + f"\n\nratios: to {ref['method']}, paired over each text's chunks"
+
+
+def keep_row(work: Path, name: str, result: dict) -> None:
+    """Save one judged row under work/rows (rows run apart are tabled together) and print it."""
+    (work / "rows" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k != "quantize_log"}, default=str), flush=True)
+
+
+def write_table(work: Path, names) -> None:
+    """Every kept row of `names`, in that order, to work's sibling NAME.json, and their table to stdout."""
+    rows = [json.loads((work / "rows" / f"{n}.json").read_text()) for n in names
+            if (work / "rows" / f"{n}.json").exists()]
+    (work.parent / f"{work.name}.json").write_text(json.dumps({"model": str(MODEL), "rows": rows}, indent=2,
+                                                              default=str))
+    if rows:
+        print(table(rows))
