@@ -88,6 +88,9 @@ def _default(key: str) -> str:
               help="the asymmetric objective (GPTAQ): layers also correct the error of the quantized layers before "
                    "them, ALPHA of the least-squares correction (0 off, the default; 1 whole). Costs a second, "
                    "unquantized forward stream; on the bundled model it helps --to gguf's low-bit mixes most")
+@click.option("--tune-iters", type=click.IntRange(0), metavar="N",
+              help="block-output reconstruction: signed-gradient steps per decoder layer after GPTQ, tuning the "
+                   "scales so the layer reproduces the float model's output (0: off)" + _default("tune_iters"))
 @click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
 @click.option("--names", default=GPTQ_NAMINGS[0], show_default=True, type=click.Choice(GPTQ_NAMINGS),
               help="tensor names: vLLM's (block_sparse_moe.experts.E.w1) or transformers 5's, which GPTQModel "
@@ -97,14 +100,14 @@ def _default(key: str) -> str:
 @output_option(required=True, help="the output directory (--to gptq) or GGUF file (--to gguf)")
 @force_option()
 def quantize(src, target, outtype, imatrix, bits, method, group_size, sym, act_order, damp, calib, nsamples, seqlen,
-             experts, min_tokens, gptaq, recipe, names, tokenizer, device, out, force):
+             experts, min_tokens, gptaq, tune_iters, recipe, names, tokenizer, device, out, force):
     """GPTQ (or RTN) of every Linear, layer by layer; writes a GPTQ v1 checkpoint (HF layout), or with --to gguf
     a GGUF in a llama.cpp mix."""
     from ..commands.quantize import QuantizeSettings, run_quantize, run_quantize_gguf, summary
     settings = QuantizeSettings(recipe=recipe, calib=calib, tokenizer=tokenizer, device=device, force=force,
                                 names=names, bits=int(bits) if bits else None, method=method, group_size=group_size,
                                 sym=sym, act_order=act_order, damp=damp, nsamples=nsamples, seqlen=seqlen,
-                                experts=experts, min_tokens=min_tokens, gptaq=gptaq)
+                                experts=experts, min_tokens=min_tokens, gptaq=gptaq, tune_iters=tune_iters)
     if target == "gguf":
         report = run_quantize_gguf(src, out, outtype, settings, imatrix_path=imatrix)
     elif outtype or imatrix:

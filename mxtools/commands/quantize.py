@@ -209,13 +209,16 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
                             importance=importance)
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp, iq_options)
+        tune = TuneConfig(s["tune_iters"] if method == "gptq" else 0)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress=progress, quantizer=hook,
-                                     gptaq=gptaq, gptaq_ridge=s["gptaq_ridge"])
-        for key in ("bits", "group_size", "sym", "act_order", "static_groups"):  # the int GPTQ's settings
-            stream.report.pop(key, None)
+                                     gptaq=gptaq, gptaq_ridge=s["gptaq_ridge"], tune=tune)
+        for key in ("bits", "group_size", "sym", "act_order", "static_groups", "tune_scales", "tune_codes"):
+            stream.report.pop(key, None)  # the int GPTQ's settings
         stream.report.update(source=str(src), outtype=outtype, imatrix=str(imatrix_path) if raw else None)
-        extra = metadata(method, calib, stream.report["calibration"], damp, experts, gptaq)
+        info = stream.report["calibration"]
+        extra = metadata(method, calib, info, damp, experts, gptaq,
+                         tune.iters if tune.runs_on(info.get("samples", 0)) else 0)
         extra += raw.quantize_metadata(imatrix_path) if raw else []
         source = LayerBytes(stream, hook, embedding)
         write_checkpoint(ckpt, "gguf", Path(out), outtype, inputs=[Path(src)], force=settings.force, **opts,
@@ -248,4 +251,9 @@ def summary(report: dict) -> str:
         lines.append(f"  experts rounded to nearest (too few tokens or GPTQ failed): {', '.join(t['experts_rtn'])}")
     lines += [f"  rtn fallback: {f}" for f in t.get("fallbacks", []) if " expert " not in f]
     lines += [f"  damping raised: {d}" for d in t.get("damp_raised", [])]
+    tuned = [lay["tune"] for lay in report.get("layers", []) if "tune" in lay]
+    if tuned:
+        kept, skipped = sum(bool(x.get("kept")) for x in tuned), sum("skipped" in x for x in tuned)
+        lines.append(f"block-output reconstruction: {kept} of {len(tuned)} layers kept their tuned scales"
+                     + (f" ({skipped} skipped: too few calibration samples)" if skipped else ""))
     return "\n".join(lines)

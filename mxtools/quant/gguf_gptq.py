@@ -170,24 +170,52 @@ def _k4_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, m
 
 
-def _k_grid(qtype: Q, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(step, offset) per row and sub-block [rows, n_sub] as ggml's final step derives them (float32)."""
+# K-quants: (byte offset of d, of dmin or None, the sub-block scales' range, the mins' range or None)
+K_FIELDS = {Q.Q2_K: (80, 82, (0, 15), (0, 15)), Q.Q3_K: (108, None, (-32, 31), None),
+            Q.Q4_K: (0, 2, (0, 63), (0, 63)), Q.Q5_K: (0, 2, (0, 63), (0, 63)), Q.Q6_K: (208, None, (-128, 127), None)}
+
+
+def k_scales(qtype: Q, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The integer sub-block scales and mins (None: no mins) [rows, n_sub] of one K-quant block per row (int32)."""
     if qtype in (Q.Q4_K, Q.Q5_K):
         s, m = _k4_scales(y[:, 4:16])
-        return _f16(y, 0)[:, None] * s.astype(np.float32), _f16(y, 2)[:, None] * m.astype(np.float32)
+        return s.astype(np.int32), m.astype(np.int32)
     if qtype == Q.Q2_K:
-        sc = y[:, :16]
-        return (_f16(y, 80)[:, None] * (sc & 0x0F).astype(np.float32),
-                _f16(y, 82)[:, None] * (sc >> 4).astype(np.float32))
+        sc = y[:, :16].astype(np.int32)
+        return sc & 0x0F, sc >> 4
     if qtype == Q.Q3_K:
         sc = y[:, 96:108].astype(np.int32)
         j = np.arange(16)
         low = np.where(j < 8, sc[:, j % 8] & 0x0F, sc[:, j % 8] >> 4)
         high = (sc[:, 8 + j % 4] >> (2 * (j // 4))) & 3
-        s = (low | high << 4) - 32
-        return _f16(y, 108)[:, None] * s.astype(np.float32), None
-    sc = y[:, 192:208].copy().view(np.int8)  # Q6_K
-    return _f16(y, 208)[:, None] * sc.astype(np.float32), None
+        return (low | high << 4) - 32, None
+    return y[:, 192:208].copy().view(np.int8).astype(np.int32), None  # Q6_K
+
+
+def set_k_scales(qtype: Q, y: np.ndarray, s: np.ndarray, m: np.ndarray | None) -> None:
+    """Write sub-block scales and mins (k_scales' form, inside K_FIELDS' ranges) into the blocks y, in place."""
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        s, m = s.astype(np.uint8), m.astype(np.uint8)
+        y[:, 4:8] = (s[:, :4] & 63) | ((s[:, 4:] >> 4) << 6)
+        y[:, 8:12] = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+        y[:, 12:16] = (s[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    elif qtype == Q.Q2_K:
+        y[:, :16] = (s | m << 4).astype(np.uint8)
+    elif qtype == Q.Q3_K:
+        v = (s + 32).astype(np.uint8)
+        y[:, 96:104] = (v[:, :8] & 0x0F) | ((v[:, 8:] & 0x0F) << 4)
+        high = (v >> 4) & 3  # sub-block j's top bits go to byte 8 + j % 4 at bit 2 * (j // 4)
+        y[:, 104:108] = sum(high[:, 4 * g:4 * g + 4] << (2 * g) for g in range(4)).astype(np.uint8)
+    else:  # Q6_K
+        y[:, 192:208] = s.astype(np.int8).view(np.uint8)
+
+
+def _k_grid(qtype: Q, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(step, offset) per row and sub-block [rows, n_sub] as ggml's final step derives them (float32)."""
+    d_at, m_at = K_FIELDS[qtype][:2]
+    s, m = k_scales(qtype, y)
+    step = _f16(y, d_at)[:, None] * s.astype(np.float32)
+    return step, (_f16(y, m_at)[:, None] * m.astype(np.float32) if m_at is not None else None)
 
 
 class BlockGrid:

@@ -23,6 +23,7 @@ from ..core.transforms import hf_to_meta_rope, rope_heads
 from ..io.ggml_blocks import SUPPORTED
 from ..io.gguf_tables import FLOAT_TYPES
 from ..model import forward
+from . import gguf_tune
 from .gguf_gptq import EMBED_DAMP, GGUFQuant, embedding_hessian, quantize_matrix
 from .gguf_iq import IQ_OPTIONS, IQ_TYPES
 from .gptq import GPTQError, Hessian
@@ -74,6 +75,11 @@ class MatrixQuantizer:
         if res.damp is not None and res.damp > damp:
             entry["damp_raised"] = True
         return _Taken(res), entry
+
+    @staticmethod
+    def rounding(w: torch.Tensor, result: _Taken, dev, cfg):
+        """Block-output reconstruction's handle on one result (gptq_tune.tune_layer): its block scales."""
+        return gguf_tune.rounding(result.res, dev, _Taken)
 
 
 def _rtn_importance(qtype: Q, imat, hess, cols: int, damp: float):
@@ -173,12 +179,16 @@ class LayerBytes:
             raise MxError("internal: the writer finished before the quantizer")
 
 
-def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: str, gptaq: float = 0.0) -> list:
+def metadata(method: str, calib: Path | None, info: dict, damp: float, experts: str, gptaq: float = 0.0,
+             tune_iters: int = 0) -> list:
     """Our keys: what was done, on which calibration text (name and SHA-256), how much of it; `gptaq` (the
-    asymmetric objective's share) only when it was used."""
+    asymmetric objective's share) and `tune_iters` (block-output reconstruction's steps per layer) only when
+    they were used."""
     rows = [("method", V.STRING, method), ("experts", V.STRING, experts), ("damp", V.FLOAT32, float(damp))]
     if method == "gptq" and gptaq:
         rows.append(("gptaq", V.FLOAT32, float(gptaq)))
+    if method == "gptq" and tune_iters:
+        rows.append(("tune_iters", V.UINT32, int(tune_iters)))
     if method == "gptq" and calib is not None:
         rows += [("calibration.name", V.STRING, Path(calib).name),
                  ("calibration.sha256", V.STRING, hashlib.sha256(Path(calib).read_bytes()).hexdigest()),

@@ -15,7 +15,8 @@ does (bench/gptq_launches.py). The results are those of one Linear at a time.
 The layer output uses the normal routing and the quantized weights: layer i+1 is calibrated on what the quantized
 layer i produces. Only one layer's weights are loaded at a time; the calibration hidden states of all samples
 stay between layers (on the device when they fit in a quarter of its free memory, else on the CPU). Block-output
-reconstruction (`tune`, quant/gptq_tune.py) then tunes each layer's scales towards the float model's outputs.
+reconstruction (`tune`, quant/gptq_tune.py) then tunes each layer's scales (int groups' or ggml blocks') towards the
+float model's outputs.
 
 The asymmetric objective (`gptaq` > 0, GPTAQ): a second stream of hidden states runs through the unquantized layers
 beside the quantized one, and every Linear's Hessian also accumulates the cross-covariance of the same tokens'
@@ -48,7 +49,7 @@ from ..core.values import is_kind
 from ..model import forward
 from .gptq import Hessian, QuantConfig, gptaq_target
 from .gptq_groups import quantize_weights
-from .gptq_tune import TuneConfig, tune_layer
+from .gptq_tune import TuneConfig, gptq_rounding, tune_layer
 
 # The Linears GPTQ quantizes (names.Kind.gptq); the router, norms, embeddings and lm_head stay in float.
 QUANTIZED_KINDS = names.GPTQ_KINDS
@@ -67,12 +68,10 @@ Progress = Callable[[int, int, str], None]  # (layer, n_layers, stage)
 # ---------------------------------------------------------------- calibration samples
 
 def make_samples(tokens_or_chunks, nsamples: int = 128, seqlen: int = 2048, bos_id: int = 1):
-    """Calibration samples [n, seqlen] (int64) and a report dict.
-
-    A flat token list (the tokenized text, without BOS) is cut into non-overlapping windows of seqlen - 1
-    tokens, each prefixed with BOS; `nsamples` windows spread evenly over the text (fewer when the text is
-    short, reported as "short"). A 2-D input is taken as ready-made samples (the first `nsamples` rows).
-    """
+    """Calibration samples [n, seqlen] (int64) and a report dict. A flat token list (the tokenized text, without
+    BOS) is cut into non-overlapping windows of seqlen - 1 tokens, each prefixed with BOS; `nsamples` windows spread
+    evenly over the text (fewer when the text is short, reported as "short"). A 2-D input is taken as ready-made
+    samples (the first `nsamples` rows)."""
     t = torch.as_tensor(tokens_or_chunks, dtype=torch.long)
     if t.dim() == 2:
         t = t[:nsamples]
@@ -118,8 +117,8 @@ class _Run:
     min_tokens: int
     rope: tuple | None = None
     results: dict = field(default_factory=dict)
-    # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another
-    # per-matrix quantizer (quantize --to gguf: quant/gguf_quantize.py); None: quantize_weights with cfg
+    # (canonical name, w, Hessian | None, method, min_tokens) -> (result with .dequantize(), entry): another per-matrix
+    # quantizer (--to gguf: quant/gguf_quantize.py; its .rounding serves `tune`); None: quantize_weights with cfg
     quantizer: Callable | None = None
     gptaq: float = 0.0  # the asymmetric objective's scale (0: off; see the module docstring)
     gptaq_ridge: float = 0.05  # its least-squares damping, a fraction of mean(diag(H))
@@ -336,15 +335,16 @@ def _gptq_layer(run: _Run, i: int, h: torch.Tensor, h_float: torch.Tensor | None
     """Quantize layer i on the calibration hidden states h (and h_float, the unquantized stream's, for the asymmetric
     objective); return its report and the next layer's inputs (quantized stream, unquantized stream or None)."""
     w, spec = forward.load_layer(run.ckpt, i, run.dev, run.dtype), run.ckpt.spec
-    tune = run.tune.on and run.quantizer is None
+    tune = run.tune.on
     w_float = replace(w, experts=list(w.experts)) if h_float is not None or tune else None  # the float weights, kept
     mid, mid_float, attn_report = _attention_stage(run, w, h, i, w_float, h_float)
     h_in, h, h_float = (h if tune else None), None, None  # the references dropped
     nxt, nxt_float, experts = _moe_stage(run, w, mid, i, w_float, mid_float)
     report = {"attention": attn_report, "experts": experts}
     if tune:  # the next layer's inputs from the tuned weights when they are kept
+        rounding = gptq_rounding if run.quantizer is None else run.quantizer.rounding
         kept, report["tune"], tuned, run.tune_ref = tune_layer(w_float, run.results, i, h_in, run.tune_ref, spec,
-                                                               run.rope, run.tune, run.dev, run.store)
+                                                               run.rope, run.tune, run.dev, run.store, rounding)
         run.results.update(kept)
         nxt = nxt if tuned is None else tuned
     return report, nxt, nxt_float

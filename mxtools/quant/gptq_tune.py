@@ -70,9 +70,16 @@ class TuneConfig:
     def on(self) -> bool:
         return self.iters > 0 and (self.scales or self.codes)
 
+    def runs_on(self, samples: int) -> bool:
+        """Whether tune_layer tunes (rather than skips) with this many calibration samples."""
+        return self.on and _split(samples, self.holdout)[0].numel() >= MIN_TRAIN
+
 
 class _Rounding:
-    """One Linear's tunable rounding around GPTQ's result (see the module docstring)."""
+    """One Linear's tunable rounding around GPTQ's result (see the module docstring). Another quantizer's results
+    get their own class with the same methods (quant/gguf_tune.BlockRounding: llama.cpp's block scales)."""
+
+    CHANGED = "codes_changed"
 
     def __init__(self, w: torch.Tensor, res: QuantResult, dev, scales: bool, codes: bool, pull: float = FLOAT_PULL):
         self.res, self.gi = res, res.g_idx.long().to(dev)
@@ -124,11 +131,20 @@ class _Rounding:
             scales = fp16_round(self.scales()).cpu() if self.a is not None else self.res.scales
         return replace(self.res, q=q.round().to(torch.uint8).cpu(), scales=scales.contiguous())
 
+    def changed(self, kept: QuantResult) -> tuple[int, int]:
+        """(codes that differ from GPTQ's, codes) in the kept result."""
+        return int((kept.q != self.res.q).sum()), kept.q.numel()
 
-def _roundings(w: forward.LayerWeights, results: dict, i: int, dev, cfg: TuneConfig) -> dict:
+
+def gptq_rounding(w: torch.Tensor, res: QuantResult, dev, cfg: TuneConfig) -> _Rounding:
+    """The rounding of one GPTQ int result: tune_layer's default `rounding`."""
+    return _Rounding(w, res, dev, cfg.scales, cfg.codes, cfg.pull)
+
+
+def _roundings(w: forward.LayerWeights, results: dict, i: int, dev, cfg: TuneConfig, rounding) -> dict:
     """A rounding per quantized Linear of layer i, keyed by its canonical name."""
     def make(weight, name):
-        return _Rounding(weight, results[name], dev, cfg.scales, cfg.codes, cfg.pull)
+        return rounding(weight, results[name], dev, cfg)
     out = {weight_name(key, i): make(getattr(w, attr), weight_name(key, i)) for key, attr in ATTENTION}
     for e, mats in enumerate(w.experts):
         for key, j in EXPERT:
@@ -217,8 +233,10 @@ def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, 
 
 
 def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Tensor, ref: torch.Tensor | None,
-               spec, rope, cfg: TuneConfig, dev, store) -> tuple[dict, dict, torch.Tensor | None, torch.Tensor | None]:
-    """Tune layer i's scales or codes (results: GPTQ's QuantResults by canonical name) on its inputs h [n, T, D],
+               spec, rope, cfg: TuneConfig, dev, store, rounding=gptq_rounding
+               ) -> tuple[dict, dict, torch.Tensor | None, torch.Tensor | None]:
+    """Tune layer i's scales or codes (results: GPTQ's results by canonical name; `rounding`(w, result, dev, cfg)
+    makes each one's tunable rounding: gptq_rounding for QuantResults) on its inputs h [n, T, D],
     the quantized stream's, towards the float layer's outputs on ref, the float model's stream (its first
     cfg.window positions; None for the first layer: h's). Returns (the results to keep, by name: the checkpoint
     with the lowest held-out error, GPTQ's when none beat it, the last one without held-out samples; the report
@@ -229,7 +247,7 @@ def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Te
     win = h[:, :cfg.window]
     with _tf32(dev):
         target = layer_outputs(win if ref is None else ref, w_float, spec, rope, dev, store)
-    rounds = _roundings(w_float, results, i, dev, cfg)
+    rounds = _roundings(w_float, results, i, dev, cfg, rounding)
     before = _error(win, target, hold, w_float, rounds, i, spec, rope, dev) if hold.numel() else None  # GPTQ's
     run = _descend(w_float, rounds, i, win, target, train, hold, spec, rope, cfg, dev)
     report = {"iters": cfg.iters, "scales": cfg.scales, "codes": cfg.codes, "first_batch_error": run["first"],
@@ -243,8 +261,8 @@ def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Te
             for p, value in zip((p for r in rounds.values() for p in r.params()), values):
                 p.copy_(value)
         kept = {name: r.result() for name, r in rounds.items()} if after < before else results
-    changed = sum(int((t.q != results[n].q).sum()) for n, t in kept.items())
-    report["codes_changed"] = changed / sum(t.q.numel() for t in kept.values())
+    counts = [r.changed(kept[name]) for name, r in rounds.items()]
+    report[next(iter(rounds.values())).CHANGED] = sum(c for c, _ in counts) / max(sum(n for _, n in counts), 1)
     if kept is results:
         return kept, report, None, target
     with torch.no_grad(), _tf32(dev):
