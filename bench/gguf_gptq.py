@@ -2,21 +2,22 @@
 
 For each mix: plain (`convert --outtype MIX`; not for the mixes llama-quantize writes only with an importance
 matrix), imatrix (`convert --outtype MIX --imatrix`, the imatrix from the calibration text) and GPTQ (`quantize
---to gguf --outtype MIX`, the same calibration text). Each file runs in llama.cpp (llama-cpp-python, f32 KV cache)
-over each held-out text (EVAL_TEXTS: eval.txt, Wikipedia as the calibration text; fiction.txt, Moby-Dick) beside
-the bf16 GGUF as reference, in chunks of CTX tokens (BOS first), scoring the second half of each chunk as
-llama-perplexity does: mean KL divergence to the reference (with its standard error over chunks), its ratio to
-the imatrix file's with the paired standard error (the delta method on the per-chunk pairs), perplexity ratio,
-same top token, bits per weight. Prints one JSON line per file and a Markdown table per text; writes
-bench/out/gguf_gptq.json.
+--to gguf --outtype MIX --tune-iters 0`, the same calibration text, without block-output reconstruction). Each
+file runs in llama.cpp (llama-cpp-python, f32 KV cache) over each held-out text (EVAL_TEXTS: eval.txt, Wikipedia
+as the calibration text; fiction.txt, Moby-Dick) beside the bf16 GGUF as reference, in chunks of CTX tokens (BOS
+first), scoring the second half of each chunk as llama-perplexity does: mean KL divergence to the reference (with
+its standard error over chunks), its ratio to the imatrix file's with the paired standard error (the delta method
+on the per-chunk pairs), perplexity ratio, same top token, bits per weight. Prints one JSON line per file and a
+Markdown table per text; writes bench/out/gguf_gptq.json.
 
     python bench/gguf_gptq.py [--mixes q4_k_m,iq2_xs] [--nsamples 128] [--seqlen 512] [--chunks 0 (all)]
                               [--texts wikipedia,fiction] [--gptaq 1] [--keep-embedding MIXES]
-                              [--iq-variants repass,gptq-weights] [--threads 2]
+                              [--iq-variants repass,gptq-weights] [--tune 200] [--threads 2]
 
---keep-embedding adds, for the mixes named, a GPTQ run whose token embedding is left as llama.cpp encodes it
-(the decoder layers' share alone); --iq-variants adds GPTQ runs with the i-quants' options (gguf_iq.iq_loop) on
-every i-quant type.
+--tune N adds, for each GPTQ run (plain and --gptaq), the same run with block-output reconstruction at N steps
+per layer (200: `quantize`'s default), with its ratio to the untuned run. --keep-embedding adds, for the mixes
+named, a GPTQ run whose token embedding is left as llama.cpp encodes it (the decoder layers' share alone);
+--iq-variants adds GPTQ runs with the i-quants' options (gguf_iq.iq_loop) on every i-quant type.
 
 `--speed TYPES [--shapes w1]` instead times one full-size 8x7B expert matrix of each shape (w1 14336 x 4096, w2
 4096 x 14336; random weights, Hessian from 2048 random tokens) with GPTQ on each GGML type (the i-quants with
@@ -44,6 +45,7 @@ from mxtools.io.files import RawFile
 from mxtools.io.gguf_reader import read_header
 from mxtools.quant.gguf_iq import IQ_TYPES
 from mxtools.quant.mixes import load_mix
+from mxtools.verify.paired import paired
 
 CTX, THREADS = 512, 2
 VARIANTS = {"repass": {"repass": True}, "gptq-weights": {"snap_weights": "gptq"},
@@ -151,6 +153,8 @@ def main():
     ap.add_argument("--damp", type=float, default=None)
     ap.add_argument("--gptq-imatrix", action="store_true", help="also GPTQ with the imatrix as search weights")
     ap.add_argument("--gptaq", default="", help="also GPTQ with the asymmetric objective at these scales (e.g. 1)")
+    ap.add_argument("--tune", default="", help="also each GPTQ run (plain, --gptaq) with block-output reconstruction "
+                    "at these iterations per layer (the plain runs have none)")
     ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     args = ap.parse_args()
     global THREADS
@@ -176,10 +180,14 @@ def main():
         if mix in args.imatrix_only.split(","):
             continue
         runs = [("gptq", None, {}, {})] + ([("gptq+imatrix", imat, {}, {})] if args.gptq_imatrix else [])
-        runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}, {}) for a in args.gptaq.split(",") if a]
+        gptaqs = [a for a in args.gptaq.split(",") if a]
+        runs += [(f"gptq gptaq={a}", None, {"gptaq": float(a)}, {}) for a in gptaqs]
         runs += [(f"gptq {v}", None, {}, {"iq_options": {t: VARIANTS[v] for t in IQ_TYPES}})
                  for v in args.iq_variants.split(",") if v and load_mix(mix).types() & set(IQ_TYPES)]
         runs += [("gptq embd-llama", None, {}, {"embedding": False})] if mix in args.keep_embedding.split(",") else []
+        runs = [(label, im, {"tune_iters": 0, **extra}, kw) for label, im, extra, kw in runs]
+        runs += [(f"{label} tune={n}", im, {**extra, "tune_iters": int(n)}, kw) for n in args.tune.split(",") if n
+                 for label, im, extra, kw in list(runs) if label in ("gptq", *(f"gptq gptaq={a}" for a in gptaqs))]
         for label, im, extra, kw in runs:
             t = time.time()
             path = files[f"{mix} {label}"] = out / f"{mix}-{label.replace(' ', '-')}.gguf"
@@ -207,27 +215,29 @@ def main():
 
 
 def with_ratios(res: dict) -> dict:
-    """Each file's mean KLD over the same mix's imatrix file's, with the paired standard error of the ratio
-    (delta method: s.d. of d_i = a_i - R b_i over chunks / sqrt(n) / mean(b))."""
+    """Each file's mean KLD over the same mix's imatrix file's ("ratio"), and a tuned file's over the same run
+    untuned ("tune_ratio"), each with its paired standard error ("_se": the delta method over the chunks)."""
     for k, r in res.items():
         base = res.get(f"{k.split(' ', 1)[0]} imatrix")
-        if base is None:
-            continue
-        a, b = np.array(r["kld_chunks"]), np.array(base["kld_chunks"])
-        ratio = a.mean() / b.mean()
-        r["ratio"] = float(ratio)
-        r["ratio_se"] = float((a - ratio * b).std(ddof=1) / np.sqrt(len(a)) / b.mean())
+        if base is not None:
+            p = paired(r["kld_chunks"], base["kld_chunks"])
+            r["ratio"], r["ratio_se"] = p["ratio"], p["ratio_se"]
+        untuned = res.get(k.rsplit(" tune=", 1)[0]) if " tune=" in k else None
+        if untuned is not None:
+            p = paired(r["kld_chunks"], untuned["kld_chunks"])
+            r["tune_ratio"], r["tune_ratio_se"] = p["ratio"], p["ratio_se"]
     return res
 
 
 def table(text: str, res: dict) -> str:
-    head = "| mix | method | mean KLD (± s.e.) | / imatrix (± paired s.e.) | PPL ratio | same top | bits/weight |"
-    rows = [f"{text}:", head, "|---|---|---|---|---|---|---|"]
+    head = ("| mix | method | mean KLD (± s.e.) | / imatrix (± paired s.e.) | / untuned (± paired s.e.) | PPL ratio | "
+            "same top | bits/weight |")
+    rows = [f"{text}:", head, "|---|---|---|---|---|---|---|---|"]
     for k, r in res.items():
         mix, method = k.split(" ", 1)
-        ratio = f"{r['ratio']:.3f} ± {r['ratio_se']:.3f}" if "ratio" in r else "-"
-        rows.append(f"| {mix} | {method} | {r['kld_mean']:.5f} ± {r['kld_se']:.5f} | {ratio} | {r['ppl_ratio']:.4f} | "
-                    f"{r['same_top']:.4f} | {r['bpw']:.3f} |")
+        ratio, tuned = (f"{r[m]:.3f} ± {r[m + '_se']:.3f}" if m in r else "-" for m in ("ratio", "tune_ratio"))
+        rows.append(f"| {mix} | {method} | {r['kld_mean']:.5f} ± {r['kld_se']:.5f} | {ratio} | {tuned} | "
+                    f"{r['ppl_ratio']:.4f} | {r['same_top']:.4f} | {r['bpw']:.3f} |")
     return "\n".join(rows)
 
 
