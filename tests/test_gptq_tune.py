@@ -9,6 +9,7 @@ from conftest import small_spec
 
 from mxtools.commands.synth import synth_checkpoint
 from mxtools.core.bundled import CALIB
+from mxtools.core.names import weight_name
 from mxtools.core.tensors import Checkpoint, LazyTensor
 from mxtools.core.tokenizer import Tokenizer
 from mxtools.model import forward
@@ -97,3 +98,19 @@ def test_too_few_samples_skip_the_tuning(samples):
     assert stream.report["layers"][0]["tune"]["skipped"].startswith(f"{MIN_TRAIN - 1} training samples")
     for name, res in tuned.items():
         assert torch.equal(res.q, gptq[name].q) and torch.equal(res.scales, gptq[name].scales)
+
+
+def test_targets_start_from_the_float_embedding_when_the_stream_starts_from_a_quantized_one(samples):
+    """With a quantized token embedding (as `quantize --to gguf` sets it) the quantized stream starts from that
+    table, but the targets are the float model's: layer 0's is the float layer on the float table's embeddings."""
+    ckpt = synth_checkpoint(SPEC, 0, torch.float32)
+    cfg = TuneConfig(iters=2, batch=4)
+    stream = quantize_checkpoint(ckpt, samples, CFG, tune=cfg)
+    table = forward.load_weight(ckpt, weight_name("token_embd"), "cpu", torch.float32)
+    stream.embedding = table + 0.5 * table.std() * torch.randn(table.shape, generator=torch.Generator().manual_seed(0))
+    next(iter(stream))
+    toks = forward.as_tokens(samples, ckpt.spec, "cpu")[:, :cfg.window]
+    w = forward.load_layer(ckpt, 0, "cpu", torch.float32)
+    rope = forward.rope_tables(ckpt.spec, toks.shape[1], "cpu", torch.float32)
+    expected = forward.layer_forward(forward.embed(ckpt, toks, "cpu", torch.float32), w, ckpt.spec, rope)[0]
+    assert torch.allclose(stream.run.tune_ref, expected, atol=1e-5)

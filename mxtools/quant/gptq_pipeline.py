@@ -80,8 +80,7 @@ def make_samples(tokens_or_chunks, nsamples: int = 128, seqlen: int = 2048, bos_
     if t.dim() != 1 or seqlen < 2 or nsamples < 1:
         raise MxError(f"calibration needs a flat token list, nsamples >= 1 and seqlen >= 2 "
                       f"(got shape {list(t.shape)}, nsamples {nsamples}, seqlen {seqlen})")
-    body = seqlen - 1
-    available = t.numel() // body
+    body, available = seqlen - 1, t.numel() // (seqlen - 1)
     if available == 0:
         raise MxError(f"calibration text has {t.numel()} tokens, fewer than one sample of --seqlen {seqlen}")
     n = min(nsamples, available)
@@ -365,10 +364,9 @@ class QuantStream:
         self.hidden = self.hidden_float = None
         # The token embedding table the quantized stream starts from (a quantizer that quantizes it sets its
         # dequantized table here before the first layer); None: the checkpoint's. The unquantized stream of the
-        # asymmetric objective always starts from the checkpoint's.
+        # asymmetric objective and tune's targets always start from the checkpoint's.
         self.embedding: torch.Tensor | None = None
-        self.timings: dict = {"layers_s": []}
-        cfg = run.cfg
+        self.timings, cfg = {"layers_s": []}, run.cfg
         self.report = {
             "method": run.method, "experts": run.experts, "bits": cfg.bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp, "static_groups": cfg.static_groups,
@@ -382,6 +380,8 @@ class QuantStream:
         t0, n_layers = time.perf_counter(), self.ckpt.spec.n_layers
         h = self._embed(self.embedding) if self.run.method == "gptq" else None
         h_float = self._embed(None) if h is not None and self.run.cross else None  # the unquantized stream
+        if h is not None and self.run.tune.on and self.embedding is not None:
+            self.run.tune_ref = (self._embed(None) if h_float is None else h_float)[:, :self.run.tune.window]
         for i in range(n_layers):
             t = time.perf_counter()
             self.run.results = {}
