@@ -8,10 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from test_mixes import finite_logits, gguf_tensors, synth, write_pair
 
+from mxtools.cli import main
 from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
 from mxtools.io.ggml_blocks import NEEDS_IMATRIX, SUPPORTED, quantize
 from mxtools.quant.gguf_gptq import GGUFQuant
@@ -75,6 +77,15 @@ def test_block_scales_start_at_the_file_and_store_what_llama_cpp_reads(qtype):
     assert total >= len(FIELDS[qtype]) * blocks and 0.5 * total < changed <= total
 
 
+def test_a_matrix_kept_in_float_has_nothing_to_tune():
+    """A type the mix keeps in float (F16: no block divides the row) is the file's weight and comes back as is."""
+    w = 0.02 * torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(2))
+    data = w.half().view(torch.uint8).numpy()
+    r = rounding(GGUFQuant(Q.F16, data, None, None, None, "copy"), "cpu", Kept)
+    assert r.params() == [] and torch.equal(r.weight(stored=True), w.half().float())
+    assert r.result().res is r.res and r.changed(r.result()) == (0, 0)
+
+
 def test_a_step_moves_every_factor_by_the_step_within_range():
     r, _ = _rounding(Q.Q4_K)
     r.weight().sum().backward()
@@ -128,3 +139,19 @@ def test_too_few_samples_skip_the_tuning_and_leave_no_record(model, tmp_path):
                                QuantizeSettings(nsamples=MIN_TRAIN, seqlen=64, tune_iters=60))
     assert "skipped" in report["layers"][0]["tune"]
     assert META_PREFIX + "tune_iters" not in gguf_tensors(tmp_path / "few.gguf")[0]
+
+
+def test_cli_tune_iters_is_used_and_recorded(model, tmp_path):
+    """--tune-iters N reaches the pipeline (the GGUF records N and the summary reports the layer) and 0 turns the
+    step off."""
+    nsamples = str(MIN_TRAIN + 8)
+    for iters in ("5", "0"):
+        out = tmp_path / f"t{iters}.gguf"
+        r = CliRunner().invoke(main, ["quantize", str(model), "--to", "gguf", "--outtype", "q4_k_m", "--nsamples",
+                                      nsamples, "--seqlen", "64", "--tune-iters", iters, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        meta = gguf_tensors(out)[0]
+        if iters == "5":
+            assert meta[META_PREFIX + "tune_iters"] == 5 and "block-output reconstruction:" in r.output
+        else:
+            assert META_PREFIX + "tune_iters" not in meta and "block-output reconstruction" not in r.output

@@ -5,17 +5,17 @@ Every GGML block type this project writes dequantizes linearly in its fp16 block
 with d the block's scale, m its min (Q4_1, Q5_1: added; Q2_K, Q4_K, Q5_K: dmin, subtracted through the sub-block
 mins) or absent, and A, B fixed by the block's other bytes (levels, sub-block scales, codebook entries, signs).
 gptq_tune's descent (gptq_tune.tune_layer) then tunes a factor exp(a) per block on each of them, exactly as it
-tunes the int4 group scales: every level, sub-block scale and codebook choice stays the one GPTQ on the grid
-made, only the fp16 fields change, so the file keeps its types, sizes and layout. A and B are read back from the
-file's own bytes (the block with d = 1 and m = 0, then d = 0 and m = 1, dequantized by gguf-py), so what is tuned
-is what llama.cpp computes.
+tunes the int4 group scales (BlockRounding); A and B are read back from the file's own bytes (the block with
+d = 1 and m = 0, then d = 0 and m = 1, dequantized by gguf-py), so what is tuned is what llama.cpp computes. The
+K-quants also tune their integer sub-block scales and mins (KRounding; A is then rebuilt from the levels). Every
+level and codebook choice stays the one GPTQ on the grid made, only scale bytes change, so the file keeps its
+types, sizes and layout.
 
 Where the fields sit (ggml-common.h's block structs): most types start with d; Q2_K ends with d, dmin; Q3_K and
 Q6_K end with d; IQ1_M spreads d over the top nibbles of its four 16-bit scale words.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -25,16 +25,16 @@ from gguf import quants
 
 from ..io.ggml_blocks import SUPPORTED
 from .gguf_gptq import K_FIELDS, KQUANTS, k_scales, set_k_scales, unpack
+from .gptq_tune import SCALE_RANGE, rounded
 
-SUB_SCALES = True  # K-quants: also tune the integer sub-block scales and mins (KRounding)
-SCALE_RANGE = math.log(2.0)  # tuned block scales stay within [1/2, 2] of GPTQ's, as the int4 group scales
 FP16_MAX = 65504.0
 IQ1M_SCALES = 48  # IQ1_M: byte offset of the four uint16 words whose top nibbles hold d
 
 # Byte offsets of each type's fp16 fields: (d,) or (d, min); None: IQ1_M's packed d (_read/_write).
+# The K-quants' from gguf_gptq.K_FIELDS (d, dmin).
 FIELDS: dict[Q, tuple] = {
     Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2),
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+    **{t: tuple(at for at in K_FIELDS[t][:2] if at is not None) for t in K_FIELDS},
     Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,),
     Q.IQ2_S: (0,), Q.IQ1_S: (0,), Q.IQ1_M: (None,),
 }
@@ -158,11 +158,6 @@ class BlockRounding:
         return int((after != self.f.cpu().numpy()).sum()), n * self.f.shape[0]
 
 
-def _round(x: torch.Tensor, lo: int, hi: int, straight_through: bool) -> torch.Tensor:
-    r = x + (torch.round(x) - x).detach() if straight_through else torch.round(x)
-    return r.clamp(lo, hi)
-
-
 class KRounding(BlockRounding):
     """A K-quant Linear's block scales and, besides, its integer sub-block scales and mins: each gets a factor
     exp(b) too, the product rounded to the nearest integer in the type's range (straight through for the
@@ -189,7 +184,7 @@ class KRounding(BlockRounding):
         return [self.a, *self.b]
 
     def sub_scales(self, stored: bool = False) -> list[torch.Tensor]:
-        return [_round(v * torch.exp(b), *r, straight_through=not stored)
+        return [rounded(v * torch.exp(b), straight_through=not stored).clamp(*r)
                 for v, b, r in zip(self.ints, self.b, self.ranges)]
 
     def weight(self, stored: bool = False) -> torch.Tensor:
@@ -227,4 +222,4 @@ class KRounding(BlockRounding):
 
 def rounding(res, dev, wrap) -> BlockRounding:
     """The tunable rounding of one GGUF-quantized Linear: KRounding for the K-quants, else BlockRounding."""
-    return KRounding(res, dev, wrap) if res.qtype in KQUANTS and SUB_SCALES else BlockRounding(res, dev, wrap)
+    return KRounding(res, dev, wrap) if res.qtype in KQUANTS else BlockRounding(res, dev, wrap)

@@ -381,7 +381,7 @@ class QuantStream:
         h = self._embed(self.embedding) if self.run.method == "gptq" else None
         h_float = self._embed(None) if h is not None and self.run.cross else None  # the unquantized stream
         if h is not None and self.run.tune.on and self.embedding is not None:
-            self.run.tune_ref = (self._embed(None) if h_float is None else h_float)[:, :self.run.tune.window]
+            self.run.tune_ref = (self._embed(None) if h_float is None else h_float)[:, :self.run.tune.window].clone()
         for i in range(n_layers):
             t = time.perf_counter()
             self.run.results = {}

@@ -75,6 +75,11 @@ class TuneConfig:
         return self.on and _split(samples, self.holdout)[0].numel() >= MIN_TRAIN
 
 
+def rounded(x: torch.Tensor, straight_through: bool = True) -> torch.Tensor:
+    """round(x); `straight_through`: with the gradient of x itself (the tuned integers' straight-through round)."""
+    return x + (torch.round(x) - x).detach() if straight_through else torch.round(x)
+
+
 class _Rounding:
     """One Linear's tunable rounding around GPTQ's result (see the module docstring). Another quantizer's results
     get their own class with the same methods (quant/gguf_tune.BlockRounding: llama.cpp's block scales)."""
@@ -103,9 +108,7 @@ class _Rounding:
         """The codes less the zero [out, in]: GPTQ's, or round(B + V) inside the grid (straight-through in V)."""
         if self.v is None:
             return self.r
-        x = self.base + self.v
-        rounded = x + (torch.round(x) - x).detach() if straight_through else torch.round(x)
-        return torch.minimum(torch.maximum(rounded, self.low), self.high)
+        return torch.minimum(torch.maximum(rounded(self.base + self.v, straight_through), self.low), self.high)
 
     def weight(self, stored: bool = False) -> torch.Tensor:
         """The fake-quantized weight [out, in], differentiable in the tuned parameters; `stored`: exactly what
