@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from mxtools.cli import main
 from mxtools.commands.convert import write_checkpoint
+from mxtools.commands.quantize import QuantizeSettings, run_quantize
 from mxtools.commands.synth import synth_checkpoint, synth_spec
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -99,3 +102,37 @@ def clib():
     path = find_library()
     assert path is not None, "llama_cpp is installed but ships no libggml-base/libggml to load"
     return GGML(path)
+
+
+# The peer tools' fixture checkpoints (tests/fixtures/<tool>) were made from this float model (tools/*_fixture.py:
+# this spec, seed 0, f16) and are verified on SHORT_TEXT (token ids below its 512-token vocabulary).
+PEER_SPEC = small_spec(vocab_size=512)
+SHORT_TEXT = " ".join(["in the of to and a on at by is"] * 40)
+
+
+def verify_json(candidate, reference, text, json_out, *extra):
+    """`mxtools verify` on 4 chunks of 64 tokens: (the CLI result, its JSON report or None)."""
+    r = CliRunner().invoke(main, ["verify", str(candidate), "--reference", str(reference), "--text", str(text),
+                                  "--ctx", "64", "--chunks", "4", "--device", "cpu", "--json", str(json_out),
+                                  *map(str, extra)])
+    return r, json.loads(json_out.read_text()) if json_out.exists() else None
+
+
+@pytest.fixture(scope="session")
+def peer_float(tmp_path_factory):
+    return write_synth(tmp_path_factory.mktemp("peer-float") / "hf", "hf", "f16", spec=PEER_SPEC)
+
+
+@pytest.fixture(scope="session")
+def peer_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("peer-text") / "short.txt"
+    path.write_text(SHORT_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def peer_rtn_kld(peer_float, peer_text, tmp_path_factory):
+    """mxtools' own round-to-nearest int4 g32 of the peers' float model, verified the same way: the yardstick."""
+    root = tmp_path_factory.mktemp("peer-rtn")
+    run_quantize(peer_float, root / "rtn", QuantizeSettings(method="rtn", group_size=32))
+    return verify_json(root / "rtn", peer_float, peer_text, root / "rtn.json")[1]["kld_mean"]

@@ -57,3 +57,36 @@ def assert_same_rows(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
     bad = np.flatnonzero((ours != ref).any(axis=1))
     assert bad.size == 0, f"{what}: {bad.size} rows differ from llama.cpp, first row {bad[0]}"
+
+
+def assert_encodes_like_llama_cpp(clib: GGML, qtype, x: np.ndarray, qw: np.ndarray | None, what: str) -> None:
+    """mxtools' encoder (io.ggml_blocks.quantize) gives llama.cpp's bytes for rows x with importance weights qw."""
+    import torch
+
+    from mxtools.io.ggml_blocks import quantize
+
+    ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
+    assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {what}")
+
+
+def assert_rows_like_llama_cpp(clib: GGML, qtype, rows: dict, qw: np.ndarray | None, what: str) -> None:
+    """assert_encodes_like_llama_cpp for every named set of rows."""
+    for name, x in rows.items():
+        assert_encodes_like_llama_cpp(clib, qtype, x, qw, f"{name} {what}")
+
+
+def assert_threads_keep_bytes(clib: GGML, monkeypatch, types, x: np.ndarray, qw: np.ndarray | None,
+                              chunk_rows: int) -> None:
+    """Two threads over uneven chunks of `chunk_rows` rows still give llama.cpp's bytes for every type."""
+    import torch
+
+    from mxtools.io import ggml_blocks
+
+    monkeypatch.setattr(ggml_blocks, "CHUNK_VALUES", chunk_rows * x.shape[1])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for qtype in types:
+            assert_encodes_like_llama_cpp(clib, qtype, x, qw, "threaded, chunked")
+    finally:
+        torch.set_num_threads(old)

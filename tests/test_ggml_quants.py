@@ -4,11 +4,14 @@
 import numpy as np
 import pytest
 import torch
-from ggml_clib import assert_same_rows
+from ggml_clib import (
+    assert_encodes_like_llama_cpp,
+    assert_rows_like_llama_cpp,
+    assert_threads_keep_bytes,
+)
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import SUPPORTED, quantize
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -63,29 +66,17 @@ def _edge_rows() -> np.ndarray:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense", "sparse"])
 def test_matches_llama_cpp(clib, qtype, imat):
-    qw = _imatrix(imat)
-    for name, x in DISTS.items():
-        ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-        assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+    assert_rows_like_llama_cpp(clib, qtype, DISTS, _imatrix(imat), f"imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense"])
 def test_edge_rows_match_llama_cpp(clib, qtype, imat):
-    x, qw = _edge_rows(), _imatrix(imat)
-    assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows")
+    assert_encodes_like_llama_cpp(clib, qtype, _edge_rows(), _imatrix(imat), "edge rows")
 
 
 def test_chunking_and_threads_do_not_change_bytes(clib, monkeypatch):
-    x, qw = DISTS["normal"], _imatrix("dense")
-    monkeypatch.setattr(ggml_blocks, "CHUNK_VALUES", 3 * N)  # uneven chunks: 3 rows each
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for qtype in (Q.Q4_0, Q.Q4_K):
-            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
-    finally:
-        torch.set_num_threads(old)
+    assert_threads_keep_bytes(clib, monkeypatch, (Q.Q4_0, Q.Q4_K), DISTS["normal"], _imatrix("dense"), chunk_rows=3)
 
 
 # 2. Independent layout check: gguf-py's decoder gets the input back.

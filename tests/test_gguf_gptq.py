@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from ggml_clib import GGML, find_library
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from test_mixes import finite_logits, gguf_tensors, random_tokens, synth, write_pair
@@ -41,14 +40,6 @@ TYPES = GRID_TYPES
 COLS = 1024  # four super-blocks, 32 legacy blocks
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    path = find_library()
-    if path is None:
-        pytest.fail("llama.cpp's libggml is not installed; `make test` installs every judge", pytrace=False)
-    return GGML(path)
-
-
 def _weights(seed: int = 0) -> np.ndarray:
     """Rows of several scales and shapes, with the edge cases of ggml's searches: an all-zero row, zero and
     constant blocks, a row whose small sub-blocks get zero scales, an outlier."""
@@ -71,11 +62,11 @@ def _imatrix(seed: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])
-def test_without_feedback_bytes_equal_llama_cpp(ggml, qtype, weighted):
+def test_without_feedback_bytes_equal_llama_cpp(clib, qtype, weighted):
     """Block by block: ggml's search, its scale quantization, its final rounding and its packing."""
     x, qw = _weights(), _imatrix() if weighted else None
     ours = quantize_matrix(torch.from_numpy(x), qtype, weights=qw, feedback=False)
-    theirs = ggml.quantize(x, int(qtype), qw)
+    theirs = clib.quantize(x, int(qtype), qw)
     assert ours.method == "rtn" and ours.data.shape == theirs.shape
     bad = int((ours.data != theirs).any(1).sum())
     assert bad == 0, f"{qtype.name}: {bad} of {len(x)} rows differ from llama.cpp's"

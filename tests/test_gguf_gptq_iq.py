@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ggml_clib import GGML, find_library
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
 from test_gguf_gptq import _correlated, _imatrix, _weights
@@ -26,25 +25,17 @@ from mxtools.quant.gptq import Hessian
 from mxtools.quant.mixes import load_mix
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    path = find_library()
-    if path is None:
-        pytest.fail("llama.cpp's libggml is not installed; `make test` installs every judge", pytrace=False)
-    return GGML(path)
-
-
 def test_every_iquant_has_a_layout():
     assert len(IQ_TYPES) == 9 and set(IQ_TYPES) == set(LAYOUTS)
     assert all(on_grids(load_mix(m).types()) for m in IQ_MIXES)
 
 
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda t: t.name)
-def test_without_feedback_bytes_equal_llama_cpp(ggml, qtype):
+def test_without_feedback_bytes_equal_llama_cpp(clib, qtype):
     """The importance matrix as weights and no feedback: ggml's encoder on the whole rows, byte for byte."""
     x, qw = _weights(), _imatrix()
     ours = quantize_matrix(torch.from_numpy(x), qtype, weights=qw, feedback=False)
-    theirs = ggml.quantize(x, int(qtype), qw)
+    theirs = clib.quantize(x, int(qtype), qw)
     assert ours.method == "rtn" and ours.data.shape == theirs.shape
     bad = int((ours.data != theirs).any(1).sum())
     assert bad == 0, f"{qtype.name}: {bad} of {len(x)} rows differ from llama.cpp's"
@@ -113,10 +104,10 @@ def test_feedback_lowers_the_gptq_loss(qtype):
     assert gptq.method == "gptq" and gptq.loss > 0 and err[0] < 0.85 * err[1], f"{qtype.name}: {err}"
 
 
-def test_encode_rows_is_the_encoders_bytes(ggml):
+def test_encode_rows_is_the_encoders_bytes(clib):
     x, qw = _weights(), _imatrix()
     for qtype in IQ_TYPES:
-        np.testing.assert_array_equal(encode_rows(qtype, x, qw), ggml.quantize(x, int(qtype), qw))
+        np.testing.assert_array_equal(encode_rows(qtype, x, qw), clib.quantize(x, int(qtype), qw))
 
 
 def test_compare_offers_gptq_for_every_iquant_mix():

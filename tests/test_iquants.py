@@ -5,12 +5,15 @@ and without an importance matrix, decodable by gguf-py, non-finite rows refused.
 import numpy as np
 import pytest
 import torch
-from ggml_clib import assert_same_rows
+from ggml_clib import (
+    assert_encodes_like_llama_cpp,
+    assert_rows_like_llama_cpp,
+    assert_threads_keep_bytes,
+)
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
 from mxtools import native
-from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import SUPPORTED, quantize
 
 TYPES = [Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S]
@@ -61,17 +64,13 @@ def _edge_rows() -> np.ndarray:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense", "sparse"])
 def test_matches_llama_cpp(clib, qtype, imat):
-    qw = _imatrix(imat)
-    for name, x in DISTS.items():
-        ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-        assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+    assert_rows_like_llama_cpp(clib, qtype, DISTS, _imatrix(imat), f"imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("imat", ["none", "dense", "sparse"])
 def test_edge_rows_match_llama_cpp(clib, qtype, imat):
-    x, qw = _edge_rows(), _imatrix(imat)
-    assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} edge rows imatrix={imat}")
+    assert_encodes_like_llama_cpp(clib, qtype, _edge_rows(), _imatrix(imat), f"edge rows imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -79,21 +78,12 @@ def test_edge_rows_match_llama_cpp(clib, qtype, imat):
 def test_mixtral_widths_match_llama_cpp(clib, qtype, width):
     x = (np.random.default_rng(width).standard_normal((3, width)) * 0.02).astype(np.float32)
     for imat in ("none", "dense"):
-        qw = _imatrix(imat, width)
-        assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={width} {imat}")
+        assert_encodes_like_llama_cpp(clib, qtype, x, _imatrix(imat, width), f"n={width} {imat}")
 
 
 def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
     """Two threads over uneven chunks (the IQ3 neighbour tables are built once, whichever thread comes first)."""
-    x, qw = DISTS["outliers"], _imatrix("dense")
-    monkeypatch.setattr(ggml_blocks, "CHUNK_VALUES", 5 * N)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for qtype in TYPES:
-            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} chunked")
-    finally:
-        torch.set_num_threads(old)
+    assert_threads_keep_bytes(clib, monkeypatch, TYPES, DISTS["outliers"], _imatrix("dense"), chunk_rows=5)
 
 
 def test_supported_lists_the_iquants():

@@ -5,11 +5,14 @@ ggml_quantize_chunk, decodable by gguf-py."""
 import numpy as np
 import pytest
 import torch
-from ggml_clib import assert_same_rows
+from ggml_clib import (
+    assert_encodes_like_llama_cpp,
+    assert_rows_like_llama_cpp,
+    assert_threads_keep_bytes,
+)
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from mxtools.io import ggml_blocks
 from mxtools.io.ggml_blocks import NEEDS_IMATRIX, SUPPORTED, quantize
 
 TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M]
@@ -57,9 +60,7 @@ def _imats(qtype: Q) -> list[str]:
 def test_matches_llama_cpp(clib, qtype):
     for imat in _imats(qtype):
         qw = _imatrix(imat)
-        for name, x in ROWS.items():
-            ours = quantize(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw))
-            assert_same_rows(ours, clib.quantize(x, int(qtype), qw), f"{qtype.name} {name} imatrix={imat}")
+        assert_rows_like_llama_cpp(clib, qtype, ROWS, qw, f"imatrix={imat}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -69,20 +70,11 @@ def test_mixtral_widths_match_llama_cpp(clib, qtype):
     for n in (4096, 14336):
         x = (rng.standard_normal((3, n)) * 0.015).astype(np.float32)
         for imat in _imats(qtype):
-            qw = _imatrix(imat, n)
-            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} n={n} {imat}")
+            assert_encodes_like_llama_cpp(clib, qtype, x, _imatrix(imat, n), f"n={n} {imat}")
 
 
 def test_threads_and_chunks_do_not_change_bytes(clib, monkeypatch):
-    x, qw = ROWS["heavy"], _imatrix("dense")
-    monkeypatch.setattr(ggml_blocks, "CHUNK_VALUES", 3 * N)  # uneven chunks of 3 rows
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for qtype in TYPES:
-            assert_same_rows(quantize(x, qtype, qw), clib.quantize(x, int(qtype), qw), f"{qtype.name} threaded")
-    finally:
-        torch.set_num_threads(old)
+    assert_threads_keep_bytes(clib, monkeypatch, TYPES, ROWS["heavy"], _imatrix("dense"), chunk_rows=3)
 
 
 # gguf-py's decoder (an independent implementation of the layouts) gets values close to the input back: relative

@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import write_synth
+from conftest import verify_json
 from safetensors.torch import load_file, save_file
-from test_peer_gptq import AR_SPEC as SPEC  # the fixtures' float model: this spec, seed 0, f16
-from test_peer_gptq import SHORT_TEXT, cli
+from test_peer_gptq import cli
 
-from mxtools.cli import main
-from mxtools.commands.quantize import QuantizeSettings, run_quantize
 from mxtools.layouts import open_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,17 +53,6 @@ def ckpt_dir(peer: str) -> Path:
     return FIXTURES / peer / "checkpoint"
 
 
-@pytest.fixture(scope="module")
-def float_model(tmp_path_factory):
-    return write_synth(tmp_path_factory.mktemp("float") / "hf", "hf", "f16", spec=SPEC)
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "short.txt"
-    path.write_text(SHORT_TEXT, encoding="utf-8")
-    return path
-
 
 @pytest.mark.parametrize("peer", sorted(PEERS))
 def test_peer_checkpoint_reads_as_the_tool_dequantizes_it(peer):
@@ -93,12 +78,12 @@ def test_peer_checkpoint_reads_as_the_tool_dequantizes_it(peer):
 
 
 @pytest.mark.parametrize("peer", sorted(PEERS))
-def test_peer_checkpoint_is_the_float_model_quantized(float_model, peer):
+def test_peer_checkpoint_is_the_float_model_quantized(peer_float, peer):
     """Every quantized Linear is within its format's error of the float model the fixture was made from; every
     tensor the tool kept float (router, lm_head, norms; bitsandbytes under transformers 5: the experts too) is
     that model's, bit for bit."""
     bound = PEERS[peer][-1]
-    with open_checkpoint(ckpt_dir(peer)) as q, open_checkpoint(float_model) as f:
+    with open_checkpoint(ckpt_dir(peer)) as q, open_checkpoint(peer_float) as f:
         assert sorted(q.tensors) == sorted(f.tensors)
         for name, t in q.tensors.items():
             w, ref = t.load(), f.tensors[name].load()
@@ -123,21 +108,6 @@ def test_inspect_names_the_format_and_the_tool(peer):
     assert f"{layout}: format {fmt} ({outtype})" in text and f"written by {writer}" in text
 
 
-def _verify(candidate, reference, text, json_out):
-    r = CliRunner().invoke(main, ["verify", str(candidate), "--reference", str(reference), "--text", str(text),
-                                  "--ctx", "64", "--chunks", "4", "--device", "cpu", "--json", str(json_out)])
-    return r, json.loads(json_out.read_text()) if json_out.exists() else None
-
-
-@pytest.fixture(scope="module")
-def rtn_kld(float_model, text, tmp_path_factory):
-    """mxtools' round-to-nearest int4 g32 of every attention and expert Linear, verified the same way: the
-    yardstick."""
-    root = tmp_path_factory.mktemp("rtn")
-    run_quantize(float_model, root / "rtn", QuantizeSettings(method="rtn", group_size=32))
-    return _verify(root / "rtn", float_model, text, root / "rtn.json")[1]["kld_mean"]
-
-
 # Mean KLD on these 4 chunks against the float model (2026-12-06, 2-core x86-64 dev box): RTN int4 g32 0.0145;
 # w4a16 0.00123 (asymmetric 0.00087), fp8 per channel 0.00112, per tensor 0.00151, w8a16 0.000003; nf4 0.0086,
 # fp4 0.0109, LLM.int8 0.00010 (bitsandbytes under transformers 5 quantizes the attention only). The bounds are
@@ -147,13 +117,13 @@ KLD_SHARE = {"llmcompressor/w4a16-g32": 0.25, "llmcompressor/w4a16-asym-g32": 0.
 
 
 @pytest.mark.parametrize("peer", sorted(PEERS))
-def test_verify_peer_checkpoint_against_the_float_model(float_model, text, rtn_kld, tmp_path, peer):
+def test_verify_peer_checkpoint_against_the_float_model(peer_float, peer_text, peer_rtn_kld, tmp_path, peer):
     """verify runs on the tool's checkpoint and reports a KLD above zero and, as the format's precision says,
     below a share of RTN int4's (8-bit formats: a twentieth of it)."""
-    r, report = _verify(ckpt_dir(peer), float_model, text, tmp_path / "v.json")
+    r, report = verify_json(ckpt_dir(peer), peer_float, peer_text, tmp_path / "v.json")
     assert r.exit_code in (0, 1) and report is not None, r.output
     assert report["outtype"] == PEERS[peer][2] and report["n_chunks"] == 4
-    assert 0 < report["kld_mean"] < KLD_SHARE.get(peer, 0.05) * rtn_kld, (report["kld_mean"], rtn_kld)
+    assert 0 < report["kld_mean"] < KLD_SHARE.get(peer, 0.05) * peer_rtn_kld, (report["kld_mean"], peer_rtn_kld)
 
 
 @pytest.mark.parametrize("peer", ["llmcompressor/w4a16-asym-g32", "llmcompressor/fp8-tensor", "bnb/nf4-double",
@@ -289,10 +259,10 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_damaged_checkpoints_exit_2_with_one_line(float_model, text, tmp_path, damage):
+def test_damaged_checkpoints_exit_2_with_one_line(peer_float, peer_text, tmp_path, damage):
     peer, tensors, qc, message, tensor = DAMAGES[damage]
     bad = _damaged(tmp_path, peer, tensors, qc)
-    for args in (["inspect", bad], ["verify", bad, "--reference", float_model, "--text", text, "--ctx", "64",
+    for args in (["inspect", bad], ["verify", bad, "--reference", peer_float, "--text", peer_text, "--ctx", "64",
                                     "--chunks", "1", "--device", "cpu"],
                  ["convert", bad, "--to", "hf", "-o", tmp_path / "out"]):
         r = cli(*args)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import small_spec, write_synth
+from conftest import small_spec, verify_json, write_synth
 from safetensors.torch import load_file, save_file
 
 from mxtools.cli import main
@@ -195,20 +195,6 @@ def test_a_tokenizer_json_of_another_vocabulary_encodes_but_is_not_rewritten(our
 # ---------------------------------------------------------------- AutoRound's own checkpoint
 
 AR_CHECKPOINT = AUTOROUND / "checkpoint"
-AR_SPEC = small_spec(vocab_size=512)  # tools/autoround_fixture.py's float model: this spec, seed 0, f16
-SHORT_TEXT = " ".join(["in the of to and a on at by is"] * 40)  # token ids below the 512-token vocabulary
-
-
-@pytest.fixture(scope="module")
-def ar_float(tmp_path_factory):
-    return write_synth(tmp_path_factory.mktemp("arf") / "hf", "hf", "f16", spec=AR_SPEC)
-
-
-@pytest.fixture(scope="module")
-def ar_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "short.txt"
-    path.write_text(SHORT_TEXT, encoding="utf-8")
-    return path
 
 
 CANONICAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -243,10 +229,10 @@ def test_peer_checkpoint_reads_as_the_tool_dequantizes_it(tool):
 
 
 @pytest.mark.parametrize("tool", sorted(PEERS))
-def test_peer_checkpoint_is_the_float_model_quantized(ar_float, tool):
+def test_peer_checkpoint_is_the_float_model_quantized(peer_float, tool):
     """Every quantized Linear is within int4 g32's error of the float model the fixtures were made from, and the
     float tensors the tool kept (AutoRound: bf16, GPTQModel: f16) are that model's, rounded to their dtype."""
-    with open_checkpoint(FIXTURES / tool / "checkpoint") as q, open_checkpoint(ar_float) as f:
+    with open_checkpoint(FIXTURES / tool / "checkpoint") as q, open_checkpoint(peer_float) as f:
         assert sorted(q.tensors) == sorted(f.tensors)
         for name, t in q.tensors.items():
             w, ref = t.load(), f.tensors[name].load().float()
@@ -270,30 +256,15 @@ def test_inspect_names_the_naming_and_the_tool(tool):
     assert f"tensor names {naming}" in text and f"written by {writer}" in text
 
 
-def _verify(candidate, reference, text, json_out, *extra):
-    r = CliRunner().invoke(main, ["verify", str(candidate), "--reference", str(reference), "--text", str(text),
-                                  "--ctx", "64", "--chunks", "4", "--device", "cpu", "--json", str(json_out),
-                                  *map(str, extra)])
-    return r, json.loads(json_out.read_text()) if json_out.exists() else None
-
-
-@pytest.fixture(scope="module")
-def rtn_kld(ar_float, ar_text, tmp_path_factory):
-    """mxtools' own round-to-nearest int4 g32 of the float model, verified the same way: the yardstick."""
-    root = tmp_path_factory.mktemp("rtn")
-    run_quantize(ar_float, root / "rtn", QuantizeSettings(method="rtn", group_size=32))
-    return _verify(root / "rtn", ar_float, ar_text, root / "rtn.json")[1]["kld_mean"]
-
-
 @pytest.mark.parametrize("tool", sorted(PEERS))
-def test_verify_peer_checkpoint_against_the_float_model(ar_float, ar_text, rtn_kld, tmp_path, tool):
+def test_verify_peer_checkpoint_against_the_float_model(peer_float, peer_text, peer_rtn_kld, tmp_path, tool):
     """verify runs on the tool's checkpoint and reports; its KLD is below round-to-nearest's (both tools fitted
     the rounding on text of the same words; on these 4 chunks, 2026-12-06, 2-core x86-64 dev box: AutoRound
     0.0017, GPTQModel 0.0010, mxtools RTN 0.0145), so the weights are read as the tool meant them."""
-    r, report = _verify(FIXTURES / tool / "checkpoint", ar_float, ar_text, tmp_path / "v.json")
+    r, report = verify_json(FIXTURES / tool / "checkpoint", peer_float, peer_text, tmp_path / "v.json")
     assert r.exit_code in (0, 1) and report is not None, r.output
     assert report["outtype"] == "gptq-int4" and report["n_chunks"] == 4
-    assert 0 < report["kld_mean"] < rtn_kld / 2, (report["kld_mean"], rtn_kld)
+    assert 0 < report["kld_mean"] < peer_rtn_kld / 2, (report["kld_mean"], peer_rtn_kld)
 
 
 def _without_tokenizer_model(src: Path, dst: Path) -> Path:
@@ -302,7 +273,7 @@ def _without_tokenizer_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_autoround_checkpoint_with_its_tokenizer_json(ar_float, ar_text, tmp_path):
+def test_autoround_checkpoint_with_its_tokenizer_json(peer_float, peer_text, tmp_path):
     """AutoRound saves tokenizer.json and no tokenizer.model: tokenized through the tokenizers library (verify
     takes the reference's tokenizer first, so the reference carries only tokenizer.json too), the same ids as
     SentencePiece's, so verify's statistics are those of the SentencePiece run, to the bit."""
@@ -311,20 +282,20 @@ def test_autoround_checkpoint_with_its_tokenizer_json(ar_float, ar_text, tmp_pat
     write_tokenizer_json(Tokenizer.default(), with_json)
     r = cli("inspect", with_json, "--no-weights")
     assert "tokenizer.json only" in r.output, r.output
-    json_ref = _without_tokenizer_model(ar_float, tmp_path / "float-json")
-    r, report = _verify(with_json, json_ref, ar_text, tmp_path / "a.json")
+    json_ref = _without_tokenizer_model(peer_float, tmp_path / "float-json")
+    r, report = verify_json(with_json, json_ref, peer_text, tmp_path / "a.json")
     assert r.exit_code in (0, 1) and "assuming the Mixtral v1 tokenizer" not in r.stderr, r.output
-    _, sentencepiece = _verify(with_json, ar_float, ar_text, tmp_path / "b.json")
+    _, sentencepiece = verify_json(with_json, peer_float, peer_text, tmp_path / "b.json")
     assert report["kld_mean"] == sentencepiece["kld_mean"] and report["ppl"] == sentencepiece["ppl"]
     # the bare checkpoint against the bare reference: the tokenizer.json given with --tokenizer
     bare_ref = tmp_path / "float-bare"
     shutil.copytree(json_ref, bare_ref)
     (bare_ref / "tokenizer.json").unlink()
-    r, given = _verify(AR_CHECKPOINT, bare_ref, ar_text, tmp_path / "c.json", "--tokenizer",
+    r, given = verify_json(AR_CHECKPOINT, bare_ref, peer_text, tmp_path / "c.json", "--tokenizer",
                        with_json / "tokenizer.json")
     assert r.exit_code in (0, 1) and "assuming the Mixtral v1 tokenizer" not in r.stderr, r.output
     assert given["kld_mean"] == sentencepiece["kld_mean"]
-    r, _ = _verify(AR_CHECKPOINT, bare_ref, ar_text, tmp_path / "d.json")
+    r, _ = verify_json(AR_CHECKPOINT, bare_ref, peer_text, tmp_path / "d.json")
     assert "assuming the Mixtral v1 tokenizer" in r.stderr  # the fallback, said, where there is no file at all
 
 
@@ -359,10 +330,10 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_damaged_autoround_checkpoints_exit_2_with_one_line(ar_float, ar_text, tmp_path, damage):
+def test_damaged_autoround_checkpoints_exit_2_with_one_line(peer_float, peer_text, tmp_path, damage):
     tensors, qc, message = DAMAGES[damage]
     bad = _damaged(tmp_path, damage, tensors, qc)
-    for args in (["inspect", bad], ["verify", bad, "--reference", ar_float, "--text", ar_text, "--ctx", "64",
+    for args in (["inspect", bad], ["verify", bad, "--reference", peer_float, "--text", peer_text, "--ctx", "64",
                                     "--chunks", "1", "--device", "cpu"]):
         r = cli(*args)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (damage, r.output)

@@ -24,6 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import fixture_common
+
 # the float model: tests/conftest.py's small_spec with a 512-token vocabulary (so the fixture stays small), seed 0
 SPEC = dict(n_layers=2, dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,
             n_experts_per_tok=2, vocab_size=512)
@@ -107,13 +109,11 @@ def write_expected(out: Path) -> None:
 
 
 def write_versions(out: Path) -> None:
-    import importlib.metadata as md
-    lines = [f"{p} {md.version(p)}" for p in ("auto-round", "torch", "transformers", "safetensors")]
-    lines += [f"python {sys.version.split()[0]}", f"float model: mxtools synth spec {json.dumps(SPEC)} seed {SEED} f16",
-              f"settings: {json.dumps(SETTINGS)}, format auto_gptq, calibration: tools/autoround_fixture.py",
-              "tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
-              "expected.safetensors: auto_round_extension QuantLinear forward on the identity (float32 [out, in])"]
-    (out / "VERSIONS").write_text("\n".join(lines) + "\n")
+    lines = [f"float model: mxtools synth spec {json.dumps(SPEC)} seed {SEED} f16",
+             f"settings: {json.dumps(SETTINGS)}, format auto_gptq, calibration: tools/autoround_fixture.py",
+             "tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
+             "expected.safetensors: auto_round_extension QuantLinear forward on the identity (float32 [out, in])"]
+    fixture_common.write_versions(out, ("auto-round", "torch", "transformers", "safetensors"), lines)
 
 
 if __name__ == "__main__":

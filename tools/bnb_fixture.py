@@ -16,11 +16,10 @@ tests add mxtools' own); VERSIONS records the versions and settings.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import shutil
-import sys
 from pathlib import Path
+
+import fixture_common
 
 CONFIGS = {
     "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -73,21 +72,13 @@ def write_expected(out: Path, name: str) -> None:
 
 
 def write_versions(out: Path) -> None:
-    lines = [f"{p} {md.version(p)}" for p in ("bitsandbytes", "torch", "transformers", "safetensors")]
-    lines += [f"python {sys.version.split()[0]}", "float model: tools/autoround_fixture.py float (mxtools synth)"]
-    lines += [f"{name}: BitsAndBytesConfig({json.dumps(kw)})" for name, kw in CONFIGS.items()]
-    lines += ["tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
+    notes = ["float model: tools/autoround_fixture.py float (mxtools synth)"]
+    notes += [f"{name}: BitsAndBytesConfig({json.dumps(kw)})" for name, kw in CONFIGS.items()]
+    notes += ["tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
               ("expected.safetensors: bitsandbytes.functional dequantize_4bit / int8_vectorwise_dequant of the "
                "parameters transformers loaded back ([out, in])")]
-    (out / "VERSIONS").write_text("\n".join(lines) + "\n")
+    fixture_common.write_versions(out, ("bitsandbytes", "torch", "transformers", "safetensors"), notes)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
-        sys.exit(__doc__)
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    for config in ([sys.argv[3]] if len(sys.argv) == 4 else CONFIGS):
-        shutil.rmtree(dst / config, ignore_errors=True)
-        quantize(src, dst, config)
-        write_expected(dst, config)
-    write_versions(dst)
+    fixture_common.make_fixtures(__doc__, CONFIGS, quantize, write_expected, write_versions)

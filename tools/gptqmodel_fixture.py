@@ -14,12 +14,13 @@ mxtools' own) and VERSIONS records the versions and settings.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import random
 import shutil
 import sys
 from pathlib import Path
+
+import fixture_common
 
 SETTINGS = dict(bits=4, group_size=32, sym=True, desc_act=True)
 WORDS = ["in", "the", "of", "to", "and", "a", "on", "at", "by", "is"]  # Mixtral v1 ids below 512
@@ -59,12 +60,11 @@ def write_expected(out: Path) -> None:
 
 
 def write_versions(out: Path) -> None:
-    lines = [f"{p} {md.version(p)}" for p in ("gptqmodel", "torch", "transformers", "safetensors")]
-    lines += [f"python {sys.version.split()[0]}", "float model: tools/autoround_fixture.py float (mxtools synth)",
-              f"settings: {json.dumps(SETTINGS)}, format gptq_v2, calibration: tools/gptqmodel_fixture.py",
-              "tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
-              "expected.safetensors: GPTQModel TorchQuantLinear.dequantize_weight() (float32 [out, in])"]
-    (out / "VERSIONS").write_text("\n".join(lines) + "\n")
+    lines = ["float model: tools/autoround_fixture.py float (mxtools synth)",
+             f"settings: {json.dumps(SETTINGS)}, format gptq_v2, calibration: tools/gptqmodel_fixture.py",
+             "tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
+             "expected.safetensors: GPTQModel TorchQuantLinear.dequantize_weight() (float32 [out, in])"]
+    fixture_common.write_versions(out, ("gptqmodel", "torch", "transformers", "safetensors"), lines)
 
 
 if __name__ == "__main__":

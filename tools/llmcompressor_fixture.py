@@ -22,12 +22,11 @@ tokenizer.json is dropped (the tests add mxtools' own); VERSIONS records the ver
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import random
-import shutil
-import sys
 from pathlib import Path
+
+import fixture_common
 
 WORDS = ["in", "the", "of", "to", "and", "a", "on", "at", "by", "is"]  # Mixtral v1 ids below 512
 IGNORE = ["lm_head", "re:.*gate$"]
@@ -104,22 +103,14 @@ def write_expected(out: Path, name: str) -> None:
 
 
 def write_versions(out: Path) -> None:
-    lines = [f"{p} {md.version(p)}" for p in ("llmcompressor", "compressed-tensors", "torch", "transformers",
-                                               "safetensors")]
-    lines += [f"python {sys.version.split()[0]}", "float model: tools/autoround_fixture.py float (mxtools synth)",
-              f"ignore: {json.dumps(IGNORE)}; calibration: tools/llmcompressor_fixture.py (16 x 64 tokens)"]
-    lines += [f"{name}: {kind} {json.dumps(settings)}" for name, (kind, settings) in RECIPES.items()]
-    lines += ["tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
+    notes = ["float model: tools/autoround_fixture.py float (mxtools synth)",
+             f"ignore: {json.dumps(IGNORE)}; calibration: tools/llmcompressor_fixture.py (16 x 64 tokens)"]
+    notes += [f"{name}: {kind} {json.dumps(settings)}" for name, (kind, settings) in RECIPES.items()]
+    notes += ["tokenizer.json removed after saving (the tests add mxtools' Mixtral v1 one)",
               "expected.safetensors: compressed-tensors' compressor decompress() of the saved tensors ([out, in])"]
-    (out / "VERSIONS").write_text("\n".join(lines) + "\n")
+    fixture_common.write_versions(out, ("llmcompressor", "compressed-tensors", "torch", "transformers",
+                                        "safetensors"), notes)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
-        sys.exit(__doc__)
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    for recipe in ([sys.argv[3]] if len(sys.argv) == 4 else RECIPES):
-        shutil.rmtree(dst / recipe, ignore_errors=True)
-        quantize(src, dst, recipe)
-        write_expected(dst, recipe)
-    write_versions(dst)
+    fixture_common.make_fixtures(__doc__, RECIPES, quantize, write_expected, write_versions)
