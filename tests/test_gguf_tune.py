@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from test_mixes import finite_logits, gguf_tensors, synth, write_pair
@@ -18,8 +19,9 @@ from mxtools.commands.quantize import QuantizeSettings, run_quantize_gguf
 from mxtools.io.ggml_blocks import NEEDS_IMATRIX, SUPPORTED, quantize
 from mxtools.quant.gguf_gptq import GGUFQuant
 from mxtools.quant.gguf_quantize import META_PREFIX
-from mxtools.quant.gguf_tune import FIELDS, rounding
+from mxtools.quant.gguf_tune import FIELDS, rounding, tuned_by_default
 from mxtools.quant.gptq_tune import MIN_TRAIN
+from mxtools.quant.mixes import MIXES, load_mix
 
 ROWS, COLS = 8, 512
 # The K-quants' integer sub-block scales and mins (ggml-common.h's block structs): the bytes they occupy.
@@ -155,3 +157,23 @@ def test_cli_tune_iters_is_used_and_recorded(model, tmp_path):
             assert meta[META_PREFIX + "tune_iters"] == 5 and "block-output reconstruction:" in r.output
         else:
             assert META_PREFIX + "tune_iters" not in meta and "block-output reconstruction" not in r.output
+
+
+def test_tuned_by_default_up_to_five_bits_per_weight():
+    """The step is on by default for the mixes whose default type stores at most 5 bits per weight (gguf-py's type
+    sizes), off for q5_* and up (where it was measured level on the bundled model)."""
+    on = {name for name in MIXES if tuned_by_default(load_mix(name).default)}
+    assert on == set(MIXES) - {"q5_0", "q5_1", "q5_k_s", "q5_k_m", "q6_k", "q8_0"}
+    bits = {t: 8 * GGML_QUANT_SIZES[t][1] / GGML_QUANT_SIZES[t][0] for t in (Q.Q4_1, Q.Q5_0, Q.IQ4_XS)}
+    assert bits == {Q.Q4_1: 5.0, Q.Q5_0: 5.5, Q.IQ4_XS: 4.25}
+
+
+def test_a_five_bit_mix_is_not_tuned_unless_asked(model, tmp_path):
+    """q5_k_m with enough samples to tune: no step (and no record) by default; --tune-iters still runs it."""
+    nsamples = str(MIN_TRAIN + 8)
+    for extra in ([], ["--tune-iters", "3"]):
+        out = tmp_path / f"q5{len(extra)}.gguf"
+        r = CliRunner().invoke(main, ["quantize", str(model), "--to", "gguf", "--outtype", "q5_k_m", "--nsamples",
+                                      nsamples, "--seqlen", "64", *extra, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert gguf_tensors(out)[0].get(META_PREFIX + "tune_iters") == (3 if extra else None)

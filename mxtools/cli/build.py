@@ -90,7 +90,8 @@ def _default(key: str) -> str:
                    "unquantized forward stream; on the bundled model it helps --to gguf's low-bit mixes most")
 @click.option("--tune-iters", type=click.IntRange(0), metavar="N",
               help="block-output reconstruction: signed-gradient steps per decoder layer after GPTQ, tuning the "
-                   "scales so the layer reproduces the float model's output (0: off)" + _default("tune_iters"))
+                   "scales so the layer reproduces the float model's output (0: off; --to gguf: on by default "
+                   "for the mixes of at most 5 bits per weight, q4_k_m and below)" + _default("tune_iters"))
 @click.option("--recipe", help="a named recipe in recipes/ (e.g. gptq-int4-g128) or a YAML file")
 @click.option("--names", default=GPTQ_NAMINGS[0], show_default=True, type=click.Choice(GPTQ_NAMINGS),
               help="tensor names: vLLM's (block_sparse_moe.experts.E.w1) or transformers 5's, which GPTQModel "

@@ -23,6 +23,7 @@ from ..io.atomic import atomic_output, check_output
 from ..layouts.gptq import write_quantized
 from ..quant.gguf_iq import IQ_GPTAQ, IQ_TYPES
 from ..quant.gguf_quantize import LayerBytes, MatrixQuantizer, metadata
+from ..quant.gguf_tune import tuned_by_default
 from ..quant.gptq import QuantConfig
 from ..quant.gptq_pipeline import Progress, quantize_checkpoint, totals
 from ..quant.gptq_tune import TuneConfig
@@ -186,7 +187,9 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
     write one GGUF at out atomically. Returns the pipeline's report with "timings".
 
     A mix with i-quant types takes the types llama.cpp's mix gives with an importance matrix (GPTQ's Hessian plays
-    its role) and the asymmetric objective at gguf_iq.IQ_GPTAQ unless --gptaq is given. iq_options: GGML type ->
+    its role) and the asymmetric objective at gguf_iq.IQ_GPTAQ unless --gptaq is given. Block-output
+    reconstruction runs by default only on mixes of at most gguf_tune.TUNED_MAX_BPW bits per weight (their default
+    type's), on any mix with --tune-iters. iq_options: GGML type ->
     quantize_matrix's i-quant options, over gguf_iq.IQ_OPTIONS; embedding=False leaves the token embedding as
     llama.cpp encodes it (no GPTQ)."""
     given = sorted(k.replace("_", "-") for k in GPTQ_ONLY_KEYS if getattr(settings, k) is not None)
@@ -209,7 +212,8 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
                             importance=importance)
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp, iq_options)
-        tune = TuneConfig(s["tune_iters"] if method == "gptq" else 0)
+        tuned = settings.tune_iters is not None or tuned_by_default(load_mix(outtype).default)
+        tune = TuneConfig(s["tune_iters"] if method == "gptq" and tuned else 0)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress=progress, quantizer=hook,
                                      gptaq=gptaq, gptaq_ridge=s["gptaq_ridge"], tune=tune)
