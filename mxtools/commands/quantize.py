@@ -206,13 +206,14 @@ def run_quantize_gguf(src, out, outtype: str | None, settings: QuantizeSettings 
     calib = Path(settings.calib or CALIB)
     with open_model(src, settings.tokenizer) as ckpt:
         raw = read_imatrix(imatrix_path) if imatrix_path else None
-        importance = method == "gptq" and bool(load_mix(outtype).types() & set(IQ_TYPES))
+        mix = load_mix(outtype)
+        importance = method == "gptq" and bool(mix.types() & set(IQ_TYPES))
         gptaq = IQ_GPTAQ if importance and settings.gptaq is None else s["gptaq"]
         opts = gguf_options(outtype, ckpt.spec, imatrix_for_writer(raw, ckpt.spec) if raw else None,
                             importance=importance)
         tokens = calibration_tokens(ckpt, calib) if method == "gptq" else None
         hook = MatrixQuantizer(ckpt.spec, opts["policy"], opts["imatrix"], damp, iq_options)
-        tuned = settings.tune_iters is not None or tuned_by_default(load_mix(outtype).default)
+        tuned = settings.tune_iters is not None or tuned_by_default(mix.default)
         tune = TuneConfig(s["tune_iters"] if method == "gptq" and tuned else 0)
         stream = quantize_checkpoint(ckpt, tokens, cfg, method, experts, s["nsamples"], s["seqlen"],
                                      settings.device, s["min_tokens"], progress=progress, quantizer=hook,
