@@ -41,8 +41,9 @@ FIELDS: dict[Q, tuple] = {
 assert set(FIELDS) == set(SUPPORTED), "every block type written needs its scale fields here"
 
 # The step is on by default for the mixes whose bulk type (the mix's default) stores at most this many bits per
-# weight. On the bundled model (docs/BENCHMARKS.md) it lowered the mean KLD of q2_k, q3_k_m, q4_k_m and iq2_xs, and
-# left q5_k_m level (1.02 +- 0.02 of GPTQ's on Wikipedia, 0.98 +- 0.02 on fiction) at 10-20x the run's time.
+# weight. On the bundled model (docs/BENCHMARKS.md) it lowered the mean KLD of q2_k, q3_k_m, q4_k_m and every
+# i-quant mix, and left q5_k_m level (1.02 +- 0.02 of GPTQ's on Wikipedia, 0.98 +- 0.02 on fiction) at 10-20x the
+# run's time.
 TUNED_MAX_BPW = 5.0
 
 

@@ -27,7 +27,7 @@ result when none beats it).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -205,34 +205,49 @@ def _tf32(dev):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, cfg: TuneConfig, dev) -> dict:
-    """cfg.iters signed-gradient steps on batches of the training samples, the step sizes falling linearly to 0;
-    every cfg.check steps (and after the last) the held-out samples' error of the rounding so far. Returns
-    {"first", "last"}: the first and last batches' errors; "best": (held-out error, step, the tuned parameters'
-    values) of the best checkpoint, or None without held-out samples or when none was checked."""
-    params = [p for r in rounds.values() for p in r.params()]
-    gen = torch.Generator().manual_seed(cfg.seed + i)
+def descend(rounds, n_train: int, cfg: TuneConfig, loss, check=None, seed: int = 0, within=nullcontext) -> dict:
+    """cfg.iters signed-gradient steps of every rounding in `rounds` (an iterable of tunable roundings), each on
+    `loss`(indices of cfg.batch training samples, drawn in shuffled passes over range(n_train)), its forward and
+    backward passes inside `within`(); the step size falls linearly from cfg.lr (None: 1 / cfg.iters) to 0. Every
+    cfg.check steps and after the last, `check`() (if given) measures the rounding so far. Returns {"first",
+    "last"}: the first and last batches' losses; "best": (check's lowest value, its step, the tuned parameters'
+    values then), or None without `check`."""
+    rounds = list(rounds)
+    params = [p for r in rounds for p in r.params()]
+    gen = torch.Generator().manual_seed(seed)
     lr0 = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
-    order, pos, errors, best = torch.randperm(train.numel(), generator=gen), 0, [], None
+    order, pos, errors, best = torch.randperm(n_train, generator=gen), 0, [], None
     for it in range(cfg.iters):
         if pos + cfg.batch > order.numel():
-            order, pos = torch.randperm(train.numel(), generator=gen), 0
-        idx = train[order[pos:pos + cfg.batch]]
+            order, pos = torch.randperm(n_train, generator=gen), 0
+        with within():
+            value = loss(order[pos:pos + cfg.batch])
+            grads = torch.autograd.grad(value, params)
         pos += cfg.batch
-        with _tf32(dev):
-            out = forward.layer_forward(h[idx.to(h.device)].to(dev), _weights(w_float, rounds, i), spec, rope)[0]
-            loss = F.mse_loss(out, target[idx.to(target.device)].to(dev))
-            grads = torch.autograd.grad(loss, params)
-        errors.append(float(loss.detach()))
+        errors.append(float(value.detach()))
         for p, g in zip(params, grads):
             p.grad = g
-        for r in rounds.values():
+        for r in rounds:
             r.step(lr0 * (1 - it / cfg.iters))
-        if hold.numel() and ((it + 1) % cfg.check == 0 or it + 1 == cfg.iters):
-            err = _error(h, target, hold, w_float, rounds, i, spec, rope, dev)
+        if check is not None and ((it + 1) % cfg.check == 0 or it + 1 == cfg.iters):
+            err = check()
             if best is None or err < best[0]:
                 best = (err, it + 1, [p.detach().clone() for p in params])
     return {"first": errors[0], "last": errors[-1], "best": best}
+
+
+def _descend(w_float, rounds: dict, i: int, h, target, train, hold, spec, rope, cfg: TuneConfig, dev) -> dict:
+    """`descend` on layer i's output error against `target` over batches of the training samples, checked on the
+    held-out samples' error (none without held-out samples)."""
+    def loss(picked):
+        idx = train[picked]
+        out = forward.layer_forward(h[idx.to(h.device)].to(dev), _weights(w_float, rounds, i), spec, rope)[0]
+        return F.mse_loss(out, target[idx.to(target.device)].to(dev))
+
+    def check():
+        return _error(h, target, hold, w_float, rounds, i, spec, rope, dev)
+    return descend(rounds.values(), train.numel(), cfg, loss, check if hold.numel() else None, cfg.seed + i,
+                   within=lambda: _tf32(dev))
 
 
 def tune_layer(w_float: forward.LayerWeights, results: dict, i: int, h: torch.Tensor, ref: torch.Tensor | None,
